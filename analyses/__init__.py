@@ -1,0 +1,1 @@
+"""Analyses: one module per method (retrieval, vhd, sinks, circuits, taxonomy, vit)."""

@@ -1,0 +1,293 @@
+"""Per-head capture through transformers' AttentionInterface, keeping the model's own attention.
+
+While a `capture` is active, every registered attention implementation ("sdpa", "eager", "flash_attention_2",
+...) is wrapped by a function that first calls the original implementation, unchanged, and then hands what
+the layer saw (post-RoPE queries, keys after the KV-cache update, values, per-head outputs before the output
+projection) to a probe, inside the layer's forward. Modules that are not being captured pass straight
+through, the model's config is never touched, and logits are bit-identical with capture on and off.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.modeling_utils import AttentionInterface
+
+from interp.families import Tower
+from interp.models import Model
+
+KEEP_CHOICES = ("q", "k", "v", "z")
+
+
+@dataclass
+class AttentionCall:
+    """What one attention layer saw in one forward call of the model.
+
+    q: (B, H, Nq, d) queries after position encoding, only the captured heads (`heads`).
+    k, v: (B, H_kv, Nk, d) every key / value the queries attend over (cached ones included); v may be None.
+    z: (B, Nq, H, d) per-head outputs before the output projection, captured heads only; may be None.
+    heads: (H,) query-head index of each captured head; n_heads: query heads in the layer.
+    query_positions: (Nq,) index, among the keys, of each query's own position (decode: Nk - 1).
+    key_mask: (B, Nk) bool, False for padding keys; None when every key is valid.
+    window: sliding window W (key j visible from query i iff i - j < W) or None; softcap: logit soft-cap or None.
+    step: index of the model forward within the capture (0 = prefill, then one per decode step).
+    """
+
+    tower: str
+    layer: int
+    step: int
+    q: Tensor
+    k: Tensor | None
+    v: Tensor | None
+    z: Tensor | None
+    heads: Tensor
+    n_heads: int
+    scale: float
+    causal: bool
+    query_positions: Tensor
+    key_mask: Tensor | None
+    window: int | None
+    softcap: float | None
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def kv_heads(self) -> Tensor:
+        """(H,) KV head of each captured query head."""
+        return self.heads // (self.n_heads // self.n_kv_heads)
+
+
+Probe = Callable[[AttentionCall], None]
+
+
+class Recorder:
+    """A probe that keeps a detached copy of every call (small inputs and tests; long inputs want a real probe)."""
+
+    def __init__(self):
+        self.calls: list[AttentionCall] = []
+
+    def __call__(self, call: AttentionCall) -> None:
+        for name in KEEP_CHOICES:
+            t = getattr(call, name)
+            if t is not None:
+                setattr(call, name, t.detach().clone())
+        self.calls.append(call)
+
+    def get(self, layer: int, step: int = 0, tower: str | None = None) -> AttentionCall:
+        found = [c for c in self.calls if c.layer == layer and c.step == step and (tower is None or c.tower == tower)]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} calls recorded for layer {layer}, step {step}, tower {tower}")
+        return found[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The wrapped attention implementations
+
+
+@dataclass
+class _Site:
+    """A captured attention module: where it sits and which session receives its calls."""
+
+    session: "_Session"
+    tower: Tower
+    layer: int
+
+
+_lock = threading.Lock()
+_installed: dict[str, Callable | None] = {}  # implementation name -> original (None: the modeling file's eager)
+_depth = 0
+
+
+def _eager_of(module) -> Callable:
+    """The eager attention function of the modeling file that defines `module`."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__}: its modeling file has no eager_attention_forward to call")
+    return fn
+
+
+def _wrap(original: Callable | None) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        fn = original if original is not None else _eager_of(module)
+        out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        site = module.__dict__.get("_interp_site")
+        if site is not None:
+            site.session.emit(site, module, query, key, value, out, kwargs)
+        return out, weights
+
+    attention.__wrapped__ = original
+    return attention
+
+
+def _install() -> None:
+    global _depth
+    with _lock:
+        if _depth == 0:
+            mapping = AttentionInterface._global_mapping
+            originals = {name: fn for name, fn in mapping.items() if name != "paged|eager"}
+            originals.setdefault("eager", None)
+            for name, fn in originals.items():
+                mapping[name] = _wrap(fn)
+            _installed.update(originals)
+        _depth += 1
+
+
+def _uninstall() -> None:
+    global _depth
+    with _lock:
+        _depth -= 1
+        if _depth == 0:
+            mapping = AttentionInterface._global_mapping
+            for name, fn in _installed.items():
+                if fn is None:
+                    mapping.pop(name, None)
+                else:
+                    mapping[name] = fn
+            _installed.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A capture session
+
+
+class _Session:
+    def __init__(self, model: Model, probe: Probe, tower: Tower, layers: list[int], heads: Tensor | None,
+                 keep: frozenset[str]):
+        self.model, self.probe, self.tower = model, probe, tower
+        self.layers, self.heads, self.keep = layers, heads, keep
+        self.step = -1
+        self.mask2d: Tensor | None = None
+
+    def before_forward(self, module, args, kwargs):
+        """Top-level pre-hook: count steps, note the 2-D padding mask, refuse inputs longer than the context."""
+        self.step += 1
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        n_new = ids.shape[-1] if isinstance(ids, Tensor) else embeds.shape[1] if isinstance(embeds, Tensor) else 0
+        cache = kwargs.get("past_key_values")
+        n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.model.check_length(int(n_past) + n_new)
+
+    def emit(self, site: _Site, module, query, key, value, out, kwargs) -> None:
+        n_heads = query.shape[1]
+        heads = self.heads if self.heads is not None else torch.arange(n_heads)
+        if self.heads is not None and int(heads.max()) >= n_heads:
+            raise ValueError(f"head {int(heads.max())} out of range: layer {site.layer} has {n_heads} heads")
+        select = self.heads is not None
+        n_q, n_k = query.shape[2], key.shape[2]
+        key_mask = None
+        if self.mask2d is not None and site.tower.name == "text" and self.mask2d.shape[1] >= n_k:
+            key_mask = self.mask2d[:, -n_k:].to(device=key.device, dtype=torch.bool)
+            if bool(key_mask.all()):
+                key_mask = None
+        dev = query.device
+        call = AttentionCall(
+            tower=site.tower.name,
+            layer=site.layer,
+            step=self.step,
+            q=query[:, heads.to(dev)] if select else query,
+            k=key if "k" in self.keep else None,
+            v=value if "v" in self.keep else None,
+            z=(out[:, :, heads.to(dev)] if select else out) if "z" in self.keep else None,
+            heads=heads,
+            n_heads=n_heads,
+            scale=_scale(module, query, kwargs),
+            causal=_causal(module, site.tower, kwargs),
+            query_positions=torch.arange(n_k - n_q, n_k, device=dev),
+            key_mask=key_mask,
+            window=kwargs.get("sliding_window"),
+            softcap=kwargs.get("softcap"),
+        )
+        self.probe(call)
+
+
+def _scale(module, query: Tensor, kwargs) -> float:
+    """The factor the model multiplies q·k by."""
+    if kwargs.get("scaling") is not None:
+        return float(kwargs["scaling"])
+    if hasattr(module, "scale_attn_weights"):  # GPT-2 scales inside its attention function
+        s = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
+        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+            s /= float(module.layer_idx + 1)
+        return s
+    if getattr(module, "scaling", None) is not None:
+        return float(module.scaling)
+    return query.shape[-1] ** -0.5
+
+
+def _causal(module, tower: Tower, kwargs) -> bool:
+    if kwargs.get("is_causal") is not None:
+        return bool(kwargs["is_causal"])
+    return bool(getattr(module, "is_causal", tower.causal))
+
+
+def _check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> list[int]:
+    n = model.n_layers(tower.name)
+    if layers is None:
+        return list(range(n))
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not -n <= i < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: {model.name} has {n} {tower.name} layers (0..{n - 1})")
+    return sorted({i % n for i in chosen})
+
+
+def _check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tensor | None:
+    if heads is None:
+        return None
+    n, _ = model.head_counts(tower.name)
+    chosen = sorted({int(h) for h in heads})
+    bad = [h for h in chosen if not 0 <= h < n]
+    if bad or not chosen:
+        raise ValueError(f"heads {bad or '[]'} out of range: {model.name} has {n} heads per layer (0..{n - 1})")
+    return torch.tensor(chosen)
+
+
+@contextmanager
+def capture(
+    model: Model,
+    probe: Probe,
+    *,
+    tower: str | None = None,
+    layers: Iterable[int] | None = None,
+    heads: Sequence[int] | None = None,
+    keep: Iterable[str] = ("q", "k"),
+):
+    """Stream what chosen attention layers see to `probe` while the model runs (forward or generate).
+
+    Inside the block, call `model.hf(...)` or `model.hf.generate(...)` as usual. `probe(call)` receives one
+    `AttentionCall` per layer per forward, in layer order, inside the layer's forward: it should keep only
+    small results. keep: which of "q", "k", "v", "z" the calls carry (q always). tower: "text" / "vision"
+    (default: the family's primary tower). layers / heads: which to capture (default all).
+    """
+    t = model.family.tower(tower)
+    keep = frozenset(keep) | {"q"}
+    unknown = keep - set(KEEP_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown tensors to keep {sorted(unknown)}; choose from {KEEP_CHOICES}")
+    session = _Session(model, probe, t, _check_layers(model, t, layers), _check_heads(model, t, heads), keep)
+    modules = model.attention_modules(t.name)
+    for i in session.layers:
+        if "_interp_site" in modules[i].__dict__:
+            raise RuntimeError(f"{t.name} layer {i} of {model.name} is already being captured")
+    _install()
+    hook = model.hf.register_forward_pre_hook(session.before_forward, with_kwargs=True)
+    try:
+        for i in session.layers:
+            modules[i].__dict__["_interp_site"] = _Site(session, t, i)
+        yield session
+    finally:
+        hook.remove()
+        for i in session.layers:
+            modules[i].__dict__.pop("_interp_site", None)
+        _uninstall()

@@ -1,0 +1,11 @@
+"""interp: trace, score and browse the attention heads of LLMs, ViTs and vision-language models."""
+
+from .families import FAMILIES, Family, Tower, UnsupportedFamilyError, family_for
+from .models import ALIASES, DEFAULT_MODEL, Model, ModelLoadError, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Family", "Model", "ModelLoadError", "Tower",
+    "UnsupportedFamilyError", "family_for", "load_model",
+]

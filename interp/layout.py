@@ -1,0 +1,238 @@
+"""Token layout: a named segment for every input position, and the patch grid of every image.
+
+Analyses speak in segments ("bos", "cls", "sep", "register", "image", "needle", ...): a `TokenLayout` holds a
+segment id per position (B, N) and, for images, the token position of each patch cell on its grid, so that
+a kernel can sum attention per segment and a figure can paint attention over an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .models import Model
+
+
+@dataclass
+class ImageGrid:
+    """One image's tokens on their grid. positions: (rows, cols) token index of each cell; batch: the sample.
+
+    name: "image" (or "image_base" / "image_tiles" for the two grids of a LLaVA-NeXT image);
+    image: index of the image within its sample; patch: pixels per cell side (None when not known).
+    """
+
+    positions: Tensor
+    batch: int
+    image: int
+    name: str = "image"
+    patch: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.positions.shape)
+
+
+@dataclass
+class TokenLayout:
+    """Segments of an input. segments: (B, N) long ids into `names`; grids: every image grid, all samples."""
+
+    names: list[str]
+    segments: Tensor
+    grids: list[ImageGrid] = field(default_factory=list)
+
+    def id(self, name: str) -> int:
+        if name not in self.names:
+            raise KeyError(f"no segment {name!r}; this input has {self.names}")
+        return self.names.index(name)
+
+    def mask(self, name: str) -> Tensor:
+        """(B, N) bool: positions in segment `name`."""
+        return self.segments == self.id(name)
+
+    def spans(self, name: str, batch: int = 0) -> list[tuple[int, int]]:
+        """Contiguous [start, end) runs of segment `name` in one sample."""
+        m = (self.segments[batch] == self.id(name)).tolist() if name in self.names else []
+        runs, start = [], None
+        for i, on in enumerate(m + [False]):
+            if on and start is None:
+                start = i
+            elif not on and start is not None:
+                runs.append((start, i))
+                start = None
+        return runs
+
+    def add_span(self, name: str, start: int, end: int, batch: int | None = None) -> int:
+        """Mark positions [start, end) of one sample (or all) as segment `name`; returns its id."""
+        n = self.segments.shape[1]
+        if not 0 <= start < end <= n:
+            raise ValueError(f"span [{start}, {end}) is outside the input's {n} positions")
+        if name not in self.names:
+            self.names.append(name)
+        rows = slice(None) if batch is None else slice(batch, batch + 1)
+        self.segments[rows, start:end] = self.id(name)
+        return self.id(name)
+
+    def add_text_span(self, name: str, text: str, input_ids: Tensor, tokenizer, batch: int = 0) -> int:
+        """Mark the tokens of `text` (its first occurrence in sample `batch`) as segment `name`."""
+        ids = input_ids[batch].tolist()
+        for variant in (text, " " + text, text.strip()):
+            needle = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            for i in range(len(ids) - len(needle) + 1):
+                if needle and ids[i : i + len(needle)] == needle:
+                    return self.add_span(name, i, i + len(needle), batch)
+        raise ValueError(f"the text {text!r} does not occur as whole tokens in sample {batch}")
+
+
+def token_layout(model: Model, inputs: dict, tower: str | None = None) -> TokenLayout:
+    """The layout of `inputs` (what the tokenizer / processor returned) as seen by one tower of `model`."""
+    fam, t = model.family, model.family.tower(tower)
+    if t.name == "vision":
+        return _vision_tower_layout(model, inputs)
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise ValueError(f"{model.name}: the {t.name} tower needs input_ids")
+    names, seg = ["text"], torch.zeros_like(ids)
+    layout = TokenLayout(names, seg)
+    mask = inputs.get("attention_mask")
+    tok = model.tokenizer
+    specials = {"cls": getattr(tok, "cls_token_id", None), "sep": getattr(tok, "sep_token_id", None)}
+    if fam.kind == "encoder":
+        for name, tid in specials.items():
+            if tid is not None and bool((ids == tid).any()):
+                layout.names.append(name)
+                seg[ids == tid] = layout.id(name)
+    bos = getattr(model.config.get_text_config(), "bos_token_id", None)
+    if fam.kind in ("llm", "lvlm") and bos is not None:
+        first = _first_real(mask, ids)
+        is_bos = ids.gather(1, first[:, None])[:, 0] == bos
+        if bool(is_bos.any()):
+            layout.names.append("bos")
+            seg[is_bos.nonzero()[:, 0], first[is_bos]] = layout.id("bos")
+    if fam.kind == "lvlm":
+        _add_images(model, inputs, layout)
+    if mask is not None and not bool(mask.bool().all()):
+        layout.names.append("pad")
+        seg[~mask.bool()] = layout.id("pad")
+    return layout
+
+
+def _first_real(mask: Tensor | None, ids: Tensor) -> Tensor:
+    """(B,) index of the first non-padding position."""
+    if mask is None:
+        return torch.zeros(ids.shape[0], dtype=torch.long)
+    return mask.long().argmax(dim=1)
+
+
+def _image_token_id(config) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    raise ValueError(f"{config.model_type}: the config names no image token id")
+
+
+def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
+    """Mark image tokens of an LVLM's text stream and lay each image out on its grid."""
+    ids, cfg = inputs["input_ids"], model.config
+    is_image = ids == _image_token_id(cfg)
+    if not bool(is_image.any()):
+        return
+    layout.names.append("image")
+    layout.segments[is_image] = layout.id("image")
+    counts = _tokens_per_image(model, inputs)
+    per_sample = is_image.sum(1).tolist()
+    queue = list(counts)
+    for b in range(ids.shape[0]):
+        positions = is_image[b].nonzero()[:, 0]
+        used, image = 0, 0
+        while used < per_sample[b]:
+            n, shapes = queue.pop(0)
+            chunk = positions[used : used + n]
+            used += n
+            for name, rows, cols, start, stride in shapes:
+                idx = start + torch.arange(rows)[:, None] * stride + torch.arange(cols)[None, :]
+                layout.grids.append(ImageGrid(chunk[idx], b, image, name, _patch(model)))
+                if stride > cols:  # a newline token closes every row
+                    if "image_newline" not in layout.names:
+                        layout.names.append("image_newline")
+                    layout.segments[b, chunk[start + torch.arange(rows) * stride + cols]] = layout.id("image_newline")
+            image += 1
+
+
+def _patch(model: Model) -> int | None:
+    vc = getattr(model.config, "vision_config", None)
+    return getattr(vc, "patch_size", None)
+
+
+def _tokens_per_image(model: Model, inputs: dict) -> list[tuple[int, list[tuple[str, int, int, int, int]]]]:
+    """Per image: (token count, [(grid name, rows, cols, first token, row stride)])."""
+    cfg = model.config
+    if model.family.image_layout == "merged":  # Qwen2-VL: (t, h, w) patches merged m×m
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            raise ValueError(f"{model.name}: Qwen2-VL inputs need image_grid_thw (use the model's processor)")
+        m = cfg.vision_config.spatial_merge_size
+        out = []
+        for t, h, w in thw.tolist():
+            rows, cols = t * h // m, w // m
+            out.append((rows * cols, [("image", rows, cols, 0, cols)]))
+        return out
+    vc = cfg.vision_config
+    side = vc.image_size // vc.patch_size
+    extra = 1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0
+    base = side * side + extra
+    if cfg.model_type == "llava":
+        n_images = inputs["pixel_values"].shape[0]
+        return [(base, [("image", side, side, extra, side)])] * n_images
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise ValueError(f"{model.name}: LLaVA-NeXT inputs need image_sizes (use the model's processor)")
+    out = []
+    for size in sizes.tolist():
+        nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vc.image_size)
+        rows, cols = unpad_image(torch.empty(1, nph * side, npw * side), size).shape[1:]
+        shapes = [("image_base", side, side, extra, side), ("image_tiles", rows, cols, base, cols + 1)]
+        out.append((base + rows * (cols + 1), shapes))
+    return out
+
+
+def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
+    """Layout of the sequence a vision encoder sees: prefix tokens (CLS, ...), registers, then patches."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        raise ValueError(f"{model.name}: the vision tower needs pixel_values (an image); none was given")
+    cfg = model.config
+    vc = getattr(cfg, "vision_config", cfg)
+    if model.family.image_layout == "merged":
+        return _qwen_vision_layout(inputs, vc)
+    prefix = list(model.family.prefix)
+    if model.family.kind == "lvlm":  # LLaVA's CLIP tower
+        prefix = ["cls"]
+    n_reg = int(getattr(vc, model.family.registers, 0) or 0) if model.family.registers else 0
+    patch = vc.patch_size
+    batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
+    rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+    names = ["image"] + list(dict.fromkeys(prefix)) + (["register"] if n_reg else [])
+    seq = [names.index(p) for p in prefix] + [names.index("register")] * n_reg
+    n_pre = len(seq)
+    seg = torch.tensor(seq + [0] * rows * cols).expand(batch, -1).clone()
+    grid = n_pre + torch.arange(rows * cols).view(rows, cols)
+    return TokenLayout(names, seg, [ImageGrid(grid, b, 0, "image", patch) for b in range(batch)])
+
+
+def _qwen_vision_layout(inputs: dict, vc) -> TokenLayout:
+    """Qwen2-VL's vision sequence: every image's patches, ordered in m×m merge blocks, one sample."""
+    thw = inputs.get("image_grid_thw")
+    if thw is None:
+        raise ValueError("Qwen2-VL inputs need image_grid_thw (use the model's processor)")
+    m, grids, offset = vc.spatial_merge_size, [], 0
+    for image, (t, h, w) in enumerate(thw.tolist()):
+        r, c = torch.arange(t * h)[:, None], torch.arange(w)[None, :]
+        frame, r_in = r // h, r % h
+        index = (((frame * (h // m) + r_in // m) * (w // m) + c // m) * m + r_in % m) * m + c % m
+        grids.append(ImageGrid(offset + index, 0, image, "image", vc.patch_size))
+        offset += t * h * w
+    return TokenLayout(["image"], torch.zeros(1, offset, dtype=torch.long), grids)

