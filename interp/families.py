@@ -23,13 +23,13 @@ class Tower:
 
     name: "text" or "vision". layers: candidate dotted paths, from the loaded top module, to the ModuleList
     of blocks (the first that exists is used, so `LlamaModel` and `LlamaForCausalLM` both work).
-    attention: dotted path from a block to the module whose forward calls the attention function.
+    attention: candidate dotted paths from a block to the module whose forward calls the attention function.
     causal: whether its attention is causal.
     """
 
     name: str
     layers: tuple[str, ...]
-    attention: str
+    attention: tuple[str, ...]
     causal: bool
 
 
@@ -70,41 +70,43 @@ class Family:
 
 
 _DECODER = ("model.layers", "layers")
-_LVLM_TEXT = Tower("text", ("model.language_model.layers", "language_model.layers"), "self_attn", True)
-_CLIP_VISION = ("model.vision_tower.vision_model.encoder.layers", "vision_tower.vision_model.encoder.layers")
+_SELF = ("self_attn",)
+_LVLM_TEXT = Tower("text", ("model.language_model.layers", "language_model.layers"), _SELF, True)
+_CLIP_VISION = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers",
+                "vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers")
+_VIT_ATTENTION = ("attention", "attention.attention")  # transformers 5.23 folded ViTSelfAttention into ViTAttention
+_VISION_ENCODER = ("vision_model.encoder.layers", "encoder.layers")
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "llm", (Tower("text", ("transformer.h", "h"), "attn", True),), context="n_positions"),
-    Family("llama", ("llama", "mistral", "qwen2"), "llm", (Tower("text", _DECODER, "self_attn", True),),
+    Family("gpt2", ("gpt2",), "llm", (Tower("text", ("transformer.h", "h"), ("attn",), True),), context="n_positions"),
+    Family("llama", ("llama", "mistral", "qwen2"), "llm", (Tower("text", _DECODER, _SELF, True),),
            notes="Llama and kin (Mistral, Qwen2, SmolLM): GQA + RoPE, sliding windows where configured"),
     Family("gemma", ("gemma2", "gemma3_text", "gemma3"), "llm",
-           (Tower("text", _DECODER + ("model.language_model.layers",), "self_attn", True),),
+           (Tower("text", _DECODER + ("model.language_model.layers",), _SELF, True),),
            notes="soft-capping (Gemma 2) and interleaved sliding windows"),
-    Family("gpt_neox", ("gpt_neox",), "llm", (Tower("text", ("gpt_neox.layers", "layers"), "attention", True),)),
-    Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), "attention.self", False),)),
+    Family("gpt_neox", ("gpt_neox",), "llm", (Tower("text", ("gpt_neox.layers", "layers"), ("attention",), True),)),
+    Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), ("attention.self",), False),)),
     Family("vit", ("vit",), "vit",
-           (Tower("vision", ("vit.encoder.layer", "encoder.layer"), "attention.attention", False),),
+           (Tower("vision", ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
            context=None, prefix=("cls",)),
     Family("deit", ("deit",), "vit",
-           (Tower("vision", ("deit.encoder.layer", "encoder.layer"), "attention.attention", False),),
+           (Tower("vision", ("deit.layers", "layers", "deit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
            context=None, prefix=("cls", "distillation")),
     Family("clip", ("clip", "clip_vision_model"), "vit",
-           (Tower("vision", ("vision_model.encoder.layers",), "self_attn", False),
-            Tower("text", ("text_model.encoder.layers",), "self_attn", True)),
+           (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, True)),
            context=None, prefix=("cls",), notes="vision tower (and the text tower of a full CLIPModel)"),
     Family("siglip", ("siglip", "siglip_vision_model"), "vit",
-           (Tower("vision", ("vision_model.encoder.layers",), "self_attn", False),
-            Tower("text", ("text_model.encoder.layers",), "self_attn", False)),
+           (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, False)),
            context=None, notes="vision tower (no CLS token)"),
     Family("dinov2", ("dinov2", "dinov2_with_registers"), "vit",
            (Tower("vision", ("dinov2.encoder.layer", "dinov2_with_registers.encoder.layer", "encoder.layer"),
-                  "attention.attention", False),),
+                  _VIT_ATTENTION, False),),
            context=None, prefix=("cls",), registers="num_register_tokens", notes="with or without register tokens"),
     Family("llava", ("llava", "llava_next"), "lvlm",
-           (_LVLM_TEXT, Tower("vision", _CLIP_VISION, "self_attn", False)),
+           (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
            image_token="image_token_id", image_layout="anyres", notes="LLaVA-1.5 and LLaVA-NeXT (anyres grids)"),
     Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "lvlm",
-           (_LVLM_TEXT, Tower("vision", ("model.visual.blocks", "visual.blocks"), "attn", False)),
+           (_LVLM_TEXT, Tower("vision", ("model.visual.blocks", "visual.blocks"), ("attn",), False)),
            image_token="image_token_id", image_layout="merged", notes="Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic grids)"),
 )
 
@@ -140,11 +142,12 @@ def attention_modules(model: nn.Module, family: Family, tower: Tower) -> list[nn
     for path in tower.layers:
         layers = resolve(model, path)
         if layers is not None:
-            modules = [resolve(block, tower.attention) for block in layers]
-            if any(m is None for m in modules):
-                raise UnsupportedFamilyError(
-                    f"{family.name}: blocks at {path!r} have no {tower.attention!r} module; "
-                    "this checkout of transformers lays the model out differently"
-                )
-            return modules
+            for attention in tower.attention:
+                modules = [resolve(block, attention) for block in layers]
+                if all(m is not None and hasattr(m, "forward") for m in modules):
+                    return modules
+            raise UnsupportedFamilyError(
+                f"{family.name}: blocks at {path!r} have none of the attention modules {tower.attention}; "
+                "this version of transformers lays the model out differently"
+            )
     return None
