@@ -93,7 +93,7 @@ class Recorder:
 
 
 @dataclass
-class _Site:
+class Site:
     """A captured attention module: where it sits and which session receives its calls."""
 
     session: "_Session"
@@ -178,7 +178,7 @@ class _Session:
         n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.model.check_length(int(n_past) + n_new)
 
-    def emit(self, site: _Site, module, query, key, value, out, kwargs) -> None:
+    def emit(self, site: Site, module, query, key, value, out, kwargs) -> None:
         n_heads = query.shape[1]
         heads = self.heads if self.heads is not None else torch.arange(n_heads)
         if self.heads is not None and int(heads.max()) >= n_heads:
@@ -254,6 +254,23 @@ def _check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Ten
 
 
 @contextmanager
+def session(model: Model, probe: Probe, *, tower: str | None = None, layers: Iterable[int] | None = None,
+            heads: Sequence[int] | None = None, keep: Iterable[str] = ("q", "k"), root=None):
+    """A validated capture session with its top-level pre-hook on `root` (default `model.hf`); for backends."""
+    t = model.family.tower(tower)
+    keep = frozenset(keep) | {"q"}
+    unknown = keep - set(KEEP_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown tensors to keep {sorted(unknown)}; choose from {KEEP_CHOICES}")
+    s = _Session(model, probe, t, _check_layers(model, t, layers), _check_heads(model, t, heads), keep)
+    hook = (root if root is not None else model.hf).register_forward_pre_hook(s.before_forward, with_kwargs=True)
+    try:
+        yield s
+    finally:
+        hook.remove()
+
+
+@contextmanager
 def capture(
     model: Model,
     probe: Probe,
@@ -270,24 +287,17 @@ def capture(
     small results. keep: which of "q", "k", "v", "z" the calls carry (q always). tower: "text" / "vision"
     (default: the family's primary tower). layers / heads: which to capture (default all).
     """
-    t = model.family.tower(tower)
-    keep = frozenset(keep) | {"q"}
-    unknown = keep - set(KEEP_CHOICES)
-    if unknown:
-        raise ValueError(f"unknown tensors to keep {sorted(unknown)}; choose from {KEEP_CHOICES}")
-    session = _Session(model, probe, t, _check_layers(model, t, layers), _check_heads(model, t, heads), keep)
-    modules = model.attention_modules(t.name)
-    for i in session.layers:
-        if "_interp_site" in modules[i].__dict__:
-            raise RuntimeError(f"{t.name} layer {i} of {model.name} is already being captured")
-    _install()
-    hook = model.hf.register_forward_pre_hook(session.before_forward, with_kwargs=True)
-    try:
-        for i in session.layers:
-            modules[i].__dict__["_interp_site"] = _Site(session, t, i)
-        yield session
-    finally:
-        hook.remove()
-        for i in session.layers:
-            modules[i].__dict__.pop("_interp_site", None)
-        _uninstall()
+    with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep) as s:
+        modules = model.attention_modules(s.tower.name)
+        for i in s.layers:
+            if "_interp_site" in modules[i].__dict__:
+                raise RuntimeError(f"{s.tower.name} layer {i} of {model.name} is already being captured")
+        _install()
+        try:
+            for i in s.layers:
+                modules[i].__dict__["_interp_site"] = Site(s, s.tower, i)
+            yield s
+        finally:
+            for i in s.layers:
+                modules[i].__dict__.pop("_interp_site", None)
+            _uninstall()

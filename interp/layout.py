@@ -216,7 +216,7 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
     rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
     names = ["image"] + list(dict.fromkeys(prefix)) + (["register"] if n_reg else [])
-    seq = [names.index(p) for p in prefix] + [names.index("register")] * n_reg
+    seq = [names.index(p) for p in prefix] + ([names.index("register")] * n_reg if n_reg else [])
     n_pre = len(seq)
     seg = torch.tensor(seq + [0] * rows * cols).expand(batch, -1).clone()
     grid = n_pre + torch.arange(rows * cols).view(rows, cols)

@@ -1,0 +1,225 @@
+"""Three ways to see inside a running model, feeding the same probes with the same `AttentionCall`s.
+
+- "hf" (default): transformers' AttentionInterface; the model's own SDPA / flash call is wrapped, never replaced.
+- "nnsight": nnsight's `.source` tracing of the `attention_interface(...)` call inside each attention module;
+  the model also keeps its own attention implementation.
+- "transformer-lens": TransformerLens's `TransformerBridge` hooks (`hook_rot_q` / `hook_q`, the KV cache update,
+  `hook_z`). The bridge rewrites the modules of the model it wraps and computes attention itself (eager
+  arithmetic), so it wraps a deep copy of the model, made once and kept: the user's model is never modified,
+  and the numbers equal the eager model's.
+
+The nnsight and TransformerLens backends capture the primary (text / encoder) tower with one attention call
+per layer per forward; the vision towers of LVLMs go through "hf".
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import weakref
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from interp.models import Model
+
+from .capture import Probe, Site, capture, session
+
+BACKENDS = ("hf", "transformer-lens", "nnsight")
+
+
+def trace(
+    model: Model,
+    inputs: dict,
+    probe: Probe,
+    *,
+    backend: str = "hf",
+    tower: str | None = None,
+    layers: Iterable[int] | None = None,
+    heads: Sequence[int] | None = None,
+    keep: Iterable[str] = ("q", "k"),
+):
+    """One forward pass of `model` on `inputs` (what the tokenizer / processor returned), streaming an
+    `AttentionCall` per captured layer to `probe`. Returns the model's output (with `.logits` for LMs)."""
+    opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
+    with torch.no_grad():
+        if backend == "hf":
+            with capture(model, probe, **opts):
+                return model.hf(**inputs)
+        _check_backend_tower(model, backend, tower)
+        if backend == "nnsight":
+            return _nnsight_forward(model, inputs, probe, opts)
+        if backend == "transformer-lens":
+            return _bridge_forward(model, inputs, probe, opts, generate=None)
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def generate(
+    model: Model,
+    inputs: dict,
+    probe: Probe,
+    *,
+    max_new_tokens: int,
+    backend: str = "hf",
+    tower: str | None = None,
+    layers: Iterable[int] | None = None,
+    heads: Sequence[int] | None = None,
+    keep: Iterable[str] = ("q", "k"),
+    **generate_kwargs,
+) -> torch.Tensor:
+    """Greedy generation (unless `generate_kwargs` say otherwise) with a KV cache, streaming calls to `probe`:
+    step 0 is the prompt, each later step one query against all cached keys. Returns (B, N + new) token ids."""
+    n_prompt = inputs["input_ids"].shape[-1]
+    model.check_length(n_prompt + max_new_tokens)
+    opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
+    kwargs = {"do_sample": False, **generate_kwargs, "max_new_tokens": max_new_tokens}
+    with torch.no_grad():
+        if backend == "hf":
+            with capture(model, probe, **opts):
+                return model.hf.generate(**inputs, **kwargs)
+        _check_backend_tower(model, backend, tower)
+        if backend == "nnsight":
+            return _nnsight_forward(model, inputs, probe, opts, generate=kwargs)
+        if backend == "transformer-lens":
+            return _bridge_forward(model, inputs, probe, opts, generate=kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def _check_backend_tower(model: Model, backend: str, tower: str | None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if model.family.tower(tower) is not model.family.primary:
+        raise ValueError(f"the {backend} backend captures the {model.family.primary.name} tower only; use backend 'hf'")
+
+
+def _module_paths(root: torch.nn.Module, modules: list) -> list[str]:
+    names = {id(m): name for name, m in root.named_modules()}
+    return [names[id(m)] for m in modules]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nnsight
+
+_nnsight_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CALL_LINE = re.compile(r"^\s*(attention_interface_\d+)\s+->\s+\d+\s+.*attention_interface\(", re.M)
+
+
+def _nnsight_wrapper(model: Model):
+    from nnsight import NNsight
+
+    if model.hf not in _nnsight_models:
+        _nnsight_models[model.hf] = NNsight(model.hf)
+    return _nnsight_models[model.hf]
+
+
+def _envoy(root, path: str):
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+def _nnsight_forward(model: Model, inputs: dict, probe: Probe, opts: dict, generate: dict | None = None):
+    wrapped = _nnsight_wrapper(model)
+    with session(model, probe, **opts) as s:
+        modules = model.attention_modules(s.tower.name)
+        paths = _module_paths(model.hf, modules)
+        labels = {}
+
+        def emit_layers():
+            for i in s.layers:
+                source = _envoy(wrapped, paths[i]).source
+                if i not in labels:
+                    found = _CALL_LINE.findall(str(source))
+                    if len(found) != 1:
+                        raise RuntimeError(f"nnsight: cannot find the attention call in {type(modules[i]).__name__}")
+                    labels[i] = found[0]
+                op = getattr(source, labels[i])
+                args, kwargs = op.inputs
+                out = op.output[0]
+                s.emit(Site(s, s.tower, i), modules[i], args[1], args[2], args[3], out, kwargs)
+
+        if generate is None:
+            with wrapped.trace(**inputs):
+                emit_layers()
+                result = wrapped.output.save()
+            return result
+        n_steps = generate["max_new_tokens"]
+        with wrapped.trace(**inputs, fn=model.hf.generate, **generate) as tracer:
+            for _ in tracer.iter[0:n_steps]:
+                emit_layers()
+            result = tracer.result.save()
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TransformerLens
+
+
+_bridges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bridge(model: Model):
+    """(bridge, bridged copy of the HF model): built once per model, from a deep copy."""
+    if model.hf not in _bridges:
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+        hf = copy.deepcopy(model.hf)
+        arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
+        try:
+            bridge = build_bridge_from_module(hf, arch, hf_config=hf.config)
+        except Exception as e:  # TransformerLens raises various types for unsupported architectures
+            raise ValueError(f"TransformerLens's TransformerBridge does not support {arch}: {e}") from e
+        _bridges[model.hf] = (bridge, hf)
+    return _bridges[model.hf]
+
+
+def _bridge_forward(model: Model, inputs: dict, probe: Probe, opts: dict, generate: dict | None):
+    bridge, hf = _bridge(model)
+    with session(model, probe, root=hf, **opts) as s:
+        original = model.attention_modules(s.tower.name)
+        pending: dict[int, dict] = {}
+        hook_names = set(bridge.hook_dict)
+
+        def keep(i, key, transpose):
+            def fn(t, hook):
+                pending.setdefault(i, {})[key] = t.transpose(1, 2) if transpose else t
+            return fn
+
+        def finish(i):
+            def fn(z, hook):
+                got = pending.pop(i)
+                s.emit(Site(s, s.tower, i), original[i], got["q"], got["k"], got["v"], z, {})
+            return fn
+
+        hooks, patched = [], []
+        for i in s.layers:
+            name = f"blocks.{i}.attn."
+            rot = "hook_rot_q" if name + "hook_rot_q" in hook_names else "hook_q"
+            hooks += [(name + rot, keep(i, "q", True)),
+                      (name + rot.replace("q", "k"), keep(i, "k", True)),
+                      (name + "hook_v", keep(i, "v", True)),
+                      (name + "hook_z", finish(i))]
+            attn = bridge.blocks[i].attn
+            if hasattr(attn, "_update_kv_cache"):
+                patched.append(attn)
+                attn._update_kv_cache = _full_kv(attn._update_kv_cache, keep(i, "k", False), keep(i, "v", False))
+        try:
+            with bridge.hooks(fwd_hooks=hooks):
+                if generate is None:
+                    return hf(**inputs)
+                return hf.generate(**inputs, **generate)
+        finally:
+            for attn in patched:
+                del attn._update_kv_cache  # back to the class's method
+
+
+def _full_kv(update, keep_k, keep_v):
+    """Wrap a bridge's KV-cache update so the probe sees all cached keys and values (B, H_kv, Nk, d)."""
+
+    def wrapped(k, v, **kwargs):
+        k, v = update(k, v, **kwargs)
+        keep_k(k, None)
+        keep_v(v, None)
+        return k, v
+
+    return wrapped
