@@ -140,14 +140,19 @@ def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
         return
     layout.names.append("image")
     layout.segments[is_image] = layout.id("image")
-    counts = _tokens_per_image(model, inputs)
     per_sample = is_image.sum(1).tolist()
+    counts = _tokens_per_image(model, inputs, sum(per_sample))
+    if sum(n for n, _ in counts) != sum(per_sample):
+        raise ValueError(f"{model.name}: the images of these inputs take {[n for n, _ in counts]} tokens, "
+                         f"but input_ids hold {sum(per_sample)} image tokens")
     queue = list(counts)
     for b in range(ids.shape[0]):
         positions = is_image[b].nonzero()[:, 0]
         used, image = 0, 0
         while used < per_sample[b]:
             n, shapes = queue.pop(0)
+            if used + n > per_sample[b]:
+                raise ValueError(f"{model.name}: the {per_sample[b]} image tokens of sample {b} are not whole images")
             chunk = positions[used : used + n]
             used += n
             for name, rows, cols, start, stride in shapes:
@@ -165,8 +170,8 @@ def _patch(model: Model) -> int | None:
     return getattr(vc, "patch_size", None)
 
 
-def _tokens_per_image(model: Model, inputs: dict) -> list[tuple[int, list[tuple[str, int, int, int, int]]]]:
-    """Per image: (token count, [(grid name, rows, cols, first token, row stride)])."""
+def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[int, list[tuple[str, int, int, int, int]]]]:
+    """Per image: (token count, [(grid name, rows, cols, first token, row stride)]). n_tokens: image tokens in all."""
     cfg = model.config
     if model.family.image_layout == "merged":  # Qwen2-VL: (t, h, w) patches merged m×m
         thw = inputs.get("image_grid_thw")
@@ -180,11 +185,10 @@ def _tokens_per_image(model: Model, inputs: dict) -> list[tuple[int, list[tuple[
         return out
     vc = cfg.vision_config
     side = vc.image_size // vc.patch_size
-    extra = 1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0
+    extra = _kept_prefix(model)
     base = side * side + extra
-    if cfg.model_type == "llava":
-        n_images = inputs["pixel_values"].shape[0]
-        return [(base, [("image", side, side, extra, side)])] * n_images
+    if cfg.model_type == "llava":  # every image is `base` tokens: count them from input_ids
+        return [(base, [("image", side, side, extra, side)])] * -(-n_tokens // base)
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     sizes = inputs.get("image_sizes")
@@ -199,6 +203,27 @@ def _tokens_per_image(model: Model, inputs: dict) -> list[tuple[int, list[tuple[
     return out
 
 
+def _tower_prefix(model: Model) -> list[str]:
+    """Names of the tokens an LLaVA vision tower puts before its patches (CLIP: CLS; SigLIP: none)."""
+    from .families import family_for
+
+    return list(family_for(model.config.vision_config).prefix)
+
+
+def _kept_prefix(model: Model) -> int:
+    """How many of the vision tower's prefix tokens (CLS) LLaVA keeps before each image's patch features.
+
+    "default" drops the first token, "full" keeps them all; "default" on a tower without CLS drops a patch.
+    """
+    n = len(_tower_prefix(model))
+    if getattr(model.config, "vision_feature_select_strategy", "default") == "full":
+        return n
+    if n == 0:
+        raise NotImplementedError(f"{model.name}: the \"default\" feature strategy on a vision tower without CLS "
+                                  "drops the first patch, so the image tokens form no grid")
+    return n - 1
+
+
 def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     """Layout of the sequence a vision encoder sees: prefix tokens (CLS, ...), registers, then patches."""
     pixels = inputs.get("pixel_values")
@@ -209,11 +234,13 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     if model.family.image_layout == "merged":
         return _qwen_vision_layout(inputs, vc)
     prefix = list(model.family.prefix)
-    if model.family.kind == "lvlm":  # LLaVA's CLIP tower
-        prefix = ["cls"]
+    batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
+    if model.family.kind == "lvlm":  # LLaVA's CLIP / SigLIP tower
+        prefix = _tower_prefix(model)
+        if pixels.dim() == 5:  # LLaVA-NeXT: (images, max crops, C, H, W), zero-padded; the tower sees the real crops
+            batch = _llava_next_crops(model, inputs)
     n_reg = int(getattr(vc, model.family.registers, 0) or 0) if model.family.registers else 0
     patch = vc.patch_size
-    batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
     rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
     names = ["image"] + list(dict.fromkeys(prefix)) + (["register"] if n_reg else [])
     seq = [names.index(p) for p in prefix] + ([names.index("register")] * n_reg if n_reg else [])
@@ -223,8 +250,22 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     return TokenLayout(names, seg, [ImageGrid(grid, b, 0, "image", patch) for b in range(batch)])
 
 
+def _llava_next_crops(model: Model, inputs: dict) -> int:
+    """How many crops (base image + anyres tiles) of all images LLaVA-NeXT's vision tower encodes."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise ValueError(f"{model.name}: LLaVA-NeXT inputs need image_sizes (use the model's processor)")
+    cfg = model.config
+    return sum(image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes.tolist())
+
+
 def _qwen_vision_layout(inputs: dict, vc) -> TokenLayout:
-    """Qwen2-VL's vision sequence: every image's patches, ordered in m×m merge blocks, one sample."""
+    """Qwen2-VL's vision sequence: every image's patches, ordered in m×m merge blocks, one sample.
+
+    Qwen2.5-VL's blocks see those merge blocks permuted into window order (`window_size` in its vision config).
+    """
     thw = inputs.get("image_grid_thw")
     if thw is None:
         raise ValueError("Qwen2-VL inputs need image_grid_thw (use the model's processor)")
@@ -235,4 +276,18 @@ def _qwen_vision_layout(inputs: dict, vc) -> TokenLayout:
         index = (((frame * (h // m) + r_in // m) * (w // m) + c // m) * m + r_in % m) * m + c % m
         grids.append(ImageGrid(offset + index, 0, image, "image", vc.patch_size))
         offset += t * h * w
+    if getattr(vc, "window_size", None):
+        where = _window_position(thw, vc)  # (merge blocks,) position of each merge block in window order
+        for g in grids:
+            g.positions = where[g.positions // m**2] * m**2 + g.positions % m**2
     return TokenLayout(["image"], torch.zeros(1, offset, dtype=torch.long), grids)
+
+
+def _window_position(thw: Tensor, vc) -> Tensor:
+    """(sum t*h*w/m²,) where Qwen2.5-VL's vision blocks see each merge block (block-major order in, window order out)."""
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError as e:  # older transformers kept it as a method of the vision tower
+        raise NotImplementedError("the Qwen2.5-VL vision layout needs transformers' get_vision_window_index") from e
+    window_index, _ = get_vision_window_index(thw, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+    return torch.argsort(window_index)

@@ -173,6 +173,33 @@ class Model:
         if limit is not None and n_tokens > limit:
             raise ValueError(f"{self.name}: {n_tokens} tokens is longer than the model's context of {limit} tokens")
 
+    def prepare(self, text: str | list[str] | None = None, images=None, **kwargs) -> dict:
+        """Model inputs (tensors on the model's device) from text and/or images, with clear errors.
+
+        LLMs / encoders: text through the tokenizer. ViTs: images through the image processor. LVLMs: text and
+        images through the processor; `images=[]` asks explicitly for a text-only input.
+        """
+        kind = self.family.kind
+        if kind in ("vit", "lvlm") and self.processor is None:
+            raise ValueError(f"{self.name} is a {kind.upper()} but has no processor: pass processor= to load_model")
+        if kind == "vit":
+            if images is None:
+                raise ValueError(f"{self.name} is a vision transformer: give images=")
+            out = self.processor(images=images, return_tensors="pt", **kwargs)
+        elif kind == "lvlm":
+            if images is None:
+                raise ValueError(f"{self.name} is a vision-language model: give images= (images=[] for text only)")
+            out = self.processor(text=text, images=images or None, return_tensors="pt", **kwargs)
+        else:
+            if self.tokenizer is None:
+                raise ValueError(f"{self.name} has no tokenizer: pass tokenizer= to load_model")
+            if text is None:
+                raise ValueError(f"{self.name} is a text model: give text=")
+            out = self.tokenizer(text, return_tensors="pt", padding=isinstance(text, list), **kwargs)
+        if "input_ids" in out:
+            self.check_length(out["input_ids"].shape[-1])
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
@@ -210,6 +237,11 @@ def load_model(
 
     name = str(model)
     source = alias_path(name) if name in ALIASES else name
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if name not in ALIASES and looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(f"no model folder at {name!r}; give a local HF folder, a hub id or one of the "
+                             f"built-in aliases ({', '.join(ALIASES)})")
+    source = os.path.expanduser(source) if isinstance(source, str) else source
     try:
         config = AutoConfig.from_pretrained(source, **_config_kwargs(from_pretrained_kwargs))
     except (OSError, ValueError) as e:

@@ -1,0 +1,106 @@
+"""Model loading, family detection, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+import interp
+from interp.hooks import Recorder, capture
+from interp.models import ModelLoadError
+
+
+def test_aliases_and_model_objects_load():
+    m = interp.load_model("stories260k")
+    assert (m.family.name, m.head_counts(), m.n_layers(), m.max_tokens) == ("llama", (8, 4), 5, 512)
+    assert m.config._attn_implementation == "sdpa" and not m.hf.training
+    again = interp.load_model(m.hf, tokenizer=m.tokenizer)
+    assert again.hf is m.hf and again.family is m.family
+    assert interp.load_model("stories260k", dtype="float16").hf.dtype == torch.float16
+    minilm = interp.load_model("minilm-l6")
+    assert (minilm.family.name, minilm.head_counts(), minilm.n_layers()) == ("bert", (12, 12), 6)
+
+
+@pytest.mark.slow
+def test_smollm2_is_dequantised_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERP_CACHE", str(tmp_path))
+    m = interp.load_model("smollm2-135m")
+    assert (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").exists()
+    assert (m.head_counts(), m.n_layers(), m.config.rope_parameters["rope_theta"]) == ((9, 3), 30, 100000.0)
+    ids = m.prepare("The capital of France is")
+    out = m.hf.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in m.tokenizer.decode(out[0])
+
+
+def test_unknown_alias_or_folder_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="built-in alias"):
+        interp.load_model("no-such-model")
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        interp.load_model("/nonexistent/model/dir")
+    with pytest.raises(TypeError):
+        interp.load_model(42)
+
+
+def test_unsupported_family_lists_the_supported_ones(tmp_path):
+    T.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(interp.UnsupportedFamilyError, match="'t5' is not supported.*llama.*qwen2_vl"):
+        interp.load_model(str(tmp_path))
+    with pytest.raises(interp.UnsupportedFamilyError, match="supported model types"):
+        interp.load_model(T.T5Model(T.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=50)))
+
+
+def test_layers_heads_and_length_out_of_range():
+    m = interp.load_model("stories260k")
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range.*5 text layers"):
+        with capture(m, Recorder(), layers=[7]):
+            pass
+    with pytest.raises(ValueError, match=r"heads \[8\] out of range.*8 heads"):
+        with capture(m, Recorder(), heads=[0, 8]):
+            pass
+    with pytest.raises(ValueError, match="unknown tensors"):
+        with capture(m, Recorder(), keep=("q", "attn")):
+            pass
+    long = torch.randint(3, 500, (1, 600))
+    with pytest.raises(ValueError, match="600 tokens is longer than the model's context of 512"):
+        with torch.no_grad(), capture(m, Recorder()):
+            m.hf(input_ids=long)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        m.prepare("Once upon a time " * 200)
+
+
+def test_head_subset_is_captured_with_its_kv_heads():
+    m = interp.load_model("stories260k")
+    rec = Recorder()
+    with torch.no_grad(), capture(m, rec, heads=[1, 6], layers=[2], keep=("q", "k", "z")):
+        m.hf(**m.prepare("Once upon a time"))
+    call = rec.get(layer=2)
+    assert call.heads.tolist() == [1, 6] and call.kv_heads.tolist() == [0, 3]
+    assert call.q.shape[1] == 2 and call.z.shape[2] == 2 and call.k.shape[1] == 4
+
+
+def test_lvlm_and_vit_need_images_and_a_processor():
+    from tiny_models import make
+
+    llava = interp.load_model(make("llava")[0])
+    with pytest.raises(ValueError, match="has no processor"):
+        llava.prepare("What colour is the square?")
+    vit = interp.load_model(make("vit")[0])
+    with pytest.raises(ValueError, match="has no processor"):
+        vit.prepare(images=None)
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        interp.token_layout(llava, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, tower="vision")
+
+
+def test_cli_lists_aliases_and_families():
+    out = subprocess.run([sys.executable, "-m", "interp.cli", "models", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    listing = json.loads(out.stdout)
+    assert {a["name"] for a in listing["aliases"]} == {"stories260k", "smollm2-135m", "minilm-l6"}
+    types = {t for f in listing["families"] for t in f["model_types"]}
+    assert {"gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt_neox", "bert", "vit", "deit", "clip",
+            "siglip", "dinov2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= types
+    bad = subprocess.run([sys.executable, "-m", "interp.cli", "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
