@@ -9,6 +9,7 @@ through, the model's config is never touched, and logits are bit-identical with 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -169,12 +170,12 @@ class _Session:
     def before_forward(self, module, args, kwargs):
         """Top-level pre-hook: count steps, note the 2-D padding mask, refuse inputs longer than the context."""
         self.step += 1
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        mask = given.get("attention_mask")
         self.mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
+        ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         n_new = ids.shape[-1] if isinstance(ids, Tensor) else embeds.shape[1] if isinstance(embeds, Tensor) else 0
-        cache = kwargs.get("past_key_values")
+        cache = given.get("past_key_values")
         n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.model.check_length(int(n_past) + n_new)
 
@@ -212,16 +213,10 @@ class _Session:
 
 
 def _scale(module, query: Tensor, kwargs) -> float:
-    """The factor the model multiplies q·k by."""
-    if kwargs.get("scaling") is not None:
-        return float(kwargs["scaling"])
-    if hasattr(module, "scale_attn_weights"):  # GPT-2 scales inside its attention function
-        s = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
-        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
-            s /= float(module.layer_idx + 1)
-        return s
-    if getattr(module, "scaling", None) is not None:
-        return float(module.scaling)
+    """The factor the model multiplies q·k by (every supported family passes it as `scaling`)."""
+    for value in (kwargs.get("scaling"), getattr(module, "scaling", None)):
+        if value is not None:
+            return float(value)
     return query.shape[-1] ** -0.5
 
 
