@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .families import family_for
 from .models import Model
 
 
@@ -188,7 +189,8 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
     extra = _kept_prefix(model)
     base = side * side + extra
     if cfg.model_type == "llava":  # every image is `base` tokens: count them from input_ids
-        return [(base, [("image", side, side, extra, side)])] * -(-n_tokens // base)
+        n_images = -(-n_tokens // base)  # rounded up: a partial image then fails the caller's count check
+        return [(base, [("image", side, side, extra, side)])] * n_images
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     sizes = inputs.get("image_sizes")
@@ -205,8 +207,6 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
 
 def _tower_prefix(model: Model) -> list[str]:
     """Names of the tokens an LLaVA vision tower puts before its patches (CLIP: CLS; SigLIP: none)."""
-    from .families import family_for
-
     return list(family_for(model.config.vision_config).prefix)
 
 
