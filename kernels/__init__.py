@@ -1,5 +1,30 @@
-"""Attention statistics recomputed from captured queries and keys (Triton on GPU, PyTorch reference twin)."""
+"""Attention statistics recomputed from captured queries and keys, never building the N×N matrix.
 
-from .reference import call_attention, dense_attention
+One API (`attention_stats`, `pooled_attention`, `attention_tile`, `grid_distance`) dispatching to Triton kernels
+on CUDA and to a chunked pure-PyTorch twin elsewhere; `dense_attention` is the small-shape oracle for tests.
+"""
 
-__all__ = ["call_attention", "dense_attention"]
+from .api import (
+    BACKENDS,
+    DEFAULT_STATS,
+    STATS,
+    AttentionStats,
+    attention_stats,
+    attention_tile,
+    grid_distance,
+    pooled_attention,
+)
+from .reference import call_attention, dense_attention, dense_scores
+
+
+def call_stats(call, **kwargs) -> AttentionStats:
+    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window and soft-cap)."""
+    k = call.k if call.q.shape[1] == call.n_heads else call.k[:, call.kv_heads.to(call.k.device)]
+    return attention_stats(call.q, k, scale=call.scale, causal=call.causal, query_positions=call.query_positions,
+                           key_mask=call.key_mask, window=call.window, softcap=call.softcap, **kwargs)
+
+
+__all__ = [
+    "BACKENDS", "DEFAULT_STATS", "STATS", "AttentionStats", "attention_stats", "attention_tile", "call_attention",
+    "call_stats", "dense_attention", "dense_scores", "grid_distance", "pooled_attention",
+]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 
-def dense_attention(
+def dense_scores(
     q: Tensor,
     k: Tensor,
     *,
@@ -17,13 +17,12 @@ def dense_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> Tensor:
-    """Attention probabilities, built densely in fp32.
+    """Attention logits (B, H, Nq, Nk) in fp32, −inf where a key is not visible.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d) with H a multiple of H_kv (query head h uses KV head h // (H / H_kv)).
     query_positions: (Nq,) index among the keys of each query (default: the last Nq keys, as in decoding).
     key_mask: (B, Nk) bool, False for keys never attended (padding). window: key j visible from query i iff
     i - j < window. softcap: logits become softcap · tanh(logits / softcap) before masking.
-    Returns (B, H, Nq, Nk) float32; a query that sees no key gets a row of zeros.
     """
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
@@ -45,9 +44,13 @@ def dense_attention(
     visible = visible[None, None]
     if key_mask is not None:
         visible = visible & key_mask.to(q.device, torch.bool)[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def dense_attention(q: Tensor, k: Tensor, **mask) -> Tensor:
+    """Attention probabilities (B, H, Nq, Nk) in fp32, built densely (see `dense_scores` for the arguments);
+    a query that sees no key gets a row of zeros."""
+    return torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), dim=-1), nan=0.0)
 
 
 def call_attention(call) -> Tensor:

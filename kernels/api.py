@@ -1,0 +1,264 @@
+"""The one public API of the kernels: validation, defaults and dispatch (Triton on CUDA, the torch twin elsewhere)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from . import torch_stats
+
+STATS = ("lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count")
+DEFAULT_STATS = ("lse", "argmax", "max_prob", "entropy")
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass
+class AttentionStats:
+    """Per-head attention statistics; only those asked for are filled.
+
+    lse (B, H, Nq) natural log · segment_mass (B, H, Nq, S) · argmax, max_prob (B, H, Nq) · topk_index,
+    topk_prob (B, H, Nq, K) · entropy (B, H, Nq) nats · mean_distance (B, H, Nq) query position − expected key
+    position · key_mass (B, H, Nk) attention received, summed over queries · key_count (B, Nk) queries that
+    can see each key (so Gu et al.'s per-key mean is key_mass / key_count).
+    """
+
+    lse: Tensor | None = None
+    segment_mass: Tensor | None = None
+    argmax: Tensor | None = None
+    max_prob: Tensor | None = None
+    topk_index: Tensor | None = None
+    topk_prob: Tensor | None = None
+    entropy: Tensor | None = None
+    mean_distance: Tensor | None = None
+    key_mass: Tensor | None = None
+    key_count: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class _Problem:
+    q: Tensor
+    k: Tensor
+    scale: float
+    causal: bool
+    query_positions: Tensor
+    key_mask: Tensor | None
+    window: int | None
+    softcap: float | None
+
+    def mask_kwargs(self) -> dict:
+        return dict(scale=self.scale, causal=self.causal, query_positions=self.query_positions,
+                    key_mask=self.key_mask, window=self.window, softcap=self.softcap)
+
+
+def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap) -> _Problem:
+    """Check shapes, dtypes, devices and values before anything runs; fill defaults."""
+    if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.ndim != 4 or k.ndim != 4:
+        raise ValueError("q must be (B, H, Nq, d) and k (B, H_kv, Nk, d) tensors")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} KV heads")
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q and k must share one of float32 / float16 / bfloat16, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q is on {q.device} but k on {k.device}")
+    if bool(torch.isnan(q).any()) or bool(torch.isnan(k).any()):
+        raise ValueError("q or k contains NaN")
+    n_q, n_k = q.shape[2], k.shape[2]
+    if query_positions is None:
+        query_positions = torch.arange(n_k - n_q, n_k, device=q.device)
+    query_positions = torch.as_tensor(query_positions, device=q.device).long()
+    if query_positions.shape != (n_q,):
+        raise ValueError(f"query_positions must be ({n_q},), got {tuple(query_positions.shape)}")
+    if key_mask is not None:
+        key_mask = torch.as_tensor(key_mask, device=q.device).bool()
+        if key_mask.ndim == 1:
+            key_mask = key_mask.expand(q.shape[0], -1)
+        if key_mask.shape != (q.shape[0], n_k):
+            raise ValueError(f"key_mask must be ({n_k},) or ({q.shape[0]}, {n_k}), got {tuple(key_mask.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be ≥ 1, got {window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _Problem(q, k, scale, bool(causal), query_positions, key_mask, window, softcap)
+
+
+def _segments(segments, n_segments, b: int, n_k: int, device) -> tuple[Tensor, int]:
+    seg = torch.as_tensor(segments, device=device)
+    if seg.dtype in (torch.bool,) or seg.is_floating_point():
+        raise ValueError(f"segments must be integer ids, got {seg.dtype}")
+    seg = seg.long()
+    if seg.ndim == 1:
+        seg = seg.expand(b, -1)
+    if seg.shape != (b, n_k):
+        raise ValueError(f"segments must be ({n_k},) or ({b}, {n_k}), got {tuple(seg.shape)}")
+    top = int(seg.max()) + 1 if seg.numel() else 0
+    n = top if n_segments is None else int(n_segments)
+    if seg.numel() and (int(seg.min()) < 0 or top > n):
+        raise ValueError(f"segment ids must lie in [0, {n}), got [{int(seg.min())}, {top - 1}]")
+    return seg.contiguous(), max(n, 1)
+
+
+def _backend(backend: str, q: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and not (q.is_cuda or interpreted):
+        raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
+    if backend == "auto":
+        return "triton" if q.is_cuda else "torch"
+    return backend
+
+
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    segments: Tensor | None = None,
+    n_segments: int | None = None,
+    query_positions: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    topk: int = 0,
+    stats: Iterable[str] = DEFAULT_STATS,
+    backend: str = "auto",
+) -> AttentionStats:
+    """Statistics of each query's attention row, recomputed from q and k without building the N×N matrix.
+
+    q: (B, H, Nq, d); k: (B, H_kv, Nk, d) (GQA: query head h reads KV head h // (H / H_kv)).
+    scale: default d^-0.5. causal: key j visible from query i iff j ≤ query_positions[i].
+    query_positions: (Nq,) index among the keys of each query (default: the last Nq keys; decoding: Nk − 1).
+    key_mask: (Nk,) or (B, Nk) bool, False for keys never attended (padding).
+    window: sliding window (visible iff pos − j < window). softcap: logits become cap · tanh(s / cap).
+    segments: (Nk,) or (B, Nk) segment id of each key, in [0, n_segments) (default: max id + 1).
+    stats: any of STATS ("topk" needs topk > 0, "segment_mass" needs segments).
+    backend: "triton" (CUDA), "torch" (the chunked twin, any device), "auto".
+    """
+    want = frozenset(stats)
+    unknown = want - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(STATS)}")
+    if "topk" in want and topk < 1:
+        raise ValueError("stats include 'topk' but topk < 1")
+    if topk > 0:
+        want = want | {"topk"}
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    seg, n_seg = None, 1
+    if "segment_mass" in want:
+        if segments is None:
+            raise ValueError("'segment_mass' needs segments")
+        seg, n_seg = _segments(segments, n_segments, q.shape[0], k.shape[2], q.device)
+    which = _backend(backend, q)
+    run = torch_stats.stats_torch
+    if which == "triton":
+        from .triton_stats import stats_triton as run
+    out = run(pr.q, pr.k, segments=seg, n_segments=n_seg, topk=topk, want=want, **pr.mask_kwargs())
+    return AttentionStats(**out)
+
+
+def _lse(pr: _Problem, backend: str) -> Tensor:
+    return attention_stats(pr.q, pr.k, stats=("lse",), backend=backend, **pr.mask_kwargs()).lse
+
+
+def pooled_attention(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    reduce: str = "mean",
+    scale: float | None = None,
+    causal: bool = True,
+    query_positions: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    lse: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """A block-pooled attention map (B, H, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉) for viewing long contexts.
+
+    Each cell is the mean (or max) of the exact probabilities in its block of queries × keys (invisible
+    cells count as 0). lse: (B, H, Nq) if already known. Built block by block: nothing N×N.
+    """
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if block_q < 1 or block_k < 1:
+        raise ValueError("block_q and block_k must be ≥ 1")
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    lse = _lse(pr, backend) if lse is None else lse
+    return torch_stats.pooled_torch(pr.q, pr.k, lse, block_q=block_q, block_k=block_k, reduce=reduce,
+                                    **pr.mask_kwargs())
+
+
+def attention_tile(
+    q: Tensor,
+    k: Tensor,
+    q_range: tuple[int, int],
+    k_range: tuple[int, int],
+    *,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    query_positions: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Exact probabilities (B, H, q1 − q0, k1 − k0) of queries [q0, q1) on keys [k0, k1), normalised over all keys."""
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    (q0, q1), (k0, k1) = q_range, k_range
+    if not (0 <= q0 < q1 <= q.shape[2] and 0 <= k0 < k1 <= k.shape[2]):
+        raise ValueError(f"tile [{q0}, {q1}) × [{k0}, {k1}) is outside {q.shape[2]} queries × {k.shape[2]} keys")
+    if lse is None:
+        sub = _problem(q[:, :, q0:q1], k, pr.scale, causal, pr.query_positions[q0:q1], key_mask, window, softcap)
+        lse = torch.zeros(*q.shape[:2], q.shape[2], device=q.device)
+        lse[:, :, q0:q1] = _lse(sub, backend)
+    return torch_stats.probabilities_block(pr.q, pr.k, lse, q0, q1, k0, k1, **pr.mask_kwargs())
+
+
+def grid_distance(
+    q: Tensor,
+    k: Tensor,
+    *,
+    query_coords: Tensor,
+    key_coords: Tensor,
+    special_keys: Tensor | None = None,
+    renormalize: bool = True,
+    scale: float | None = None,
+    causal: bool = False,
+    key_mask: Tensor | None = None,
+    lse: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Mean attention distance on a 2-D patch grid (ViTs), per query: (B, H, Nq), in grid cells.
+
+    query_coords (Nq, 2) / key_coords (Nk, 2): (row, col) of each token (any value for special tokens).
+    special_keys: (Nk,) bool, True for CLS / registers: their attention is dropped; with `renormalize` the rest
+    is re-normalised to sum to 1 (the ViT paper), without it the dropped mass simply counts as 0 (common
+    re-implementations). Multiply by the patch size for pixels. Drop special *queries* by indexing the result.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    if query_coords.shape != (n_q, 2) or key_coords.shape != (n_k, 2):
+        raise ValueError(f"query_coords must be ({n_q}, 2) and key_coords ({n_k}, 2)")
+    pr = _problem(q, k, scale, causal, torch.arange(n_q, device=q.device) if n_q == n_k else None,
+                  key_mask, None, None)
+    keep = torch.ones(n_k, device=q.device)
+    if special_keys is not None:
+        keep = (~torch.as_tensor(special_keys, device=q.device).bool()).float()
+    lse = _lse(pr, backend) if lse is None else lse
+    return torch_stats.grid_distance_torch(pr.q, pr.k, lse, query_coords=query_coords.to(q.device),
+                                           key_coords=key_coords.to(q.device), keep_keys=keep,
+                                           renormalize=renormalize, **pr.mask_kwargs())

@@ -1,0 +1,233 @@
+"""The PyTorch reference twin of the Triton kernels: the same statistics, chunked over queries and keys.
+
+Memory is O(B · H · chunk_q · chunk_k) whatever the length; it runs on any device. Semantics (shared with
+`triton_stats`): key j is visible to query i iff (not causal or j ≤ pos_i) and (window is None or
+pos_i − j < window) and key_mask[b, j]; scores s = scale · q·k in fp32, soft-capped as cap · tanh(s / cap);
+p = softmax of s over the visible keys. A query that sees no key has lse −inf, argmax −1 and zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+CHUNK_K = 1024
+CHUNK_ELEMENTS = 1 << 23  # score elements per block: 32 MiB in fp32
+
+
+def _chunk_q(b: int, h: int, n_q: int, chunk_k: int) -> int:
+    return max(1, min(n_q, CHUNK_ELEMENTS // max(1, b * h * chunk_k)))
+
+
+def _visible(pos: Tensor, j: Tensor, key_mask: Tensor | None, causal: bool, window: int | None) -> Tensor:
+    """(B or 1, 1, 1, Cq, Ck) bool visibility of keys j from queries at positions pos."""
+    i = pos[:, None]
+    vis = torch.ones(i.shape[0], j.shape[0], dtype=torch.bool, device=pos.device)
+    if causal:
+        vis = vis & (j[None, :] <= i)
+    if window is not None:
+        vis = vis & (i - j[None, :] < window)
+    vis = vis[None, None, None]
+    if key_mask is not None:
+        vis = vis & key_mask[:, None, None, None, :]
+    return vis
+
+
+def _blocks(q5: Tensor, k: Tensor, pos: Tensor, q0: int, q1: int, *, scale, causal, key_mask, window, softcap,
+            chunk_k: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """Yield (k0, k1, s, visible) for the key blocks that some query of [q0, q1) can see.
+
+    q5: (B, H_kv, G, Nq, d) fp32; s: (B, H_kv, G, Cq, Ck) with −inf where invisible.
+    """
+    n_k = k.shape[2]
+    lo, hi = 0, n_k
+    p = pos[q0:q1]
+    if causal:
+        hi = min(n_k, int(p.max()) + 1)
+    if window is not None:
+        lo = max(0, int(p.min()) - window + 1)
+    for k0 in range(lo - lo % chunk_k, hi, chunk_k):
+        k1 = min(k0 + chunk_k, n_k)
+        j = torch.arange(k0, k1, device=k.device)
+        vis = _visible(p, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
+        s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], k[:, :, k0:k1].float()) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        yield k0, k1, s.masked_fill(~vis, float("-inf")), vis
+
+
+def _grouped(q: Tensor, n_kv: int) -> Tensor:
+    b, h, n, d = q.shape
+    return q.float().view(b, n_kv, h // n_kv, n, d)
+
+
+def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
+                key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
+                n_segments: int, topk: int, want: frozenset[str], chunk_k: int = CHUNK_K) -> dict[str, Tensor]:
+    """Statistics of softmax(scale · q kᵀ) without the N×N matrix; see `interp.kernels.attention_stats`.
+
+    q: (B, H, Nq, d); k: (B, H_kv, Nk, d); query_positions: (Nq,) long; key_mask: (B, Nk) bool or None;
+    segments: (B, Nk) long in [0, n_segments) or None. Returns only the entries named in `want`.
+    """
+    b, h, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    g = h // n_kv
+    dev = q.device
+    q5 = _grouped(q, n_kv)
+    kw = dict(scale=scale, causal=causal, key_mask=key_mask, window=window, softcap=softcap, chunk_k=chunk_k)
+    shape5 = (b, n_kv, g)
+    lse = torch.empty(*shape5, n_q, device=dev)
+    best = torch.full((*shape5, n_q), float("-inf"), device=dev)
+    best_idx = torch.full((*shape5, n_q), -1, dtype=torch.long, device=dev)
+    k_top = min(topk, n_k) if "topk" in want else 0
+    top_val = torch.full((*shape5, n_q, k_top), float("-inf"), device=dev)
+    top_idx = torch.full((*shape5, n_q, k_top), -1, dtype=torch.long, device=dev)
+    second = want & {"segment_mass", "entropy", "mean_distance", "key_mass", "key_count"}
+    seg_mass = torch.zeros(*shape5, n_q, n_segments, device=dev) if "segment_mass" in want else None
+    p_dot_gap = torch.zeros(*shape5, n_q, device=dev)  # Σ p · (lse − s): the entropy, without cancellation
+    p_dot_j = torch.zeros(*shape5, n_q, device=dev)
+    key_mass = torch.zeros(*shape5, n_k, device=dev) if "key_mass" in want else None
+    key_count = torch.zeros(b, n_k, device=dev) if "key_count" in want else None
+    onehot = (torch.nn.functional.one_hot(segments, n_segments).float() if seg_mass is not None else None)
+    cq = _chunk_q(b, h, n_q, chunk_k)
+    for q0 in range(0, n_q, cq):
+        q1 = min(q0 + cq, n_q)
+        m = torch.full((*shape5, q1 - q0), float("-inf"), device=dev)
+        total = torch.zeros_like(m)
+        for k0, k1, s, _ in _blocks(q5, k, query_positions, q0, q1, **kw):
+            blk_max, blk_arg = s.max(dim=-1)
+            better = blk_max > best[..., q0:q1]
+            best[..., q0:q1] = torch.where(better, blk_max, best[..., q0:q1])
+            best_idx[..., q0:q1] = torch.where(better, blk_arg + k0, best_idx[..., q0:q1])
+            new_m = torch.maximum(m, blk_max)
+            safe = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
+            total = total * torch.exp(m - safe) + torch.exp(s - safe[..., None]).sum(-1)
+            m = new_m
+            if k_top:
+                idx = torch.arange(k0, k1, device=dev).expand_as(s)
+                top_val[..., q0:q1, :], top_idx[..., q0:q1, :] = _merge_topk(
+                    top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, idx, k_top)
+        lse[..., q0:q1] = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
+        if not second:
+            continue
+        row_lse = lse[..., q0:q1, None]
+        for k0, k1, s, vis in _blocks(q5, k, query_positions, q0, q1, **kw):
+            p = torch.where(vis, torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse)), 0.0)
+            if "entropy" in want:
+                p_dot_gap[..., q0:q1] += torch.where(vis, p * (row_lse - s), 0.0).sum(-1)
+            if "mean_distance" in want:
+                p_dot_j[..., q0:q1] += p @ torch.arange(k0, k1, device=dev, dtype=p.dtype)
+            if seg_mass is not None:
+                seg_mass[..., q0:q1, :] += torch.einsum("bhgqk,bks->bhgqs", p, onehot[:, k0:k1])
+            if key_mass is not None:
+                key_mass[..., k0:k1] += p.sum(-2)
+            if key_count is not None:
+                key_count[:, k0:k1] += vis.expand(b, 1, 1, -1, -1)[:, 0, 0].sum(-2).float()
+    out: dict[str, Tensor] = {}
+    seen = torch.isfinite(lse)
+    flat = lambda t: t.reshape(b, h, *t.shape[4:]) if t.dim() > 4 else t.reshape(b, h, -1)  # noqa: E731
+    if "lse" in want:
+        out["lse"] = flat(lse)
+    if "argmax" in want:
+        out["argmax"] = flat(torch.where(seen, best_idx, -1))
+    if "max_prob" in want:
+        out["max_prob"] = flat(torch.where(seen, torch.exp(best - torch.where(seen, lse, 0.0)), 0.0))
+    if k_top:
+        prob = torch.where(top_idx >= 0, torch.exp(top_val - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+        out["topk_index"] = top_idx.reshape(b, h, n_q, k_top)
+        out["topk_prob"] = prob.reshape(b, h, n_q, k_top)
+    if "entropy" in want:
+        out["entropy"] = flat(p_dot_gap)
+    if "mean_distance" in want:
+        pos = query_positions.to(dev, torch.float32)
+        out["mean_distance"] = flat(torch.where(seen, pos - p_dot_j, 0.0))
+    if seg_mass is not None:
+        out["segment_mass"] = seg_mass.reshape(b, h, n_q, n_segments)
+    if key_mass is not None:
+        out["key_mass"] = key_mass.reshape(b, h, n_k)
+    if key_count is not None:
+        out["key_count"] = key_count
+    return out
+
+
+def _merge_topk(val: Tensor, idx: Tensor, s: Tensor, s_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of the union of (val, idx) and a new block: by score descending, then index ascending."""
+    v = torch.cat([val, s], -1)
+    i = torch.cat([idx, torch.where(torch.isinf(s), -1, s_idx)], -1)
+    order = torch.sort(torch.where(i < 0, torch.iinfo(torch.long).max, i), dim=-1, stable=True).indices
+    v, i = v.gather(-1, order), i.gather(-1, order)
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+    return v.gather(-1, order), i.gather(-1, order)
+
+
+def probabilities_block(q: Tensor, k: Tensor, lse: Tensor, q0: int, q1: int, k0: int, k1: int, *, scale, causal,
+                        query_positions, key_mask, window, softcap) -> Tensor:
+    """Exact probabilities of queries [q0, q1) on keys [k0, k1), normalised over all keys by `lse`.
+
+    lse: (B, H, Nq) from `stats_torch`. Returns (B, H, q1 − q0, k1 − k0) fp32.
+    """
+    b, h = q.shape[:2]
+    n_kv = k.shape[1]
+    q5 = _grouped(q[:, :, q0:q1], n_kv)
+    j = torch.arange(k0, k1, device=q.device)
+    vis = _visible(query_positions[q0:q1], j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    row = lse[:, :, q0:q1].reshape(b, n_kv, h // n_kv, q1 - q0, 1)
+    p = torch.where(vis & torch.isfinite(row), torch.exp(s - torch.where(torch.isfinite(row), row, 0.0)), 0.0)
+    return p.reshape(b, h, q1 - q0, k1 - k0)
+
+
+def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: int, reduce: str, **mask) -> Tensor:
+    """Block-pooled probabilities (B, H, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉): mean or max over each block's cells."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    out = torch.zeros(b, h, math.ceil(n_q / block_q), math.ceil(n_k / block_k), device=q.device)
+    step_q = block_q * max(1, _chunk_q(b, h, n_q, CHUNK_K) // block_q)
+    step_k = block_k * max(1, CHUNK_K // block_k)
+    for q0 in range(0, n_q, step_q):
+        q1 = min(q0 + step_q, n_q)
+        for k0 in range(0, n_k, step_k):
+            k1 = min(k0 + step_k, n_k)
+            p = probabilities_block(q, k, lse, q0, q1, k0, k1, **mask)
+            pad_q, pad_k = (-(q1 - q0)) % block_q, (-(k1 - k0)) % block_k
+            p = torch.nn.functional.pad(p, (0, pad_k, 0, pad_q))
+            p = p.view(b, h, p.shape[2] // block_q, block_q, p.shape[3] // block_k, block_k)
+            rows = slice(q0 // block_q, q0 // block_q + p.shape[2])
+            cols = slice(k0 // block_k, k0 // block_k + p.shape[4])
+            if reduce == "max":
+                out[:, :, rows, cols] = p.amax(dim=(3, 5))
+            else:
+                out[:, :, rows, cols] = p.sum(dim=(3, 5))
+    if reduce == "mean":  # cells per block (the last row / column of blocks may be partial)
+        rq = torch.full((out.shape[2],), float(block_q), device=q.device)
+        rq[-1] = n_q - block_q * (out.shape[2] - 1)
+        rk = torch.full((out.shape[3],), float(block_k), device=q.device)
+        rk[-1] = n_k - block_k * (out.shape[3] - 1)
+        out = out / (rq[:, None] * rk[None, :])
+    return out
+
+
+def grid_distance_torch(q: Tensor, k: Tensor, lse: Tensor, *, query_coords: Tensor, key_coords: Tensor,
+                        keep_keys: Tensor, renormalize: bool, **mask) -> Tensor:
+    """Σ_j p_ij · ‖c_i − c_j‖ over the kept keys (divided by their mass when `renormalize`); (B, H, Nq)."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    total = torch.zeros(b, h, n_q, device=q.device)
+    mass = torch.zeros_like(total)
+    cq = _chunk_q(b, h, n_q, CHUNK_K)
+    for q0 in range(0, n_q, cq):
+        q1 = min(q0 + cq, n_q)
+        for k0 in range(0, n_k, CHUNK_K):
+            k1 = min(k0 + CHUNK_K, n_k)
+            p = probabilities_block(q, k, lse, q0, q1, k0, k1, **mask) * keep_keys[k0:k1]
+            dist = torch.cdist(query_coords[q0:q1].float(), key_coords[k0:k1].float())
+            total[:, :, q0:q1] += (p * dist).sum(-1)
+            mass[:, :, q0:q1] += p.sum(-1)
+    if renormalize:
+        return torch.where(mass > 0, total / mass.clamp_min(1e-30), 0.0)
+    return total

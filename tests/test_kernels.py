@@ -1,0 +1,158 @@
+"""Attention statistics from q/k, against dense softmax (property-based), for every kernel backend."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from interp.kernels import attention_stats, attention_tile, dense_scores, grid_distance, pooled_attention
+
+ALL = ["lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count"]
+HAS_TRITON = importlib.util.find_spec("interp.kernels.triton_stats") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@st.composite
+def problems(draw):
+    b = draw(st.integers(1, 2))
+    n_kv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 4, 8]))
+    n_k = draw(st.integers(1, 40))
+    decode = draw(st.booleans())
+    n_q = 1 if decode else draw(st.integers(1, n_k))
+    d = draw(st.sampled_from([8, 16]))
+    causal = draw(st.booleans())
+    window = draw(st.none() | st.integers(1, 12))
+    softcap = draw(st.none() | st.floats(0.5, 5.0))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    big = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, n_kv * group, n_q, d, generator=g) * (30.0 if big else 1.0)).to(dtype)
+    k = torch.randn(b, n_kv, n_k, d, generator=g).to(dtype)
+    offset = draw(st.integers(0, 3))
+    positions = torch.arange(n_k - n_q, n_k) - (offset if n_k - n_q >= offset else 0)
+    key_mask = torch.rand(b, n_k, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.9]))
+    n_seg = draw(st.integers(1, 4))
+    segments = torch.randint(0, n_seg, (b, n_k), generator=g)
+    return dict(q=q, k=k, causal=causal, window=window, softcap=softcap, query_positions=positions,
+                key_mask=key_mask), segments, n_seg
+
+
+def _check(out, s, segments, n_seg, positions, tol):
+    seen = torch.isfinite(s).any(-1)  # rows that see at least one key
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    lse = torch.logsumexp(s, -1)
+    assert torch.equal(torch.isfinite(out.lse), seen)
+    assert torch.allclose(out.lse[seen], lse[seen], atol=tol * 10, rtol=1e-5)
+    onehot = torch.nn.functional.one_hot(segments, n_seg).float()
+    assert torch.allclose(out.segment_mass, torch.einsum("bhqk,bks->bhqs", p, onehot), atol=tol)
+    assert torch.allclose(out.max_prob, p.max(-1).values, atol=tol)
+    # argmax: the smallest index among the maxima, −1 where nothing is visible
+    best = s.max(-1, keepdim=True).values
+    first = torch.where(s == best, torch.arange(s.shape[-1]), s.shape[-1]).min(-1).values
+    assert torch.equal(out.argmax[seen], first[seen]) and bool((out.argmax[~seen] == -1).all())
+    ent = -(p * torch.log(p.clamp_min(1e-38))).sum(-1)
+    assert torch.allclose(out.entropy, ent, atol=tol * 10)
+    mean_pos = (p * torch.arange(s.shape[-1]).float()).sum(-1)
+    dist = torch.where(seen, positions.float() - mean_pos, 0.0)
+    assert torch.allclose(out.mean_distance, dist, atol=tol * 40)
+    assert torch.allclose(out.key_mass, p.sum(-2), atol=tol * 10)
+    assert torch.equal(out.key_count, torch.isfinite(s[:, 0]).sum(-2).float())
+    for name, value in out.to_dict().items():
+        assert not torch.isnan(value.float()).any(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems())
+def test_statistics_equal_dense_softmax(backend, case):
+    kw, segments, n_seg = case
+    out = attention_stats(**kw, segments=segments, n_segments=n_seg, stats=ALL, topk=3, backend=backend)
+    s = dense_scores(kw["q"], kw["k"], **{x: kw[x] for x in ("causal", "window", "softcap", "query_positions",
+                                                          "key_mask")})
+    _check(out, s, segments, n_seg, kw["query_positions"], tol=1e-5)
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    k_top = min(3, s.shape[-1])
+    assert torch.allclose(out.topk_prob[..., :k_top], p.topk(k_top, -1).values, atol=1e-5)
+    hit = out.topk_index >= 0
+    picked = p.gather(-1, out.topk_index.clamp_min(0))
+    assert torch.allclose(torch.where(hit, picked, 0.0), out.topk_prob, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_does_not_change_results(backend, monkeypatch):
+    from interp.kernels import torch_stats
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)
+    whole = attention_stats(q, k, stats=ALL, segments=torch.arange(50) % 3, backend=backend)
+    monkeypatch.setattr(torch_stats, "CHUNK_K", 7)
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 64)
+    pieces = attention_stats(q, k, stats=ALL, segments=torch.arange(50) % 3, backend=backend)
+    for name, value in whole.to_dict().items():
+        assert torch.allclose(value.float(), getattr(pieces, name).float(), atol=1e-5), name
+
+
+def test_pooled_map_and_tile_equal_dense():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 45, 16, generator=g), torch.randn(2, 2, 45, 16, generator=g)
+    mask = dict(causal=True, window=20)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
+    pooled = pooled_attention(q, k, block_q=8, block_k=10, **mask)
+    assert pooled.shape == (2, 4, 6, 5)
+    for i in range(6):
+        for j in range(5):
+            block = p[:, :, i * 8 : (i + 1) * 8, j * 10 : (j + 1) * 10]
+            assert torch.allclose(pooled[:, :, i, j], block.mean((-1, -2)), atol=1e-6)
+    top = pooled_attention(q, k, block_q=8, block_k=10, reduce="max", **mask)
+    assert torch.allclose(top[:, :, 2, 1], p[:, :, 16:24, 10:20].amax((-1, -2)), atol=1e-6)
+    tile = attention_tile(q, k, (30, 41), (5, 33), **mask)
+    assert torch.allclose(tile, p[:, :, 30:41, 5:33], atol=1e-6)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_grid_distance_equals_dense(renormalize):
+    g = torch.Generator().manual_seed(2)
+    rows, cols = 4, 5
+    n = 1 + rows * cols  # CLS first
+    q, k = torch.randn(1, 3, n, 8, generator=g), torch.randn(1, 3, n, 8, generator=g)
+    coords = torch.cat([torch.zeros(1, 2), torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).float()])
+    special = torch.zeros(n, dtype=torch.bool)
+    special[0] = True
+    got = grid_distance(q, k, query_coords=coords, key_coords=coords, special_keys=special, renormalize=renormalize)
+    p = torch.softmax(dense_scores(q, k, causal=False), -1)[..., 1:]
+    dist = torch.cdist(coords, coords[1:])
+    want = (p * dist).sum(-1)
+    if renormalize:
+        want = want / p.sum(-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=torch.randn(1, 3, 5, 8)), "not a multiple"),
+    (dict(k=torch.randn(1, 2, 5, 4)), "differ in batch or head dim"),
+    (dict(k=torch.randn(1, 2, 5, 8, dtype=torch.float64)), "must share one of"),
+    (dict(q=torch.full((1, 4, 5, 8), float("nan"))), "NaN"),
+    (dict(segments=torch.tensor([0, 1, 2, 5, 1]), n_segments=3, stats=["segment_mass"]), "segment ids must lie"),
+    (dict(segments=torch.tensor([0, -1, 0, 0, 0]), stats=["segment_mass"]), "segment ids must lie"),
+    (dict(stats=["segment_mass"]), "needs segments"),
+    (dict(stats=["attention"]), "unknown statistics"),
+    (dict(query_positions=torch.arange(3)), "query_positions must be"),
+    (dict(backend="cuda"), "unknown backend"),
+])
+def test_bad_input_is_refused_before_any_kernel(bad, match):
+    args = dict(q=torch.randn(1, 4, 5, 8), k=torch.randn(1, 2, 5, 8))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        attention_stats(args.pop("q"), args.pop("k"), **args)
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attention_stats(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), backend="triton")
