@@ -73,3 +73,38 @@ def test_minilm_cls_and_sep_layout():
     assert layout.spans("cls") == [(0, 1)]
     n = inputs["input_ids"].shape[1]
     assert layout.spans("sep") == [(n - 1, n)]
+
+
+@pytest.mark.parametrize("alias", ["stories260k", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
+def test_kernel_statistics_from_captured_qk_equal_eager(alias):
+    """A probe computes the statistics inside each layer; they equal those of the eager attention matrix."""
+    from interp.kernels import call_stats
+
+    fast, eager = _pair(alias)
+    inputs = _batch(fast, TEXTS)
+    layout = interp.token_layout(fast, inputs)
+    stats = {}
+
+    def probe(call):
+        stats[call.layer] = call_stats(call, segments=layout.segments, n_segments=len(layout.names), topk=2,
+                                       stats=("lse", "segment_mass", "argmax", "max_prob", "entropy",
+                                              "mean_distance", "key_mass", "key_count"))
+
+    with torch.no_grad(), capture(fast, probe):
+        fast.hf(**inputs)
+    reference = eager_attentions(eager, inputs)
+    rows = inputs["attention_mask"].bool()[:, None, :].expand(-1, fast.head_counts()[0], -1)
+    onehot = torch.nn.functional.one_hot(layout.segments, len(layout.names)).float()
+    positions = torch.arange(rows.shape[-1]).float()
+    for layer, st in stats.items():
+        p = reference[layer].float()
+        p = p * inputs["attention_mask"].bool()[:, None, :, None]  # padded query rows are not looked at
+        assert torch.allclose(st.segment_mass[rows], torch.einsum("bhqk,bks->bhqs", p, onehot)[rows], atol=1e-5)
+        assert torch.allclose(st.max_prob[rows], p.max(-1).values[rows], atol=1e-5)
+        assert torch.equal(st.argmax[rows], p.argmax(-1)[rows])
+        ent = -(p * torch.log(p.clamp_min(1e-38))).sum(-1)
+        assert torch.allclose(st.entropy[rows], ent[rows], atol=1e-4)
+        dist = positions - (p * positions).sum(-1)
+        assert torch.allclose(st.mean_distance[rows], dist[rows], atol=1e-3)
+        assert torch.allclose(st.key_mass, p.sum(-2), atol=1e-4)
+        assert torch.allclose(st.topk_prob[rows], p.topk(2, -1).values[rows], atol=1e-5)
