@@ -43,7 +43,7 @@ def problems(draw):
                 key_mask=key_mask), segments, n_seg
 
 
-def _check(out, s, segments, n_seg, positions, tol):
+def _check(out, s, segments, n_seg, positions, tol, exact_argmax):
     seen = torch.isfinite(s).any(-1)  # rows that see at least one key
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     lse = torch.logsumexp(s, -1)
@@ -52,10 +52,15 @@ def _check(out, s, segments, n_seg, positions, tol):
     onehot = torch.nn.functional.one_hot(segments, n_seg).float()
     assert torch.allclose(out.segment_mass, torch.einsum("bhqk,bks->bhqs", p, onehot), atol=tol)
     assert torch.allclose(out.max_prob, p.max(-1).values, atol=tol)
-    # argmax: the smallest index among the maxima, −1 where nothing is visible
-    best = s.max(-1, keepdim=True).values
-    first = torch.where(s == best, torch.arange(s.shape[-1]), s.shape[-1]).min(-1).values
-    assert torch.equal(out.argmax[seen], first[seen]) and bool((out.argmax[~seen] == -1).all())
+    # argmax: a key of maximal probability (exactly the first maximum for the twin, which shares the dense
+    # arithmetic; Triton's tensor-core dot may order near-ties differently), −1 where nothing is visible
+    assert bool((out.argmax[~seen] == -1).all())
+    chosen = p.gather(-1, out.argmax.clamp_min(0)[..., None])[..., 0]
+    assert torch.allclose(chosen[seen], p.max(-1).values[seen], atol=tol)
+    if exact_argmax:
+        best = s.max(-1, keepdim=True).values
+        first = torch.where(s == best, torch.arange(s.shape[-1]), s.shape[-1]).min(-1).values
+        assert torch.equal(out.argmax[seen], first[seen])
     ent = -(p * torch.log(p.clamp_min(1e-38))).sum(-1)
     assert torch.allclose(out.entropy, ent, atol=tol * 10)
     mean_pos = (p * torch.arange(s.shape[-1]).float()).sum(-1)
@@ -67,15 +72,23 @@ def _check(out, s, segments, n_seg, positions, tol):
         assert not torch.isnan(value.float()).any(), name
 
 
+# The Triton interpreter runs about 1000× slower than the twin: fewer examples there (tests/test_triton_stats.py
+# covers the kernel's edge cases one by one).
+EXAMPLES = {"torch": 60, "triton": 12 if not torch.cuda.is_available() else 60}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=problems())
-def test_statistics_equal_dense_softmax(backend, case):
+def test_statistics_equal_dense_softmax(backend):
+    settings(max_examples=EXAMPLES[backend], deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+        given(case=problems())(lambda case: _statistics_equal_dense_softmax(backend, case)))()
+
+
+def _statistics_equal_dense_softmax(backend, case):
     kw, segments, n_seg = case
     out = attention_stats(**kw, segments=segments, n_segments=n_seg, stats=ALL, topk=3, backend=backend)
     s = dense_scores(kw["q"], kw["k"], **{x: kw[x] for x in ("causal", "window", "softcap", "query_positions",
                                                           "key_mask")})
-    _check(out, s, segments, n_seg, kw["query_positions"], tol=1e-5)
+    _check(out, s, segments, n_seg, kw["query_positions"], tol=1e-5, exact_argmax=backend == "torch")
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     k_top = min(3, s.shape[-1])
     assert torch.allclose(out.topk_prob[..., :k_top], p.topk(k_top, -1).values, atol=1e-5)
@@ -84,10 +97,10 @@ def test_statistics_equal_dense_softmax(backend, case):
     assert torch.allclose(torch.where(hit, picked, 0.0), out.topk_prob, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_chunking_does_not_change_results(backend, monkeypatch):
+def test_twin_chunking_does_not_change_results(monkeypatch):
     from interp.kernels import torch_stats
 
+    backend = "torch"
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)
     whole = attention_stats(q, k, stats=ALL, segments=torch.arange(50) % 3, backend=backend)

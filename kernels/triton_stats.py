@@ -1,0 +1,405 @@
+"""Attention statistics in Triton, streamed over key blocks: no (Nq, Nk) tensor is ever materialised.
+
+One program per (query block, batch·head). Inside it, two passes over the key blocks that the block of queries can
+see at all (blocks wholly hidden by causality or the sliding window are skipped by the loop bounds):
+
+* pass 1: scores → running max (argmax, no exponentials needed), online logsumexp, top-k merge;
+* pass 2 (only when a linear statistic is asked for): with the final logsumexp, p = exp(s − lse) and
+  Σ p·(lse − s) (entropy), Σ p·(i − j) (mean distance), p @ one-hot(segment) (segment mass) and atomic column sums
+  of p (key mass).
+
+Scores are kept in base 2 (s·log2 e) so the exponentials are exp2. Every statistic is a `tl.constexpr` flag, so an
+unused one costs nothing. Counts of queries per key need no scores and are computed on the host from sorted query
+positions. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
+to fp32 inside the kernel (the interpreter's bf16 dot is wrong; the widening is exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["stats_triton"]
+
+STATS = frozenset(
+    {"lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count"}
+)
+MAX_TOPK = 64
+SEGMENT_CHUNK = 64  # segments accumulated per launch (one-hot tile width); more segments → extra launches
+INTERPRET_BLOCK = 32  # block sizes under the interpreter (small, so that small test shapes span several blocks)
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    """tanh within ~2 ulp of fp32 (so that saturated soft-capped scores tie exactly as with torch.tanh)."""
+    a = tl.abs(x)
+    t = tl.exp2(-2.8853900817779268 * a)  # e^(−2|x|)
+    big = 1.0 - 2.0 * t / (1.0 + t)
+    y = 0.5 * a  # small |x|: Taylor series of tanh(|x|/2), then the double-angle formula
+    y2 = y * y
+    h = y + y * y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
+        -0.05396825396825397 + y2 * (0.021869488536155203 - y2 * 0.008863235529902197))))
+    th = tl.where(a < 0.625, 2.0 * h / (1.0 + h * h), big)
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def _scores(q, kt, offs_m_pos, offs_n, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
+            qk_scale, cap_in, cap_out,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
+            PREC: tl.constexpr):
+    """Base-2 scores (BLOCK_M, BLOCK_N) of one key block, −inf where hidden, and the visibility mask."""
+    acc = tl.dot(q, kt, input_precision=PREC)  # fp32 accumulation
+    if SOFTCAP:
+        s2 = _tanh(acc * cap_in) * cap_out  # softcap·tanh((q·k)·scale / softcap)·log2 e
+    else:
+        s2 = acc * qk_scale  # scale·log2 e
+    col_ok = offs_n < Nk
+    vis = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m_pos[:, None])
+    if HAS_WINDOW:
+        vis = vis & ((offs_m_pos[:, None] - offs_n[None, :]) < window)
+    if HAS_KMASK:
+        km = tl.load(kmask_ptr + b64 * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=col_ok, other=0)
+        vis = vis & (km != 0)[None, :]
+    s2 = tl.where(vis, s2, float("-inf"))
+    return s2, vis
+
+
+@triton.jit
+def _stats_kernel(
+    q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr,
+    lse_ptr, lse2_ptr, argmax_ptr, maxp_ptr, topi_ptr, topp_ptr, ent_ptr, dist_ptr, segm_ptr, km_ptr,
+    H, GROUP, Nq, Nk, D,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    smb, smn,
+    ssb, ssn,
+    window, qk_scale, cap_in, cap_out, seg_base, n_segments,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr,
+    W_LSE: tl.constexpr, W_LSE2: tl.constexpr, W_ARGMAX: tl.constexpr, W_MAXP: tl.constexpr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr,
+    W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr, W_KM: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    b64 = b.to(tl.int64)
+    bh64 = bh.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    d_ok = offs_d < D
+    qpos = tl.load(qpos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
+
+    q_ptrs = q_ptr + b64 * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b64 * skb + kvh.to(tl.int64) * skh + offs_d[:, None] * skd
+
+    # key blocks that any query of this block can see
+    lo = 0
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(tl.max(tl.where(row_ok, qpos, -1), axis=0) + 1, Nk)
+    if HAS_WINDOW:
+        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    arange_n = tl.arange(0, BLOCK_N)
+    out_rows = bh64 * Nq + offs_m
+
+    # ---------------- pass 1: max / argmax, online logsumexp, top-k ----------------
+    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
+    if LOAD_LSE:
+        lse2 = tl.load(lse2_ptr + out_rows, mask=row_ok, other=NEG_INF)
+    else:
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        arg = tl.full([BLOCK_M], -1, tl.int32)
+        cols = tl.arange(0, K_PAD)
+        run_v = tl.full([BLOCK_M, K_PAD], NEG_INF, tl.float32)
+        run_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+        kth = tl.full([BLOCK_M], NEG_INF, tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + arange_n
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & (offs_n < Nk)[None, :],
+                         other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s2, vis = _scores(q, kt, qpos, offs_n, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
+                              cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC)
+            bm = tl.max(s2, axis=1)
+            if W_ARGMAX:
+                bidx = tl.min(tl.where(s2 == bm[:, None], offs_n[None, :], 2147483647), axis=1)
+                arg = tl.where(bm > m_i, bidx, arg)  # strict: an earlier block wins ties
+            m_new = tl.maximum(m_i, bm)
+            if NEED_EXP:
+                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+            m_i = m_new
+            if TOPK > 0:
+                # merge the block into the sorted running list, only if some row can gain an entry
+                if tl.max((bm > kth).to(tl.int32), axis=0) > 0:
+                    s_rem = s2
+                    ptr = tl.zeros([BLOCK_M], tl.int32)
+                    new_v = tl.full([BLOCK_M, K_PAD], NEG_INF, tl.float32)
+                    new_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+                    for t in tl.static_range(TOPK):
+                        at = cols[None, :] == ptr[:, None]
+                        a_val = tl.max(tl.where(at, run_v, NEG_INF), axis=1)
+                        a_idx = tl.max(tl.where(at, run_i, -1), axis=1)
+                        b_val = tl.max(s_rem, axis=1)
+                        b_idx = tl.min(tl.where(s_rem == b_val[:, None], offs_n[None, :], 2147483647), axis=1)
+                        take_b = b_val > a_val  # running entries have smaller indices: they win ties
+                        val = tl.where(take_b, b_val, a_val)
+                        idx = tl.where(val == NEG_INF, -1, tl.where(take_b, b_idx, a_idx))
+                        new_v = tl.where(cols[None, :] == t, val[:, None], new_v)
+                        new_i = tl.where(cols[None, :] == t, idx[:, None], new_i)
+                        ptr = ptr + (1 - take_b.to(tl.int32))
+                        s_rem = tl.where(take_b[:, None] & (offs_n[None, :] == b_idx[:, None]), NEG_INF, s_rem)
+                        kth = val
+                    run_v = new_v
+                    run_i = new_i
+        if NEED_EXP:
+            lse2 = tl.where(m_i == NEG_INF, NEG_INF, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
+            lse_safe = tl.where(m_i == NEG_INF, 0.0, lse2)
+            if W_LSE:
+                tl.store(lse_ptr + out_rows, lse2 * 0.6931471805599453, mask=row_ok)
+            if W_LSE2:
+                tl.store(lse2_ptr + out_rows, lse2, mask=row_ok)
+            if W_MAXP:
+                tl.store(maxp_ptr + out_rows, tl.where(m_i == NEG_INF, 0.0, tl.exp2(m_i - lse_safe)), mask=row_ok)
+        if W_ARGMAX:
+            tl.store(argmax_ptr + out_rows, arg.to(tl.int64), mask=row_ok)
+        if TOPK > 0:
+            top_p = tl.where(run_v == NEG_INF, 0.0, tl.exp2(run_v - lse_safe[:, None]))
+            t_off = out_rows.to(tl.int64)[:, None] * TOPK + cols[None, :]
+            t_ok = row_ok[:, None] & (cols[None, :] < TOPK)
+            tl.store(topi_ptr + t_off, run_i.to(tl.int64), mask=t_ok)
+            tl.store(topp_ptr + t_off, top_p, mask=t_ok)
+
+    # ---------------- pass 2: linear statistics with the final logsumexp ----------------
+    if W_ENT or W_DIST or W_SEG or W_KM:
+        lse_safe2 = tl.where(lse2 == NEG_INF, 0.0, lse2)
+        ent = tl.zeros([BLOCK_M], tl.float32)
+        dist = tl.zeros([BLOCK_M], tl.float32)
+        seg_cols = tl.arange(0, S_PAD)
+        seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + arange_n
+            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & (offs_n < Nk)[None, :],
+                         other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s2, vis = _scores(q, kt, qpos, offs_n, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
+                              cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC)
+            p = tl.where(vis, tl.exp2(s2 - lse_safe2[:, None]), 0.0)
+            if W_ENT:
+                ent += tl.sum(p * (lse_safe2[:, None] - tl.where(vis, s2, lse_safe2[:, None])), axis=1)
+            if W_DIST:
+                dist_j = (qpos[:, None] - offs_n[None, :]).to(tl.float32)
+                dist += tl.sum(p * dist_j, axis=1)
+            if W_SEG:
+                sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
+                # p @ one-hot(segment): p split exactly into three bf16 parts (24 mantissa bits ≈ fp32) so the
+                # products run on bf16 tensor cores with fp32 accumulation; the one-hot is exact in bf16
+                onehot32 = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
+                p_hi = p.to(tl.bfloat16)
+                r1 = p - p_hi.to(tl.float32)
+                p_mid = r1.to(tl.bfloat16)
+                p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+                if UPCAST:  # interpreter: same split, products in fp32 (its bf16 dot is wrong)
+                    seg_acc = tl.dot(p_hi.to(tl.float32), onehot32, seg_acc)
+                    seg_acc = tl.dot(p_mid.to(tl.float32), onehot32, seg_acc)
+                    seg_acc = tl.dot(p_lo.to(tl.float32), onehot32, seg_acc)
+                else:
+                    onehot = onehot32.to(tl.bfloat16)
+                    seg_acc = tl.dot(p_hi, onehot, seg_acc)
+                    seg_acc = tl.dot(p_mid, onehot, seg_acc)
+                    seg_acc = tl.dot(p_lo, onehot, seg_acc)
+            if W_KM:
+                tl.atomic_add(km_ptr + bh64 * Nk + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
+        if W_ENT:
+            tl.store(ent_ptr + out_rows, ent * 0.6931471805599453, mask=row_ok)
+        if W_DIST:
+            tl.store(dist_ptr + out_rows, dist, mask=row_ok)
+        if W_SEG:
+            s_off = out_rows.to(tl.int64)[:, None] * n_segments + seg_base + seg_cols[None, :]
+            tl.store(segm_ptr + s_off, seg_acc, mask=row_ok[:, None] & ((seg_base + seg_cols) < n_segments)[None, :])
+
+
+_INTERPRETED = not isinstance(_stats_kernel, triton.runtime.JITFunction)  # decorated under TRITON_INTERPRET=1
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _config(d_pad: int, elem: int, n_q: int, k_pad: int, interpret: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for H100-class GPUs; small blocks under the interpreter.
+
+    Chosen from ptxas register / spill reports for sm_90a (every statistic on, top-16 or 64 segments): no spills
+    except fp32 with d=256 (tf32x3 operand splits), which spills a little.
+    """
+    if interpret:
+        return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
+    if elem <= 2:
+        bm, bn, warps, stages = (128, 64, 8, 3) if d_pad <= 128 else (64, 64, 8, 2)
+    elif d_pad <= 64:  # fp32 operands (tf32x3): twice the shared memory per tile, and the operand splits
+        bm, bn, warps, stages = 128, 64, 8, 2
+    elif d_pad <= 128:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    else:
+        bm, bn, warps, stages = 64, 32, 4, 1
+    if k_pad >= 32:
+        bm = min(bm, 64)  # the running top-k list lives in registers
+    bm = min(bm, max(16, _pow2(n_q)))  # decoding: one small query block
+    if bm < 64:
+        warps = 4
+    return bm, bn, warps, stages
+
+
+def _key_count(query_positions, key_mask, causal, window, b, n_k, device):
+    """Number of queries that see each key: a range count over sorted query positions, no (Nq, Nk) tensor."""
+    qp = torch.sort(query_positions.to(device=device, dtype=torch.int64)).values
+    j = torch.arange(n_k, device=device, dtype=torch.int64)
+    n_q = qp.numel()
+    lo = torch.searchsorted(qp, j) if causal else torch.zeros_like(j)  # first query with pos ≥ j
+    hi = torch.searchsorted(qp, j + int(window)) if window is not None else torch.full_like(j, n_q)  # pos < j + w
+    count = (hi - lo).clamp_min(0).to(torch.float32)
+    count = count[None].expand(b, n_k)
+    if key_mask is not None:
+        count = count * key_mask.to(device=device, dtype=torch.bool).to(torch.float32)
+    return count.contiguous()
+
+
+def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask, window, softcap,
+                 segments, n_segments: int, topk: int, want: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d); see the module docstring."""
+    want = frozenset(want)
+    unknown = want - STATS
+    if unknown:
+        raise ValueError(f"unknown statistics: {sorted(unknown)}")
+    b, n_h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    device = q.device
+    group = n_h // n_kv
+    topk = int(topk) if "topk" in want else 0
+    if topk > MAX_TOPK:
+        raise ValueError(f"topk={topk} exceeds {MAX_TOPK}")
+    if "segment_mass" in want and segments is None:
+        raise ValueError("segment_mass needs segments")
+    f32 = dict(device=device, dtype=torch.float32)
+
+    out: dict[str, torch.Tensor] = {}
+    if "key_count" in want:
+        out["key_count"] = _key_count(query_positions, key_mask, causal, window, b, n_k, device)
+
+    w_lse = "lse" in want
+    w_arg = "argmax" in want
+    w_maxp = "max_prob" in want
+    w_ent = "entropy" in want
+    w_dist = "mean_distance" in want
+    w_seg = "segment_mass" in want and n_segments > 0
+    w_km = "key_mass" in want
+    if "topk" in want:
+        out["topk_index"] = torch.full((b, n_h, n_q, topk), -1, device=device, dtype=torch.int64)
+        out["topk_prob"] = torch.zeros((b, n_h, n_q, topk), **f32)
+    if w_lse:
+        out["lse"] = torch.full((b, n_h, n_q), float("-inf"), **f32)
+    if w_arg:
+        out["argmax"] = torch.full((b, n_h, n_q), -1, device=device, dtype=torch.int64)
+    if w_maxp:
+        out["max_prob"] = torch.zeros((b, n_h, n_q), **f32)
+    if w_ent:
+        out["entropy"] = torch.zeros((b, n_h, n_q), **f32)
+    if w_dist:
+        out["mean_distance"] = torch.zeros((b, n_h, n_q), **f32)
+    if "segment_mass" in want:
+        out["segment_mass"] = torch.zeros((b, n_h, n_q, n_segments), **f32)
+    if w_km:
+        out["key_mass"] = torch.zeros((b, n_h, n_k), **f32)  # atomically accumulated
+    if not (w_lse or w_arg or w_maxp or topk or w_ent or w_dist or w_seg or w_km) or n_q == 0 or b * n_h == 0:
+        return out
+
+    interpret = device.type != "cuda"
+    if interpret and not _INTERPRETED:
+        raise RuntimeError(f"{device.type} tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
+                           "interp.kernels.triton_stats (or triton) is first imported")
+    elem = q.element_size()
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"  # fp32: ~fp32-exact on tensor cores; else ignored
+    block_d = max(16, _pow2(d))
+    k_pad = max(2, _pow2(topk)) if topk else 2
+    n_chunks = -(-n_segments // SEGMENT_CHUNK) if w_seg else 0
+    s_pad = max(16, _pow2(min(n_segments, SEGMENT_CHUNK))) if w_seg else 16
+    bm, bn, warps, stages = _config(block_d, elem, n_q, k_pad, interpret)
+
+    qpos = query_positions.to(device=device, dtype=torch.int64).contiguous()
+    if key_mask is not None:
+        kmask = key_mask.to(device=device)
+        kmask = kmask.view(torch.uint8) if kmask.dtype == torch.bool else (kmask != 0).to(torch.uint8)
+        smb, smn = kmask.stride()
+    else:
+        kmask, smb, smn = qpos, 0, 0
+    if w_seg:
+        seg = segments.to(device=device)
+        ssb, ssn = seg.stride()
+    else:
+        seg, ssb, ssn = qpos, 0, 0
+    need_lse2 = n_chunks > 1
+    lse2_buf = torch.empty((b, n_h, n_q), **f32) if need_lse2 else None
+    dummy = torch.empty(1, **f32)
+
+    def buf(name):
+        return out.get(name, dummy)
+
+    cap = float(softcap) if softcap is not None else 0.0
+    scalars = dict(
+        window=int(window) if window is not None else 0,
+        qk_scale=float(scale) * _LOG2E,
+        cap_in=float(scale) / cap if softcap is not None else 0.0,
+        cap_out=cap * _LOG2E,
+        n_segments=int(n_segments),
+    )
+    flags = dict(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None,
+        SOFTCAP=softcap is not None, PREC=prec, UPCAST=interpret,
+        K_PAD=k_pad, S_PAD=s_pad, num_warps=warps, num_stages=stages,
+    )
+    grid = (triton.cdiv(n_q, bm), b * n_h)
+    common = (q, k, qpos, kmask, seg)
+    shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
+    need_exp = w_lse or w_maxp or topk > 0 or w_ent or w_dist or w_seg or w_km
+    _stats_kernel[grid](
+        *common,
+        buf("lse"), lse2_buf if need_lse2 else dummy, buf("argmax"), buf("max_prob"), buf("topk_index"),
+        buf("topk_prob"), buf("entropy"), buf("mean_distance"), buf("segment_mass"), buf("key_mass"),
+        *shapes, seg_base=0, **scalars,
+        LOAD_LSE=False, NEED_EXP=need_exp,
+        W_LSE=w_lse, W_LSE2=need_lse2, W_ARGMAX=w_arg, W_MAXP=w_maxp, TOPK=topk,
+        W_ENT=w_ent, W_DIST=w_dist, W_SEG=w_seg, W_KM=w_km, **flags,
+    )
+    for chunk in range(1, n_chunks):  # further segment chunks: pass 2 only, from the stored base-2 logsumexp
+        _stats_kernel[grid](
+            *common,
+            dummy, lse2_buf, dummy, dummy, dummy, dummy, dummy, dummy, buf("segment_mass"), dummy,
+            *shapes, seg_base=chunk * SEGMENT_CHUNK, **scalars,
+            LOAD_LSE=True, NEED_EXP=True,
+            W_LSE=False, W_LSE2=False, W_ARGMAX=False, W_MAXP=False, TOPK=0,
+            W_ENT=False, W_DIST=False, W_SEG=True, W_KM=False, **flags,
+        )
+    return out
