@@ -49,9 +49,7 @@ def trace(
         _check_backend_tower(model, backend, tower)
         if backend == "nnsight":
             return _nnsight_forward(model, inputs, probe, opts)
-        if backend == "transformer-lens":
-            return _bridge_forward(model, inputs, probe, opts, generate=None)
-    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        return _bridge_forward(model, inputs, probe, opts, generate=None)
 
 
 def generate(
@@ -80,9 +78,7 @@ def generate(
         _check_backend_tower(model, backend, tower)
         if backend == "nnsight":
             return _nnsight_forward(model, inputs, probe, opts, generate=kwargs)
-        if backend == "transformer-lens":
-            return _bridge_forward(model, inputs, probe, opts, generate=kwargs)
-    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        return _bridge_forward(model, inputs, probe, opts, generate=kwargs)
 
 
 def _check_backend_tower(model: Model, backend: str, tower: str | None) -> None:
@@ -177,6 +173,9 @@ def _bridge_forward(model: Model, inputs: dict, probe: Probe, opts: dict, genera
     bridge, hf = _bridge(model)
     with session(model, probe, root=hf, **opts) as s:
         original = model.attention_modules(s.tower.name)
+        if any(_window_or_softcap(m) for m in original):  # the bridge's own arithmetic knows neither
+            raise ValueError("the transformer-lens backend does not model sliding windows or soft-capping; "
+                             "use backend 'hf' or 'nnsight' for this model")
         pending: dict[int, dict] = {}
         hook_names = set(bridge.hook_dict)
 
@@ -211,6 +210,16 @@ def _bridge_forward(model: Model, inputs: dict, probe: Probe, opts: dict, genera
         finally:
             for attn in patched:
                 del attn._update_kv_cache  # back to the class's method
+
+
+def _window_or_softcap(module) -> bool:
+    """Whether an attention module uses a sliding window or logit soft-capping."""
+    cfg = getattr(module, "config", None)
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return window is not None or bool(getattr(cfg, "attn_logit_softcapping", None))
 
 
 def _full_kv(update, keep_k, keep_v):

@@ -58,7 +58,15 @@ class AttentionCall:
 
     @property
     def n_kv_heads(self) -> int:
+        if self.k is None:
+            raise ValueError("this call kept no keys: capture with keep including 'k'")
         return self.k.shape[1]
+
+    def head_keys(self) -> Tensor:
+        """Keys for the captured heads: k itself when every head is captured, else (B, H, Nk, d) per query head."""
+        if self.q.shape[1] == self.n_heads:
+            return self.k
+        return self.k[:, self.kv_heads.to(self.k.device)]
 
     @property
     def kv_heads(self) -> Tensor:
@@ -176,6 +184,9 @@ class _Session:
         ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         n_new = ids.shape[-1] if isinstance(ids, Tensor) else embeds.shape[1] if isinstance(embeds, Tensor) else 0
         cache = given.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError("capture needs the default dynamic KV cache: a static cache returns unfilled slots "
+                             "among the keys; generate without cache_implementation='static'")
         n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.model.check_length(int(n_past) + n_new)
 
@@ -232,8 +243,8 @@ def _check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> l
         return list(range(n))
     chosen = sorted({int(i) for i in layers})
     bad = [i for i in chosen if not -n <= i < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: {model.name} has {n} {tower.name} layers (0..{n - 1})")
+    if bad or not chosen:
+        raise ValueError(f"layers {bad or '[]'} out of range: {model.name} has {n} {tower.name} layers (0..{n - 1})")
     return sorted({i % n for i in chosen})
 
 

@@ -40,8 +40,8 @@ class Family:
     kind: "llm" | "encoder" | "vit" | "lvlm". context: config attribute (on the text config) giving the
     longest input in tokens, or None when unbounded by the family. prefix: names of the special tokens that
     precede the patches of a ViT image (CLS, distillation); registers: config attribute giving how many
-    register tokens follow them. image_token: config attribute holding an LVLM's image placeholder id;
-    image_layout: how an LVLM lays image tokens out ("square", "anyres", "merged").
+    register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
+    LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches).
     """
 
     name: str
@@ -51,7 +51,6 @@ class Family:
     context: str | None = "max_position_embeddings"
     prefix: tuple[str, ...] = ()
     registers: str | None = None
-    image_token: str | None = None
     image_layout: str | None = None
     notes: str = field(default="", compare=False)
 
@@ -74,7 +73,9 @@ _SELF = ("self_attn",)
 _LVLM_TEXT = Tower("text", ("model.language_model.layers", "language_model.layers"), _SELF, True)
 _CLIP_VISION = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers",
                 "vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers")
-_VIT_ATTENTION = ("attention", "attention.attention")  # transformers 5.23 folded ViTSelfAttention into ViTAttention
+# Older transformers call the attention function from ViTSelfAttention (attention.attention); 5.23 folded it
+# into ViTAttention (attention). The more specific path first, so that older layouts do not hook the wrapper.
+_VIT_ATTENTION = ("attention.attention", "attention")
 _VISION_ENCODER = ("vision_model.encoder.layers", "encoder.layers")
 
 FAMILIES: tuple[Family, ...] = (
@@ -104,10 +105,10 @@ FAMILIES: tuple[Family, ...] = (
            context=None, prefix=("cls",), registers="num_register_tokens", notes="with or without register tokens"),
     Family("llava", ("llava", "llava_next"), "lvlm",
            (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
-           image_token="image_token_id", image_layout="anyres", notes="LLaVA-1.5 and LLaVA-NeXT (anyres grids)"),
+           image_layout="llava", notes="LLaVA-1.5 and LLaVA-NeXT (anyres grids)"),
     Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "lvlm",
            (_LVLM_TEXT, Tower("vision", ("model.visual.blocks", "visual.blocks"), ("attn",), False)),
-           image_token="image_token_id", image_layout="merged", notes="Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic grids)"),
+           image_layout="merged", notes="Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic grids)"),
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}

@@ -122,7 +122,7 @@ def token_layout(model: Model, inputs: dict, tower: str | None = None) -> TokenL
 def _first_real(mask: Tensor | None, ids: Tensor) -> Tensor:
     """(B,) index of the first non-padding position."""
     if mask is None:
-        return torch.zeros(ids.shape[0], dtype=torch.long)
+        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     return mask.long().argmax(dim=1)
 
 

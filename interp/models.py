@@ -134,7 +134,7 @@ class Model:
         t = self.family.tower(tower)
         modules = attention_modules(self.hf, self.family, t)
         if modules is None:
-            present = [x.name for x in self.family.towers if attention_modules(self.hf, self.family, x) is not None]
+            present = [x.name for x in self.towers()]
             raise ValueError(f"{self.name}: this {type(self.hf).__name__} has no {t.name} tower; it has {present}")
         return modules
 
@@ -195,7 +195,10 @@ class Model:
                 raise ValueError(f"{self.name} has no tokenizer: pass tokenizer= to load_model")
             if text is None:
                 raise ValueError(f"{self.name} is a text model: give text=")
-            out = self.tokenizer(text, return_tensors="pt", padding=isinstance(text, list), **kwargs)
+            if isinstance(text, list) and self.tokenizer.pad_token is None:  # batches need one; the usual stand-in
+                self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+            kwargs.setdefault("padding", isinstance(text, list))
+            out = self.tokenizer(text, return_tensors="pt", **kwargs)
         if "input_ids" in out:
             self.check_length(out["input_ids"].shape[-1])
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}

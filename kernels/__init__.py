@@ -19,8 +19,7 @@ from .reference import call_attention, dense_attention, dense_scores
 
 def call_stats(call, **kwargs) -> AttentionStats:
     """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window and soft-cap)."""
-    k = call.k if call.q.shape[1] == call.n_heads else call.k[:, call.kv_heads.to(call.k.device)]
-    return attention_stats(call.q, k, scale=call.scale, causal=call.causal, query_positions=call.query_positions,
+    return attention_stats(call.q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=call.query_positions,
                            key_mask=call.key_mask, window=call.window, softcap=call.softcap, **kwargs)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import torch_stats
 
+MAX_TOPK = 64
 STATS = ("lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count")
 DEFAULT_STATS = ("lse", "argmax", "max_prob", "entropy")
 BACKENDS = ("auto", "triton", "torch")
@@ -36,6 +37,15 @@ class AttentionStats:
     mean_distance: Tensor | None = None
     key_mass: Tensor | None = None
     key_count: Tensor | None = None
+
+    @property
+    def key_mean(self) -> Tensor:
+        """(B, H, Nk) attention received per key averaged over the queries that can see it (Gu et al.'s α_k);
+        0 for a key no query sees. Needs key_mass and key_count."""
+        if self.key_mass is None or self.key_count is None:
+            raise ValueError("key_mean needs stats 'key_mass' and 'key_count'")
+        count = self.key_count[:, None, :]
+        return torch.where(count > 0, self.key_mass / count.clamp_min(1), 0.0)
 
     def to_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -69,22 +79,27 @@ def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap) ->
         raise ValueError(f"q and k must share one of float32 / float16 / bfloat16, got {q.dtype} and {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q is on {q.device} but k on {k.device}")
-    if bool(torch.isnan(q).any()) or bool(torch.isnan(k).any()):
-        raise ValueError("q or k contains NaN")
+    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+        raise ValueError("q or k contains NaN or inf")
     n_q, n_k = q.shape[2], k.shape[2]
+    if n_q == 0 or n_k == 0:
+        raise ValueError(f"need at least one query and one key, got Nq={n_q}, Nk={n_k}")
     if query_positions is None:
         query_positions = torch.arange(n_k - n_q, n_k, device=q.device)
     query_positions = torch.as_tensor(query_positions, device=q.device).long()
     if query_positions.shape != (n_q,):
         raise ValueError(f"query_positions must be ({n_q},), got {tuple(query_positions.shape)}")
+    if int(query_positions.min()) < 0:
+        raise ValueError("query_positions must be ≥ 0")
     if key_mask is not None:
         key_mask = torch.as_tensor(key_mask, device=q.device).bool()
         if key_mask.ndim == 1:
             key_mask = key_mask.expand(q.shape[0], -1)
         if key_mask.shape != (q.shape[0], n_k):
             raise ValueError(f"key_mask must be ({n_k},) or ({q.shape[0]}, {n_k}), got {tuple(key_mask.shape)}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be ≥ 1, got {window}")
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"window must be an integer ≥ 1, got {window}")
+    window = None if window is None else int(window)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -151,9 +166,17 @@ def attention_stats(
         raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(STATS)}")
     if "topk" in want and topk < 1:
         raise ValueError("stats include 'topk' but topk < 1")
+    if topk > MAX_TOPK:
+        raise ValueError(f"topk must be ≤ {MAX_TOPK}, got {topk}")
     if topk > 0:
         want = want | {"topk"}
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    return _stats(_problem(q, k, scale, causal, query_positions, key_mask, window, softcap), want, backend,
+                  segments, n_segments, topk)
+
+
+def _stats(pr: _Problem, want: frozenset[str], backend: str, segments=None, n_segments=None, topk: int = 0):
+    """Dispatch a validated problem to a backend."""
+    q, k = pr.q, pr.k
     seg, n_seg = None, 1
     if "segment_mass" in want:
         if segments is None:
@@ -163,12 +186,17 @@ def attention_stats(
     run = torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run
-    out = run(pr.q, pr.k, segments=seg, n_segments=n_seg, topk=topk, want=want, **pr.mask_kwargs())
+    out = run(q, k, segments=seg, n_segments=n_seg, topk=topk, want=want, **pr.mask_kwargs())
     return AttentionStats(**out)
 
 
-def _lse(pr: _Problem, backend: str) -> Tensor:
-    return attention_stats(pr.q, pr.k, stats=("lse",), backend=backend, **pr.mask_kwargs()).lse
+def _lse(pr: _Problem, backend: str, lse: Tensor | None = None) -> Tensor:
+    """The row log-sum-exp (B, H, Nq): computed, or the caller's after a shape check."""
+    if lse is None:
+        return _stats(pr, frozenset({"lse"}), backend).lse
+    if lse.shape != pr.q.shape[:3]:
+        raise ValueError(f"lse must be {tuple(pr.q.shape[:3])}, got {tuple(lse.shape)}")
+    return lse.to(pr.q.device, torch.float32)
 
 
 def pooled_attention(
@@ -197,7 +225,7 @@ def pooled_attention(
     if block_q < 1 or block_k < 1:
         raise ValueError("block_q and block_k must be ≥ 1")
     pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
-    lse = _lse(pr, backend) if lse is None else lse
+    lse = _lse(pr, backend, lse)
     return torch_stats.pooled_torch(pr.q, pr.k, lse, block_q=block_q, block_k=block_k, reduce=reduce,
                                     **pr.mask_kwargs())
 
@@ -222,10 +250,12 @@ def attention_tile(
     (q0, q1), (k0, k1) = q_range, k_range
     if not (0 <= q0 < q1 <= q.shape[2] and 0 <= k0 < k1 <= k.shape[2]):
         raise ValueError(f"tile [{q0}, {q1}) × [{k0}, {k1}) is outside {q.shape[2]} queries × {k.shape[2]} keys")
-    if lse is None:
-        sub = _problem(q[:, :, q0:q1], k, pr.scale, causal, pr.query_positions[q0:q1], key_mask, window, softcap)
+    if lse is None:  # only the tile's rows are needed
+        sub = _Problem(q[:, :, q0:q1], k, pr.scale, pr.causal, pr.query_positions[q0:q1], pr.key_mask, pr.window,
+                       pr.softcap)
         lse = torch.zeros(*q.shape[:2], q.shape[2], device=q.device)
         lse[:, :, q0:q1] = _lse(sub, backend)
+    lse = _lse(pr, backend, lse)
     return torch_stats.probabilities_block(pr.q, pr.k, lse, q0, q1, k0, k1, **pr.mask_kwargs())
 
 
@@ -253,12 +283,14 @@ def grid_distance(
     n_q, n_k = q.shape[2], k.shape[2]
     if query_coords.shape != (n_q, 2) or key_coords.shape != (n_k, 2):
         raise ValueError(f"query_coords must be ({n_q}, 2) and key_coords ({n_k}, 2)")
-    pr = _problem(q, k, scale, causal, torch.arange(n_q, device=q.device) if n_q == n_k else None,
-                  key_mask, None, None)
+    pr = _problem(q, k, scale, causal, None, key_mask, None, None)
     keep = torch.ones(n_k, device=q.device)
     if special_keys is not None:
-        keep = (~torch.as_tensor(special_keys, device=q.device).bool()).float()
-    lse = _lse(pr, backend) if lse is None else lse
+        special_keys = torch.as_tensor(special_keys, device=q.device).bool()
+        if special_keys.shape != (n_k,):
+            raise ValueError(f"special_keys must be ({n_k},), got {tuple(special_keys.shape)}")
+        keep = (~special_keys).float()
+    lse = _lse(pr, backend, lse)
     return torch_stats.grid_distance_torch(pr.q, pr.k, lse, query_coords=query_coords.to(q.device),
                                            key_coords=key_coords.to(q.device), keep_keys=keep,
                                            renormalize=renormalize, **pr.mask_kwargs())

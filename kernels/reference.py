@@ -57,7 +57,7 @@ def call_attention(call) -> Tensor:
     """Dense probabilities (B, H, Nq, Nk) of the captured heads of an `interp.hooks.AttentionCall`."""
     return dense_attention(
         call.q,
-        call.k[:, call.kv_heads.to(call.k.device)],
+        call.head_keys(),
         scale=call.scale,
         causal=call.causal,
         query_positions=call.query_positions,

@@ -135,10 +135,11 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
         out["argmax"] = flat(torch.where(seen, best_idx, -1))
     if "max_prob" in want:
         out["max_prob"] = flat(torch.where(seen, torch.exp(best - torch.where(seen, lse, 0.0)), 0.0))
-    if k_top:
+    if "topk" in want:  # always `topk` columns; missing entries −1 / 0
         prob = torch.where(top_idx >= 0, torch.exp(top_val - torch.where(seen, lse, 0.0)[..., None]), 0.0)
-        out["topk_index"] = top_idx.reshape(b, h, n_q, k_top)
-        out["topk_prob"] = prob.reshape(b, h, n_q, k_top)
+        pad = topk - k_top
+        out["topk_index"] = torch.nn.functional.pad(top_idx.reshape(b, h, n_q, k_top), (0, pad), value=-1)
+        out["topk_prob"] = torch.nn.functional.pad(prob.reshape(b, h, n_q, k_top), (0, pad))
     if "entropy" in want:
         out["entropy"] = flat(p_dot_gap)
     if "mean_distance" in want:

@@ -99,3 +99,9 @@ def test_unknown_backend_and_vision_tower_are_refused():
     llava = interp.load_model(make("llava", "sdpa")[0])
     with pytest.raises(ValueError, match="text tower only"):
         trace(llava, {}, Recorder(), backend="nnsight", tower="vision")
+
+
+def test_bridge_refuses_sliding_windows_and_soft_capping():
+    model = interp.load_model(make("mistral", "sdpa")[0])
+    with pytest.raises(ValueError, match="sliding windows or soft-capping"):
+        trace(model, make("mistral", "sdpa")[1], Recorder(), backend="transformer-lens")

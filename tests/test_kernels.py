@@ -169,3 +169,23 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         attention_stats(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_mean_topk_width_and_more_bad_input(backend):
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    st = attention_stats(q, k, key_mask=mask, topk=8, stats=("key_mass", "key_count", "topk"), backend=backend)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, key_mask=mask), -1), nan=0.0)
+    count = torch.isfinite(dense_scores(q, k, key_mask=mask))[:, 0].sum(-2).float()[:, None, :]
+    assert torch.allclose(st.key_mean, torch.where(count > 0, p.sum(-2) / count.clamp_min(1), 0.0), atol=1e-6)
+    assert st.topk_index.shape == (2, 4, 6, 8) and bool((st.topk_index[..., 6:] == -1).all())
+    for bad, match in [(dict(q=q * float("inf")), "NaN or inf"), (dict(window=2.5), "integer"),
+                       (dict(topk=65), "topk must be"), (dict(query_positions=torch.arange(-1, 5)), "≥ 0"),
+                       (dict(k=k[:, :, :0]), "at least one")]:
+        args = dict(q=q, k=k, backend=backend)
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            attention_stats(args.pop("q"), args.pop("k"), **args)

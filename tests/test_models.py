@@ -104,3 +104,19 @@ def test_cli_lists_aliases_and_families():
             "siglip", "dinov2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= types
     bad = subprocess.run([sys.executable, "-m", "interp.cli", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_static_cache_and_empty_layers_are_refused():
+    m = interp.load_model("stories260k")
+    with pytest.raises(ValueError, match="layers \\[\\] out of range"):
+        with capture(m, Recorder(), layers=[]):
+            pass
+    ids = m.prepare(["Once upon a time", "Lily"])  # a batch: padding comes from the tokenizer's stand-in
+    with pytest.raises(ValueError, match="dynamic KV cache"):
+        with torch.no_grad(), capture(m, Recorder()):
+            m.hf.generate(**ids, max_new_tokens=2, cache_implementation="static", do_sample=False)
+    rec = Recorder()
+    with torch.no_grad(), capture(m, rec, keep=("q",)):
+        m.hf(**ids)
+    with pytest.raises(ValueError, match="kept no keys"):
+        rec.calls[0].kv_heads
