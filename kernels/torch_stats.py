@@ -36,6 +36,18 @@ def _visible(pos: Tensor, j: Tensor, key_mask: Tensor | None, causal: bool, wind
     return vis
 
 
+def _block_scores(q5: Tensor, k: Tensor, pos: Tensor, k0: int, k1: int, *, scale, causal, key_mask, window,
+                  softcap) -> tuple[Tensor, Tensor]:
+    """Scores (B, H_kv, G, Cq, Ck) of grouped queries q5 (B, H_kv, G, Cq, d) at positions pos on keys [k0, k1),
+    soft-capped, −inf where invisible; and the visibility mask."""
+    j = torch.arange(k0, k1, device=k.device)
+    vis = _visible(pos, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    return s.masked_fill(~vis, float("-inf")), vis
+
+
 def _blocks(q5: Tensor, k: Tensor, pos: Tensor, q0: int, q1: int, *, scale, causal, key_mask, window, softcap,
             chunk_k: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """Yield (k0, k1, s, visible) for the key blocks that some query of [q0, q1) can see.
@@ -51,12 +63,8 @@ def _blocks(q5: Tensor, k: Tensor, pos: Tensor, q0: int, q1: int, *, scale, caus
         lo = max(0, int(p.min()) - window + 1)
     for k0 in range(lo - lo % chunk_k, hi, chunk_k):
         k1 = min(k0 + chunk_k, n_k)
-        j = torch.arange(k0, k1, device=k.device)
-        vis = _visible(p, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
-        s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], k[:, :, k0:k1].float()) * scale
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        yield k0, k1, s.masked_fill(~vis, float("-inf")), vis
+        yield k0, k1, *_block_scores(q5[:, :, :, q0:q1], k, p, k0, k1, scale=scale, causal=causal,
+                                     key_mask=key_mask, window=window, softcap=softcap)
 
 
 def _grouped(q: Tensor, n_kv: int) -> Tensor:
@@ -172,12 +180,8 @@ def probabilities_block(q: Tensor, k: Tensor, lse: Tensor, q0: int, q1: int, k0:
     """
     b, h = q.shape[:2]
     n_kv = k.shape[1]
-    q5 = _grouped(q[:, :, q0:q1], n_kv)
-    j = torch.arange(k0, k1, device=q.device)
-    vis = _visible(query_positions[q0:q1], j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+    s, vis = _block_scores(_grouped(q[:, :, q0:q1], n_kv), k, query_positions[q0:q1], k0, k1, scale=scale,
+                           causal=causal, key_mask=key_mask, window=window, softcap=softcap)
     row = lse[:, :, q0:q1].reshape(b, n_kv, h // n_kv, q1 - q0, 1)
     p = torch.where(vis & torch.isfinite(row), torch.exp(s - torch.where(torch.isfinite(row), row, 0.0)), 0.0)
     return p.reshape(b, h, q1 - q0, k1 - k0)
