@@ -22,8 +22,8 @@ class AttentionStats:
     """Per-head attention statistics; only those asked for are filled.
 
     lse (B, H, Nq) natural log · segment_mass (B, H, Nq, S) · argmax, max_prob (B, H, Nq) · topk_index,
-    topk_prob (B, H, Nq, K) · entropy (B, H, Nq) nats · mean_distance (B, H, Nq) query position − expected key
-    position · key_mass (B, H, Nk) attention received, summed over queries · key_count (B, Nk) queries that
+    topk_prob (B, H, Nq, K) · entropy (B, H, Nq) nats · mean_distance (B, H, Nq) expected |query position − key
+    position| · key_mass (B, H, Nk) attention received, summed over queries · key_count (B, Nk) queries that
     can see each key (so Gu et al.'s per-key mean is key_mass / key_count).
     """
 

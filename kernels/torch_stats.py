@@ -96,7 +96,7 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     second = want & {"segment_mass", "entropy", "mean_distance", "key_mass", "key_count"}
     seg_mass = torch.zeros(*shape5, n_q, n_segments, device=dev) if "segment_mass" in want else None
     p_dot_gap = torch.zeros(*shape5, n_q, device=dev)  # Σ p · (lse − s): the entropy, without cancellation
-    p_dot_j = torch.zeros(*shape5, n_q, device=dev)
+    p_dot_dist = torch.zeros(*shape5, n_q, device=dev)
     key_mass = torch.zeros(*shape5, n_k, device=dev) if "key_mass" in want else None
     key_count = torch.zeros(b, n_k, device=dev) if "key_count" in want else None
     onehot = (torch.nn.functional.one_hot(segments, n_segments).float() if seg_mass is not None else None)
@@ -127,7 +127,8 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
             if "entropy" in want:
                 p_dot_gap[..., q0:q1] += torch.where(vis, p * (row_lse - s), 0.0).sum(-1)
             if "mean_distance" in want:
-                p_dot_j[..., q0:q1] += p @ torch.arange(k0, k1, device=dev, dtype=p.dtype)
+                gap = query_positions[q0:q1, None].to(dev, p.dtype) - torch.arange(k0, k1, device=dev, dtype=p.dtype)
+                p_dot_dist[..., q0:q1] += (p * gap.abs()).sum(-1)
             if seg_mass is not None:
                 seg_mass[..., q0:q1, :] += torch.einsum("bhgqk,bks->bhgqs", p, onehot[:, k0:k1])
             if key_mass is not None:
@@ -151,8 +152,7 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     if "entropy" in want:
         out["entropy"] = flat(p_dot_gap)
     if "mean_distance" in want:
-        pos = query_positions.to(dev, torch.float32)
-        out["mean_distance"] = flat(torch.where(seen, pos - p_dot_j, 0.0))
+        out["mean_distance"] = flat(torch.where(seen, p_dot_dist, 0.0))
     if seg_mass is not None:
         out["segment_mass"] = seg_mass.reshape(b, h, n_q, n_segments)
     if key_mass is not None:

@@ -5,7 +5,7 @@ see at all (blocks wholly hidden by causality or the sliding window are skipped 
 
 * pass 1: scores → running max (argmax, no exponentials needed), online logsumexp, top-k merge;
 * pass 2 (only when a linear statistic is asked for): with the final logsumexp, p = exp(s − lse) and
-  Σ p·(lse − s) (entropy), Σ p·(i − j) (mean distance), p @ one-hot(segment) (segment mass) and atomic column sums
+  Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment mass) and atomic column sums
   of p (key mass).
 
 Scores are kept in base 2 (s·log2 e) so the exponentials are exp2. Every statistic is a `tl.constexpr` flag, so an
@@ -210,7 +210,7 @@ def _stats_kernel(
             if W_ENT:
                 ent += tl.sum(p * (lse_safe2[:, None] - tl.where(vis, s2, lse_safe2[:, None])), axis=1)
             if W_DIST:
-                dist_j = (qpos[:, None] - offs_n[None, :]).to(tl.float32)
+                dist_j = tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
                 dist += tl.sum(p * dist_j, axis=1)
             if W_SEG:
                 sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)

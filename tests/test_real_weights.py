@@ -104,7 +104,7 @@ def test_kernel_statistics_from_captured_qk_equal_eager(alias):
         assert torch.equal(st.argmax[rows], p.argmax(-1)[rows])
         ent = -(p * torch.log(p.clamp_min(1e-38))).sum(-1)
         assert torch.allclose(st.entropy[rows], ent[rows], atol=1e-4)
-        dist = positions - (p * positions).sum(-1)
+        dist = (p * (positions[:, None] - positions).abs()).sum(-1)
         assert torch.allclose(st.mean_distance[rows], dist[rows], atol=1e-3)
         assert torch.allclose(st.key_mass, p.sum(-2), atol=1e-4)
         assert torch.allclose(st.topk_prob[rows], p.topk(2, -1).values[rows], atol=1e-5)

@@ -48,7 +48,7 @@ def reference(q, k, *, scale, causal, query_positions, key_mask, window, softcap
         "argmax": torch.where(seen, s.argmax(-1), -1),
         "max_prob": p.amax(-1),
         "entropy": -torch.where(p > 0, p * logp, 0.0).sum(-1),
-        "mean_distance": (p * (i - j)).sum(-1),
+        "mean_distance": (p * (i - j).abs()).sum(-1),
         "key_mass": p.sum(2),
         "key_count": vis[:, 0].sum(1).double(),
     }
