@@ -1,1 +1,16 @@
-"""Analyses: one module per method (retrieval, vhd, sinks, circuits, taxonomy, vit)."""
+"""Analyses: one module per method, each a registered `Analysis` that `interp.score` drives."""
+
+from .base import Analysis, NotApplicableError, Options
+from .summary import Summary
+
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(),)}
+
+
+def get_analysis(name: str) -> Analysis:
+    """The registered analysis called `name`; ValueError listing the known ones otherwise."""
+    if name not in ANALYSES:
+        raise ValueError(f"unknown analysis {name!r}; known analyses: {', '.join(ANALYSES)}")
+    return ANALYSES[name]
+
+
+__all__ = ["ANALYSES", "Analysis", "NotApplicableError", "Options", "get_analysis"]

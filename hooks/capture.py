@@ -237,7 +237,7 @@ def _causal(module, tower: Tower, kwargs) -> bool:
     return bool(getattr(module, "is_causal", tower.causal))
 
 
-def _check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> list[int]:
+def check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> list[int]:
     n = model.n_layers(tower.name)
     if layers is None:
         return list(range(n))
@@ -248,7 +248,7 @@ def _check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> l
     return sorted({i % n for i in chosen})
 
 
-def _check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tensor | None:
+def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tensor | None:
     if heads is None:
         return None
     n, _ = model.head_counts(tower.name)
@@ -268,7 +268,7 @@ def session(model: Model, probe: Probe, *, tower: str | None = None, layers: Ite
     unknown = keep - set(KEEP_CHOICES)
     if unknown:
         raise ValueError(f"unknown tensors to keep {sorted(unknown)}; choose from {KEEP_CHOICES}")
-    s = _Session(model, probe, t, _check_layers(model, t, layers), _check_heads(model, t, heads), keep)
+    s = _Session(model, probe, t, check_layers(model, t, layers), check_heads(model, t, heads), keep)
     hook = (root if root is not None else model.hf).register_forward_pre_hook(s.before_forward, with_kwargs=True)
     try:
         yield s

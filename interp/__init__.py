@@ -3,10 +3,14 @@
 from .families import FAMILIES, Family, Tower, UnsupportedFamilyError, family_for
 from .models import ALIASES, DEFAULT_MODEL, Model, ModelLoadError, load_model
 from .layout import ImageGrid, TokenLayout, token_layout
+from .results import ScoreResult, list_runs, open_run
+from .scoring import score
+from .store import CorruptRunError, RunNotFoundError, Store, StoreError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Family", "ImageGrid", "Model", "TokenLayout", "token_layout", "ModelLoadError", "Tower",
-    "UnsupportedFamilyError", "family_for", "load_model",
+    "UnsupportedFamilyError", "family_for", "load_model", "ScoreResult", "list_runs", "open_run", "score",
+    "CorruptRunError", "RunNotFoundError", "Store", "StoreError",
 ]

@@ -1,4 +1,9 @@
-"""The `interp` command line."""
+"""The `interp` command line: score the heads of a model, browse and export the runs in the store.
+
+Exit codes: 0 success; 2 a usage error (unknown flag or analysis, malformed value); 1 a failure while doing
+the work (model not loadable, analysis not applicable, store not writable, run missing or corrupt,
+interrupted). Messages go to stderr; with --json, stdout holds only the JSON document.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,27 @@ import sys
 
 from .families import FAMILIES
 from .models import ALIASES, DEFAULT_MODEL
+from .progress import Progress
+from .results import EXPORT_FORMATS, TABLES, ScoreResult, list_runs, open_run
+from .store import Store
+
+DEFAULT_TOP = 10
+
+
+class UsageError(ValueError):
+    """A malformed command line: exit code 2."""
+
+
+def _indices(text: str, what: str) -> tuple[int, ...]:
+    """'0-3,7' -> (0, 1, 2, 3, 7)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out += range(int(lo), int(hi) + 1) if sep else [int(lo)]
+    except ValueError:
+        raise UsageError(f"--{what} {text!r}: give indices and ranges such as 0-3,7") from None
+    return tuple(out)
 
 
 def _models(args) -> int:
@@ -30,9 +56,185 @@ def _models(args) -> int:
     return 0
 
 
+def run_json(result: ScoreResult, top: int) -> dict:
+    """The stable JSON description of a run (what `score --json` and `show --json` print)."""
+    m = result.meta
+    n_done = int(result.samples["sample"].nunique()) if len(result.samples) else 0
+    return {
+        "id": result.id, "path": str(result.path) if result.path else None, "status": result.status,
+        "analysis": result.analysis, "model": m["model"], "options": m["options"], "params": m["params"],
+        "samples": len(m["plan"]), "samples_done": n_done, "started": m.get("started"), "finished": m.get("finished"),
+        "scores": m["scores"],
+        "top": {s: _ranked(result, s, top) for s in result.scores},
+    }
+
+
+def _ranked(result: ScoreResult, score: str, top: int) -> list[dict]:
+    return [{"rank": i + 1, "layer": int(r["layer"]), "head": int(r["head"]), "kv_head": int(r["kv_head"]),
+             "value": float(r[score])} for i, r in result.top(score, top).iterrows()]
+
+
+def print_tables(result: ScoreResult, top: int) -> None:
+    """The ranked table of the top heads for each score."""
+    m = result.meta
+    model = m["model"]
+    done = int(result.samples["sample"].nunique()) if len(result.samples) else 0
+    print(f"{result.analysis} · {model['name']} ({model['family']}, {model['n_layers']} layers × {model['n_heads']} "
+          f"heads, {model['n_kv_heads']} KV heads) · {done}/{len(m['plan'])} samples · {result.status}")
+    for score, meaning in m["scores"].items():
+        rows = _ranked(result, score, top)
+        width = max(10, len(score))
+        print(f"\ntop {len(rows)} heads by {score}: {meaning}")
+        print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {score:>{width}}")
+        for r in rows:
+            print(f"  {r['rank']:>4}  {r['layer']:>5}  {r['head']:>4}  {r['kv_head']:>7}  {r['value']:>{width}.4f}")
+
+
+def _score(args) -> int:
+    from interp.analyses import ANALYSES, get_analysis
+    from interp.scoring import score
+
+    names = [n.strip() for n in args.analysis.split(",") if n.strip()]
+    try:
+        analyses = [get_analysis(n) for n in names]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not analyses:
+        raise UsageError(f"--analysis: name at least one of {', '.join(ANALYSES)}")
+    given = {k: v for k, v in {"prompts": args.prompts}.items() if v is not None}
+    for key in given:
+        if not any(key in a.params for a in analyses):
+            raise UsageError(f"--{key} applies to none of {', '.join(names)}")
+    layers = _indices(args.layers, "layers") if args.layers else None
+    heads = _indices(args.heads, "heads") if args.heads else None
+    resume = args.resume if args.resume != "auto" else True
+    if isinstance(resume, str) and len(analyses) > 1:
+        raise UsageError("--resume RUN finishes one run: give one analysis (or --resume alone)")
+
+    bars = _progress(args)
+    store = Store(args.out)
+    store.check_writable()  # before loading anything
+    with bars.status(f"loading {args.model}"):
+        from interp.models import load_model
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    for a in analyses:  # every analysis applies before any starts
+        a.check(model)
+    results = []
+    for a in analyses:
+        result = score(model, a.name, layers=layers, heads=heads, samples=args.samples, max_tokens=args.max_tokens,
+                       backend=args.backend, seed=args.seed, store=store, resume=resume, progress=bars,
+                       **{k: v for k, v in given.items() if k in a.params})
+        results.append(result)
+        if not args.json:
+            print_tables(result, args.top)
+            print(f"\nrun {result.id}\n    {result.path}\n")
+    if args.json:
+        print(json.dumps({"runs": [run_json(r, args.top) for r in results]}, indent=2))
+    return 0
+
+
+def _runs(args) -> int:
+    runs = list_runs(args.store)
+    if args.json:
+        print(json.dumps({"store": str(Store(args.store).root), "runs": [r.to_json() for r in runs]}, indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {Store(args.store).root}")
+        return 0
+    print(f"{'id':<44} {'status':<10} {'analysis':<10} {'model':<20} {'samples':>9}  started")
+    for r in runs:
+        if r.status == "corrupt":
+            print(f"{r.id:<44} {'corrupt':<10} {r.error}")
+            continue
+        done, total = r.progress
+        print(f"{r.id:<44} {r.status:<10} {r.meta['analysis']:<10} {r.meta['model']['name']:<20} "
+              f"{f'{done}/{total}':>9}  {r.started}")
+    return 0
+
+
+def _show(args) -> int:
+    result = open_run(args.run, args.store)
+    if args.json:
+        print(json.dumps(run_json(result, args.top), indent=2))
+        return 0
+    print_tables(result, args.top)
+    if result.status != "complete":
+        print(f"\nrun {result.id} is incomplete: finish it with `interp score {result.meta['model']['name']} "
+              f"--analysis {result.analysis} --resume {result.id} --out {Store(args.store).root}`")
+    print(f"\nrun {result.id}\n    {result.path}")
+    return 0
+
+
+def _export(args) -> int:
+    result = open_run(args.run, args.store)
+    output = args.output
+    if output is None and args.format == "parquet":
+        output = f"{result.id}-{args.table}.parquet"
+    result.export(output, args.format, args.table)
+    if output is not None:
+        print(f"wrote {args.table} table of run {result.id} to {output}", file=sys.stderr)
+    return 0
+
+
+def _progress(args) -> Progress:
+    bars = Progress(None if not args.json else False)
+    if not bars.enabled:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return bars
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from interp.analyses import ANALYSES
+    from interp.hooks import BACKENDS
+
     parser = argparse.ArgumentParser(prog="interp", description="Trace and score the attention heads of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every head of a model with one or more analyses, into the store")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"built-in alias, local folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--analysis", "-a", default="summary",
+                   help=f"analysis name(s), comma-separated: {', '.join(ANALYSES)} (default summary)")
+    p.add_argument("--layers", help="layers to score, e.g. 0-5,10 (default all)")
+    p.add_argument("--heads", help="query heads to score in each layer, e.g. 0,3 (default all)")
+    p.add_argument("--samples", type=int, help="number of samples (default: the analysis's)")
+    p.add_argument("--max-tokens", type=int, help="longest input in tokens (default: the analysis's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: checkpoint's)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf", help="capture backend (default hf)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
+                   help="finish the newest incomplete run with the same settings, or the run RUN")
+    p.add_argument("--prompts", metavar="FILE", help="summary: prompts, one per line (or .jsonl with \"text\")")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")
+    p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_runs)
+
+    p = sub.add_parser("show", help="the ranked tables of a run")
+    p.add_argument("run", help="run id (or a unique prefix of it), or a run directory")
+    p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_show)
+
+    p = sub.add_parser("export", help="write a run's heads (or samples) table as csv, parquet or json")
+    p.add_argument("run", help="run id (or a unique prefix of it), or a run directory")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
+    p.add_argument("--table", choices=TABLES, default="heads")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="output file (default: stdout for csv / json, <run>-<table>.parquet for parquet)")
+    p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("models", help="list the built-in aliases and the supported model families")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_models)
@@ -40,10 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("samples", "max_tokens", "top"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"interp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interp: interrupted; the run stays incomplete: run the same command with --resume to finish it",
+              file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"interp: error: {e}", file=sys.stderr)
         return 1
 

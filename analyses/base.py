@@ -1,0 +1,97 @@
+"""What every analysis is: a registered method with one interface, driven sample by sample by `interp.score`.
+
+An analysis plans its samples (small JSON descriptions, stored in the run so a resumed run redoes exactly the
+same work), scores one sample at a time into a table of per-head rows (the unit that is saved and never
+redone), and aggregates the finished samples' rows into the heads table (`layer`, `head`, `kv_head`, one column
+per score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from interp.families import FAMILIES
+from interp.models import Model
+from interp.progress import Progress
+
+
+class NotApplicableError(ValueError):
+    """The analysis does not apply to this model's family."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options every analysis takes.
+
+    layers / heads: which layers and query heads to score (None: all). samples: how many samples (None: the
+    analysis's default). max_tokens: longest input in tokens (None: the analysis's default). backend: capture
+    backend ("hf", "transformer-lens", "nnsight"). seed: for every random choice.
+    """
+
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    samples: int | None = None
+    max_tokens: int | None = None
+    backend: str = "hf"
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Options:
+        d = dict(d)
+        for key in ("layers", "heads"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class Analysis:
+    """Base of every analysis. Subclasses set the class attributes and implement plan / score_sample /
+    aggregate; `interp.score` does the rest (store, resume, progress)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]         # family kinds it applies to: "llm", "encoder", "vit", "lvlm"
+    scores: ClassVar[dict[str, str]]         # score column -> what it means (the heads table's columns, in order)
+    params: ClassVar[dict[str, Any]] = {}    # analysis-specific parameters -> defaults (JSON values)
+
+    def check(self, model: Model) -> None:
+        """Raise NotApplicableError when the model's family is not one this analysis supports."""
+        if model.family.kind not in self.kinds:
+            fams = ", ".join(f.name for f in FAMILIES if f.kind in self.kinds)
+            raise NotApplicableError(
+                f"analysis {self.name!r} does not apply to {model.name} (family {model.family.name}, a "
+                f"{model.family.kind}); it supports the {'/'.join(self.kinds)} families: {fams}")
+
+    def resolve(self, params: dict) -> dict:
+        """The full parameter set: defaults overridden by `params`, unknown names refused."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise ValueError(f"analysis {self.name!r} has no parameter {', '.join(sorted(unknown))} (it has: {known})")
+        return {**self.params, **params}
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        """The samples to score, as JSON-able dicts (deterministic given options.seed)."""
+        raise NotImplementedError
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> pd.DataFrame:
+        """Per-head rows for one sample: `layer`, `head`, `kv_head`, and the analysis's per-sample columns."""
+        raise NotImplementedError
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        """The heads table from every finished sample's rows (`samples` has a `sample` column)."""
+        raise NotImplementedError
+
+
+def head_rows(layer: int, heads, kv_heads, **columns) -> pd.DataFrame:
+    """Per-head rows of one layer: `layer`, `head`, `kv_head`, then `columns` ((H,) arrays or scalars)."""
+    heads = [int(h) for h in heads]
+    return pd.DataFrame({"layer": [layer] * len(heads), "head": heads, "kv_head": [int(h) for h in kv_heads],
+                         **columns})

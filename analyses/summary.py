@@ -1,0 +1,110 @@
+"""`summary`: per-head attention statistics averaged over a set of natural texts.
+
+For every head: mean attention entropy (nats), mean max-probability, mean attention distance (expected
+|query − key| in tokens) and mean attention mass on the first token. Averages are over query positions of all
+samples (each position weighs the same). In causal models the first query is left out: it can only see
+itself, so its statistics say nothing about the head. Everything comes from the kernels (no N×N).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from interp.hooks import trace
+from interp.kernels import call_stats
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .texts import TEXTS
+
+DEFAULT_MAX_TOKENS = 512
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: JSON lines with a "text" field (`.jsonl`), else one prompt per non-empty line."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read prompts from {path}: {e.strerror or e}") from e
+    lines = [line for line in raw.splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(lines, 1):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
+            text = obj.get("text") if isinstance(obj, dict) else obj
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}, line {n}: expected an object with a non-empty \"text\" string")
+            texts.append(text)
+        lines = texts
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    return lines
+
+
+class Summary(Analysis):
+    name = "summary"
+    description = "per-head mean entropy, max-probability, attention distance and first-token mass over texts"
+    kinds = ("llm", "encoder")
+    scores = {
+        "entropy": "mean attention entropy (nats): high = spread out, low = focused",
+        "max_prob": "mean probability of the most-attended key",
+        "distance": "mean attention distance |query − key| in tokens: high = global, low = local",
+        "first_token_mass": "mean attention mass on the first token (sink-heavy heads)",
+    }
+    params = {"prompts": None}
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        texts = read_prompts(params["prompts"]) if params["prompts"] else list(TEXTS)
+        n = options.samples if options.samples is not None else len(texts)
+        if not 1 <= n <= len(texts):
+            raise ValueError(f"--samples {n}: there are {len(texts)} prompts (give 1..{len(texts)}, or more "
+                             "prompts with --prompts FILE)")
+        chosen = sorted(random.Random(options.seed).sample(range(len(texts)), n)) if n < len(texts) else range(n)
+        return [{"prompt": i, "text": texts[i]} for i in chosen]
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> pd.DataFrame:
+        max_tokens = options.max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens or DEFAULT_MAX_TOKENS)
+        inputs = model.prepare(sample["text"], truncation=True, max_length=max_tokens)
+        n = inputs["input_ids"].shape[-1]
+        segments = (torch.arange(n, device=model.device) > 0).long()[None]  # 0: first token, 1: the rest
+        rows = []
+        layers = progress.bar(total=len(options.layers) if options.layers else model.n_layers(), desc="layers",
+                              leave=False)
+
+        def probe(call):
+            st = call_stats(call, segments=segments, n_segments=2,
+                            stats=("entropy", "max_prob", "mean_distance", "segment_mass"))
+            first = 1 if call.causal else 0
+            take = lambda t: t[0, :, first:].float().mean(-1).cpu().numpy()  # noqa: E731  (H,) over queries
+            rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_tokens=n, n_queries=n - first,
+                                  entropy=take(st.entropy), max_prob=take(st.max_prob),
+                                  distance=take(st.mean_distance), first_token_mass=take(st.segment_mass[..., 0])))
+            layers.update()
+
+        try:
+            trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads)
+        finally:
+            layers.close()
+        return pd.concat(rows, ignore_index=True)
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        scored = samples[samples["n_queries"] > 0]
+        weights = scored["n_queries"]
+        cols = list(self.scores)
+        weighted = scored[cols].mul(weights, axis=0)
+        weighted[["layer", "head", "kv_head"]] = scored[["layer", "head", "kv_head"]]
+        weighted["n_queries"] = weights
+        sums = weighted.groupby(["layer", "head", "kv_head"], as_index=False).sum()
+        sums[cols] = sums[cols].div(sums["n_queries"], axis=0)
+        return sums.drop(columns="n_queries").sort_values(["layer", "head"], ignore_index=True)

@@ -1,0 +1,126 @@
+"""`ScoreResult`: a scored run as tables (pandas) and figures, read from the store or just computed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .store import CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table, write_parquet
+
+EXPORT_FORMATS = ("csv", "parquet", "json")
+TABLES = ("heads", "samples")
+
+
+@dataclass
+class ScoreResult:
+    """What one analysis found on one model.
+
+    heads: one row per head — `layer`, `head`, `kv_head`, then one column per score (`scores`).
+    samples: one row per sample and head — `sample` and the analysis's per-sample columns.
+    meta: the run's description (model, analysis, options, parameters, plan, versions, times, status).
+    path: the run directory, or None for a result kept in memory.
+    """
+
+    meta: dict
+    heads: pd.DataFrame
+    samples: pd.DataFrame
+    path: Path | None = None
+
+    @property
+    def id(self) -> str | None:
+        return self.meta.get("id")
+
+    @property
+    def analysis(self) -> str:
+        return self.meta["analysis"]
+
+    @property
+    def status(self) -> str:
+        return self.meta.get("status", "complete")
+
+    @property
+    def scores(self) -> list[str]:
+        """The score columns, in the analysis's order."""
+        return list(self.meta["scores"])
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return (f"ScoreResult({self.analysis!r} on {self.meta['model']['name']!r}, {len(self.heads)} heads, "
+                f"scores={self.scores}, status={self.status!r}{where})")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The heads table: `layer`, `head`, `kv_head`, one column per score."""
+        return self.heads.copy()
+
+    def top(self, score: str | None = None, k: int = 10, ascending: bool = False) -> pd.DataFrame:
+        """The k heads with the highest (or lowest) `score` (default: the analysis's first score)."""
+        score = score or self.scores[0]
+        if score not in self.heads.columns:
+            raise ValueError(f"no score {score!r}; this {self.analysis} result has: {', '.join(self.scores)}")
+        cols = ["layer", "head", "kv_head", score]
+        ranked = self.heads.dropna(subset=[score]).sort_values(score, ascending=ascending, kind="stable")
+        return ranked[cols].head(k).reset_index(drop=True)
+
+    def plot(self, score: str | None = None):
+        """A layer × head heatmap of `score` (plotly Figure), the same figure the dashboard shows."""
+        from interp.app.figures import head_map
+
+        score = score or self.scores[0]
+        model = self.meta["model"]["name"]
+        return head_map(self.heads, score, title=f"{self.analysis}: {score} — {model}")
+
+    def export(self, path: str | os.PathLike | None, format: str = "csv", table: str = "heads") -> None:
+        """Write the heads (or samples) table as csv, parquet or json (records); path None writes csv / json
+        to standard output."""
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
+        df = self.heads if table == "heads" else self.samples
+        if path is None:
+            if format == "parquet":
+                raise ValueError("parquet is binary: give an output file")
+            text = df.to_csv(index=False) if format == "csv" else df.to_json(orient="records", indent=1)
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            return
+        path = Path(path).expanduser()
+        if format == "parquet":
+            write_parquet(path, df)
+        elif format == "csv":
+            df.to_csv(path, index=False)
+        else:
+            df.to_json(path, orient="records", indent=1)
+
+
+def list_runs(store: str | os.PathLike | Store | None = None) -> list[RunInfo]:
+    """Every run in a store, newest first; broken runs are listed with status "corrupt" and the reason."""
+    return _store(store).runs()
+
+
+def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = None) -> ScoreResult:
+    """A stored run, by id, unique id prefix or path. An incomplete run gives the heads table of the
+    samples it has finished (status "incomplete"). CorruptRunError when its files cannot be read."""
+    from interp.analyses import ANALYSES
+
+    path = _store(store).find(run)
+    meta = read_meta(path)
+    if meta["status"] == "complete":
+        return ScoreResult(meta, read_table(path, "heads.parquet"), read_table(path, "samples.parquet"), path)
+    analysis = ANALYSES.get(meta["analysis"])
+    if analysis is None:
+        raise CorruptRunError(f"run {path.name}: analysis {meta['analysis']!r} is unknown to this interp")
+    samples = read_parts(path)
+    if samples is None:
+        heads = pd.DataFrame(columns=["layer", "head", "kv_head", *meta["scores"]])
+        samples = pd.DataFrame(columns=["sample", "layer", "head", "kv_head"])
+    else:
+        heads = analysis.aggregate(samples, meta["params"])
+    return ScoreResult(meta, heads, samples, path)
+
+
+def _store(store) -> Store:
+    return store if isinstance(store, Store) else Store(store)

@@ -1,0 +1,163 @@
+"""`interp.score`: run an analysis on a model, sample by sample, into the store (or memory)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from collections.abc import Iterable
+
+import pandas as pd
+import torch
+import transformers
+
+from .models import Model, load_model
+from .progress import QUIET, Progress
+from .results import ScoreResult
+from .store import RunWriter, Store, StoreError
+
+
+def score(
+    model: Model | str | os.PathLike,
+    analysis: str = "summary",
+    *,
+    layers: Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    samples: int | None = None,
+    max_tokens: int | None = None,
+    backend: str = "hf",
+    seed: int = 0,
+    store: Store | str | os.PathLike | bool | None = None,
+    resume: bool | str = False,
+    progress: bool | Progress = False,
+    **params,
+) -> ScoreResult:
+    """Score every head of `model` with one analysis (see `interp.analyses.ANALYSES`).
+
+    model: an `interp.Model`, or anything `load_model` takes. layers / heads: which to score (default all).
+    samples, max_tokens, seed: the analysis's sample count, input length and randomness. backend: "hf",
+    "transformer-lens" or "nnsight". params: the analysis's own parameters (e.g. `prompts=` for summary).
+    store: a store directory (True: the default store) to write the run to; None keeps the result in memory.
+    resume: True to finish the newest incomplete run in `store` with the same model, analysis, options and
+    parameters (a new run starts when there is none), or a run id to finish that run with its own settings.
+    Finished samples are never redone. Returns a `ScoreResult`.
+    """
+    from interp.analyses import Options, get_analysis
+    from interp.hooks import BACKENDS
+    from interp.hooks.capture import check_heads, check_layers
+
+    an = get_analysis(analysis)
+    bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
+    runs = Store() if store is True else store if isinstance(store, Store) else Store(store) if store else None
+    if resume and runs is None:
+        raise ValueError("resume needs a store to resume from: give store=")
+    if runs is not None:
+        runs.check_writable()  # before any work
+    if not isinstance(model, Model):
+        with bars.status(f"loading {model}"):
+            model = load_model(model)
+    an.check(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    tower = model.family.primary
+    options = Options(
+        layers=None if layers is None else tuple(check_layers(model, tower, layers)),
+        heads=None if heads is None else tuple(int(h) for h in check_heads(model, tower, heads)),
+        samples=samples, max_tokens=max_tokens, backend=backend, seed=seed)
+    params = an.resolve(params)
+    identity = model_identity(model)
+
+    writer: RunWriter | None = None
+    if runs is not None and isinstance(resume, str):
+        writer = runs.reopen(resume)
+        _check_same_model(writer, identity)
+        options, params = Options.from_json(writer.meta["options"]), writer.meta["params"]
+        an = get_analysis(writer.meta["analysis"])
+    elif runs is not None and resume:
+        writer = _reopen_matching(runs, an.name, identity, options, params)
+    if writer is None:
+        torch.manual_seed(seed)
+        plan = an.plan(model, options, params)
+        meta = {"analysis": an.name, "scores": an.scores, "model": identity, "options": options.to_json(),
+                "params": params, "plan": plan, "versions": versions()}
+        if runs is None:
+            return _run(an, model, options, params, plan, bars, meta=meta)
+        writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
+    return _run(an, model, options, params, writer.meta["plan"], bars, writer=writer)
+
+
+def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progress, *,
+         writer: RunWriter | None = None, meta: dict | None = None) -> ScoreResult:
+    frames = []
+    done = writer.done() if writer is not None else set()
+    try:
+        for i in bars.bar(range(len(plan)), desc=f"{an.name}: samples", total=len(plan), leave=False):
+            if i in done:
+                continue
+            torch.manual_seed(options.seed + i)
+            rows = an.score_sample(model, plan[i], options, params, bars)
+            rows.insert(0, "sample", i)
+            if writer is None:
+                frames.append(rows)
+            else:
+                writer.write_sample(i, rows)
+        samples = pd.concat(frames, ignore_index=True) if writer is None else writer.samples()
+        heads = an.aggregate(samples, params)
+        if writer is None:
+            return ScoreResult({**meta, "status": "complete"}, heads, samples)
+        writer.finish(heads, samples)
+        return ScoreResult(writer.meta, heads, samples, writer.path)
+    except BaseException as e:
+        if writer is not None:
+            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            writer.fail(f"{reason} (after {len(writer.done())} of {len(plan)} samples)")
+        raise
+    finally:
+        if writer is not None:
+            writer.unlock()
+
+
+def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:
+    """The newest incomplete, unlocked run of the same analysis, model, options and parameters."""
+    for info in runs.runs():
+        m = info.meta
+        if (info.status == "incomplete" and m["analysis"] == analysis and m["model"] == identity
+                and m["options"] == options.to_json() and m["params"] == params):
+            writer = runs.reopen(info.id)
+            return writer
+    return None
+
+
+def _check_same_model(writer: RunWriter, identity: dict) -> None:
+    recorded = writer.meta["model"]
+    if (recorded.get("name"), recorded.get("config_hash")) != (identity["name"], identity["config_hash"]):
+        writer.unlock()
+        raise StoreError(f"run {writer.id} was made with {recorded.get('name')} (config {recorded.get('config_hash')}), "
+                         f"not {identity['name']} (config {identity['config_hash']}): resume it with that model")
+
+
+def model_identity(model: Model) -> dict:
+    """What a run records about its model: name, family, class, config hash, sizes, dtype, device."""
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    n_heads, n_kv = model.head_counts()
+    return {"name": model.name, "family": model.family.name, "model_type": model.config.model_type,
+            "class": type(model.hf).__name__, "config_hash": digest, "n_layers": model.n_layers(),
+            "n_heads": n_heads, "n_kv_heads": n_kv, "dtype": str(next(model.hf.parameters()).dtype).removeprefix("torch."),
+            "device": str(model.device)}
+
+
+def versions() -> dict:
+    from interp import __version__
+
+    return {"interp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _slug(name: str) -> str:
+    """A model name fit for a directory name: the last path part, other characters as dashes."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name.rstrip("/").rsplit("/", 1)[-1]).strip("-.")[:40] or "model"

@@ -1,0 +1,330 @@
+"""The results store: one directory per scoring run, written atomically, read without unpickling anything.
+
+    <store>/<run id>/
+        meta.json         model (id, family, config hash), analysis, options, parameters, the sample plan,
+                          versions, start / end time, status ("incomplete" until the very end, then "complete")
+        heads.parquet     one row per head: layer, head, kv_head, one column per score (complete runs)
+        samples.parquet   one row per sample and head: the per-sample details (complete runs)
+        parts/            one Parquet file per finished sample while the run is incomplete (what --resume keeps)
+        arrays/*.safetensors  optional arrays (pooled maps, head outputs)
+        lock              present while a process writes the run (its pid and host)
+
+Every file is written to a temporary name and renamed into place, so a reader sees a whole file or none.
+Run ids start with the UTC start time, so they sort by age, and end with random hex, so two runs started in
+the same second never clash (the directory is created exclusively).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+FORMAT = 1
+STATUSES = ("complete", "incomplete", "running", "corrupt")
+_REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
+
+
+class StoreError(ValueError):
+    """A problem with the results store (not writable, a run that cannot be written)."""
+
+
+class RunNotFoundError(StoreError):
+    """No run with that id or path."""
+
+
+class CorruptRunError(StoreError):
+    """A run directory whose files cannot be read back."""
+
+
+def default_store() -> Path:
+    """`$INTERP_STORE`, else the user's data directory (`~/.local/share/interp/runs` on Linux)."""
+    env = os.environ.get("INTERP_STORE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("interp")) / "runs"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    _atomic_write(path, lambda p: df.to_parquet(p, index=False))
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """Parquet through pyarrow: plain columns, nothing unpickled."""
+    return pq.read_table(path).to_pandas()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunInfo:
+    """One line of a listing: what can be said of a run directory, even a broken one."""
+
+    id: str
+    path: Path
+    status: str
+    meta: dict | None = None
+    error: str | None = None
+
+    @property
+    def started(self) -> str:
+        return (self.meta or {}).get("started", "")
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(finished samples, planned samples)."""
+        if self.meta is None:
+            return 0, 0
+        total = len(self.meta.get("plan", []))
+        if self.status == "complete":
+            return total, total
+        return len(_part_indices(self.path)), total
+
+    def to_json(self) -> dict:
+        m = self.meta or {}
+        done, total = self.progress
+        return {"id": self.id, "path": str(self.path), "status": self.status, "error": self.error,
+                "analysis": m.get("analysis"), "model": (m.get("model") or {}).get("name"),
+                "family": (m.get("model") or {}).get("family"), "started": m.get("started"),
+                "finished": m.get("finished"), "samples_done": done, "samples": total}
+
+
+def _part_indices(path: Path) -> set[int]:
+    parts = path / "parts"
+    if not parts.is_dir():
+        return set()
+    return {int(p.stem[7:]) for p in parts.glob("sample-*.parquet") if p.stem[7:].isdigit()}
+
+
+def _lock_owner(path: Path) -> dict | None:
+    """The live process holding a run's lock, or None (no lock, or its process is gone)."""
+    try:
+        owner = json.loads((path / "lock").read_text())
+    except (OSError, ValueError):
+        return None
+    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        return None
+    return owner
+
+
+def read_meta(path: Path) -> dict:
+    """A run's meta.json, checked; CorruptRunError with the reason otherwise."""
+    file = path / "meta.json"
+    if not file.exists():
+        raise CorruptRunError(f"run {path.name}: meta.json is missing ({path} is not a run, or its creation was cut off)")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CorruptRunError(f"run {path.name}: meta.json cannot be read ({e})") from e
+    if not isinstance(meta, dict):
+        raise CorruptRunError(f"run {path.name}: meta.json is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise CorruptRunError(f"run {path.name}: meta.json lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise CorruptRunError(f"run {path.name}: store format {meta['format']!r}, this interp reads format {FORMAT}")
+    if meta["status"] not in ("complete", "incomplete"):
+        raise CorruptRunError(f"run {path.name}: unknown status {meta['status']!r}")
+    return meta
+
+
+def read_table(path: Path, name: str) -> pd.DataFrame:
+    try:
+        return read_parquet(path / name)
+    except FileNotFoundError as e:
+        raise CorruptRunError(f"run {path.name}: {name} is missing") from e
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise CorruptRunError(f"run {path.name}: {name} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def read_parts(path: Path) -> pd.DataFrame | None:
+    """The per-sample tables an incomplete run has finished, concatenated (None when there are none)."""
+    frames = [read_table(path, f"parts/{p.name}") for p in sorted((path / "parts").glob("sample-*.parquet"))]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+class Store:
+    """A directory of runs. `root` defaults to `default_store()`."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_store()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless runs can be created here (checked before any work starts)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot write runs to {self.root}: {e.strerror or e}") from e
+
+    def runs(self) -> list[RunInfo]:
+        """Every run, newest first. Never raises for a broken run: it is listed with status "corrupt"."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for path in self.root.iterdir():
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            try:
+                meta = read_meta(path)
+            except CorruptRunError as e:
+                out.append(RunInfo(path.name, path, "corrupt", error=str(e)))
+                continue
+            status = meta["status"]
+            if status == "incomplete" and _lock_owner(path) is not None:
+                status = "running"
+            out.append(RunInfo(path.name, path, status, meta=meta, error=meta.get("error")))
+        return sorted(out, key=lambda r: (r.started or "", r.id), reverse=True)
+
+    def find(self, run: str | os.PathLike) -> Path:
+        """The directory of a run given by id, unique id prefix, or path."""
+        given = Path(run).expanduser()
+        if given.is_dir() and (given / "meta.json").exists():
+            return given
+        if (self.root / str(run)).is_dir():
+            return self.root / str(run)
+        matches = [p for p in self.root.glob(f"{run}*") if p.is_dir()] if self.root.is_dir() and str(run) else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise RunNotFoundError(f"run id {run!r} is ambiguous in {self.root}: {', '.join(sorted(p.name for p in matches))}")
+        raise RunNotFoundError(f"no run {str(run)!r} in {self.root} (see `interp runs --store {self.root}`)")
+
+    def create(self, meta: dict, slug: str) -> RunWriter:
+        """A new run directory (exclusively created) holding `meta` with status "incomplete", locked."""
+        self.check_writable()
+        for _ in range(100):
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{slug}-{secrets.token_hex(3)}"
+            path = self.root / run_id
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 collisions of 24 random bits
+            raise StoreError(f"could not create a fresh run directory in {self.root}")
+        writer = RunWriter(path)
+        writer.lock()
+        writer.meta = {"format": FORMAT, "id": run_id, "status": "incomplete", **meta, "started": _now(),
+                       "finished": None, "error": None}
+        writer.save_meta()
+        return writer
+
+    def reopen(self, run: str | os.PathLike) -> RunWriter:
+        """An incomplete run, locked for this process to finish."""
+        path = self.find(run)
+        meta = read_meta(path)
+        if meta["status"] == "complete":
+            raise StoreError(f"run {path.name} is already complete; nothing to resume")
+        writer = RunWriter(path)
+        writer.lock()
+        writer.meta = meta
+        return writer
+
+
+class RunWriter:
+    """Writes one run: per-sample parts as they finish, then the final tables, then status "complete"."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.meta: dict = {}
+        self._locked = False
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def lock(self) -> None:
+        owner = _lock_owner(self.path)
+        if owner is not None:
+            raise StoreError(f"run {self.id} is being written by process {owner.get('pid')} on {owner.get('host')}")
+        (self.path / "lock").unlink(missing_ok=True)  # a stale lock from a process that is gone
+        try:
+            fd = os.open(self.path / "lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError as e:
+            raise StoreError(f"run {self.id} is being written by another process") from e
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}, f)
+        self._locked = True
+
+    def unlock(self) -> None:
+        if self._locked:
+            (self.path / "lock").unlink(missing_ok=True)
+            self._locked = False
+
+    def save_meta(self) -> None:
+        write_json(self.path / "meta.json", self.meta)
+
+    def done(self) -> set[int]:
+        """Indices of the samples already finished (their parts are on disk)."""
+        return _part_indices(self.path)
+
+    def write_sample(self, index: int, rows: pd.DataFrame) -> None:
+        (self.path / "parts").mkdir(exist_ok=True)
+        write_parquet(self.path / "parts" / f"sample-{index:06d}.parquet", rows)
+
+    def samples(self) -> pd.DataFrame | None:
+        return read_parts(self.path)
+
+    def write_arrays(self, name: str, tensors: dict) -> Path:
+        """Save named tensors as `arrays/<name>.safetensors`."""
+        from safetensors.torch import save_file
+
+        (self.path / "arrays").mkdir(exist_ok=True)
+        target = self.path / "arrays" / f"{name}.safetensors"
+        _atomic_write(target, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+        return target
+
+    def fail(self, error: str) -> None:
+        """Record why the run stopped; it stays "incomplete" and resumable."""
+        self.meta["error"] = error
+        self.save_meta()
+
+    def finish(self, heads: pd.DataFrame, samples: pd.DataFrame) -> None:
+        write_parquet(self.path / "samples.parquet", samples)
+        write_parquet(self.path / "heads.parquet", heads)
+        self.meta.update(status="complete", finished=_now(), error=None)
+        self.save_meta()  # the rename that makes the run complete
+        shutil.rmtree(self.path / "parts", ignore_errors=True)
