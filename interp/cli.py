@@ -149,7 +149,7 @@ def _runs(args) -> int:
             continue
         done, total = r.progress
         print(f"{r.id:<44} {r.status:<10} {r.meta['analysis']:<10} {r.meta['model']['name']:<20} "
-              f"{f'{done}/{total}':>9}  {r.started}")
+              f"{f'{done}/{total}':>9}  {r.started[:19].replace('T', ' ')}")
     return 0
 
 

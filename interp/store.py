@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """UTC time, ISO 8601 with microseconds (runs started in the same second still sort by age)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _pid_alive(pid: int) -> bool:

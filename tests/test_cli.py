@@ -1,0 +1,159 @@
+"""The `interp` CLI: score / runs / show / export / models, exit codes, JSON output, quiet when not a terminal."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import interp
+from interp.cli import main
+
+SMALL = ["stories260k", "--samples", "2", "--max-tokens", "24"]
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `interp argv...`; argparse's own errors exit through SystemExit."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    assert main(["score", *SMALL, "--out", str(root), "--json"]) == 0
+    return root
+
+
+def test_score_prints_ranked_tables_and_the_run(capsys, tmp_path):
+    code, out, err = run(capsys, "score", *SMALL, "--out", str(tmp_path), "--top", "3", "--layers", "0-2", "--heads", "1,4")
+    assert code == 0, err
+    [info] = interp.list_runs(tmp_path)
+    assert f"run {info.id}" in out and str(info.path) in out
+    for score in ("entropy", "max_prob", "distance", "first_token_mass"):
+        assert f"top 3 heads by {score}" in out
+    heads = interp.open_run(info.id, store=tmp_path).heads
+    assert set(heads["layer"]) == {0, 1, 2} and set(heads["head"]) == {1, 4}
+    best = heads.sort_values("distance", ascending=False).iloc[0]
+    block = out.split("top 3 heads by distance")[1].splitlines()[2].split()
+    assert block[:4] == ["1", *(str(int(best[c])) for c in ("layer", "head", "kv_head"))]
+
+
+def test_json_is_stable_and_alone_on_stdout(capsys, tmp_path):
+    code, out, err = run(capsys, "score", *SMALL, "--out", str(tmp_path), "--json", "--top", "2")
+    assert code == 0
+    doc = json.loads(out)
+    [r] = doc["runs"]
+    assert set(r) == {"id", "path", "status", "analysis", "model", "options", "params", "samples", "samples_done",
+                      "started", "finished", "scores", "top"}
+    assert r["status"] == "complete" and r["samples"] == r["samples_done"] == 2
+    assert set(r["top"]) == set(r["scores"]) == {"entropy", "max_prob", "distance", "first_token_mass"}
+    assert [set(x) for x in r["top"]["entropy"]] == [{"rank", "layer", "head", "kv_head", "value"}] * 2
+    heads = interp.open_run(r["path"]).heads
+    assert r["top"]["entropy"][0]["value"] == pytest.approx(heads["entropy"].max())
+    assert "Loading" not in err and "samples" not in err  # no progress bars with --json
+    code, out, _ = run(capsys, "show", r["id"], "--store", str(tmp_path), "--json", "--top", "2")
+    assert code == 0 and json.loads(out) == r
+
+
+def test_runs_show_export(capsys, store, tmp_path):
+    code, out, _ = run(capsys, "runs", "--store", str(store))
+    [info] = interp.list_runs(store)
+    assert code == 0 and info.id in out and "complete" in out and "2/2" in out
+    code, out, _ = run(capsys, "runs", "--store", str(store), "--json")
+    assert json.loads(out)["runs"][0]["id"] == info.id
+    code, out, _ = run(capsys, "show", info.id[:20], "--store", str(store))
+    assert code == 0 and "top 10 heads by entropy" in out and info.id in out
+    heads = interp.open_run(info.id, store=store).heads
+    code, out, _ = run(capsys, "export", info.id, "--store", str(store), "--format", "csv")
+    pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(out)), heads, check_dtype=False)
+    code, out, _ = run(capsys, "export", info.id, "--store", str(store), "--format", "json", "--table", "samples")
+    assert len(json.loads(out)) == len(interp.open_run(info.id, store=store).samples)
+    target = tmp_path / "h.parquet"
+    code, _, err = run(capsys, "export", info.id, "--store", str(store), "--format", "parquet", "-o", str(target))
+    assert code == 0 and "wrote heads table" in err
+    pd.testing.assert_frame_equal(pd.read_parquet(target), heads)
+
+
+def test_empty_store_and_corrupt_run_in_listing(capsys, tmp_path):
+    code, out, _ = run(capsys, "runs", "--store", str(tmp_path / "none"))
+    assert code == 0 and "no runs" in out
+    (tmp_path / "20990101-x").mkdir()
+    (tmp_path / "20990101-x" / "meta.json").write_text("[")
+    code, out, _ = run(capsys, "runs", "--store", str(tmp_path))
+    assert code == 0 and "corrupt" in out and "meta.json cannot be read" in out
+    code, _, err = run(capsys, "show", "20990101-x", "--store", str(tmp_path))
+    assert code == 1 and "meta.json cannot be read" in err
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["score", "stories260k", "--analysis", "nope"], 2, "known analyses: summary"),
+    (["score", "stories260k", "--layers", "a-b"], 2, "--layers 'a-b'"),
+    (["score", "stories260k", "--samples", "0"], 2, "--samples must be at least 1"),
+    (["score", "stories260k", "--backend", "vllm"], 2, "invalid choice"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["export", "x", "--format", "xml"], 2, "invalid choice"),
+    (["score", "no-such-model"], 1, "not a built-in alias"),
+    (["score", "./no/such/folder"], 1, "no model folder"),
+    (["score", "stories260k", "--layers", "9"], 1, "out of range"),
+    (["show", "nope"], 1, "no run 'nope'"),
+    (["export", "nope"], 1, "no run 'nope'"),
+])
+def test_exit_codes_and_messages(capsys, tmp_path, argv, code, message):
+    if argv[0] != "frobnicate":
+        argv = [*argv, "--store" if argv[0] in ("show", "export") else "--out", str(tmp_path)]
+    got, out, err = run(capsys, *argv)
+    assert got == code and message in err and out == ""
+
+
+def test_unwritable_out_and_inapplicable_family(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "score", *SMALL, "--out", str(blocker / "runs"))
+    assert code == 1 and "cannot write runs to" in err
+    from tiny_models import make
+
+    vit, _ = make("vit", "sdpa")
+    vit.save_pretrained(tmp_path / "vit")
+    code, _, err = run(capsys, "score", str(tmp_path / "vit"), "--out", str(tmp_path / "s"))
+    assert code == 1 and "does not apply" in err and "gpt2, llama" in err
+    assert interp.list_runs(tmp_path / "s") == []
+
+
+def test_resume_from_the_command_line(capsys, tmp_path, monkeypatch):
+    from interp.analyses.summary import Summary
+
+    original = Summary.score_sample
+    count = []
+
+    def interrupted(self, *args):
+        count.append(1)
+        if len(count) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Summary, "score_sample", interrupted)
+    code, _, err = run(capsys, "score", *SMALL, "--out", str(tmp_path))
+    assert code == 1 and "--resume" in err
+    [info] = interp.list_runs(tmp_path)
+    code, out, _ = run(capsys, "show", info.id, "--store", str(tmp_path))
+    assert code == 0 and "1/2 samples · incomplete" in out and f"--resume {info.id}" in out
+    code, out, _ = run(capsys, "score", *SMALL, "--out", str(tmp_path), "--resume")
+    assert code == 0 and f"run {info.id}" in out and len(count) == 3
+    assert [r.status for r in interp.list_runs(tmp_path)] == ["complete"]
+
+
+def test_console_script_is_quiet_when_not_a_terminal(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "interp.cli", "score", *SMALL, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "top 10 heads by entropy" in proc.stdout
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "interp.cli", "score", "--analysis", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "known analyses" in bad.stderr and bad.stdout == ""

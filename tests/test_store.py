@@ -1,0 +1,182 @@
+"""The results store: atomic runs, resume without redoing samples, no clashes, clear errors on corrupt runs."""
+
+import json
+import multiprocessing
+import os
+import pickle
+
+import pandas as pd
+import pytest
+
+import interp
+from interp.analyses.summary import Summary
+from interp.store import CorruptRunError, RunNotFoundError, Store, StoreError
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return interp.load_model("stories260k")
+
+
+def test_a_run_is_a_directory_of_json_and_parquet(stories, tmp_path):
+    r = interp.score(stories, "summary", samples=2, max_tokens=24, store=tmp_path)
+    assert r.path.parent == tmp_path and r.status == "complete"
+    assert sorted(p.name for p in r.path.iterdir()) == ["heads.parquet", "meta.json", "samples.parquet"]
+    meta = json.loads((r.path / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["analysis"] == "summary" and meta["id"] == r.path.name
+    assert meta["model"]["name"] == "stories260k" and meta["model"]["family"] == "llama"
+    assert len(meta["model"]["config_hash"]) == 16
+    assert set(meta["versions"]) >= {"interp", "torch", "transformers"}
+    assert meta["started"] <= meta["finished"]
+    assert meta["options"]["samples"] == 2 and meta["params"] == {"prompts": None} and len(meta["plan"]) == 2
+    back = interp.open_run(r.id, store=tmp_path)
+    pd.testing.assert_frame_equal(back.heads, r.heads)
+    pd.testing.assert_frame_equal(back.samples, r.samples)
+    assert interp.open_run(r.path).id == r.id  # by path
+    assert interp.open_run(r.id[:18], store=tmp_path).id == r.id  # by unique prefix
+
+
+def test_interrupted_run_resumes_without_redoing_samples(stories, tmp_path, monkeypatch):
+    reference = interp.score(stories, "summary", samples=4, max_tokens=24)
+    original = Summary.score_sample
+    calls = []
+
+    def flaky(self, model, sample, *args):
+        calls.append(sample["prompt"])
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return original(self, model, sample, *args)
+
+    monkeypatch.setattr(Summary, "score_sample", flaky)
+    with pytest.raises(RuntimeError, match="power cut"):
+        interp.score(stories, "summary", samples=4, max_tokens=24, store=tmp_path)
+    [info] = interp.list_runs(tmp_path)
+    assert info.status == "incomplete" and info.progress == (2, 4)
+    assert "power cut" in info.error and not (info.path / "heads.parquet").exists() and not (info.path / "lock").exists()
+    partial = interp.open_run(info.id, store=tmp_path)  # the finished samples can be looked at already
+    assert partial.status == "incomplete" and partial.samples["sample"].nunique() == 2
+
+    calls.clear()
+    done = interp.score(stories, "summary", samples=4, max_tokens=24, store=tmp_path, resume=True)
+    assert done.id == info.id and done.status == "complete"
+    assert calls == [reference.meta["plan"][2]["prompt"], reference.meta["plan"][3]["prompt"]]  # only the rest
+    pd.testing.assert_frame_equal(done.heads, reference.heads, rtol=1e-6, atol=1e-7)
+    assert [r.status for r in interp.list_runs(tmp_path)] == ["complete"]
+    assert not (done.path / "parts").exists()
+
+
+def test_resume_finds_only_a_matching_run_and_by_id_keeps_the_runs_settings(stories, tmp_path, monkeypatch):
+    def boom(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Summary, "score_sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        interp.score(stories, "summary", samples=2, max_tokens=24, store=tmp_path)
+    monkeypatch.undo()
+    [info] = interp.list_runs(tmp_path)
+    assert info.error.startswith("interrupted")
+    other = interp.score(stories, "summary", samples=3, max_tokens=24, store=tmp_path, resume=True)
+    assert other.id != info.id  # different options: a new run
+    by_id = interp.score(stories, "summary", store=tmp_path, resume=info.id)
+    assert by_id.id == info.id and by_id.meta["options"]["samples"] == 2 and by_id.samples["sample"].nunique() == 2
+    with pytest.raises(StoreError, match="already complete"):
+        interp.score(stories, "summary", store=tmp_path, resume=info.id)
+    minilm = interp.load_model("minilm-l6")
+    monkeypatch.setattr(Summary, "score_sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        interp.score(stories, "summary", samples=2, store=tmp_path)
+    monkeypatch.undo()
+    newest = interp.list_runs(tmp_path)[0]
+    with pytest.raises(StoreError, match="made with stories260k"):
+        interp.score(minilm, "summary", store=tmp_path, resume=newest.id)
+    assert not (newest.path / "lock").exists()
+
+
+def _create(root):
+    w = Store(root).create({"analysis": "summary", "model": {"name": "m"}, "options": {}, "params": {}, "plan": []},
+                           slug="m-summary")
+    w.unlock()
+    return w.id
+
+
+def test_runs_started_together_never_clash(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(_create, [tmp_path] * 16)
+    assert len(set(ids)) == 16 and len(list(tmp_path.iterdir())) == 16
+
+
+def test_a_run_being_written_cannot_be_taken_over(tmp_path):
+    store = Store(tmp_path)
+    w = store.create({"analysis": "summary", "model": {"name": "m"}, "options": {}, "params": {}, "plan": [{}]},
+                     slug="m-summary")
+    assert store.runs()[0].status == "running"
+    with pytest.raises(StoreError, match="being written by process"):
+        store.reopen(w.id)
+    (w.path / "lock").write_text(json.dumps({"pid": 2**22 + 7, "host": os.uname().nodename}))  # owner gone
+    assert store.runs()[0].status == "incomplete"
+    store.reopen(w.id).unlock()
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_corrupt_runs_are_listed_and_explained_never_unpickled(stories, tmp_path):
+    good = interp.score(stories, "summary", samples=1, max_tokens=16, store=tmp_path)
+    broken = {}
+    for name, damage in {
+        "no-meta": lambda p: (p / "meta.json").unlink(),
+        "bad-json": lambda p: (p / "meta.json").write_text("{not json"),
+        "no-heads": lambda p: (p / "heads.parquet").unlink(),
+        "pickled-heads": lambda p: (p / "heads.parquet").write_bytes(pickle.dumps(_Marker(str(tmp_path / "pwned")))),
+        "bad-status": lambda p: (p / "meta.json").write_text(json.dumps({**good.meta, "status": "weird"})),
+    }.items():
+        path = tmp_path / f"20990101-000000-{name}"
+        path.mkdir()
+        for f in good.path.iterdir():
+            (path / f.name).write_bytes(f.read_bytes())
+        damage(path)
+        broken[name] = path
+    (tmp_path / "stray-file.txt").write_text("not a run")
+    listing = {r.id: r for r in interp.list_runs(tmp_path)}
+    assert listing[good.id].status == "complete"
+    for name in ("no-meta", "bad-json", "bad-status"):
+        assert listing[broken[name].name].status == "corrupt" and listing[broken[name].name].error
+    assert "meta.json is missing" in listing[broken["no-meta"].name].error
+    assert "unknown status" in listing[broken["bad-status"].name].error
+    with pytest.raises(CorruptRunError, match="heads.parquet is missing"):
+        interp.open_run(broken["no-heads"])
+    with pytest.raises(CorruptRunError, match="heads.parquet cannot be read"):
+        interp.open_run(broken["pickled-heads"])
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(CorruptRunError, match="meta.json cannot be read"):
+        interp.open_run(broken["bad-json"])
+    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+        interp.open_run("nope", store=tmp_path)
+    with pytest.raises(RunNotFoundError, match="ambiguous"):
+        interp.open_run("2099", store=tmp_path)
+
+
+def test_unwritable_store_fails_before_any_work(stories, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    called = []
+    monkeypatch.setattr(Summary, "plan", lambda *a: called.append(1) or [])
+    with pytest.raises(StoreError, match="cannot write runs to"):
+        interp.score(stories, "summary", store=blocker / "runs")
+    assert not called
+
+
+def test_arrays_are_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    w = Store(tmp_path).create({"analysis": "summary", "model": {"name": "m"}, "options": {}, "params": {}, "plan": []},
+                               slug="m")
+    t = torch.arange(12.0).reshape(3, 4)
+    path = w.write_arrays("pooled", {"layer0": t})
+    assert torch.equal(load_file(str(path))["layer0"], t)
