@@ -1,9 +1,10 @@
 """Analyses: one module per method, each a registered `Analysis` that `interp.score` drives."""
 
 from .base import Analysis, NotApplicableError, Options
+from .retrieval import Retrieval
 from .summary import Summary
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(),)}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval())}
 
 
 def get_analysis(name: str) -> Analysis:

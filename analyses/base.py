@@ -89,6 +89,16 @@ class Analysis:
         """The heads table from every finished sample's rows (`samples` has a `sample` column)."""
         raise NotImplementedError
 
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress) -> dict[str, pd.DataFrame]:
+        """Extra tables computed once every sample is scored (e.g. an intervention test), stored as
+        `<name>.parquet`. Redone as a whole when a run resumes."""
+        return {}
+
+    def report(self, result) -> list[str]:
+        """Lines the CLI prints under the ranked tables (a `ScoreResult`'s headline numbers)."""
+        return []
+
 
 def head_rows(layer: int, heads, kv_heads, **columns) -> pd.DataFrame:
     """Per-head rows of one layer: `layer`, `head`, `kv_head`, then `columns` ((H,) arrays or scalars)."""

@@ -126,7 +126,14 @@ def _eager_of(module) -> Callable:
 def _wrap(original: Callable | None) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         fn = original if original is not None else _eager_of(module)
+        knockout = module.__dict__.get("_interp_knockout")
+        if knockout is not None and knockout.mode == "uniform":
+            query = query.clone()
+            query[:, knockout.heads.to(query.device)] = 0
         out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if knockout is not None and knockout.mode == "zero":
+            out = out.clone()
+            out[:, :, knockout.heads.to(out.device)] = 0
         site = module.__dict__.get("_interp_site")
         if site is not None:
             site.session.emit(site, module, query, key, value, out, kwargs)
@@ -307,3 +314,54 @@ def capture(
             for i in s.layers:
                 modules[i].__dict__.pop("_interp_site", None)
             _uninstall()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Knocking heads out
+
+KNOCKOUT_MODES = ("uniform", "zero")
+
+
+@dataclass
+class _Knockout:
+    heads: Tensor
+    mode: str
+
+
+@contextmanager
+def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None):
+    """Knock out attention heads while the model runs (forward or generate; composes with `capture`).
+
+    heads: (layer, query head) pairs. mode "uniform": the head's query is zeroed, so its attention is uniform
+    over the keys it may see (Wu et al.'s masking of retrieval heads); "zero": the head's output before the
+    output projection is zeroed (zero-ablation). Works through the AttentionInterface, with any attention
+    implementation of the model.
+    """
+    if mode not in KNOCKOUT_MODES:
+        raise ValueError(f"unknown knockout mode {mode!r}; choose from {', '.join(KNOCKOUT_MODES)}")
+    t = model.family.tower(tower)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(int(layer), []).append(int(head))
+    if not by_layer:
+        yield
+        return
+    layers = check_layers(model, t, by_layer)  # validates, and maps negative indices
+    n = model.n_layers(t.name)
+    merged: dict[int, list[int]] = {}
+    for layer, hs in by_layer.items():
+        merged.setdefault(layer % n, []).extend(hs)
+    chosen = {i: check_heads(model, t, merged[i]) for i in layers}
+    modules = model.attention_modules(t.name)
+    for i in layers:
+        if "_interp_knockout" in modules[i].__dict__:
+            raise RuntimeError(f"{t.name} layer {i} of {model.name} already has heads knocked out")
+    _install()
+    try:
+        for i in layers:
+            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode)
+        yield
+    finally:
+        for i in layers:
+            modules[i].__dict__.pop("_interp_knockout", None)
+        _uninstall()

@@ -66,7 +66,15 @@ def run_json(result: ScoreResult, top: int) -> dict:
         "samples": len(m["plan"]), "samples_done": n_done, "started": m.get("started"), "finished": m.get("finished"),
         "scores": m["scores"],
         "top": {s: _ranked(result, s, top) for s in result.scores},
+        "report": _analysis(result).report(result) if result.status == "complete" else [],
+        "tables": {name: json.loads(t.to_json(orient="records")) for name, t in result.tables.items()},
     }
+
+
+def _analysis(result: ScoreResult):
+    from interp.analyses import ANALYSES
+
+    return ANALYSES[result.analysis]
 
 
 def _ranked(result: ScoreResult, score: str, top: int) -> list[dict]:
@@ -88,6 +96,9 @@ def print_tables(result: ScoreResult, top: int) -> None:
         print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {score:>{width}}")
         for r in rows:
             print(f"  {r['rank']:>4}  {r['layer']:>5}  {r['head']:>4}  {r['kv_head']:>7}  {r['value']:>{width}.4f}")
+    if result.status == "complete":
+        for line in _analysis(result).report(result):
+            print(line)
 
 
 def _score(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,12 +23,14 @@ class ScoreResult:
     samples: one row per sample and head — `sample` and the analysis's per-sample columns.
     meta: the run's description (model, analysis, options, parameters, plan, versions, times, status).
     path: the run directory, or None for a result kept in memory.
+    tables: the analysis's extra tables by name (e.g. retrieval's "masking").
     """
 
     meta: dict
     heads: pd.DataFrame
     samples: pd.DataFrame
     path: Path | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def id(self) -> str | None:
@@ -109,7 +111,8 @@ def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = N
     path = _store(store).find(run)
     meta = read_meta(path)
     if meta["status"] == "complete":
-        return ScoreResult(meta, read_table(path, "heads.parquet"), read_table(path, "samples.parquet"), path)
+        tables = {name: read_table(path, f"{name}.parquet") for name in meta.get("tables", [])}
+        return ScoreResult(meta, read_table(path, "heads.parquet"), read_table(path, "samples.parquet"), path, tables)
     analysis = ANALYSES.get(meta["analysis"])
     if analysis is None:
         raise CorruptRunError(f"run {path.name}: analysis {meta['analysis']!r} is unknown to this interp")

@@ -105,10 +105,11 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
                 writer.write_sample(i, rows)
         samples = pd.concat(frames, ignore_index=True) if writer is None else writer.samples()
         heads = an.aggregate(samples, params)
+        tables = an.finalize(model, plan, samples, heads, options, params, bars)
         if writer is None:
-            return ScoreResult({**meta, "status": "complete"}, heads, samples)
-        writer.finish(heads, samples)
-        return ScoreResult(writer.meta, heads, samples, writer.path)
+            return ScoreResult({**meta, "status": "complete", "tables": sorted(tables)}, heads, samples, None, tables)
+        writer.finish(heads, samples, tables)
+        return ScoreResult(writer.meta, heads, samples, writer.path, tables)
     except BaseException as e:
         if writer is not None:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"

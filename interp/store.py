@@ -5,6 +5,7 @@
                           versions, start / end time, status ("incomplete" until the very end, then "complete")
         heads.parquet     one row per head: layer, head, kv_head, one column per score (complete runs)
         samples.parquet   one row per sample and head: the per-sample details (complete runs)
+        <name>.parquet    an analysis's extra tables, listed in meta["tables"] (e.g. retrieval's masking test)
         parts/            one Parquet file per finished sample while the run is incomplete (what --resume keeps)
         arrays/*.safetensors  optional arrays (pooled maps, head outputs)
         lock              present while a process writes the run (its pid and host)
@@ -324,9 +325,12 @@ class RunWriter:
         self.meta["error"] = error
         self.save_meta()
 
-    def finish(self, heads: pd.DataFrame, samples: pd.DataFrame) -> None:
+    def finish(self, heads: pd.DataFrame, samples: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
+        """Write the final tables (and the analysis's extra ones as `<name>.parquet`), then mark the run complete."""
+        for name, table in tables.items():
+            write_parquet(self.path / f"{name}.parquet", table)
         write_parquet(self.path / "samples.parquet", samples)
         write_parquet(self.path / "heads.parquet", heads)
-        self.meta.update(status="complete", finished=_now(), error=None)
+        self.meta.update(status="complete", finished=_now(), error=None, tables=sorted(tables))
         self.save_meta()  # the rename that makes the run complete
         shutil.rmtree(self.path / "parts", ignore_errors=True)

@@ -17,9 +17,11 @@ from .api import (
 from .reference import call_attention, dense_attention, dense_scores
 
 
-def call_stats(call, **kwargs) -> AttentionStats:
-    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window and soft-cap)."""
-    return attention_stats(call.q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=call.query_positions,
+def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
+    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window and soft-cap).
+    last_query: only the call's last query (Nq = 1), e.g. the row that produces the next generated token."""
+    q, positions = (call.q[:, :, -1:], call.query_positions[-1:]) if last_query else (call.q, call.query_positions)
+    return attention_stats(q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=positions,
                            key_mask=call.key_mask, window=call.window, softcap=call.softcap, **kwargs)
 
 

@@ -1,0 +1,185 @@
+"""Needle-in-a-haystack samples (Wu et al.'s protocol): a needle sentence inserted at a sentence break at a
+chosen depth of a haystack of a chosen length in tokens, a question whose answer is in the needle, the
+model's chat template when it has one; the answer's token span located in the prompt; ROUGE-1 recall.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Needle:
+    """needle: the sentence inserted; question: asked at the end; answer: the part of the needle to retrieve."""
+
+    needle: str
+    question: str
+    answer: str
+
+
+NEEDLES = (
+    Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+           "What is the best thing to do in San Francisco?", "eat a sandwich and sit in Dolores Park on a sunny day"),
+    Needle("The secret ingredient in grandmother's famous soup is a spoonful of smoked paprika.",
+           "What is the secret ingredient in grandmother's famous soup?", "a spoonful of smoked paprika"),
+    Needle("The name of the ship's cat was Admiral Biscuit, and he slept on the captain's map table.",
+           "What was the name of the ship's cat?", "Admiral Biscuit"),
+)
+
+# The prompt for models without a chat template (the reference code's wording, without its special tokens).
+BASE_TEMPLATE = ("This is a very long story book: <book> {context} </book>.\n"
+                 "Based on the content of the book, Question: {question}\nAnswer:")
+CHAT_MESSAGE = "This is a very long story book: <book> {context} </book>.\nBased on the content of the book, answer the question: {question}"
+
+_SUBJECTS = ("the old farmer", "a young painter", "the quiet librarian", "my neighbour", "the baker", "a tired student",
+             "the ship's cook", "an old fisherman", "the village teacher", "a travelling musician", "the gardener",
+             "her brother", "the night guard", "a curious child", "the mayor", "the postman")
+_VERBS = ("carried", "found", "repaired", "painted", "sold", "borrowed", "described", "remembered", "cleaned",
+          "forgot", "wrapped", "counted", "measured", "opened", "polished", "studied")
+_OBJECTS = ("a basket of apples", "the broken clock", "an empty bottle", "the wooden chair", "a pile of letters",
+            "the red umbrella", "a map of the coast", "the iron gate", "a box of candles", "the small boat",
+            "a bundle of firewood", "the blue notebook", "a jar of honey", "the garden fence", "an old photograph",
+            "the kitchen window")
+_WHEN = ("in the morning", "after lunch", "before the storm", "on a cold evening", "during the market",
+         "late at night", "at the end of summer", "while it was raining", "on Sunday", "before sunrise",
+         "after the long winter", "in the afternoon")
+_WHERE = ("near the harbour", "behind the church", "in the village square", "at the edge of the forest",
+          "by the river", "in the small shop", "on the hill", "under the bridge", "next to the mill",
+          "in the old barn", "at the station", "beside the lake")
+
+
+def filler_sentences(seed: int):
+    """An endless, reproducible stream of plain filler sentences (no download)."""
+    rng = random.Random(seed)
+    while True:
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_WHERE)} {rng.choice(_WHEN)}."
+        yield s[0].upper() + s[1:]
+
+
+def file_sentences(path: str | Path) -> list[str]:
+    """The sentences of a text file (split after . ! ? followed by white space)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read the haystack {path}: {e.strerror or e}") from e
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
+    if not sentences:
+        raise ValueError(f"the haystack {path} holds no text")
+    return sentences
+
+
+def read_needles(path: str | Path) -> list[Needle]:
+    """Needles from JSON lines: {"needle": ..., "question": ..., "answer": ...}, the answer a part of the needle."""
+    path = Path(path).expanduser()
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise ValueError(f"cannot read needles from {path}: {e.strerror or e}") from e
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+            needle = Needle(str(obj["needle"]), str(obj["question"]), str(obj["answer"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {n}: expected {{\"needle\", \"question\", \"answer\"}} ({e})") from e
+        if needle.answer not in needle.needle:
+            raise ValueError(f"{path}, line {n}: the answer {needle.answer!r} is not part of the needle")
+        out.append(needle)
+    if not out:
+        raise ValueError(f"{path} holds no needles")
+    return out
+
+
+def rouge1_recall(reference: str, response: str) -> float:
+    """ROUGE-1 recall of `response` against `reference`: the share of the reference's words (with their counts)
+    that the response contains. Words as rouge-score's tokenizer makes them (lower case, runs of [a-z0-9]);
+    no stemming."""
+    ref = re.findall(r"[a-z0-9]+", reference.lower())
+    got = re.findall(r"[a-z0-9]+", response.lower())
+    if not ref:
+        return 0.0
+    counts: dict[str, int] = {}
+    for w in got:
+        counts[w] = counts.get(w, 0) + 1
+    hit = 0
+    for w in ref:
+        if counts.get(w, 0) > 0:
+            counts[w] -= 1
+            hit += 1
+    return hit / len(ref)
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render(tokenizer, context: str, question: str, template: str | None) -> str:
+    """The full prompt text: `template` ({context}, {question}), else the chat template, else BASE_TEMPLATE."""
+    if template is not None:
+        return template.format(context=context, question=question)
+    if getattr(tokenizer, "chat_template", None):
+        message = CHAT_MESSAGE.format(context=context, question=question)
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return BASE_TEMPLATE.format(context=context, question=question)
+
+
+def build_prompt(tokenizer, needle: Needle, length: int, depth: float, sentences, template: str | None) -> str:
+    """A prompt of about `length` tokens: haystack sentences with the needle inserted at the sentence break at or
+    before `depth` percent of the haystack. `sentences`: an iterator (generated) or a list (a file's text)."""
+    overhead = _n_tokens(tokenizer, render(tokenizer, "", needle.question, template)) + _n_tokens(tokenizer, needle.needle) + 1
+    budget = length - overhead
+    if budget <= 0:
+        raise ValueError(f"a context of {length} tokens cannot hold the template, question and needle ({overhead} tokens)")
+    hay, used = [], 0
+    source = iter(sentences)
+    for s in source:
+        n = _n_tokens(tokenizer, " " + s)
+        if used + n > budget:
+            break
+        hay.append(s)
+        used += n
+    else:
+        if isinstance(sentences, list):
+            raise ValueError(f"the haystack has only {used} tokens; {budget} are needed for a {length}-token context")
+    cut, acc = 0, 0  # the sentence break at or before depth% of the haystack's tokens
+    target = used * depth / 100
+    for i, s in enumerate(hay):
+        n = _n_tokens(tokenizer, " " + s)
+        if acc + n > target:
+            break
+        acc += n
+        cut = i + 1
+    context = " ".join(hay[:cut] + [needle.needle] + hay[cut:])
+    return render(tokenizer, context, needle.question, template)
+
+
+def find_span(prompt_ids: torch.Tensor, answer_ids: list[int]) -> tuple[int, int] | None:
+    """The reference code's needle search: the first window of len(answer) prompt tokens whose token-id set
+    overlaps the answer's by more than 0.9. (start, end) or None."""
+    span, want = len(answer_ids), set(answer_ids)
+    ids = prompt_ids.tolist()
+    for i in range(len(ids)):
+        got = set(ids[i:i + span])
+        if len(got & want) / len(want) > 0.9:
+            return i, i + span
+    return None
+
+
+def locate_answer(tokenizer, prompt_ids: torch.Tensor, answer: str) -> tuple[int, int]:
+    """The answer's span in the prompt: tokenized alone and, for tokenizers that mark word starts (GPT-2 style
+    BPE), after a space, as it appears mid-sentence. Raises a clear error when neither is found."""
+    for text in (answer, " " + answer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        found = find_span(prompt_ids, ids) if ids else None
+        if found is not None:
+            return found
+    raise ValueError(f"the needle's answer {answer!r} cannot be found in the prompt's tokens: the tokenizer splits "
+                     "it differently in context; choose another needle")

@@ -1,0 +1,284 @@
+"""`retrieval`: retrieval heads (Wu et al. 2024), scored on needle-in-a-haystack samples, with the causal test.
+
+Per sample: greedy decoding with a KV cache, up to `max_new_tokens` or a newline (or end of sequence). At each
+step, each head's argmax key for the query that produces the next token (the kernels' `argmax` on that single
+query row against every cached key: no eager attention, no N×N) is tested: if it lies in the needle's answer
+span and the prompt token there equals the token just generated, the head's score grows by 1/|span| (the
+reference code's rule; `score_rule="paper"` counts distinct span positions instead, the paper's
+|copied ∩ needle| / |needle|). A sample counts when the response's ROUGE-1 recall against the answer is above
+0.5; a head's score is its mean over counted samples; retrieval heads score above `threshold` (0.1).
+
+The causal test knocks out the top-k retrieval heads (uniform attention, or zero-ablation) and, as a control,
+k random heads outside the top min(100, 25 %), and measures NIAH accuracy again on the same samples.
+
+`paper_scores` follows the reference code literally (eager attention, `output_attentions` at every decode
+step, a Python loop over heads); tests check that the fast path gives identical scores.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from interp.hooks import generate, mask_heads
+from interp.kernels import call_stats
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .niah import NEEDLES, Needle, build_prompt, file_sentences, filler_sentences, locate_answer, read_needles, rouge1_recall
+
+ACCEPT_RECALL = 0.5
+DEFAULT_MAX_TOKENS = 2048
+SCORE_RULES = ("code", "paper")
+
+
+class _StopAtNewline(StoppingCriteria):
+    """Stops greedy decoding once the last generated token contains a newline (batch of one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor([ends_line(self.tokenizer, int(input_ids[0, -1]))], device=input_ids.device)
+
+
+def ends_line(tokenizer, token: int) -> bool:
+    return "\n" in tokenizer.decode([token])
+
+
+def _eos_ids(model: Model) -> set[int]:
+    eos = getattr(model.hf.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def greedy(model: Model, inputs: dict, max_new_tokens: int, probe=None, *, backend: str = "hf",
+           layers=None, heads=None) -> torch.Tensor:
+    """The generated token ids (T,), greedy with a KV cache, stopping after a newline or end of sequence; with a
+    probe, each step's attention calls stream to it (step t produces generated token t)."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList(
+        [_StopAtNewline(model.tokenizer)]), pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id)
+    n = inputs["input_ids"].shape[-1]
+    if probe is None:
+        model.check_length(n + max_new_tokens)
+        with torch.no_grad():
+            out = model.hf.generate(**inputs, **kwargs)
+    else:
+        out = generate(model, inputs, probe, backend=backend, layers=layers, heads=heads, **kwargs)
+    return out[0, n:].cpu()
+
+
+class Retrieval(Analysis):
+    name = "retrieval"
+    description = "retrieval heads (Wu et al. 2024) on needle-in-a-haystack samples, with the masking test"
+    kinds = ("llm",)
+    scores = {"retrieval_score": "mean copy-paste score over accepted NIAH samples (retrieval head: > threshold)"}
+    params = {
+        "lengths": None,        # context lengths in tokens (default: max_tokens / 4, / 2, and max_tokens)
+        "depths": [0, 25, 50, 75, 100],  # needle depths, percent of the haystack
+        "needles": None,        # JSONL file of {"needle", "question", "answer"} (default: the 3 built-in)
+        "n_needles": None,      # use the first n needles (default all)
+        "haystack": None,       # text file for the haystack (default: generated filler, seeded)
+        "template": None,       # prompt with {context} and {question} (default: chat template, else a base prompt)
+        "max_new_tokens": 50,
+        "threshold": 0.1,
+        "score_rule": "code",   # "code": +1/|span| per copying step; "paper": distinct span positions copied
+        "mask_k": None,         # head counts for the masking test (default: 5 % of the scored heads; [] skips it)
+        "mask_mode": "uniform",  # "uniform" (the paper's masking) or "zero" (zero-ablation)
+    }
+
+    def check(self, model: Model) -> None:
+        super().check(model)
+        if model.tokenizer is None:
+            raise ValueError(f"{model.name} has no tokenizer: retrieval builds text prompts")
+
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["score_rule"] not in SCORE_RULES:
+            raise ValueError(f"score_rule {p['score_rule']!r}: choose from {', '.join(SCORE_RULES)}")
+        if p["mask_mode"] not in ("uniform", "zero"):
+            raise ValueError(f"mask_mode {p['mask_mode']!r}: choose from uniform, zero")
+        if any(not 0 <= d <= 100 for d in p["depths"]):
+            raise ValueError(f"depths {p['depths']}: give percentages in 0..100")
+        return p
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        needles = read_needles(params["needles"]) if params["needles"] else list(NEEDLES)
+        needles = needles[:params["n_needles"]] if params["n_needles"] else needles
+        limit = model.max_tokens
+        top = options.max_tokens or min(DEFAULT_MAX_TOKENS, limit or DEFAULT_MAX_TOKENS)
+        lengths = params["lengths"] or sorted({top // 4, top // 2, top})
+        for n in lengths:
+            if limit is not None and n + params["max_new_tokens"] > limit:
+                raise ValueError(f"a {n}-token context plus {params['max_new_tokens']} new tokens is longer than "
+                                 f"{model.name}'s context of {limit} tokens")
+        grid = [{"length": int(n), "depth": float(d), "needle_id": i, **vars(nd)}
+                for n in lengths for d in params["depths"] for i, nd in enumerate(needles)]
+        if options.samples is not None:
+            if options.samples > len(grid):
+                raise ValueError(f"--samples {options.samples}: the grid has {len(grid)} samples "
+                                 f"({len(lengths)} lengths × {len(params['depths'])} depths × {len(needles)} needles)")
+            keep = sorted(random.Random(options.seed).sample(range(len(grid)), options.samples))
+            grid = [grid[i] for i in keep]
+        return grid
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> pd.DataFrame:
+        inputs, span = niah_inputs(model, sample, params, options.seed)
+        steps: dict[int, dict[int, torch.Tensor]] = {}
+        rows = {"heads": None}
+
+        def probe(call):
+            st = call_stats(call, last_query=True, stats=("argmax",))
+            steps.setdefault(call.step, {})[call.layer] = st.argmax[0, :, 0].cpu()
+            rows["heads"] = call.heads
+        gen = greedy(model, inputs, params["max_new_tokens"], probe, backend=options.backend,
+                     layers=options.layers, heads=options.heads)
+        layers = sorted(steps[0])
+        argmax = torch.stack([torch.stack([steps[t][i] for i in layers]) for t in range(len(gen))])  # (T, L, H)
+        prompt = inputs["input_ids"][0].cpu()
+        score, copies = copy_scores(argmax, gen, prompt, span, params["score_rule"])
+        response = model.tokenizer.decode(gen, skip_special_tokens=True)
+        recall = rouge1_recall(sample["answer"], response)
+        heads = rows["heads"]
+        n_heads, n_kv = model.head_counts()
+        kv = heads // (n_heads // n_kv)
+        frames = [head_rows(layer, heads, kv, score=score[i].numpy(), copies=copies[i].numpy())
+                  for i, layer in enumerate(layers)]
+        out = pd.concat(frames, ignore_index=True)
+        info = {"length": sample["length"], "depth": sample["depth"], "needle": sample["needle_id"],
+                "n_tokens": prompt.numel(), "span_start": span[0], "span_end": span[1], "response": response,
+                "rouge1_recall": recall, "accepted": recall > ACCEPT_RECALL}
+        for k, v in reversed(info.items()):
+            out.insert(0, k, v)
+        return out
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        keys = ["layer", "head", "kv_head"]
+        accepted = samples[samples["accepted"]]
+        mean = accepted.groupby(keys, as_index=False)["score"].mean() if len(accepted) else None
+        heads = samples[keys].drop_duplicates().sort_values(keys, ignore_index=True)
+        if mean is None:
+            heads["retrieval_score"] = np.nan
+            return heads
+        return heads.merge(mean.rename(columns={"score": "retrieval_score"}), on=keys, how="left")
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame, options: Options,
+                 params: dict, progress: Progress) -> dict[str, pd.DataFrame]:
+        """The masking test: NIAH accuracy with the top-k heads knocked out against k random lower-ranked heads."""
+        n = len(heads)
+        ks = params["mask_k"] if params["mask_k"] is not None else [max(1, math.ceil(0.05 * n))]
+        if not ks or heads["retrieval_score"].isna().all():
+            return {}
+        ranked = heads.sort_values("retrieval_score", ascending=False, kind="stable", na_position="last")
+        pairs = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
+        excluded = min(100, n // 4)
+        base = samples.drop_duplicates("sample")
+        rows = [{"condition": "none", "k": 0, "mode": params["mask_mode"], "niah_score": 100 * base["rouge1_recall"].mean(),
+                 "accuracy": base["accepted"].mean(), "heads": ""}]
+        rng = random.Random(options.seed)
+        tests = []
+        for k in ks:
+            if k > n - excluded:
+                raise ValueError(f"mask_k {k}: only {n - excluded} heads lie outside the top {excluded} for the random control")
+            tests += [("top", k, pairs[:k]), ("random", k, rng.sample(pairs[excluded:], k))]
+        for condition, k, chosen in progress.bar(tests, desc="masking", leave=False):
+            recalls = []
+            for entry in (plan[i] for i in base["sample"]):
+                inputs, _ = niah_inputs(model, entry, params, options.seed)
+                with mask_heads(model, chosen, mode=params["mask_mode"]):
+                    gen = greedy(model, inputs, params["max_new_tokens"])
+                recalls.append(rouge1_recall(entry["answer"], model.tokenizer.decode(gen, skip_special_tokens=True)))
+            recalls = np.array(recalls)
+            rows.append({"condition": condition, "k": k, "mode": params["mask_mode"], "niah_score": 100 * recalls.mean(),
+                         "accuracy": float((recalls > ACCEPT_RECALL).mean()),
+                         "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
+        return {"masking": pd.DataFrame(rows)}
+
+    def report(self, result) -> list[str]:
+        heads, samples, p = result.heads, result.samples, result.meta["params"]
+        per = samples.drop_duplicates("sample")
+        lines = [f"{int(per['accepted'].sum())} of {len(per)} samples accepted (ROUGE-1 recall > {ACCEPT_RECALL}); "
+                 f"NIAH score {100 * per['rouge1_recall'].mean():.1f}"]
+        scored = heads["retrieval_score"].dropna()
+        if len(scored):
+            n_ret = int((scored > p["threshold"]).sum())
+            lines.append(f"retrieval heads (score > {p['threshold']}): {n_ret} of {len(heads)} "
+                         f"({100 * n_ret / len(heads):.1f} %); {100 * (scored == 0).mean():.1f} % of heads score 0")
+        masking = result.tables.get("masking")
+        if masking is not None:
+            lines.append("masking test (" + str(masking["mode"].iloc[0]) + "): " + " · ".join(
+                f"{r.condition}{'' if r.condition == 'none' else f'-{r.k}'} {r.niah_score:.1f}"
+                for r in masking.itertuples()))
+        return lines
+
+
+def niah_inputs(model: Model, sample: dict, params: dict, seed: int) -> tuple[dict, tuple[int, int]]:
+    """(model inputs, answer span (start, end) in the prompt's tokens) of one NIAH sample."""
+    needle = Needle(sample["needle"], sample["question"], sample["answer"])
+    sentences = file_sentences(params["haystack"]) if params["haystack"] else filler_sentences(seed)
+    prompt = build_prompt(model.tokenizer, needle, sample["length"], sample["depth"], sentences, params["template"])
+    add_special = params["template"] is not None or not getattr(model.tokenizer, "chat_template", None)
+    inputs = model.prepare(prompt, add_special_tokens=add_special)
+    return inputs, locate_answer(model.tokenizer, inputs["input_ids"][0].cpu(), needle.answer)
+
+
+def copy_scores(argmax: torch.Tensor, generated: torch.Tensor, prompt: torch.Tensor, span: tuple[int, int],
+                rule: str = "code") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head copy-paste scores of one sample from each step's argmax keys.
+
+    argmax: (T, L, H) key index of each head's attention maximum at step t (the step producing generated[t]).
+    Returns (score, copies), each (L, H): copies counts the steps where the head's argmax lies in the span and
+    holds the token just generated; score = copies / |span| ("code"), or the distinct span positions so
+    copied / |span| ("paper")."""
+    start, end = span
+    inside = (argmax >= start) & (argmax < end)
+    token_there = prompt[argmax.clamp(0, prompt.numel() - 1)]
+    hit = inside & (token_there == generated[:, None, None])
+    copies = hit.sum(0)
+    if rule == "code":
+        return copies.double() / (end - start), copies
+    positions = torch.where(hit, argmax, -1)
+    distinct = torch.tensor([[len(set(positions[:, i, h].tolist()) - {-1}) for h in range(argmax.shape[2])]
+                             for i in range(argmax.shape[1])])
+    return distinct.double() / (end - start), copies
+
+
+def paper_scores(eager: Model, inputs: dict, span: tuple[int, int], max_new_tokens: int = 50
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference code's procedure, literally: prefill all but the last prompt token, then decode one token
+    at a time with `output_attentions=True`, and for each layer and head take the top-1 key of the current
+    query's attention row. `eager` must run eager attention. Returns (scores (L, H), generated ids (T,));
+    decoding stops after a newline or end of sequence, as in `greedy`."""
+    ids = inputs["input_ids"]
+    prompt = ids[0]
+    start, end = span
+    eos = _eos_ids(eager)
+    n_layers, (n_heads, _) = eager.n_layers(), eager.head_counts()
+    score = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    out = []
+    with torch.no_grad():
+        past = eager.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        inp = ids[:, -1]
+        for _ in range(max_new_tokens):
+            step = eager.hf(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
+            past = step.past_key_values
+            inp = step.logits[0, -1].argmax()
+            out.append(int(inp))
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    _, idx = step.attentions[layer][0][head][-1].topk(1)
+                    for i in idx:
+                        if start <= i < end and int(inp) == int(prompt[i]):
+                            score[layer, head] += 1 / (end - start)
+                            break
+            if ends_line(eager.tokenizer, int(inp)) or int(inp) in eos:
+                break
+    return score, torch.tensor(out)
