@@ -90,7 +90,7 @@ class Retrieval(Analysis):
         "max_new_tokens": 50,
         "threshold": 0.1,
         "score_rule": "code",   # "code": +1/|span| per copying step; "paper": distinct span positions copied
-        "mask_k": None,         # head counts for the masking test (default: 5 % of the scored heads; [] skips it)
+        "mask_k": None,         # head counts for the masking test (default: 5 % of the scored heads; [] or [0] skips it)
         "mask_mode": "uniform",  # "uniform" (the paper's masking) or "zero" (zero-ablation)
     }
 
@@ -174,7 +174,7 @@ class Retrieval(Analysis):
                  params: dict, progress: Progress) -> dict[str, pd.DataFrame]:
         """The masking test: NIAH accuracy with the top-k heads knocked out against k random lower-ranked heads."""
         n = len(heads)
-        ks = params["mask_k"] if params["mask_k"] is not None else [max(1, math.ceil(0.05 * n))]
+        ks = [k for k in params["mask_k"] if k > 0] if params["mask_k"] is not None else [max(1, math.ceil(0.05 * n))]
         if not ks or heads["retrieval_score"].isna().all():
             return {}
         ranked = heads.sort_values("retrieval_score", ascending=False, kind="stable", na_position="last")

@@ -20,6 +20,37 @@ from .store import Store
 DEFAULT_TOP = 10
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from None
+
+
+# Analysis parameters settable from the command line: (flag, parameter, type, metavar, help).
+PARAM_FLAGS = (
+    ("--prompts", "prompts", str, "FILE", "summary: prompts file, one per line (or .jsonl with \"text\")"),
+    ("--lengths", "lengths", _ints, "N,N", "retrieval: context lengths in tokens, e.g. 1000,2000,4000"),
+    ("--depths", "depths", _floats, "P,P", "retrieval: needle depths in percent (default 0,25,50,75,100)"),
+    ("--needles", "needles", str, "FILE", "retrieval: JSONL file of {\"needle\", \"question\", \"answer\"}"),
+    ("--n-needles", "n_needles", int, "N", "retrieval: use the first N needles"),
+    ("--haystack", "haystack", str, "FILE", "retrieval: text file for the haystack (default: generated filler)"),
+    ("--template", "template", str, "TEXT", "retrieval: prompt with {context} and {question} (default: chat template)"),
+    ("--max-new-tokens", "max_new_tokens", int, "N", "retrieval: longest answer (default 50)"),
+    ("--threshold", "threshold", float, "X", "retrieval: retrieval-head threshold (default 0.1)"),
+    ("--score-rule", "score_rule", str, "RULE", "retrieval: code (default) or paper"),
+    ("--mask-k", "mask_k", _ints, "K,K", "retrieval: head counts for the masking test (default 5 %% of heads; 0 skips)"),
+    ("--mask-mode", "mask_mode", str, "MODE", "retrieval: uniform (default) or zero"),
+)
+
+
 class UsageError(ValueError):
     """A malformed command line: exit code 2."""
 
@@ -112,7 +143,7 @@ def _score(args) -> int:
         raise UsageError(str(e)) from None
     if not analyses:
         raise UsageError(f"--analysis: name at least one of {', '.join(ANALYSES)}")
-    given = {k: v for k, v in {"prompts": args.prompts}.items() if v is not None}
+    given = {param: getattr(args, param) for _, param, *_ in PARAM_FLAGS if getattr(args, param) is not None}
     for key in given:
         if not any(key in a.params for a in analyses):
             raise UsageError(f"--{key} applies to none of {', '.join(names)}")
@@ -220,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="finish the newest incomplete run with the same settings, or the run RUN")
-    p.add_argument("--prompts", metavar="FILE", help="summary: prompts, one per line (or .jsonl with \"text\")")
+    for flag, param, kind, metavar, text in PARAM_FLAGS:
+        p.add_argument(flag, dest=param, type=kind, metavar=metavar, help=text)
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
     p.set_defaults(func=_score)
