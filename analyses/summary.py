@@ -63,7 +63,15 @@ class Summary(Analysis):
     }
     params = {"prompts": None}
 
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["prompts"]:  # absolute, so that a run resumed from another directory matches
+            p["prompts"] = str(Path(p["prompts"]).expanduser().resolve())
+        return p
+
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        if options.max_tokens is not None and not 2 <= options.max_tokens <= (model.max_tokens or options.max_tokens):
+            raise ValueError(f"--max-tokens {options.max_tokens}: give 2..{model.max_tokens} for {model.name}")
         texts = read_prompts(params["prompts"]) if params["prompts"] else list(TEXTS)
         n = options.samples if options.samples is not None else len(texts)
         if not 1 <= n <= len(texts):
@@ -100,6 +108,8 @@ class Summary(Analysis):
 
     def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
         scored = samples[samples["n_queries"] > 0]
+        if scored.empty:
+            raise ValueError("no sample has a query to score: every prompt is a single token")
         weights = scored["n_queries"]
         cols = list(self.scores)
         weighted = scored[cols].mul(weights, axis=0)

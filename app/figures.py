@@ -14,6 +14,8 @@ def head_map(heads: pd.DataFrame, score: str, *, title: str | None = None) -> go
     """Layer × head heatmap of one score column of a heads table (`layer`, `head`, `kv_head`, scores).
 
     Hover shows layer, head, KV head and value; heads not in the table are blank."""
+    if heads.empty:
+        raise ValueError("the heads table is empty: nothing to plot")
     if score not in heads.columns:
         raise ValueError(f"no score {score!r} in this table; it has: {', '.join(score_columns(heads))}")
     n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1

@@ -61,6 +61,8 @@ def _indices(text: str, what: str) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
+            if sep and int(hi) < int(lo):
+                raise ValueError
             out += range(int(lo), int(hi) + 1) if sep else [int(lo)]
     except ValueError:
         raise UsageError(f"--{what} {text!r}: give indices and ranges such as 0-3,7") from None
@@ -90,11 +92,10 @@ def _models(args) -> int:
 def run_json(result: ScoreResult, top: int) -> dict:
     """The stable JSON description of a run (what `score --json` and `show --json` print)."""
     m = result.meta
-    n_done = int(result.samples["sample"].nunique()) if len(result.samples) else 0
     return {
         "id": result.id, "path": str(result.path) if result.path else None, "status": result.status,
         "analysis": result.analysis, "model": m["model"], "options": m["options"], "params": m["params"],
-        "samples": len(m["plan"]), "samples_done": n_done, "started": m.get("started"), "finished": m.get("finished"),
+        "samples": len(m["plan"]), "samples_done": result.samples_done, "started": m.get("started"), "finished": m.get("finished"),
         "scores": m["scores"],
         "top": {s: _ranked(result, s, top) for s in result.scores},
         "report": _analysis(result).report(result) if result.status == "complete" else [],
@@ -117,9 +118,8 @@ def print_tables(result: ScoreResult, top: int) -> None:
     """The ranked table of the top heads for each score."""
     m = result.meta
     model = m["model"]
-    done = int(result.samples["sample"].nunique()) if len(result.samples) else 0
     print(f"{result.analysis} · {model['name']} ({model['family']}, {model['n_layers']} layers × {model['n_heads']} "
-          f"heads, {model['n_kv_heads']} KV heads) · {done}/{len(m['plan'])} samples · {result.status}")
+          f"heads, {model['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · {result.status}")
     for score, meaning in m["scores"].items():
         rows = _ranked(result, score, top)
         width = max(10, len(score))
@@ -297,11 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interp: interrupted; the run stays incomplete: run the same command with --resume to finish it",
-              file=sys.stderr)
+        print("interp: interrupted; a run already started stays incomplete: run the same command with --resume "
+              "to finish it", file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError) as e:
         print(f"interp: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else (a device torch lacks, a library's own error): a message, not a traceback
+        print(f"interp: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

@@ -45,6 +45,11 @@ class ScoreResult:
         return self.meta.get("status", "complete")
 
     @property
+    def samples_done(self) -> int:
+        """How many of the planned samples are in `samples`."""
+        return int(self.samples["sample"].nunique()) if len(self.samples) else 0
+
+    @property
     def scores(self) -> list[str]:
         """The score columns, in the analysis's order."""
         return list(self.meta["scores"])
@@ -100,7 +105,7 @@ class ScoreResult:
 
 def list_runs(store: str | os.PathLike | Store | None = None) -> list[RunInfo]:
     """Every run in a store, newest first; broken runs are listed with status "corrupt" and the reason."""
-    return _store(store).runs()
+    return as_store(store).runs()
 
 
 def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = None) -> ScoreResult:
@@ -108,7 +113,7 @@ def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = N
     samples it has finished (status "incomplete"). CorruptRunError when its files cannot be read."""
     from interp.analyses import ANALYSES
 
-    path = _store(store).find(run)
+    path = as_store(store).find(run)
     meta = read_meta(path)
     if meta["status"] == "complete":
         tables = {name: read_table(path, f"{name}.parquet") for name in meta.get("tables", [])}
@@ -125,5 +130,8 @@ def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = N
     return ScoreResult(meta, heads, samples, path)
 
 
-def _store(store) -> Store:
-    return store if isinstance(store, Store) else Store(store)
+def as_store(store: str | os.PathLike | Store | bool | None) -> Store:
+    """A Store from a directory, a Store, or None / True (the default store)."""
+    if isinstance(store, Store):
+        return store
+    return Store(None if store is None or store is True else store)

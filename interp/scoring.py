@@ -15,7 +15,7 @@ import transformers
 
 from .models import Model, load_model
 from .progress import QUIET, Progress
-from .results import ScoreResult
+from .results import ScoreResult, as_store
 from .store import RunWriter, Store, StoreError
 
 
@@ -50,7 +50,7 @@ def score(
 
     an = get_analysis(analysis)
     bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
-    runs = Store() if store is True else store if isinstance(store, Store) else Store(store) if store else None
+    runs = as_store(store) if store is not None and store is not False else None
     if resume and runs is None:
         raise ValueError("resume needs a store to resume from: give store=")
     if runs is not None:
@@ -122,12 +122,18 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
 
 def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:
     """The newest incomplete, unlocked run of the same analysis, model, options and parameters."""
+    from interp.analyses import Options
+
     for info in runs.runs():
         m = info.meta
-        if (info.status == "incomplete" and m["analysis"] == analysis and m["model"] == identity
-                and m["options"] == options.to_json() and m["params"] == params):
-            writer = runs.reopen(info.id)
-            return writer
+        if info.status != "incomplete" or m["analysis"] != analysis or m["model"] != identity or m["params"] != params:
+            continue
+        try:
+            if Options.from_json(m["options"]) != options:
+                continue
+            return runs.reopen(info.id)
+        except (TypeError, StoreError):  # options of another version, or taken / finished meanwhile
+            continue
     return None
 
 

@@ -8,7 +8,7 @@
         <name>.parquet    an analysis's extra tables, listed in meta["tables"] (e.g. retrieval's masking test)
         parts/            one Parquet file per finished sample while the run is incomplete (what --resume keeps)
         arrays/*.safetensors  optional arrays (pooled maps, head outputs)
-        lock              present while a process writes the run (its pid and host)
+        lock              flock-ed by the process writing the run (its pid and host inside, for people)
 
 Every file is written to a temporary name and renamed into place, so a reader sees a whole file or none.
 Run ids start with the UTC start time, so they sort by age, and end with random hex, so two runs started in
@@ -17,6 +17,7 @@ the same second never clash (the directory is created exclusively).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -86,16 +87,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class RunInfo:
     """One line of a listing: what can be said of a run directory, even a broken one."""
@@ -136,15 +127,31 @@ def _part_indices(path: Path) -> set[int]:
     return {int(p.stem[7:]) for p in parts.glob("sample-*.parquet") if p.stem[7:].isdigit()}
 
 
-def _lock_owner(path: Path) -> dict | None:
-    """The live process holding a run's lock, or None (no lock, or its process is gone)."""
+def _take_lock(path: Path) -> int | None:
+    """An open descriptor holding the run's exclusive lock (`flock`: the kernel drops it when the process dies),
+    or None when another process holds it."""
+    fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        owner = json.loads((path / "lock").read_text())
-    except (OSError, ValueError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return None
-    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
-        return None
-    return owner
+    return fd
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether some process is writing the run now."""
+    if not (path / "lock").exists():
+        return False
+    try:
+        fd = _take_lock(path)
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return False
 
 
 def read_meta(path: Path) -> dict:
@@ -161,6 +168,13 @@ def read_meta(path: Path) -> dict:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise CorruptRunError(f"run {path.name}: meta.json lacks {', '.join(missing)}")
+    types = {"id": str, "status": str, "analysis": str, "model": dict, "options": dict, "params": dict, "plan": list,
+             "started": str, "scores": dict, "tables": list}
+    wrong = [k for k, t in types.items() if k in meta and not isinstance(meta[k], t)]
+    if wrong or not isinstance(meta["model"].get("name"), str):
+        raise CorruptRunError(f"run {path.name}: meta.json has malformed {', '.join(wrong) or 'model name'}")
+    if any(not isinstance(t, str) or not t.isidentifier() for t in meta.get("tables", [])):
+        raise CorruptRunError(f"run {path.name}: meta.json lists malformed table names")
     if meta["format"] != FORMAT:
         raise CorruptRunError(f"run {path.name}: store format {meta['format']!r}, this interp reads format {FORMAT}")
     if meta["status"] not in ("complete", "incomplete"):
@@ -216,7 +230,7 @@ class Store:
                 out.append(RunInfo(path.name, path, "corrupt", error=str(e)))
                 continue
             status = meta["status"]
-            if status == "incomplete" and _lock_owner(path) is not None:
+            if status == "incomplete" and _is_locked(path):
                 status = "running"
             out.append(RunInfo(path.name, path, status, meta=meta, error=meta.get("error")))
         return sorted(out, key=lambda r: (r.started or "", r.id), reverse=True)
@@ -226,9 +240,12 @@ class Store:
         given = Path(run).expanduser()
         if given.is_dir() and (given / "meta.json").exists():
             return given
-        if (self.root / str(run)).is_dir():
-            return self.root / str(run)
-        matches = [p for p in self.root.glob(f"{run}*") if p.is_dir()] if self.root.is_dir() and str(run) else []
+        name = str(run)
+        if not name or "/" in name or os.sep in name or name.startswith("."):
+            raise RunNotFoundError(f"no run {name!r}: give a run id, a unique prefix of one, or a run directory")
+        if (self.root / name).is_dir():
+            return self.root / name
+        matches = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(name)] if self.root.is_dir() else []
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -236,33 +253,42 @@ class Store:
         raise RunNotFoundError(f"no run {str(run)!r} in {self.root} (see `interp runs --store {self.root}`)")
 
     def create(self, meta: dict, slug: str) -> RunWriter:
-        """A new run directory (exclusively created) holding `meta` with status "incomplete", locked."""
+        """A new run holding `meta` with status "incomplete", locked. It is built in a hidden directory (created
+        exclusively) and renamed into place, so listings never see a run without its meta.json."""
         self.check_writable()
         for _ in range(100):
             run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{slug}-{secrets.token_hex(3)}"
-            path = self.root / run_id
+            building = self.root / f".{run_id}.new"
+            if (self.root / run_id).exists():
+                continue
             try:
-                path.mkdir()
+                building.mkdir()
                 break
             except FileExistsError:
                 continue
         else:  # pragma: no cover - 100 collisions of 24 random bits
             raise StoreError(f"could not create a fresh run directory in {self.root}")
-        writer = RunWriter(path)
+        writer = RunWriter(building)
         writer.lock()
         writer.meta = {"format": FORMAT, "id": run_id, "status": "incomplete", **meta, "started": _now(),
                        "finished": None, "error": None}
         writer.save_meta()
+        os.rename(building, self.root / run_id)  # the lock's descriptor stays valid
+        writer.path = self.root / run_id
         return writer
 
     def reopen(self, run: str | os.PathLike) -> RunWriter:
         """An incomplete run, locked for this process to finish."""
         path = self.find(run)
-        meta = read_meta(path)
-        if meta["status"] == "complete":
-            raise StoreError(f"run {path.name} is already complete; nothing to resume")
         writer = RunWriter(path)
         writer.lock()
+        try:
+            meta = read_meta(path)  # read under the lock: another writer may have just finished it
+            if meta["status"] == "complete":
+                raise StoreError(f"run {path.name} is already complete; nothing to resume")
+        except StoreError:
+            writer.unlock()
+            raise
         writer.meta = meta
         return writer
 
@@ -273,29 +299,25 @@ class RunWriter:
     def __init__(self, path: Path):
         self.path = path
         self.meta: dict = {}
-        self._locked = False
+        self._lock_fd: int | None = None
 
     @property
     def id(self) -> str:
         return self.path.name
 
     def lock(self) -> None:
-        owner = _lock_owner(self.path)
-        if owner is not None:
-            raise StoreError(f"run {self.id} is being written by process {owner.get('pid')} on {owner.get('host')}")
-        (self.path / "lock").unlink(missing_ok=True)  # a stale lock from a process that is gone
-        try:
-            fd = os.open(self.path / "lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError as e:
-            raise StoreError(f"run {self.id} is being written by another process") from e
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}, f)
-        self._locked = True
+        fd = _take_lock(self.path)
+        if fd is None:
+            raise StoreError(f"run {self.id} is being written by another process")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode())
+        self._lock_fd = fd
 
     def unlock(self) -> None:
-        if self._locked:
-            (self.path / "lock").unlink(missing_ok=True)
-            self._locked = False
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def save_meta(self) -> None:
         write_json(self.path / "meta.json", self.meta)
@@ -334,3 +356,4 @@ class RunWriter:
         self.meta.update(status="complete", finished=_now(), error=None, tables=sorted(tables))
         self.save_meta()  # the rename that makes the run complete
         shutil.rmtree(self.path / "parts", ignore_errors=True)
+        (self.path / "lock").unlink(missing_ok=True)  # a later writer re-reads meta under its lock and stops

@@ -50,8 +50,8 @@ def test_json_is_stable_and_alone_on_stdout(capsys, tmp_path):
     assert code == 0
     doc = json.loads(out)
     [r] = doc["runs"]
-    assert set(r) == {"id", "path", "status", "analysis", "model", "options", "params", "samples", "samples_done",
-                      "started", "finished", "scores", "top"}
+    assert set(r) >= {"id", "path", "status", "analysis", "model", "options", "params", "samples", "samples_done",
+                      "started", "finished", "scores", "top", "report", "tables"}
     assert r["status"] == "complete" and r["samples"] == r["samples_done"] == 2
     assert set(r["top"]) == set(r["scores"]) == {"entropy", "max_prob", "distance", "first_token_mass"}
     assert [set(x) for x in r["top"]["entropy"]] == [{"rank", "layer", "head", "kv_head", "value"}] * 2
@@ -157,3 +157,24 @@ def test_console_script_is_quiet_when_not_a_terminal(tmp_path):
     assert "\r" not in proc.stderr and "it/s" not in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "interp.cli", "score", "--analysis", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "known analyses" in bad.stderr and bad.stdout == ""
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, "score", *SMALL, "--out", str(tmp_path))
+    assert code == 0 and "summary: samples" in err and "layers" in err
+    code, out, err = run(capsys, "score", *SMALL, "--out", str(tmp_path), "--json")
+    assert code == 0 and err == "" and json.loads(out)
+
+
+def test_resume_matches_a_run_scored_on_chosen_layers_and_heads(capsys, tmp_path, monkeypatch):
+    from interp.analyses.summary import Summary
+
+    original = Summary.score_sample
+    monkeypatch.setattr(Summary, "score_sample", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["score", *SMALL, "--layers", "1-2", "--heads", "0,3", "--out", str(tmp_path)]
+    assert run(capsys, *argv)[0] == 1
+    monkeypatch.setattr(Summary, "score_sample", original)
+    [info] = interp.list_runs(tmp_path)
+    code, out, _ = run(capsys, *argv, "--resume")
+    assert code == 0 and f"run {info.id}" in out and len(interp.list_runs(tmp_path)) == 1
