@@ -212,6 +212,16 @@ class Retrieval(Analysis):
             n_ret = int((scored > p["threshold"]).sum())
             lines.append(f"retrieval heads (score > {p['threshold']}): {n_ret} of {len(heads)} "
                          f"({100 * n_ret / len(heads):.1f} %); {100 * (scored == 0).mean():.1f} % of heads score 0")
+        for length, group in samples.groupby("length"):  # the same, per context length
+            ok = group[group["accepted"]]
+            n_ok = ok["sample"].nunique()
+            share = ""
+            if n_ok:
+                per_head = ok.groupby(["layer", "head"])["score"].mean()
+                best = per_head.sort_values(ascending=False).head(3)
+                share = (f"; heads > {p['threshold']}: {100 * (per_head > p['threshold']).mean():.1f} %; top "
+                         + ", ".join(f"{layer}-{head} ({v:.2f})" for (layer, head), v in best.items()))
+            lines.append(f"  {length} tokens: {n_ok}/{group['sample'].nunique()} accepted{share}")
         masking = result.tables.get("masking")
         if masking is not None:
             lines.append("masking test (" + str(masking["mode"].iloc[0]) + "): " + " · ".join(
