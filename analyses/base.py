@@ -9,6 +9,7 @@ per score).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -98,6 +99,15 @@ class Analysis:
     def report(self, result) -> list[str]:
         """Lines the CLI prints under the ranked tables (a `ScoreResult`'s headline numbers)."""
         return []
+
+
+def read_user_file(path: str | Path, what: str) -> str:
+    """The text of a file the user named (prompts, haystack, needles), with a clear error when it cannot be read."""
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {what} from {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def head_rows(layer: int, heads, kv_heads, **columns) -> pd.DataFrame:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .base import read_user_file
+
 
 @dataclass(frozen=True)
 class Needle:
@@ -64,11 +66,7 @@ def filler_sentences(seed: int):
 
 def file_sentences(path: str | Path) -> list[str]:
     """The sentences of a text file (split after . ! ? followed by white space)."""
-    path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read the haystack {path}: {e.strerror or e}") from e
+    text = read_user_file(path, "the haystack")
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s.strip()]
     if not sentences:
         raise ValueError(f"the haystack {path} holds no text")
@@ -77,11 +75,7 @@ def file_sentences(path: str | Path) -> list[str]:
 
 def read_needles(path: str | Path) -> list[Needle]:
     """Needles from JSON lines: {"needle": ..., "question": ..., "answer": ...}, the answer a part of the needle."""
-    path = Path(path).expanduser()
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as e:
-        raise ValueError(f"cannot read needles from {path}: {e.strerror or e}") from e
+    lines = [line for line in read_user_file(path, "needles").splitlines() if line.strip()]
     out = []
     for n, line in enumerate(lines, 1):
         try:

@@ -20,7 +20,7 @@ from interp.kernels import call_stats
 from interp.models import Model
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, head_rows, read_user_file
 from .texts import TEXTS
 
 DEFAULT_MAX_TOKENS = 512
@@ -29,11 +29,7 @@ DEFAULT_MAX_TOKENS = 512
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSON lines with a "text" field (`.jsonl`), else one prompt per non-empty line."""
     path = Path(path).expanduser()
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read prompts from {path}: {e.strerror or e}") from e
-    lines = [line for line in raw.splitlines() if line.strip()]
+    lines = [line for line in read_user_file(path, "prompts").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(lines, 1):

@@ -20,18 +20,17 @@ from .store import Store
 DEFAULT_TOP = 10
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers") from None
+def _list_of(kind):
+    """An argparse type for comma-separated values of `kind`."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated {kind.__name__} values") from None
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from None
+_ints, _floats = _list_of(int), _list_of(float)
 
 
 # Analysis parameters settable from the command line: (flag, parameter, type, metavar, help).
