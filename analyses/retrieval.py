@@ -133,12 +133,10 @@ class Retrieval(Analysis):
                      progress: Progress) -> pd.DataFrame:
         inputs, span = niah_inputs(model, sample, params, options.seed)
         steps: dict[int, dict[int, torch.Tensor]] = {}
-        rows = {"heads": None}
 
         def probe(call):
             st = call_stats(call, last_query=True, stats=("argmax",))
             steps.setdefault(call.step, {})[call.layer] = st.argmax[0, :, 0].cpu()
-            rows["heads"] = call.heads
         gen = greedy(model, inputs, params["max_new_tokens"], probe, backend=options.backend,
                      layers=options.layers, heads=options.heads)
         layers = sorted(steps[0])
@@ -147,8 +145,8 @@ class Retrieval(Analysis):
         score, copies = copy_scores(argmax, gen, prompt, span, params["score_rule"])
         response = model.tokenizer.decode(gen, skip_special_tokens=True)
         recall = rouge1_recall(sample["answer"], response)
-        heads = rows["heads"]
         n_heads, n_kv = model.head_counts()
+        heads = torch.tensor(sorted(set(options.heads))) if options.heads is not None else torch.arange(n_heads)  # as captured
         kv = heads // (n_heads // n_kv)
         frames = [head_rows(layer, heads, kv, score=score[i].numpy(), copies=copies[i].numpy())
                   for i, layer in enumerate(layers)]
