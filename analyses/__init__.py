@@ -2,9 +2,10 @@
 
 from .base import Analysis, NotApplicableError, Options
 from .retrieval import Retrieval
+from .sinks import Sinks
 from .summary import Summary
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval())}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks())}
 
 
 def get_analysis(name: str) -> Analysis:

@@ -60,6 +60,7 @@ class Analysis:
     kinds: ClassVar[tuple[str, ...]]         # family kinds it applies to: "llm", "encoder", "vit", "lvlm"
     scores: ClassVar[dict[str, str]]         # score column -> what it means (the heads table's columns, in order)
     params: ClassVar[dict[str, Any]] = {}    # analysis-specific parameters -> defaults (JSON values)
+    sample_tables: ClassVar[tuple[str, ...]] = ()  # names of the per-sample tables score_sample may return
 
     def check(self, model: Model) -> None:
         """Raise NotApplicableError when the model's family is not one this analysis supports."""
@@ -77,13 +78,18 @@ class Analysis:
             raise ValueError(f"analysis {self.name!r} has no parameter {', '.join(sorted(unknown))} (it has: {known})")
         return {**self.params, **params}
 
+    def score_columns(self, model: Model, params: dict) -> dict[str, str]:
+        """The heads table's score columns for this model and parameters (default: all of `scores`)."""
+        return dict(self.scores)
+
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         """The samples to score, as JSON-able dicts (deterministic given options.seed)."""
         raise NotImplementedError
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
-                     progress: Progress) -> pd.DataFrame:
-        """Per-head rows for one sample: `layer`, `head`, `kv_head`, and the analysis's per-sample columns."""
+                     progress: Progress) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Per-head rows for one sample: `layer`, `head`, `kv_head`, and the analysis's per-sample columns; or a
+        dict with those rows under "samples" and per-sample tables (named in `sample_tables`) beside them."""
         raise NotImplementedError
 
     def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
@@ -91,9 +97,11 @@ class Analysis:
         raise NotImplementedError
 
     def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
-                 options: Options, params: dict, progress: Progress) -> dict[str, pd.DataFrame]:
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Extra tables computed once every sample is scored (e.g. an intervention test), stored as
-        `<name>.parquet`. Redone as a whole when a run resumes."""
+        `<name>.parquet` beside the per-sample tables (`extras`, all samples concatenated, stored as they are).
+        Redone as a whole when a run resumes."""
         return {}
 
     def report(self, result) -> list[str]:

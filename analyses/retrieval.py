@@ -169,7 +169,7 @@ class Retrieval(Analysis):
         return heads.merge(mean.rename(columns={"score": "retrieval_score"}), on=keys, how="left")
 
     def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame, options: Options,
-                 params: dict, progress: Progress) -> dict[str, pd.DataFrame]:
+                 params: dict, progress: Progress, extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """The masking test: NIAH accuracy with the top-k heads knocked out against k random lower-ranked heads."""
         n = len(heads)
         ks = [k for k in params["mask_k"] if k > 0] if params["mask_k"] is not None else [max(1, math.ceil(0.05 * n))]

@@ -18,12 +18,14 @@ import copy
 import re
 import weakref
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 
 import torch
 
 from interp.models import Model
 
 from .capture import Probe, Site, capture, session
+from .var import VAR, redistribute_visual_attention
 
 BACKENDS = ("hf", "transformer-lens", "nnsight")
 
@@ -63,17 +65,24 @@ def generate(
     layers: Iterable[int] | None = None,
     heads: Sequence[int] | None = None,
     keep: Iterable[str] = ("q", "k"),
+    var: VAR | None = None,
     **generate_kwargs,
 ) -> torch.Tensor:
     """Greedy generation (unless `generate_kwargs` say otherwise) with a KV cache, streaming calls to `probe`:
-    step 0 is the prompt, each later step one query against all cached keys. Returns (B, N + new) token ids."""
+    step 0 is the prompt, each later step one query against all cached keys. Returns (B, N + new) token ids.
+    var: Visual Attention Redistribution settings (`interp.hooks.VAR`, vision-language models, backend "hf")."""
     n_prompt = inputs["input_ids"].shape[-1]
     model.check_length(n_prompt + max_new_tokens)
     opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
     kwargs = {"do_sample": False, **generate_kwargs, "max_new_tokens": max_new_tokens}
+    if var is not None and backend != "hf":
+        raise ValueError(f"VAR runs through backend 'hf', not {backend!r}")
     with torch.no_grad():
         if backend == "hf":
-            with capture(model, probe, **opts):
+            with ExitStack() as stack:
+                if var is not None:
+                    stack.enter_context(redistribute_visual_attention(model, inputs, var))
+                stack.enter_context(capture(model, probe, **opts))
                 return model.hf.generate(**inputs, **kwargs)
         _check_backend_tower(model, backend, tower)
         if backend == "nnsight":

@@ -130,7 +130,11 @@ def _wrap(original: Callable | None) -> Callable:
         if knockout is not None and knockout.mode == "uniform":
             query = query.clone()
             query[:, knockout.heads.to(query.device)] = 0
-        out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        redistribute = module.__dict__.get("_interp_redistribute")
+        if redistribute is not None:  # an intervention that rewrites the probabilities (hooks.var)
+            out, weights = redistribute(_eager_of(module), module, query, key, value, attention_mask, *args, **kwargs)
+        else:
+            out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
         if knockout is not None and knockout.mode == "zero":
             out = out.clone()
             out[:, :, knockout.heads.to(out.device)] = 0
@@ -143,7 +147,7 @@ def _wrap(original: Callable | None) -> Callable:
     return attention
 
 
-def _install() -> None:
+def install() -> None:
     global _depth
     with _lock:
         if _depth == 0:
@@ -156,7 +160,7 @@ def _install() -> None:
         _depth += 1
 
 
-def _uninstall() -> None:
+def uninstall() -> None:
     global _depth
     with _lock:
         _depth -= 1
@@ -305,7 +309,7 @@ def capture(
         for i in s.layers:
             if "_interp_site" in modules[i].__dict__:
                 raise RuntimeError(f"{s.tower.name} layer {i} of {model.name} is already being captured")
-        _install()
+        install()
         try:
             for i in s.layers:
                 modules[i].__dict__["_interp_site"] = Site(s, s.tower, i)
@@ -313,7 +317,38 @@ def capture(
         finally:
             for i in s.layers:
                 modules[i].__dict__.pop("_interp_site", None)
-            _uninstall()
+            uninstall()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The residual stream
+
+
+ResidualProbe = Callable[[int, Tensor], None]
+
+
+@contextmanager
+def capture_residual(model: Model, probe: ResidualProbe, *, tower: str | None = None,
+                     layers: Iterable[int] | None = None):
+    """Stream the residual stream leaving chosen blocks while the model runs: `probe(layer, hidden)` with hidden
+    (B, N, D), the output of block `layer` (= the stream entering layer + 1), inside the forward. Composes with
+    `capture` (the same forward can feed both)."""
+    t = model.family.tower(tower)
+    chosen = check_layers(model, t, layers)
+    blocks = model.blocks(t.name)
+
+    def hook_for(i: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            probe(i, hidden if hidden.ndim == 3 else hidden[None])  # Qwen-VL's vision blocks drop the batch
+        return hook
+
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in chosen]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,7 +391,7 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     for i in layers:
         if "_interp_knockout" in modules[i].__dict__:
             raise RuntimeError(f"{t.name} layer {i} of {model.name} already has heads knocked out")
-    _install()
+    install()
     try:
         for i in layers:
             modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode)
@@ -364,4 +399,4 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     finally:
         for i in layers:
             modules[i].__dict__.pop("_interp_knockout", None)
-        _uninstall()
+        uninstall()

@@ -138,17 +138,27 @@ def resolve(root: nn.Module, path: str) -> nn.Module | None:
     return obj
 
 
-def attention_modules(model: nn.Module, family: Family, tower: Tower) -> list[nn.Module] | None:
-    """The attention module of each layer of `tower` in `model`, or None when the tower is absent."""
+def blocks(model: nn.Module, tower: Tower) -> tuple[str, nn.Module] | None:
+    """(path, ModuleList) of `tower`'s blocks in `model` (each block maps the residual stream to the next), or
+    None when the tower is absent."""
     for path in tower.layers:
         layers = resolve(model, path)
         if layers is not None:
-            for attention in tower.attention:
-                modules = [resolve(block, attention) for block in layers]
-                if all(m is not None and hasattr(m, "forward") for m in modules):
-                    return modules
-            raise UnsupportedFamilyError(
-                f"{family.name}: blocks at {path!r} have none of the attention modules {tower.attention}; "
-                "this version of transformers lays the model out differently"
-            )
+            return path, layers
     return None
+
+
+def attention_modules(model: nn.Module, family: Family, tower: Tower) -> list[nn.Module] | None:
+    """The attention module of each layer of `tower` in `model`, or None when the tower is absent."""
+    found = blocks(model, tower)
+    if found is None:
+        return None
+    path, layers = found
+    for attention in tower.attention:
+        modules = [resolve(block, attention) for block in layers]
+        if all(m is not None and hasattr(m, "forward") for m in modules):
+            return modules
+    raise UnsupportedFamilyError(
+        f"{family.name}: blocks at {path!r} have none of the attention modules {tower.attention}; "
+        "this version of transformers lays the model out differently"
+    )

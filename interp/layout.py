@@ -75,6 +75,15 @@ class TokenLayout:
         self.segments[rows, start:end] = self.id(name)
         return self.id(name)
 
+    def add_positions(self, name: str, positions: Tensor, batch: int = 0) -> int:
+        """Mark the positions where `positions` ((N,) bool) is True in one sample as segment `name`; returns its id."""
+        if positions.shape != self.segments.shape[1:]:
+            raise ValueError(f"positions must be ({self.segments.shape[1]},), got {tuple(positions.shape)}")
+        if name not in self.names:
+            self.names.append(name)
+        self.segments[batch, positions.to(self.segments.device)] = self.id(name)
+        return self.id(name)
+
     def add_text_span(self, name: str, text: str, input_ids: Tensor, tokenizer, batch: int = 0) -> int:
         """Mark the tokens of `text` (its first occurrence in sample `batch`) as segment `name`."""
         ids = input_ids[batch].tolist()

@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from .families import Family, Tower, attention_modules, family_for
+from .families import Family, Tower, attention_modules, blocks, family_for
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -137,6 +137,12 @@ class Model:
             present = [x.name for x in self.towers()]
             raise ValueError(f"{self.name}: this {type(self.hf).__name__} has no {t.name} tower; it has {present}")
         return modules
+
+    def blocks(self, tower: str | None = None) -> list:
+        """The blocks (transformer layers) of a tower: block i maps the residual stream entering layer i to the
+        stream entering layer i + 1."""
+        self.attention_modules(tower)  # the same clear error when the tower is absent
+        return list(blocks(self.hf, self.family.tower(tower))[1])
 
     def towers(self) -> list[Tower]:
         """The towers present in this model (a CLIPVisionModel has no text tower)."""

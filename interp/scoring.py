@@ -80,7 +80,7 @@ def score(
     if writer is None:
         torch.manual_seed(seed)
         plan = an.plan(model, options, params)
-        meta = {"analysis": an.name, "scores": an.scores, "model": identity, "options": options.to_json(),
+        meta = {"analysis": an.name, "scores": an.score_columns(model, params), "model": identity, "options": options.to_json(),
                 "params": params, "plan": plan, "versions": versions()}
         if runs is None:
             return _run(an, model, options, params, plan, bars, meta=meta)
@@ -90,7 +90,7 @@ def score(
 
 def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progress, *,
          writer: RunWriter | None = None, meta: dict | None = None) -> ScoreResult:
-    frames = []
+    frames, extra_frames = [], {}
     done = writer.done() if writer is not None else set()
     try:
         for i in bars.bar(range(len(plan)), desc=f"{an.name}: samples", total=len(plan), leave=False):
@@ -98,14 +98,20 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
                 continue
             torch.manual_seed(options.seed + i)
             rows = an.score_sample(model, plan[i], options, params, bars)
-            rows.insert(0, "sample", i)
+            rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
+            for table in (rows, *extras.values()):
+                table.insert(0, "sample", i)
             if writer is None:
                 frames.append(rows)
+                for name, table in extras.items():
+                    extra_frames.setdefault(name, []).append(table)
             else:
-                writer.write_sample(i, rows)
+                writer.write_sample(i, rows, extras)
         samples = pd.concat(frames, ignore_index=True) if writer is None else writer.samples()
+        extras = ({name: pd.concat(f, ignore_index=True) for name, f in extra_frames.items()} if writer is None
+                  else writer.sample_tables(an.sample_tables))
         heads = an.aggregate(samples, params)
-        tables = an.finalize(model, plan, samples, heads, options, params, bars)
+        tables = {**extras, **an.finalize(model, plan, samples, heads, options, params, bars, extras)}
         if writer is None:
             return ScoreResult({**meta, "status": "complete", "tables": sorted(tables)}, heads, samples, None, tables)
         writer.finish(heads, samples, tables)

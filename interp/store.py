@@ -6,7 +6,9 @@
         heads.parquet     one row per head: layer, head, kv_head, one column per score (complete runs)
         samples.parquet   one row per sample and head: the per-sample details (complete runs)
         <name>.parquet    an analysis's extra tables, listed in meta["tables"] (e.g. retrieval's masking test)
-        parts/            one Parquet file per finished sample while the run is incomplete (what --resume keeps)
+        parts/            Parquet files of each finished sample while the run is incomplete (what --resume keeps):
+                          sample-NNNNNN.parquet (its per-head rows, written last) and <name>-NNNNNN.parquet for
+                          an analysis's per-sample tables
         arrays/*.safetensors  optional arrays (pooled maps, head outputs)
         lock              flock-ed by the process writing the run (its pid and host inside, for people)
 
@@ -191,9 +193,10 @@ def read_table(path: Path, name: str) -> pd.DataFrame:
         raise CorruptRunError(f"run {path.name}: {name} cannot be read ({type(e).__name__}: {e})") from e
 
 
-def read_parts(path: Path) -> pd.DataFrame | None:
-    """The per-sample tables an incomplete run has finished, concatenated (None when there are none)."""
-    frames = [read_table(path, f"parts/{p.name}") for p in sorted((path / "parts").glob("sample-*.parquet"))]
+def read_parts(path: Path, name: str = "sample") -> pd.DataFrame | None:
+    """One per-sample table of the samples an incomplete run has finished, concatenated (None when none)."""
+    files = [p for p in sorted((path / "parts").glob(f"{name}-*.parquet")) if p.stem[len(name) + 1:].isdigit()]
+    frames = [read_table(path, f"parts/{p.name}") for p in files]
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -326,12 +329,22 @@ class RunWriter:
         """Indices of the samples already finished (their parts are on disk)."""
         return _part_indices(self.path)
 
-    def write_sample(self, index: int, rows: pd.DataFrame) -> None:
+    def write_sample(self, index: int, rows: pd.DataFrame, tables: dict[str, pd.DataFrame] | None = None) -> None:
+        """Save one finished sample: its per-head rows and its per-sample tables (the rows last: they mark it done)."""
         (self.path / "parts").mkdir(exist_ok=True)
+        for name, table in (tables or {}).items():
+            if not name.isidentifier() or name == "sample":
+                raise StoreError(f"malformed per-sample table name {name!r}")
+            write_parquet(self.path / "parts" / f"{name}-{index:06d}.parquet", table)
         write_parquet(self.path / "parts" / f"sample-{index:06d}.parquet", rows)
 
     def samples(self) -> pd.DataFrame | None:
         return read_parts(self.path)
+
+    def sample_tables(self, names) -> dict[str, pd.DataFrame]:
+        """The named per-sample tables of the finished samples, each concatenated (absent when no sample has one)."""
+        found = {name: read_parts(self.path, name) for name in names}
+        return {name: t for name, t in found.items() if t is not None}
 
     def write_arrays(self, name: str, tensors: dict) -> Path:
         """Save named tensors as `arrays/<name>.safetensors`."""

@@ -1,0 +1,574 @@
+"""`sinks`: attention sinks in LLMs, encoders, ViTs and vision-language models (REFERENCES.md §3).
+
+Per head and sample, from the kernels (nothing N×N): the attention each key receives, averaged over the
+queries that can see it (Gu et al.'s α_k = key_mass / key_count, the query's attention to itself included, as
+in their code); α of the first token; the largest α among keys that at least `any_min_queries` queries see (the
+any-token variant: a sink need not be first; the last keys, seen by a handful of queries, are left out because
+their mean is over too few rows); and the mean attention mass on segments (CLS, SEP, delimiters, registers,
+image tokens, ViT high-norm tokens, visual sink tokens).
+
+Sink_ε (Gu et al.): the percentage of (sample, layer, head) triples with α_first > ε (ε = 0.3). The default
+preset "gu" is their protocol: T = 64 tokens, 100 sequences of each input kind, natural text (the tokenizer's
+special tokens included), random tokens and one random token repeated (raw ids, no special tokens). Preset
+"long": T = min(8192, context), 4 natural sequences. `--max-tokens` / `--samples` override either.
+
+Massive activations (Sun et al.): per layer, the largest |x| of the residual stream leaving each block, their
+positions and dimensions, and the median |x|; massive = |x| > massive_min and ≥ massive_ratio × median.
+
+ViTs (Darcet et al.): per layer the norm of every output token; the high-norm threshold is fitted once per run
+at the valley of the final layer's bimodal log-norm distribution (a two-component Gaussian mixture; none when
+the distribution is not bimodal) before any sample is scored, and recorded in the plan; `high_norm_mass` is the
+attention each head pays to the high-norm patch tokens.
+
+Vision-language models (Kang et al.): sink dimensions from the first token's massive activations; φ(x) on the
+residual stream entering layers 2 … L − 1; visual sink tokens (φ > τ inside an image); per head, over the text
+queries after the image, the share of image attention on visual sinks and the rate of image-centric rows.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp.hooks import trace
+from interp.hooks.capture import capture_residual
+from interp.hooks.var import FIRST_SINK_LAYER, RULES, image_centric, massive_entries, phi
+from interp.kernels import call_stats
+from interp.layout import TokenLayout, token_layout
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .images import BUILTIN_IMAGES, image_files, load_image
+from .summary import read_prompts
+from .texts import TEXTS
+
+INPUT_KINDS = ("natural", "random", "repeated")
+PRESETS = {"gu": (64, 100), "long": (8192, 4)}  # (tokens, samples per input kind)
+DELIMITERS = frozenset(".,;:!?\n")
+DEFAULT_PROMPT = "Describe the image."
+SEGMENT_COLUMNS = {
+    "cls": "mean attention mass on [CLS]",
+    "sep": "mean attention mass on [SEP]",
+    "delimiter": "mean attention mass on delimiter tokens (. , ; : ! ? newline)",
+    "register": "mean attention mass on register tokens",
+    "high_norm": "mean attention mass on high-norm patch tokens (Darcet et al.)",
+    "image": "mean attention mass of the text queries after the image on image tokens",
+    "visual_sink": "mean attention mass of the text queries after the image on visual sink tokens",
+}
+
+
+class Sinks(Analysis):
+    name = "sinks"
+    description = "attention sinks: per-key attention received, Sink_ε, massive activations, visual sinks"
+    kinds = ("llm", "encoder", "vit", "lvlm")
+    scores = {
+        "first_token_mass": "α of the first token: attention it receives, averaged over the queries (natural input)",
+        "sink_rate": "% of natural samples with α_first > ε (Gu et al.'s Sink_ε for this head)",
+        "any_sink_rate": "% of natural samples where some key (seen by ≥ any_min_queries queries) has α > ε",
+        "sink_rate_random": "% of random-token samples with α_first > ε",
+        "sink_rate_repeated": "% of repeated-token samples with α_first > ε",
+        **{f"{k}_mass": v for k, v in SEGMENT_COLUMNS.items()},
+        "visual_sink_portion": "share of the image attention on visual sink tokens (text queries after the image)",
+        "image_centric_rate": "% of text queries after the image for which the head is image-centric (Kang et al.)",
+    }
+    params = {"preset": "gu", "inputs": None, "epsilon": 0.3, "any_min_queries": 16, "prompts": None,
+              "images": None, "prompt": DEFAULT_PROMPT, "top_activations": 8, "massive_min": 100.0,
+              "massive_ratio": 1000.0, "norm_threshold": None, "sink_dims": None, "tau": 20.0, "rho": 0.5,
+              "min_image_attention": 0.2, "image_centric_rule": "code"}
+    sample_tables = ("massive", "norms", "phi")
+
+    # ---- parameters and columns
+
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["preset"] not in PRESETS:
+            raise ValueError(f"unknown sinks preset {p['preset']!r}; choose from {', '.join(PRESETS)}")
+        if p["image_centric_rule"] not in RULES:
+            raise ValueError(f"unknown image-centric rule {p['image_centric_rule']!r}; choose from {', '.join(RULES)}")
+        if isinstance(p["inputs"], str):
+            p["inputs"] = [s.strip() for s in p["inputs"].split(",") if s.strip()]
+        bad = [k for k in p["inputs"] or [] if k not in INPUT_KINDS]
+        if bad or p["inputs"] == []:
+            raise ValueError(f"unknown sinks inputs {bad or '[]'}; choose from {', '.join(INPUT_KINDS)}")
+        for key in ("prompts", "images"):
+            if p[key]:
+                p[key] = str(Path(p[key]).expanduser().resolve())
+        if p["sink_dims"] is not None:
+            p["sink_dims"] = sorted({int(d) for d in p["sink_dims"]})
+        return p
+
+    def input_kinds(self, model: Model, params: dict) -> list[str]:
+        if model.family.kind in ("vit", "lvlm"):
+            if params["inputs"] not in (None, ["natural"]):
+                raise ValueError(f"{model.name} reads images: random and repeated token inputs apply to text models")
+            return ["natural"]
+        return params["inputs"] or list(INPUT_KINDS)
+
+    def score_columns(self, model: Model, params: dict) -> dict[str, str]:
+        kind, kinds = model.family.kind, self.input_kinds(model, params)
+        segments = {"llm": ["delimiter"], "encoder": ["cls", "sep", "delimiter"], "lvlm": ["image", "visual_sink"],
+                    "vit": ["cls"] * ("cls" in model.family.prefix) + ["register"] * bool(_registers(model)) +
+                    ["high_norm"]}[kind]
+        cols = ["first_token_mass", "sink_rate", "any_sink_rate"]
+        cols += [f"sink_rate_{k}" for k in kinds if k != "natural"] + [f"{s}_mass" for s in segments]
+        if kind == "lvlm":
+            cols += ["visual_sink_portion", "image_centric_rate"]
+        return {c: self.scores[c] for c in cols}
+
+    # ---- the plan
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        kinds = self.input_kinds(model, params)
+        if model.family.kind in ("vit", "lvlm"):
+            return self._image_plan(model, options, params)
+        n_tokens, n = _sizes(model, options, params)
+        prefix, suffix = _special_tokens(model.tokenizer)
+        body = n_tokens - len(prefix) - len(suffix)
+        if body < 1:
+            raise ValueError(f"--max-tokens {n_tokens} leaves no room for text beside {model.name}'s special tokens")
+        rng = random.Random(options.seed)
+        plan = []
+        for kind in kinds:
+            if kind == "natural":
+                stream = _natural_stream(model, params)
+                span = max(len(stream) - body, 0)
+                offsets = [round(i * span / max(n - 1, 1)) for i in range(n)]
+                plan += [{"input": kind, "offset": o, "tokens": n_tokens} for o in offsets]
+            else:
+                pool = _plain_token_pool(model.tokenizer)
+                plan += [{"input": kind, "seed": rng.randrange(2**31), "token": rng.choice(pool), "tokens": n_tokens}
+                         for _ in range(n)]
+        return plan
+
+    def _image_plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
+        n = options.samples if options.samples is not None else len(sources)
+        if not 1 <= n <= len(sources):
+            raise ValueError(f"--samples {n}: there are {len(sources)} images (give 1..{len(sources)})")
+        chosen = sorted(random.Random(options.seed).sample(range(len(sources)), n)) if n < len(sources) else range(n)
+        plan = [{"input": "natural", "image": sources[i]} for i in chosen]
+        if model.family.kind == "vit":
+            threshold = params["norm_threshold"]
+            fit = {"threshold": threshold, "source": "given"} if threshold is not None else \
+                fit_norm_threshold(_final_patch_norms(model, [p["image"] for p in plan]))
+            for p in plan:
+                p["high_norm"] = fit
+        return plan
+
+    # ---- one sample
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> dict[str, pd.DataFrame]:
+        inputs, tokens = _inputs(model, sample, params)
+        layout = token_layout(model, inputs)
+        kind = model.family.kind
+        if kind in ("llm", "encoder"):
+            _add_delimiters(layout, tokens)
+        n = layout.segments.shape[1]
+        n_layers = len(options.layers) if options.layers else model.n_layers()
+        tables: dict[str, pd.DataFrame] = {}
+        massive, norms, phis = [], [], []
+        layer_segments: dict[int, torch.Tensor] = {}
+        dims = torch.tensor(params["sink_dims"] or [], dtype=torch.long)
+
+        if kind == "vit":
+            fit = sample["high_norm"]
+            final = _final_norms(model, inputs)
+            patches = layout.mask("image")[0]
+            if fit["threshold"] is not None:
+                layout.add_positions("high_norm", patches.cpu() & (final > fit["threshold"]))
+        if kind == "lvlm" and params["sink_dims"] is None:
+            dims = _sink_dims_and_massive(model, inputs, params, tokens, massive)
+
+        visual_id = len(layout.names)
+
+        def residual(layer: int, hidden: torch.Tensor) -> None:
+            if kind != "lvlm" or params["sink_dims"] is not None:
+                massive.append(_massive_rows(layer, hidden, params, tokens))
+            if kind == "vit":
+                norms.append(pd.DataFrame({"layer": layer, "position": np.arange(n),
+                                           "segment": [layout.names[i] for i in layout.segments[0].tolist()],
+                                           "norm": hidden[0].float().norm(dim=-1).cpu().numpy()}))
+            if kind == "lvlm" and layer + 1 >= FIRST_SINK_LAYER and layer + 1 < model.n_layers():
+                f = phi(hidden, dims)[0].cpu()
+                image = layout.mask("image")[0].cpu()
+                seg = layout.segments.clone()
+                seg[0, (image & (f > params["tau"])).to(seg.device)] = visual_id
+                layer_segments[layer + 1] = seg
+                phis.append(pd.DataFrame({"layer": layer + 1, "position": np.arange(n),
+                                          "segment": [layout.names[i] for i in layout.segments[0].tolist()],
+                                          "phi": f.numpy()}))
+
+        rows = []
+        bar = progress.bar(total=n_layers, desc="layers", leave=False)
+        names = layout.names + (["visual_sink"] if kind == "lvlm" else [])
+        cols = [c.removesuffix("_mass") for c in self.score_columns(model, params) if c.endswith("_mass")
+                and c != "first_token_mass"]
+        min_q = min(params["any_min_queries"], n)
+        after_image = _after_image(layout) if kind == "lvlm" else None
+
+        def probe(call) -> None:
+            seg = layer_segments.get(call.layer, layout.segments) if kind == "lvlm" else layout.segments
+            st = call_stats(call, segments=seg.to(call.q.device), n_segments=len(names),
+                            stats=("key_mass", "key_count", "segment_mass"))
+            alpha = st.key_mean[0].float()                                       # (H, Nk)
+            eligible = st.key_count[0] >= min_q
+            top = alpha.masked_fill(~eligible, -1.0).max(-1)
+            q0 = 1 if call.causal else 0
+            queries = slice(q0, None) if kind != "lvlm" else after_image
+            mass = st.segment_mass[0, :, queries].float()                     # (H, Nq', S)
+            per_seg = {}
+            for c in cols:
+                ids = [names.index(s) for s in ((c, "visual_sink") if c == "image" else (c,)) if s in names]
+                per_seg[f"{c}_mass"] = (mass[..., ids].sum(-1).mean(-1) if ids else torch.zeros(alpha.shape[0])).cpu().numpy()
+            extra = {}
+            if kind == "lvlm":
+                on_image = per_image = mass[..., [names.index("image"), names.index("visual_sink")]].sum(-1)
+                n_image = int(layout.mask("image").sum())
+                portion = mass[..., names.index("visual_sink")] / (per_image + 1e-6 * n_image)
+                centric = image_centric(portion, on_image, params["rho"], params["min_image_attention"],
+                                        params["image_centric_rule"])
+                has_sinks = bool((seg == names.index("visual_sink")).any())
+                extra = {"visual_sink_portion": portion.mean(-1).cpu().numpy(),
+                         "image_centric_rate": 100 * (centric & has_sinks).float().mean(-1).cpu().numpy()}
+            rows.append(head_rows(call.layer, call.heads, call.kv_heads, input=sample["input"], n_tokens=n,
+                                  first_token_mass=alpha[:, 0].cpu().numpy(), top_key=top.indices.cpu().numpy(),
+                                  top_key_mass=top.values.cpu().numpy(), **per_seg, **extra))
+            bar.update()
+
+        try:
+            with capture_residual(model, residual):
+                trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads)
+        finally:
+            bar.close()
+        tables["massive"] = pd.concat(massive, ignore_index=True)
+        if norms:
+            tables["norms"] = pd.concat(norms, ignore_index=True)
+        if phis:
+            tables["phi"] = pd.concat(phis, ignore_index=True).assign(dims=",".join(map(str, dims.tolist())))
+        return {"samples": pd.concat(rows, ignore_index=True), **tables}
+
+    # ---- the run
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        eps = params["epsilon"]
+        keys = ["layer", "head", "kv_head"]
+        s = samples.assign(sink=100.0 * (samples["first_token_mass"] > eps),
+                           any_sink=100.0 * (samples["top_key_mass"] > eps))
+        natural = s[s["input"] == "natural"] if (s["input"] == "natural").any() else s
+        mass_cols = [c for c in s.columns if c.endswith("_mass") and c not in ("top_key_mass",)]
+        extra = [c for c in ("visual_sink_portion", "image_centric_rate") if c in s.columns]
+        heads = natural.groupby(keys)[mass_cols + extra + ["sink", "any_sink"]].mean()
+        heads = heads.rename(columns={"sink": "sink_rate", "any_sink": "any_sink_rate"})
+        for kind in ("random", "repeated"):
+            part = s[s["input"] == kind]
+            if len(part):
+                heads[f"sink_rate_{kind}"] = part.groupby(keys)["sink"].mean()
+        heads = heads[[c for c in self.scores if c in heads.columns]]
+        return heads.reset_index().sort_values(["layer", "head"], ignore_index=True)
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        tables = {"sink_rates": sink_rates(samples, params["epsilon"])}
+        if "massive" in extras:
+            tables["massive_layers"] = massive_layers(extras["massive"])
+        if "norms" in extras:
+            tables["norm_histogram"] = norm_histogram(extras["norms"])
+            fit = plan[0]["high_norm"]
+            tables["high_norm"] = high_norm_tokens(extras["norms"], fit)
+        if "phi" in extras:
+            tables["visual_sinks"] = visual_sinks(extras["phi"], params["tau"])
+        return tables
+
+    def report(self, result) -> list[str]:
+        lines = []
+        rates = result.tables.get("sink_rates")
+        eps = result.meta["params"]["epsilon"]
+        if rates is not None:
+            overall = rates[rates["layer"] == -1]
+            first = ", ".join(f"{r.input} {r.first_token:.1f} %" for r in overall.itertuples())
+            anyt = ", ".join(f"{r.input} {r.any_token:.1f} %" for r in overall.itertuples())
+            lines.append(f"Sink_{eps:g} (first token, % of sample × layer × head): {first}")
+            lines.append(f"Sink_{eps:g} (any token): {anyt}")
+        ml = result.tables.get("massive_layers")
+        if ml is not None and len(ml):
+            top = ml.loc[ml["top_abs"].idxmax()]
+            lines.append(f"largest residual activation: |x| = {top.top_abs:.1f} (layer {int(top.layer)}, dim "
+                         f"{int(top.top_dim)}, position {int(top.top_position)}), {top.ratio:.0f}× the layer median")
+            found = ml[ml["massive_dims"] != ""]
+            lines.append("massive activations: " + ("none at these thresholds" if found.empty else
+                         f"layers {int(found.layer.min())}–{int(found.layer.max())}, dims "
+                         f"{sorted({d for s in found.massive_dims for d in s.split(',')}, key=int)}"))
+        hn = result.tables.get("high_norm")
+        if hn is not None and len(hn):
+            r = hn.iloc[0]
+            lines.append("high-norm tokens: " + ("none (the final norms are not bimodal)" if pd.isna(r.threshold) else
+                         f"threshold {r.threshold:.2f} ({r.source}), {r.percent:.2f} % of patch tokens"))
+        vs = result.tables.get("visual_sinks")
+        if vs is not None and len(vs):
+            lines.append(f"sink dimensions {vs['dims'].iloc[0] or 'none'}; visual sink tokens: "
+                         f"{vs['percent_of_image'].mean():.1f} % of image tokens on average over layers "
+                         f"{int(vs.layer.min())}–{int(vs.layer.max())}")
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _sizes(model: Model, options: Options, params: dict) -> tuple[int, int]:
+    tokens, n = PRESETS[params["preset"]]
+    limit = model.max_tokens
+    tokens = options.max_tokens or (min(tokens, limit) if limit else tokens)
+    if tokens < 2 or (limit and tokens > limit):
+        raise ValueError(f"--max-tokens {tokens}: give 2..{limit or 'any'} for {model.name}")
+    n = options.samples if options.samples is not None else n
+    if n < 1:
+        raise ValueError(f"--samples {n}: give at least 1")
+    return tokens, n
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BOS; [CLS] … [SEP])."""
+    plain = tokenizer("a b c", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b c")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    return [], []
+
+
+def _plain_token_pool(tokenizer) -> list[int]:
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+_streams: dict[tuple, list[int]] = {}
+
+
+def _natural_stream(model: Model, params: dict) -> list[int]:
+    """The natural texts (built-in or `prompts`) as one token stream, without special tokens."""
+    key = (id(model.tokenizer), params["prompts"])
+    if key not in _streams:
+        texts = read_prompts(params["prompts"]) if params["prompts"] else list(TEXTS)
+        _streams[key] = model.tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    return _streams[key]
+
+
+def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
+    """Model inputs of one sample, and the text of each token ("" for image patches)."""
+    if "image" in sample:
+        image = load_image(sample["image"])
+        if model.family.kind == "vit":
+            inputs = model.prepare(images=image)
+            return inputs, []
+        inputs = model.prepare(_lvlm_text(model, params["prompt"]), images=[image])
+    else:
+        n = sample["tokens"]
+        if sample["input"] == "natural":
+            prefix, suffix = _special_tokens(model.tokenizer)
+            stream, body = _natural_stream(model, params), n - len(prefix) - len(suffix)
+            ids = (stream * (body // max(len(stream), 1) + 2))[sample["offset"]:sample["offset"] + body]
+            ids = prefix + ids + suffix
+        elif sample["input"] == "random":
+            pool = _plain_token_pool(model.tokenizer)
+            rng = random.Random(sample["seed"])
+            ids = [rng.choice(pool) for _ in range(n)]
+        else:
+            ids = [sample["token"]] * n
+        model.check_length(len(ids))
+        ids_t = torch.tensor([ids], device=model.device)
+        inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+    ids = inputs["input_ids"][0].tolist()
+    return inputs, [model.tokenizer.decode([i]) for i in ids]
+
+
+def _lvlm_text(model: Model, prompt: str) -> str:
+    """The prompt with one image, through the processor's chat template when it has one."""
+    proc = model.processor
+    if getattr(proc, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return proc.apply_chat_template(conv, add_generation_prompt=True)
+    token = getattr(proc, "image_token", None) or "<image>"
+    return f"{token}\n{prompt}"
+
+
+def _add_delimiters(layout: TokenLayout, tokens: list[str]) -> None:
+    """Mark the delimiter tokens (. , ; : ! ? newline) that are not already special."""
+    text_id = layout.id("text")
+    for i, t in enumerate(tokens):
+        s = t.strip(" ")
+        if s and set(s) <= DELIMITERS and int(layout.segments[0, i]) == text_id:
+            layout.add_span("delimiter", i, i + 1, 0)
+
+
+def _after_image(layout: TokenLayout) -> slice:
+    """The text queries after the last image token."""
+    image = layout.mask("image")[0]
+    if not bool(image.any()):
+        raise ValueError("the input has no image tokens: the processor dropped the image")
+    return slice(int(image.nonzero().max()) + 1, None)
+
+
+def _registers(model: Model) -> int:
+    fam = model.family
+    return int(getattr(model.config, fam.registers, 0) or 0) if fam.registers else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Residual stream
+
+
+def _massive_rows(layer: int, hidden: torch.Tensor, params: dict, tokens: list[str]) -> pd.DataFrame:
+    """The layer's top |x| entries (rank, value, position, dim, token), its median |x|, and which are massive."""
+    a = hidden[0].detach().float()
+    flat = a.abs().flatten()
+    k = min(params["top_activations"], flat.numel())
+    top = flat.topk(k)
+    pos, dim = top.indices // a.shape[-1], top.indices % a.shape[-1]
+    median = float(flat.median())
+    values = a.flatten()[top.indices]
+    return pd.DataFrame({
+        "layer": layer, "rank": np.arange(k), "value": values.cpu().numpy(), "abs": top.values.cpu().numpy(),
+        "position": pos.cpu().numpy(), "dim": dim.cpu().numpy(),
+        "token": [tokens[int(p)] if tokens else "" for p in pos], "median": median,
+        "massive": ((top.values > params["massive_min"]) & (top.values >= params["massive_ratio"] * median)).cpu().numpy(),
+    })
+
+
+def _sink_dims_and_massive(model: Model, inputs: dict, params: dict, tokens: list[str], massive: list) -> torch.Tensor:
+    """One residual-only pass: the massive-activation rows of every layer, and the sink dimensions (the first
+    token's massive dimensions in any layer)."""
+    found: set[int] = set()
+
+    def probe(layer: int, hidden: torch.Tensor) -> None:
+        massive.append(_massive_rows(layer, hidden, params, tokens))
+        entries = massive_entries(hidden[:1], params["massive_min"], params["massive_ratio"])
+        found.update(int(d) for d in entries[entries[:, 1] == 0, 2])
+
+    with torch.no_grad(), capture_residual(model, probe):
+        model.hf(**inputs)
+    return torch.tensor(sorted(found), dtype=torch.long)
+
+
+def _final_norms(model: Model, inputs: dict) -> torch.Tensor:
+    """(N,) norm of every token leaving the last block."""
+    out = {}
+    last = model.n_layers() - 1
+    with torch.no_grad(), capture_residual(model, lambda i, h: out.setdefault("h", h), layers=[last]):
+        model.hf(**inputs)
+    return out["h"][0].float().norm(dim=-1).cpu()
+
+
+def _final_patch_norms(model: Model, images: list) -> np.ndarray:
+    """The final-layer norms of every patch token of the images (the calibration set of the threshold)."""
+    norms = []
+    for source in images:
+        inputs = model.prepare(images=load_image(source))
+        patches = token_layout(model, inputs).mask("image")[0].cpu()
+        norms.append(_final_norms(model, inputs)[patches].numpy())
+    return np.concatenate(norms)
+
+
+def fit_norm_threshold(norms: np.ndarray, min_separation: float = 2.0) -> dict:
+    """The valley between the two modes of a token-norm distribution (Darcet et al.), fitted on log norms by a
+    two-component Gaussian mixture (EM). Returns {"threshold", "source", "separation", "low", "high"}:
+    threshold None when the fit is not bimodal (Ashman's D < min_separation, or the upper mode is empty)."""
+    x = np.log(np.maximum(np.asarray(norms, dtype=np.float64), 1e-12))
+    mu = np.quantile(x, [0.5, 0.995])
+    sd = np.full(2, x.std() / 2 + 1e-6)
+    w = np.array([0.9, 0.1])
+    for _ in range(200):
+        dens = w / (sd * np.sqrt(2 * np.pi)) * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)
+        resp = dens / np.maximum(dens.sum(1, keepdims=True), 1e-300)
+        nk = resp.sum(0)
+        if nk.min() < 1:
+            break
+        w, mu = nk / len(x), (resp * x[:, None]).sum(0) / nk
+        sd = np.sqrt((resp * (x[:, None] - mu) ** 2).sum(0) / nk) + 1e-6
+    lo, hi = np.argsort(mu)
+    separation = float(np.sqrt(2) * abs(mu[hi] - mu[lo]) / np.sqrt(sd[lo] ** 2 + sd[hi] ** 2))
+    fit = {"threshold": None, "source": "valley of the final-layer log-norm mixture", "separation": separation,
+           "low": float(np.exp(mu[lo])), "high": float(np.exp(mu[hi]))}
+    if separation < min_separation or nk.min() < 1:
+        return fit
+    grid = np.linspace(mu[lo], mu[hi], 2001)
+    dens = w / (sd * np.sqrt(2 * np.pi)) * np.exp(-0.5 * ((grid[:, None] - mu) / sd) ** 2)
+    fit["threshold"] = float(np.exp(grid[np.argmin(dens.sum(1))]))
+    return fit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run-level tables
+
+
+def sink_rates(samples: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+    """Gu et al.'s Sink_ε per input kind, per layer and over all layers (layer −1): the % of (sample, layer, head)
+    triples whose first token (any token) receives α > ε."""
+    s = samples.assign(first_token=100.0 * (samples["first_token_mass"] > epsilon),
+                       any_token=100.0 * (samples["top_key_mass"] > epsilon))
+    per_layer = s.groupby(["input", "layer"], as_index=False).agg(
+        first_token=("first_token", "mean"), any_token=("any_token", "mean"), triples=("first_token", "size"))
+    overall = s.groupby("input", as_index=False).agg(
+        first_token=("first_token", "mean"), any_token=("any_token", "mean"), triples=("first_token", "size"))
+    order = {k: i for i, k in enumerate(INPUT_KINDS)}
+    out = pd.concat([overall.assign(layer=-1), per_layer], ignore_index=True)
+    return out.sort_values(["input", "layer"], key=lambda c: c.map(order) if c.name == "input" else c,
+                           ignore_index=True)[["input", "layer", "first_token", "any_token", "triples"]]
+
+
+def massive_layers(massive: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, over samples: the largest |x| and where it sits, the mean median |x|, their ratio, and the
+    dimensions (and positions) of the massive entries."""
+    rows = []
+    for layer, g in massive.groupby("layer"):
+        top = g.loc[g["abs"].idxmax()]
+        m = g[g["massive"]]
+        rows.append({"layer": int(layer), "top_abs": float(top["abs"]), "top_dim": int(top.dim),
+                     "top_position": int(top.position), "top_token": top.token, "median": float(g["median"].mean()),
+                     "ratio": float(top["abs"] / max(g["median"].mean(), 1e-12)),
+                     "massive_dims": ",".join(str(d) for d in sorted(m["dim"].unique())),
+                     "massive_positions": ",".join(str(p) for p in sorted(m["position"].unique()))})
+    return pd.DataFrame(rows)
+
+
+def norm_histogram(norms: pd.DataFrame, bins: int = 40) -> pd.DataFrame:
+    """Per layer, the histogram of output-token norms over all images (`bins` equal bins between the layer's
+    smallest and largest norm)."""
+    rows = []
+    for layer, g in norms.groupby("layer"):
+        counts, edges = np.histogram(g["norm"], bins=bins)
+        rows.append(pd.DataFrame({"layer": int(layer), "low": edges[:-1], "high": edges[1:], "count": counts}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def high_norm_tokens(norms: pd.DataFrame, fit: dict) -> pd.DataFrame:
+    """The high-norm patch tokens of the final layer: the fitted threshold and, per image, their positions."""
+    last = norms[(norms["layer"] == norms["layer"].max()) & (norms["segment"] != "cls") &
+                 (norms["segment"] != "register")]
+    threshold = fit["threshold"]
+    high = last[last["norm"] > threshold] if threshold is not None else last.iloc[:0]
+    per_image = high.groupby("sample")["position"].apply(lambda p: ",".join(map(str, p))).rename("positions")
+    return pd.DataFrame({"threshold": [threshold], "source": [fit["source"]], "separation": [fit.get("separation")],
+                         "high_tokens": [len(high)], "patch_tokens": [len(last)],
+                         "percent": [100.0 * len(high) / max(len(last), 1)],
+                         "positions": ["; ".join(f"{s}: {p}" for s, p in per_image.items())]})
+
+
+def visual_sinks(phis: pd.DataFrame, tau: float) -> pd.DataFrame:
+    """Per layer: how many image tokens are visual sinks (φ > τ), and how many text tokens are sinks."""
+    p = phis.assign(sink=phis["phi"] > tau, is_image=phis["segment"] == "image")
+    g = p.groupby("layer")
+    out = pd.DataFrame({
+        "visual_sinks": g.apply(lambda d: int((d.sink & d.is_image).sum()), include_groups=False),
+        "image_tokens": g.apply(lambda d: int(d.is_image.sum()), include_groups=False),
+        "text_sinks": g.apply(lambda d: int((d.sink & ~d.is_image).sum()), include_groups=False)}).reset_index()
+    out["percent_of_image"] = 100.0 * out["visual_sinks"] / out["image_tokens"].clip(lower=1)
+    out["dims"] = phis["dims"].iloc[0] if len(phis) else ""
+    return out
