@@ -280,8 +280,7 @@ class Sinks(Analysis):
             tables["massive_layers"] = massive_layers(extras["massive"])
         if "norms" in extras:
             tables["norm_histogram"] = norm_histogram(extras["norms"])
-            fit = plan[0]["high_norm"]
-            tables["high_norm"] = high_norm_tokens(extras["norms"], fit)
+            tables["high_norm"], tables["high_norm_fit"] = high_norm_tokens(extras["norms"], plan[0]["high_norm"])
         if "phi" in extras:
             tables["visual_sinks"] = visual_sinks(extras["phi"], params["tau"])
         return tables
@@ -305,7 +304,7 @@ class Sinks(Analysis):
             lines.append("massive activations: " + ("none at these thresholds" if found.empty else
                          f"layers {int(found.layer.min())}–{int(found.layer.max())}, dims "
                          f"{sorted({d for s in found.massive_dims for d in s.split(',')}, key=int)}"))
-        hn = result.tables.get("high_norm")
+        hn = result.tables.get("high_norm_fit")
         if hn is not None and len(hn):
             r = hn.iloc[0]
             lines.append("high-norm tokens: " + ("none (the final norms are not bimodal)" if pd.isna(r.threshold) else
@@ -357,7 +356,8 @@ def _natural_stream(model: Model, params: dict) -> list[int]:
     key = (id(model.tokenizer), params["prompts"])
     if key not in _streams:
         texts = read_prompts(params["prompts"]) if params["prompts"] else list(TEXTS)
-        _streams[key] = model.tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        _streams[key] = model.tokenizer("\n\n".join(texts), add_special_tokens=False,
+                                        verbose=False)["input_ids"]
     return _streams[key]
 
 
@@ -548,17 +548,16 @@ def norm_histogram(norms: pd.DataFrame, bins: int = 40) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def high_norm_tokens(norms: pd.DataFrame, fit: dict) -> pd.DataFrame:
-    """The high-norm patch tokens of the final layer: the fitted threshold and, per image, their positions."""
-    last = norms[(norms["layer"] == norms["layer"].max()) & (norms["segment"] != "cls") &
-                 (norms["segment"] != "register")]
+def high_norm_tokens(norms: pd.DataFrame, fit: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The high-norm patch tokens of the final layer, one row each (sample, position, norm), and the fit: the
+    threshold, how it was set, the mixture's separation, and the share of patch tokens above it."""
+    last = norms[(norms["layer"] == norms["layer"].max()) & norms["segment"].isin(["image", "high_norm"])]
     threshold = fit["threshold"]
     high = last[last["norm"] > threshold] if threshold is not None else last.iloc[:0]
-    per_image = high.groupby("sample")["position"].apply(lambda p: ",".join(map(str, p))).rename("positions")
-    return pd.DataFrame({"threshold": [threshold], "source": [fit["source"]], "separation": [fit.get("separation")],
-                         "high_tokens": [len(high)], "patch_tokens": [len(last)],
-                         "percent": [100.0 * len(high) / max(len(last), 1)],
-                         "positions": ["; ".join(f"{s}: {p}" for s, p in per_image.items())]})
+    summary = pd.DataFrame({"threshold": [threshold], "source": [fit["source"]], "separation": [fit.get("separation")],
+                            "high_tokens": [len(high)], "patch_tokens": [len(last)],
+                            "percent": [100.0 * len(high) / max(len(last), 1)]})
+    return high[["sample", "position", "norm"]].reset_index(drop=True), summary
 
 
 def visual_sinks(phis: pd.DataFrame, tau: float) -> pd.DataFrame:

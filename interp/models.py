@@ -240,7 +240,7 @@ def load_model(
         if device is not None:
             hf = hf.to(device)
         name = getattr(model, "name_or_path", None) or type(model).__name__
-        return Model(hf.eval(), fam, str(name), tokenizer, processor)
+        return Model(hf.eval(), fam, str(name), tokenizer or getattr(processor, "tokenizer", None), processor)
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"load_model takes an alias, a path, a hub id or a PreTrainedModel, not {type(model).__name__}")
 
@@ -270,7 +270,7 @@ def load_model(
         hf = hf.to(device)
     if tokenizer is None and processor is None:
         tokenizer, processor = _preprocessors(source, fam)
-    return Model(hf.eval(), fam, name, tokenizer, processor)
+    return Model(hf.eval(), fam, name, tokenizer or getattr(processor, "tokenizer", None), processor)
 
 
 def _config_kwargs(kwargs: dict) -> dict:

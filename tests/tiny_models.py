@@ -218,3 +218,34 @@ def make(name: str, attn: str = "sdpa", seed: int = 0, **kwargs):
     else:
         model.set_attn_implementation(attn)
     return model.eval(), inputs
+
+
+def llava_with_processor(n_layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """A tiny random LLaVA with a real LlavaProcessor (word-level tokenizer adding <s>, 32 px CLIP images,
+    16 image tokens), so that analyses can run from text and images like on a real checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, IMG_TOK)}, "<image>": IMG_TOK}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = T.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, image_token="<image>",
+                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    torch.manual_seed(seed)
+    cfg = T.LlavaConfig(vision_config=CLIPV, text_config={"model_type": "llama", **TXT, "num_hidden_layers": n_layers,
+                                                           "bos_token_id": 1},
+                        image_token_index=IMG_TOK)
+    model = T.LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation(attn)
+    return model.eval(), proc
+
+
+def vit_processor():
+    """A real ViT image processor for the tiny ViT configs (32 px images)."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": 32, "width": 32})
