@@ -189,7 +189,7 @@ class Sinks(Analysis):
 
         def residual(layer: int, hidden: torch.Tensor) -> None:
             if kind != "lvlm" or params["sink_dims"] is not None:
-                massive.append(_massive_rows(layer, hidden, params, tokens))
+                massive.append(_massive_rows(layer, hidden, params, tokens, sample["input"]))
             if kind == "vit":
                 norms.append(pd.DataFrame({"layer": layer, "position": np.arange(n),
                                            "segment": [layout.names[i] for i in layout.segments[0].tolist()],
@@ -425,7 +425,7 @@ def _registers(model: Model) -> int:
 # Residual stream
 
 
-def _massive_rows(layer: int, hidden: torch.Tensor, params: dict, tokens: list[str]) -> pd.DataFrame:
+def _massive_rows(layer: int, hidden: torch.Tensor, params: dict, tokens: list[str], kind: str) -> pd.DataFrame:
     """The layer's top |x| entries (rank, value, position, dim, token), its median |x|, and which are massive."""
     a = hidden[0].detach().float()
     flat = a.abs().flatten()
@@ -435,7 +435,7 @@ def _massive_rows(layer: int, hidden: torch.Tensor, params: dict, tokens: list[s
     median = float(flat.median())
     values = a.flatten()[top.indices]
     return pd.DataFrame({
-        "layer": layer, "rank": np.arange(k), "value": values.cpu().numpy(), "abs": top.values.cpu().numpy(),
+        "input": kind, "layer": layer, "rank": np.arange(k), "value": values.cpu().numpy(), "abs": top.values.cpu().numpy(),
         "position": pos.cpu().numpy(), "dim": dim.cpu().numpy(),
         "token": [tokens[int(p)] if tokens else "" for p in pos], "median": median,
         "massive": ((top.values > params["massive_min"]) & (top.values >= params["massive_ratio"] * median)).cpu().numpy(),
@@ -448,7 +448,7 @@ def _sink_dims_and_massive(model: Model, inputs: dict, params: dict, tokens: lis
     found: set[int] = set()
 
     def probe(layer: int, hidden: torch.Tensor) -> None:
-        massive.append(_massive_rows(layer, hidden, params, tokens))
+        massive.append(_massive_rows(layer, hidden, params, tokens, "natural"))
         entries = massive_entries(hidden[:1], params["massive_min"], params["massive_ratio"])
         found.update(int(d) for d in entries[entries[:, 1] == 0, 2])
 
@@ -524,8 +524,10 @@ def sink_rates(samples: pd.DataFrame, epsilon: float) -> pd.DataFrame:
 
 
 def massive_layers(massive: pd.DataFrame) -> pd.DataFrame:
-    """Per layer, over samples: the largest |x| and where it sits, the mean median |x|, their ratio, and the
-    dimensions (and positions) of the massive entries."""
+    """Per layer, over the natural samples (all samples when there are none): the largest |x| and where it sits,
+    the mean median |x|, their ratio, and the dimensions (and positions) of the massive entries."""
+    if (massive["input"] == "natural").any():
+        massive = massive[massive["input"] == "natural"]
     rows = []
     for layer, g in massive.groupby("layer"):
         top = g.loc[g["abs"].idxmax()]

@@ -35,7 +35,7 @@ _ints, _floats = _list_of(int), _list_of(float)
 
 # Analysis parameters settable from the command line: (flag, parameter, type, metavar, help).
 PARAM_FLAGS = (
-    ("--prompts", "prompts", str, "FILE", "summary: prompts file, one per line (or .jsonl with \"text\")"),
+    ("--prompts", "prompts", str, "FILE", "summary, sinks: prompts file, one per line (or .jsonl with \"text\")"),
     ("--lengths", "lengths", _ints, "N,N", "retrieval: context lengths in tokens, e.g. 1000,2000,4000"),
     ("--depths", "depths", _floats, "P,P", "retrieval: needle depths in percent (default 0,25,50,75,100)"),
     ("--needles", "needles", str, "FILE", "retrieval: JSONL file of {\"needle\", \"question\", \"answer\"}"),
@@ -47,6 +47,21 @@ PARAM_FLAGS = (
     ("--score-rule", "score_rule", str, "RULE", "retrieval: code (default) or paper"),
     ("--mask-k", "mask_k", _ints, "K,K", "retrieval: head counts for the masking test (default 5 %% of heads; 0 skips)"),
     ("--mask-mode", "mask_mode", str, "MODE", "retrieval: uniform (default) or zero"),
+    ("--preset", "preset", str, "NAME", "sinks: gu (T = 64, 100 sequences per input kind; default) or long"),
+    ("--inputs", "inputs", str, "K,K", "sinks: natural,random,repeated (default all three for text models)"),
+    ("--epsilon", "epsilon", float, "X", "sinks: Sink_eps threshold (default 0.3)"),
+    ("--any-min-queries", "any_min_queries", int, "N", "sinks: any-token sinks count keys seen by >= N queries (16)"),
+    ("--images", "images", str, "PATH", "sinks: an image file or a folder of images (default: built-in scenes)"),
+    ("--prompt", "prompt", str, "TEXT", "sinks: the question asked about each image (vision-language models)"),
+    ("--top-activations", "top_activations", int, "N", "sinks: largest residual entries kept per layer (8)"),
+    ("--massive-min", "massive_min", float, "X", "sinks: massive activations exceed X (default 100)"),
+    ("--massive-ratio", "massive_ratio", float, "X", "sinks: ... and X times the layer median (default 1000)"),
+    ("--norm-threshold", "norm_threshold", float, "X", "sinks: ViT high-norm threshold (default: fitted valley)"),
+    ("--sink-dims", "sink_dims", _ints, "D,D", "sinks: sink dimensions (default: the first token's massive dims)"),
+    ("--tau", "tau", float, "X", "sinks: phi threshold for sink tokens (default 20)"),
+    ("--rho", "rho", float, "X", "sinks: image-centric visual-sink share threshold (default 0.5)"),
+    ("--min-image-attention", "min_image_attention", float, "X", "sinks: image-centric heads' image attention (0.2)"),
+    ("--image-centric-rule", "image_centric_rule", str, "RULE", "sinks: code (portion <= rho; default) or paper"),
 )
 
 
