@@ -228,9 +228,9 @@ class Sinks(Analysis):
                 per_seg[f"{c}_mass"] = (mass[..., ids].sum(-1).mean(-1) if ids else torch.zeros(alpha.shape[0])).cpu().numpy()
             extra = {}
             if kind == "lvlm":
-                on_image = per_image = mass[..., [names.index("image"), names.index("visual_sink")]].sum(-1)
-                n_image = int(layout.mask("image").sum())
-                portion = mass[..., names.index("visual_sink")] / (per_image + 1e-6 * n_image)
+                on_image = mass[..., [names.index("image"), names.index("visual_sink")]].sum(-1)
+                n_image = int(layout.mask("image").sum())  # the reference code adds 1e-6 per image token
+                portion = mass[..., names.index("visual_sink")] / (on_image + 1e-6 * n_image)
                 centric = image_centric(portion, on_image, params["rho"], params["min_image_attention"],
                                         params["image_centric_rule"])
                 has_sinks = bool((seg == names.index("visual_sink")).any())

@@ -247,3 +247,44 @@ def test_sinks_bad_input(stories, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read the image"):
         interp.score(vit, "sinks", images=str(tmp_path / "broken.png"), norm_threshold=10.0)
+
+
+def test_cli_sinks_json_tables_report_and_resume(capsys, tmp_path):
+    import json
+
+    from interp.cli import main
+
+    argv = ["score", "stories260k", "--analysis", "sinks", "--samples", "2", "--inputs", "natural,repeated",
+            "--epsilon", "0.05", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["scores"]) == ["first_token_mass", "sink_rate", "any_sink_rate", "sink_rate_repeated",
+                                   "delimiter_mass"]
+    assert {"sink_rates", "massive", "massive_layers"} <= set(out["tables"])
+    assert any(line.startswith("Sink_0.05 (first token") for line in out["report"])
+    run = interp.open_run(out["id"], store=tmp_path)
+    assert set(run.tables["massive"]["sample"]) == {0, 1, 2, 3}  # per-sample tables keep their sample
+    assert main(["score", "stories260k", "--analysis", "sinks", "--inputs", "noise", "--out", str(tmp_path)]) == 1
+    assert "unknown sinks inputs" in capsys.readouterr().err
+
+
+def test_sinks_per_sample_tables_survive_an_interrupted_run(stories, tmp_path, monkeypatch):
+    from interp.analyses.sinks import Sinks
+
+    calls = {"n": 0}
+    original = Sinks.score_sample
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sinks, "score_sample", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        interp.score(stories, "sinks", samples=2, inputs="natural,random", store=tmp_path)
+    resumed = interp.score(stories, "sinks", samples=2, inputs="natural,random", store=tmp_path, resume=True)
+    assert calls["n"] == 5  # the resumed run scored samples 2 and 3 only
+    fresh = interp.score(stories, "sinks", samples=2, inputs="natural,random")
+    pd.testing.assert_frame_equal(resumed.heads, fresh.heads)
+    pd.testing.assert_frame_equal(resumed.tables["massive"], fresh.tables["massive"])
