@@ -257,7 +257,7 @@ def test_cli_sinks_json_tables_report_and_resume(capsys, tmp_path):
     argv = ["score", "stories260k", "--analysis", "sinks", "--samples", "2", "--inputs", "natural,repeated",
             "--epsilon", "0.05", "--out", str(tmp_path), "--json"]
     assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    [out] = json.loads(capsys.readouterr().out)["runs"]
     assert list(out["scores"]) == ["first_token_mass", "sink_rate", "any_sink_rate", "sink_rate_repeated",
                                    "delimiter_mass"]
     assert {"sink_rates", "massive", "massive_layers"} <= set(out["tables"])
