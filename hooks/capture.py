@@ -148,6 +148,7 @@ def _wrap(original: Callable | None) -> Callable:
 
 
 def install() -> None:
+    """Wrap every registered attention implementation (nested: counted, undone by the matching `uninstall`)."""
     global _depth
     with _lock:
         if _depth == 0:
@@ -161,6 +162,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
+    """Undo one `install`; the originals come back when the last one is undone."""
     global _depth
     with _lock:
         _depth -= 1
