@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
+
+from _measure import measure
 
 PATHS = ("plain", "fast", "paper")
 
@@ -104,16 +103,13 @@ def main() -> None:
     for length in args.lengths:
         rows = {}
         for path in args.paths.split(","):
-            cmd = [sys.executable, __file__, "--one", path, "--length", str(length), "--model", args.model,
-                   "--device", args.device, "--new-tokens", str(args.new_tokens), "--lengths", str(length)]
+            cmd = ["--one", path, "--length", str(length), "--model", args.model, "--device", args.device,
+                   "--new-tokens", str(args.new_tokens), "--lengths", str(length)]
             cmd += ["--dtype", args.dtype] if args.dtype else []
             cmd += ["--shape", args.shape] if args.shape else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                print(f"{length:>7} {path:>6} {'OOM' if oom else 'failed':>9}  {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = measure(__file__, cmd, f"{length:>7} {path:>6}")
+            if result is not None:
+                rows[path] = result
         fast = rows.get("fast", {}).get("seconds")
         for path, r in rows.items():
             ratio = f"{r['seconds'] / fast:.2f}x" if fast else "-"

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
+
+from _measure import measure
 
 PATHS = ("plain", "sinks", "eager")
 
@@ -89,15 +88,11 @@ def main() -> None:
     for length in [int(x) for x in args.lengths.split(",")]:
         rows = {}
         for path in args.paths.split(","):
-            cmd = [sys.executable, __file__, "--one", path, "--length", str(length), "--model", args.model,
-                   "--device", args.device, "--cap-gib", str(args.cap_gib)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                err = proc.stderr.lower()
-                oom = "memory" in err or "alloc" in err or proc.returncode in (-9, 137)
-                print(f"{length:>7} {path:>6} {'OOM' if oom else 'failed':>9}  {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+            cmd = ["--one", path, "--length", str(length), "--model", args.model, "--device", args.device,
+                   "--cap-gib", str(args.cap_gib)]
+            result = measure(__file__, cmd, f"{length:>7} {path:>6}")
+            if result is not None:
+                rows[path] = result
         ours = rows.get("sinks", {}).get("seconds")
         for path, r in rows.items():
             ratio = f"{r['seconds'] / ours:.2f}x" if ours else "-"
