@@ -86,6 +86,11 @@ class Analysis:
         """The samples to score, as JSON-able dicts (deterministic given options.seed)."""
         raise NotImplementedError
 
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        """The model inputs of one planned sample (what the tokenizer / processor returned), exactly as
+        `score_sample` feeds them to the model: the dashboard recomputes a sample's attention from them."""
+        raise NotImplementedError
+
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """Per-head rows for one sample: `layer`, `head`, `kv_head`, and the analysis's per-sample columns; or a

@@ -129,6 +129,9 @@ class Retrieval(Analysis):
             grid = [grid[i] for i in keep]
         return grid
 
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        return niah_inputs(model, sample, params, options.seed)[0]
+
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame:
         inputs, span = niah_inputs(model, sample, params, options.seed)

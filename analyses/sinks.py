@@ -162,6 +162,9 @@ class Sinks(Analysis):
 
     # ---- one sample
 
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        return _inputs(model, sample, params)[0]
+
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
         inputs, tokens = _inputs(model, sample, params)

@@ -76,10 +76,13 @@ class Summary(Analysis):
         chosen = sorted(random.Random(options.seed).sample(range(len(texts)), n)) if n < len(texts) else range(n)
         return [{"prompt": i, "text": texts[i]} for i in chosen]
 
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        max_tokens = options.max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens or DEFAULT_MAX_TOKENS)
+        return model.prepare(sample["text"], truncation=True, max_length=max_tokens)
+
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame:
-        max_tokens = options.max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens or DEFAULT_MAX_TOKENS)
-        inputs = model.prepare(sample["text"], truncation=True, max_length=max_tokens)
+        inputs = self.sample_inputs(model, sample, options, params)
         n = inputs["input_ids"].shape[-1]
         segments = (torch.arange(n, device=model.device) > 0).long()[None]  # 0: first token, 1: the rest
         rows = []

@@ -206,6 +206,8 @@ def pooled_attention(
     block_q: int,
     block_k: int,
     reduce: str = "mean",
+    q_range: tuple[int, int] | None = None,
+    k_range: tuple[int, int] | None = None,
     scale: float | None = None,
     causal: bool = True,
     query_positions: Tensor | None = None,
@@ -215,19 +217,42 @@ def pooled_attention(
     lse: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """A block-pooled attention map (B, H, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉) for viewing long contexts.
+    """A block-pooled attention map (B, H, ⌈nq/block_q⌉, ⌈nk/block_k⌉) for viewing long contexts.
 
     Each cell is the mean (or max) of the exact probabilities in its block of queries × keys (invisible
-    cells count as 0). lse: (B, H, Nq) if already known. Built block by block: nothing N×N.
+    cells count as 0). q_range / k_range: pool only queries [q0, q1) × keys [k0, k1) (default: all; nq, nk
+    their lengths), still normalised over every key — a zoomed view. lse: (B, H, Nq) if already known.
+    Built block by block: nothing N×N.
     """
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     if block_q < 1 or block_k < 1:
         raise ValueError("block_q and block_k must be ≥ 1")
     pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
-    lse = _lse(pr, backend, lse)
-    return torch_stats.pooled_torch(pr.q, pr.k, lse, block_q=block_q, block_k=block_k, reduce=reduce,
-                                    **pr.mask_kwargs())
+    (q0, q1), (k0, k1) = q_range or (0, q.shape[2]), k_range or (0, k.shape[2])
+    _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
+    lse = _row_lse(pr, backend, lse, q0, q1)[:, :, q0:q1]
+    mask = pr.mask_kwargs()  # keys renumbered from k0: positions shift with them
+    mask.update(query_positions=pr.query_positions[q0:q1] - k0,
+                key_mask=None if pr.key_mask is None else pr.key_mask[:, k0:k1])
+    return torch_stats.pooled_torch(pr.q[:, :, q0:q1], pr.k[:, :, k0:k1], lse, block_q=block_q, block_k=block_k,
+                                    reduce=reduce, **mask)
+
+
+def _check_region(q0: int, q1: int, k0: int, k1: int, n_q: int, n_k: int) -> None:
+    if not (0 <= q0 < q1 <= n_q and 0 <= k0 < k1 <= n_k):
+        raise ValueError(f"region [{q0}, {q1}) × [{k0}, {k1}) is outside {n_q} queries × {n_k} keys")
+
+
+def _row_lse(pr: _Problem, backend: str, lse: Tensor | None, q0: int, q1: int) -> Tensor:
+    """The (B, H, Nq) log-sum-exp, computed (over every key) only for rows [q0, q1) when not given."""
+    if lse is not None:
+        return _lse(pr, backend, lse)
+    sub = _Problem(pr.q[:, :, q0:q1], pr.k, pr.scale, pr.causal, pr.query_positions[q0:q1], pr.key_mask, pr.window,
+                   pr.softcap)
+    out = torch.zeros(*pr.q.shape[:3], device=pr.q.device)
+    out[:, :, q0:q1] = _lse(sub, backend)
+    return out
 
 
 def attention_tile(
@@ -248,14 +273,8 @@ def attention_tile(
     """Exact probabilities (B, H, q1 − q0, k1 − k0) of queries [q0, q1) on keys [k0, k1), normalised over all keys."""
     pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
     (q0, q1), (k0, k1) = q_range, k_range
-    if not (0 <= q0 < q1 <= q.shape[2] and 0 <= k0 < k1 <= k.shape[2]):
-        raise ValueError(f"tile [{q0}, {q1}) × [{k0}, {k1}) is outside {q.shape[2]} queries × {k.shape[2]} keys")
-    if lse is None:  # only the tile's rows are needed
-        sub = _Problem(q[:, :, q0:q1], k, pr.scale, pr.causal, pr.query_positions[q0:q1], pr.key_mask, pr.window,
-                       pr.softcap)
-        lse = torch.zeros(*q.shape[:2], q.shape[2], device=q.device)
-        lse[:, :, q0:q1] = _lse(sub, backend)
-    lse = _lse(pr, backend, lse)
+    _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
+    lse = _row_lse(pr, backend, lse, q0, q1)  # only the tile's rows are needed
     return torch_stats.probabilities_block(pr.q, pr.k, lse, q0, q1, k0, k1, **pr.mask_kwargs())
 
 

@@ -128,6 +128,26 @@ def test_pooled_map_and_tile_equal_dense():
     assert torch.allclose(tile, p[:, :, 30:41, 5:33], atol=1e-6)
 
 
+def test_pooled_region_is_a_zoom_of_the_dense_map():
+    """Pooling a region keeps each row normalised over every key (causal, window and padding masks shift)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
+    key_mask = torch.ones(1, 60, dtype=torch.bool)
+    key_mask[0, [3, 25, 40]] = False
+    mask = dict(causal=True, window=25, key_mask=key_mask)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
+    zoom = pooled_attention(q, k, block_q=4, block_k=3, q_range=(20, 44), k_range=(12, 39), **mask)
+    assert zoom.shape == (1, 4, 6, 9)
+    for i in range(6):
+        for j in range(9):
+            block = p[:, :, 20 + 4 * i : 20 + 4 * (i + 1), 12 + 3 * j : 12 + 3 * (j + 1)]
+            assert torch.allclose(zoom[:, :, i, j], block.mean((-1, -2)), atol=1e-6)
+    exact = pooled_attention(q, k, block_q=1, block_k=1, q_range=(50, 60), k_range=(30, 60), **mask)
+    assert torch.allclose(exact, attention_tile(q, k, (50, 60), (30, 60), **mask), atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        pooled_attention(q, k, block_q=2, block_k=2, q_range=(10, 70))
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_grid_distance_equals_dense(renormalize):
     g = torch.Generator().manual_seed(2)
