@@ -242,6 +242,24 @@ def _progress(args) -> Progress:
     return bars
 
 
+def _app(args) -> int:
+    from interp.app.attention import AttentionSource
+    from interp.app.dashboard import make_app
+
+    store = Store(args.store)
+    if not store.root.is_dir():
+        raise ValueError(f"no store at {store.root}: score a model first (`interp score ... --out {store.root}`)")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: give 1..65535")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"interp: warning: listening on {args.host}: anyone who can reach it can read this store's runs",
+              file=sys.stderr)
+    app = make_app(store, AttentionSource(device=args.device))
+    print(f"interp: dashboard of {store.root} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    app.run(host=args.host, port=args.port, debug=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from interp.analyses import ANALYSES
     from interp.hooks import BACKENDS
@@ -291,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (default: stdout for csv / json, <run>-<table>.parquet for parquet)")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("app", help="the dashboard: browse the runs, heads and attention of a store in a browser")
+    p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument("--device", help="device for the models that attention views load (default cpu)")
+    p.set_defaults(func=_app)
 
     p = sub.add_parser("models", help="list the built-in aliases and the supported model families")
     p.add_argument("--json", action="store_true", help="machine-readable output")

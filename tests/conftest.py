@@ -1,6 +1,9 @@
+import json
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 # The hubs are unreachable here: fail fast instead of retrying. Helpers live beside the tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,3 +11,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def app_store(tmp_path_factory):
+    """A store of real stories260k runs (summary, retrieval, sinks) beside an incomplete and a corrupt run: what
+    the dashboard tests browse."""
+    import interp
+
+    root = tmp_path_factory.mktemp("app-store")
+    model = interp.load_model("stories260k")
+    runs = {
+        "summary": interp.score(model, "summary", samples=3, store=root),
+        "retrieval": interp.score(model, "retrieval", lengths=[200, 300], depths=[0, 50, 100], n_needles=1,
+                                  store=root),
+        "sinks": interp.score(model, "sinks", samples=3, store=root),
+    }
+    incomplete = root / "20200101-000000-stories260k-summary-aaaaaa"
+    incomplete.mkdir()
+    meta = dict(runs["summary"].meta, id=incomplete.name, status="incomplete", tables=[])
+    (incomplete / "meta.json").write_text(json.dumps(meta))
+    corrupt = root / "20200101-000001-broken-bbbbbb"
+    corrupt.mkdir()
+    (corrupt / "meta.json").write_text("{ not json")
+    return root, {name: r.id for name, r in runs.items()} | {"incomplete": incomplete.name, "corrupt": corrupt.name}

@@ -1,0 +1,196 @@
+"""Attention views of a stored run's samples, recomputed on demand by the kernels: the only place where the
+dashboard touches a model, and only when the user asks for a view.
+
+A view re-runs one planned sample through the run's model (rebuilt by the analysis's `sample_inputs`), captures
+one layer's queries and keys while the model keeps its own attention, and answers every request on that layer
+from them: a block-pooled map of any region (finer as the region shrinks, exact per token at the end), or one
+query's attention over an image's patch grid. Only small matrices leave this module; nothing N×N is built.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from interp.kernels import attention_stats, attention_tile, pooled_attention
+from interp.layout import TokenLayout, token_layout
+from interp.models import Model, load_model
+
+MAX_CELLS = 128      # a map is at most this many rows and columns; a region that fits is drawn per token
+CACHED_LAYERS = 4    # captured layers kept in memory (q and k of one layer, every head)
+
+
+@dataclass
+class LayerCapture:
+    """One layer's attention inputs on one sample. q: (1, H, N, d); k: (1, H_kv, N, d); lse: (1, H, N) fp32.
+    mask: scale / causal / query_positions / key_mask / window / softcap as the kernels take them.
+    tokens: text of each position; layout: its segments and image grids; image: (H, W, 3) uint8 or None."""
+
+    q: Tensor
+    k: Tensor
+    lse: Tensor
+    mask: dict
+    tokens: list[str]
+    layout: TokenLayout
+    image: np.ndarray | None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.q.shape[2]
+
+    def head(self, head: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, k, lse) of one query head, its KV head's keys: (1, 1, N, d), (1, 1, N, d), (1, 1, N)."""
+        n_heads, n_kv = self.q.shape[1], self.k.shape[1]
+        if not 0 <= head < n_heads:
+            raise ValueError(f"head {head} is outside this layer's {n_heads} heads")
+        kv = head // (n_heads // n_kv)
+        return self.q[:, head:head + 1], self.k[:, kv:kv + 1], self.lse[:, head:head + 1]
+
+
+@dataclass
+class AttentionView:
+    """What a map shows: (rows, cols) probabilities over queries q_range × keys k_range (exact when rows and
+    cols equal the region's size, else block means), with token texts for exact views."""
+
+    matrix: np.ndarray
+    q_range: tuple[int, int]
+    k_range: tuple[int, int]
+    q_tokens: list[str] | None
+    k_tokens: list[str] | None
+
+    @property
+    def exact(self) -> bool:
+        return self.matrix.shape == (self.q_range[1] - self.q_range[0], self.k_range[1] - self.k_range[0])
+
+
+class AttentionSource:
+    """Loads runs' models on first use (or takes them given, by the name the run records) and serves attention
+    views of their samples. Thread-safe; keeps the last `CACHED_LAYERS` captured layers."""
+
+    def __init__(self, models: dict[str, Model] | None = None, device: str | None = None):
+        self.models: dict[str, Model] = dict(models or {})
+        self.device = device
+        self._layers: OrderedDict[tuple, LayerCapture] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def model(self, meta: dict) -> Model:
+        """The run's model: given, or loaded by the name it records (its config checked against the run's)."""
+        from interp.scoring import model_identity
+
+        name = meta["model"]["name"]
+        if name not in self.models:
+            try:
+                model = load_model(name, device=self.device)
+            except Exception as e:  # noqa: BLE001  (any loading failure becomes one clear message)
+                raise ValueError(f"cannot load {name!r} to compute attention views: {e}") from e
+            if model_identity(model)["config_hash"] != meta["model"].get("config_hash"):
+                raise ValueError(f"{name!r} loads with another config than the run was made with: not the same model")
+            self.models[name] = model
+        return self.models[name]
+
+    def layer(self, meta: dict, sample: int, layer: int) -> LayerCapture:
+        """One layer's capture on one planned sample of a run (computed once, then cached)."""
+        key = (meta.get("id"), meta["model"]["name"], sample, layer)
+        with self._lock:
+            if key in self._layers:
+                self._layers.move_to_end(key)
+                return self._layers[key]
+            capture = self._capture(meta, sample, layer)
+            self._layers[key] = capture
+            while len(self._layers) > CACHED_LAYERS:
+                self._layers.popitem(last=False)
+            return capture
+
+    def _capture(self, meta: dict, sample: int, layer: int) -> LayerCapture:
+        from interp.analyses import Options, get_analysis
+        from interp.hooks import trace
+
+        plan = meta["plan"]
+        if not 0 <= sample < len(plan):
+            raise ValueError(f"sample {sample} is outside the run's {len(plan)} samples")
+        model = self.model(meta)
+        if not 0 <= layer < model.n_layers():
+            raise ValueError(f"layer {layer} is outside {model.name}'s {model.n_layers()} layers")
+        analysis = get_analysis(meta["analysis"])
+        inputs = analysis.sample_inputs(model, plan[sample], Options.from_json(meta["options"]), meta["params"])
+        calls = []
+        trace(model, inputs, calls.append, layers=[layer], keep=("q", "k"))
+        call = calls[0]
+        q, k = call.q.float().cpu(), call.k.float().cpu()
+        mask = dict(scale=call.scale, causal=call.causal, query_positions=call.query_positions.cpu(),
+                    key_mask=None if call.key_mask is None else call.key_mask.cpu(), window=call.window,
+                    softcap=call.softcap)
+        lse = attention_stats(q, k, stats=("lse",), **mask).lse
+        layout = token_layout(model, inputs)
+        return LayerCapture(q, k, lse, mask, _token_texts(model, inputs, layout), layout, _image(model, inputs))
+
+    def pattern(self, meta: dict, sample: int, layer: int, head: int, q_range: tuple[int, int] | None = None,
+                k_range: tuple[int, int] | None = None, max_cells: int = MAX_CELLS) -> AttentionView:
+        """One head's attention over a region (default: the whole input), pooled into at most max_cells ×
+        max_cells blocks, exact per token once the region fits."""
+        cap = self.layer(meta, sample, layer)
+        q, k, lse = cap.head(head)
+        n = cap.n_tokens
+        (q0, q1), (k0, k1) = _clip(q_range, n), _clip(k_range, n)
+        bq, bk = -(-(q1 - q0) // max_cells), -(-(k1 - k0) // max_cells)
+        if bq == 1 and bk == 1:
+            m = attention_tile(q, k, (q0, q1), (k0, k1), lse=lse, **cap.mask)
+            return AttentionView(m[0, 0].numpy(), (q0, q1), (k0, k1), cap.tokens[q0:q1], cap.tokens[k0:k1])
+        m = pooled_attention(q, k, block_q=bq, block_k=bk, q_range=(q0, q1), k_range=(k0, k1), lse=lse, **cap.mask)
+        return AttentionView(m[0, 0].numpy(), (q0, q1), (k0, k1), None, None)
+
+    def query_on_grid(self, meta: dict, sample: int, layer: int, head: int, query: int,
+                      grid: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """The attention of one query token on one image's patch grid: ((rows, cols) probabilities, the image
+        (H, W, 3) uint8 or None)."""
+        cap = self.layer(meta, sample, layer)
+        if not cap.layout.grids:
+            raise ValueError("this sample has no image: the grid view is for ViTs and vision-language models")
+        if not 0 <= query < cap.n_tokens:
+            raise ValueError(f"query {query} is outside the input's {cap.n_tokens} tokens")
+        if not 0 <= grid < len(cap.layout.grids):
+            raise ValueError(f"image grid {grid} is outside the sample's {len(cap.layout.grids)} grids")
+        q, k, lse = cap.head(head)
+        row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), lse=lse, **cap.mask)[0, 0, 0]
+        positions = cap.layout.grids[grid].positions
+        return row[positions].numpy(), cap.image
+
+
+def _clip(region: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    if region is None:
+        return 0, n
+    a, b = max(0, int(region[0])), min(n, int(region[1]))
+    if a >= b:
+        raise ValueError(f"the region [{region[0]}, {region[1]}) holds no token of the input's {n}")
+    return a, b
+
+
+def _token_texts(model: Model, inputs: dict, layout: TokenLayout) -> list[str]:
+    """Each position's text: its token for text, `patch r,c` for image patches, the segment name otherwise."""
+    n = layout.segments.shape[1]
+    ids = inputs.get("input_ids") if model.family.kind != "vit" else None
+    texts = [model.tokenizer.decode([i]) for i in ids[0].tolist()] if ids is not None and ids.shape[1] == n \
+        else [layout.names[s] for s in layout.segments[0].tolist()]
+    for grid in layout.grids:
+        if grid.batch == 0:
+            for (r, c), pos in np.ndenumerate(grid.positions.cpu().numpy()):
+                texts[pos] = f"patch {r},{c}"
+    return texts
+
+
+def _image(model: Model, inputs: dict) -> np.ndarray | None:
+    """The first image as the model saw it, (H, W, 3) uint8, undoing the processor's normalisation; None when
+    the input has no single (3, H, W) image."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim != 4 or pixels.shape[1] != 3:
+        return None
+    proc = getattr(model.processor, "image_processor", model.processor)
+    mean = np.array(getattr(proc, "image_mean", None) or [0.0, 0.0, 0.0])
+    std = np.array(getattr(proc, "image_std", None) or [1.0, 1.0, 1.0])
+    img = pixels[0].float().cpu().numpy().transpose(1, 2, 0) * std + mean
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)

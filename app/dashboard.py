@@ -1,0 +1,444 @@
+"""The Dash dashboard: `interp app`. Pages: the runs of a store (/), one run (/run/<id>: head map, ranked heads,
+head detail, the analysis's own view), and two runs compared (/compare?a=<id>&b=<id>).
+
+It reads the store only; a model is loaded only when the user asks for an attention view (AttentionSource).
+Callbacks are plain functions of their inputs (tested without a browser); every failure becomes a message on
+the page, never a dead app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from urllib.parse import parse_qs
+
+import dash
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from dash import Input, Output, State, ctx, dash_table, dcc, html
+
+from interp.compare import rank_correlation, top_overlap
+from interp.results import ScoreResult
+from interp.store import Store
+
+from . import figures
+from .attention import AttentionSource
+from .data import RunCatalog
+
+# The per-sample column that shows a heads-table score sample by sample, where the names differ.
+SAMPLE_SCORE = {"retrieval_score": "score", "sink_rate": "first_token_mass", "any_sink_rate": "top_key_mass",
+                "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
+DESCRIBE = ("input", "length", "depth", "accepted", "rouge1_recall", "n_tokens", "response")
+TOP_K = 20
+PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
+ROW = {"display": "flex", "gap": "16px", "flexWrap": "wrap", "alignItems": "flex-start"}
+ERROR = {"color": "#a61b1b", "background": "#fdecea", "padding": "8px 12px", "borderRadius": "4px"}
+
+
+class Dashboard:
+    """The app's state (catalog of runs, attention source) and its callbacks as plain methods."""
+
+    def __init__(self, store: Store | str | os.PathLike | None = None, attention: AttentionSource | None = None):
+        self.catalog = RunCatalog(store)
+        self.attention = attention or AttentionSource()
+
+    # ---- pages
+
+    def page(self, pathname: str | None, search: str | None = None):
+        """The page for a URL path."""
+        path = (pathname or "/").rstrip("/") or "/"
+        try:
+            if path == "/":
+                return self.runs_page()
+            if path.startswith("/run/"):
+                return self.run_page(path.removeprefix("/run/"))
+            if path == "/compare":
+                query = parse_qs((search or "").lstrip("?"))
+                return self.compare_page(query.get("a", [None])[0], query.get("b", [None])[0])
+            return _error(f"no page {path!r}: see the runs at /")
+        except Exception as e:  # noqa: BLE001  (a broken run shows as a message)
+            return _error(str(e))
+
+    def runs_rows(self) -> list[dict]:
+        rows = []
+        for info in self.catalog.listing():
+            m = info.meta or {}
+            done, total = info.progress
+            rows.append({"id": f"[{info.id}](/run/{info.id})", "status": info.status, "analysis": m.get("analysis", ""),
+                         "model": (m.get("model") or {}).get("name", ""), "samples": f"{done}/{total}",
+                         "started": info.started[:19].replace("T", " "),
+                         "parameters": _short_json({**(m.get("options") or {}), **(m.get("params") or {})}),
+                         "error": info.error or ""})
+        return rows
+
+    def runs_page(self):
+        rows = self.runs_rows()
+        columns = [{"name": c, "id": c, **({"presentation": "markdown"} if c == "id" else {})}
+                   for c in ("id", "status", "analysis", "model", "samples", "started", "parameters", "error")]
+        table = dash_table.DataTable(
+            id="runs-table", data=rows, columns=columns, filter_action="native", sort_action="native",
+            page_size=25, markdown_options={"link_target": "_self"},
+            style_cell={"textAlign": "left", "maxWidth": "420px", "whiteSpace": "normal", "fontSize": "13px"},
+            style_data_conditional=[
+                {"if": {"filter_query": '{status} = "corrupt"'}, "backgroundColor": "#fdecea"},
+                {"if": {"filter_query": '{status} = "incomplete"'}, "backgroundColor": "#fff6db"},
+                {"if": {"filter_query": '{status} = "running"'}, "backgroundColor": "#e8f1fb"}])
+        intro = html.P(f"{len(rows)} runs in {self.catalog.store.root}. Filter and sort in the header; open a run by "
+                       "its id; compare two runs on the Compare page.")
+        return html.Div([html.H2("Runs"), intro, table])
+
+    def run_page(self, run_id: str):
+        result = self.catalog.result(run_id)
+        m = result.meta
+        done, total = result.samples_done, len(m.get("plan", []))
+        status = m.get("status", "complete")
+        header = html.Div([
+            html.H2(f"{m['analysis']} on {m['model']['name']}"),
+            html.P([html.B(status), f" · {done}/{total} samples · started {m.get('started', '')[:19]} · run {run_id}",
+                    *([html.Span(f" · {m['error']}", style={"color": "#a61b1b"})] if m.get("error") else [])]),
+            html.Details([html.Summary("options and parameters"),
+                          html.Pre(json.dumps({"options": m["options"], "params": m["params"]}, indent=1))])])
+        if result.heads.empty:
+            return html.Div([header, _error("this run has no finished sample yet: nothing to show")])
+        scores = result.scores
+        layer, head = _best_head(result.heads, scores[0])
+        samples = sorted(int(s) for s in result.samples["sample"].unique())
+        plan = m.get("plan", [])
+        heads_tab = html.Div([
+            html.Div([html.Label("score "), dcc.Dropdown(id="score", options=scores, value=scores[0], clearable=False,
+                                                          style={"width": "320px"})], style=ROW),
+            html.Div([
+                dcc.Graph(id="head-map", style={"width": "640px", "height": "560px"}),
+                html.Div([html.H4("ranked heads (click a row)"),
+                          dash_table.DataTable(id="ranked", page_size=TOP_K, style_cell={"fontSize": "13px"})],
+                         style={"width": "420px"})], style=ROW),
+            html.H3(id="detail-title"),
+            html.Div([
+                html.Label("layer "), dcc.Dropdown(id="layer", options=list(range(m["model"]["n_layers"])),
+                                                   value=layer, clearable=False, style={"width": "90px"}),
+                html.Label("head "), dcc.Dropdown(id="head", options=list(range(m["model"]["n_heads"])), value=head,
+                                                  clearable=False, style={"width": "90px"}),
+                html.Label("sample "), dcc.Dropdown(id="sample", options=[{"label": _sample_label(i, plan[i]),
+                                                                           "value": i} for i in samples],
+                                                    value=samples[0], clearable=False, style={"width": "420px"})],
+                style=ROW),
+            html.Div([
+                dcc.Graph(id="sample-scores", style={"width": "560px", "height": "420px"}),
+                html.Div([
+                    html.Button(f"Compute attention (loads {m['model']['name']})", id="compute", n_clicks=0),
+                    html.Span(" query token for the image view "),
+                    dcc.Input(id="query", type="number", value=-1, debounce=True, style={"width": "80px"}),
+                    html.Div(id="attention-status", style={"margin": "6px 0"}),
+                    dcc.Loading(html.Div([dcc.Graph(id="attention", style={"width": "640px", "height": "600px"}),
+                                          dcc.Graph(id="grid-view", style={"width": "520px", "height": "480px",
+                                                                           "display": "none"})])),
+                ])], style=ROW),
+            dcc.Store(id="live", data=False), dcc.Store(id="region", data=None)])
+        tabs = dcc.Tabs([dcc.Tab(heads_tab, label="Heads", value="heads"),
+                         dcc.Tab(html.Div(self.analysis_view(result), id="analysis-view"),
+                                 label=f"{m['analysis']} view", value="analysis")], value="heads")
+        return html.Div([dcc.Store(id="run-id", data=run_id), header, tabs])
+
+    # ---- head map, ranked heads, head detail
+
+    def ranked(self, run_id: str, score: str) -> tuple[list[dict], list[dict]]:
+        """(rows, columns) of the ranked-heads table."""
+        top = self.catalog.result(run_id).top(score, k=TOP_K)
+        top.insert(0, "rank", range(1, len(top) + 1))
+        top[score] = top[score].astype(float).round(4)
+        return top.to_dict("records"), [{"name": c, "id": c} for c in top.columns]
+
+    def choose_head(self, trigger: str | None, click: dict | None, cell: dict | None, rows: list[dict] | None,
+                    layer: int, head: int) -> tuple[int, int]:
+        """The head chosen by a click on the head map or on a ranked row (else the current one)."""
+        if trigger == "head-map" and click:
+            point = click["points"][0]
+            return int(point["y"]), int(point["x"])
+        if trigger == "ranked" and cell and rows and cell["row"] < len(rows):
+            row = rows[cell["row"]]
+            return int(row["layer"]), int(row["head"])
+        return layer, head
+
+    def show_head(self, run_id: str, score: str, layer: int, head: int, sample: int):
+        """(head map, per-sample scores, detail title) for the chosen head and sample: what answers a head choice."""
+        result = self.catalog.result(run_id)
+        hmap = figures.head_map(result.heads, score, title=f"{score} — {result.meta['model']['name']}",
+                                selected=(layer, head))
+        per_sample = SAMPLE_SCORE.get(score, score)
+        try:
+            bars = figures.sample_scores(result.samples, layer, head, per_sample, selected=sample, describe=DESCRIBE)
+        except ValueError as e:
+            bars = error_figure(str(e))
+        row = result.heads[(result.heads["layer"] == layer) & (result.heads["head"] == head)]
+        value = f"{row[score].iloc[0]:.4g}" if len(row) else "not scored"
+        kv = int(row["kv_head"].iloc[0]) if len(row) else "?"
+        return hmap, bars, f"head {layer}-{head} (KV head {kv}): {score} = {value}"
+
+    def choose_sample(self, click: dict | None, sample: int) -> int:
+        return int(click["points"][0]["x"]) if click else sample
+
+    def show_attention(self, run_id: str, layer: int, head: int, sample: int, query: int | None = None,
+                       region: dict | None = None):
+        """(attention map, grid view, grid style, status, region) for the chosen head and sample over a token
+        region ({"q": [q0, q1], "k": [k0, k1]}; None: the whole input)."""
+        meta = self.catalog.result(run_id).meta
+        q_range, k_range = (region["q"], region["k"]) if region else (None, None)
+        view = self.attention.pattern(meta, sample, layer, head, q_range, k_range)
+        fig = figures.attention_map(view.matrix, view.q_range, view.k_range, q_tokens=view.q_tokens,
+                                    k_tokens=view.k_tokens, title=f"head {layer}-{head}, sample {sample}")
+        cap = self.attention.layer(meta, sample, layer)
+        status = (f"{cap.n_tokens} tokens · " + ("exact per token" if view.exact else
+                  f"{view.matrix.shape[0]}×{view.matrix.shape[1]} pooled blocks: drag a box to zoom in, "
+                  "double-click to zoom out"))
+        grid_fig, grid_style = go.Figure(), {"display": "none"}
+        if cap.layout.grids:
+            q = cap.n_tokens - 1 if query is None or query < 0 else int(query)
+            values, image = self.attention.query_on_grid(meta, sample, layer, head, q)
+            grid_fig = figures.grid_overlay(values, image, title=f"query {q} ({cap.tokens[q]!r}) on the image",
+                                            label="attention")
+            grid_style = {"width": "520px", "height": "480px"}
+        return fig, grid_fig, grid_style, status, {"q": list(view.q_range), "k": list(view.k_range)}
+
+    # ---- the analysis's own view
+
+    def analysis_view(self, result: ScoreResult) -> list:
+        """Figures particular to the run's analysis (retrieval grid and masking; sinks per layer, massive
+        activations, high-norm and visual sink tokens); the layer profile of the first score otherwise."""
+        graphs = []
+        t = result.tables
+        try:
+            if result.analysis == "retrieval":
+                graphs.append(figures.retrieval_grid(result.samples))
+                if "masking" in t:
+                    graphs.append(figures.masking_bars(t["masking"]))
+            if result.analysis == "sinks":
+                if "sink_rates" in t:
+                    graphs.append(figures.sink_rates_by_layer(t["sink_rates"]))
+                graphs.append(figures.score_by_layer(result.heads, "first_token_mass"))
+                if "massive_layers" in t:
+                    graphs.append(figures.massive_activations(t["massive_layers"]))
+                if "norm_histogram" in t:
+                    fit = t.get("high_norm_fit")
+                    graphs.append(figures.norm_histogram(t["norm_histogram"], None if fit is None else
+                                                         fit["threshold"].iloc[0]))
+                if "visual_sinks" in t:
+                    graphs.append(figures.visual_sinks_by_layer(t["visual_sinks"]))
+                graphs += self._token_grids(result)
+            if result.analysis not in ("retrieval", "sinks"):
+                graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
+        except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
+            return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs]
+        if result.status != "complete":
+            graphs = graphs[:1]
+        return [dcc.Graph(figure=g, style={"width": "760px", "height": "480px", "display": "inline-block"})
+                for g in graphs]
+
+    def _token_grids(self, result: ScoreResult) -> list[go.Figure]:
+        """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
+        from interp.analyses.images import load_image
+
+        out = []
+        plan = result.meta["plan"]
+        for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
+            if table not in result.tables:
+                continue
+            d = result.tables[table]
+            layer = d["layer"].max() if table == "norms" else _busiest_layer(d, result.meta["params"]["tau"])
+            rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
+                     d["segment"].isin(["image", "high_norm", "visual_sink"])]
+            side = int(round(len(rows) ** 0.5))
+            if side * side != len(rows) or not side:
+                continue  # not a square grid: drawn only as the per-layer counts
+            sample = int(d["sample"].min())
+            try:
+                image = np.asarray(load_image(plan[sample]["image"]).convert("RGB"))
+            except (ValueError, KeyError):
+                image = None
+            what = "high-norm tokens" if table == "norms" else f"visual sink tokens (φ > τ) at layer {layer}"
+            out.append(figures.grid_overlay(rows[value].to_numpy(float).reshape(side, side), image,
+                                            title=f"sample {sample}: {what}", label=label, colorscale="Magma"))
+        return out
+
+    # ---- compare
+
+    def run_options(self) -> list[dict]:
+        return [{"label": f"{i.id} · {i.meta['analysis']} · {i.meta['model']['name']}", "value": i.id}
+                for i in self.catalog.listing() if i.status != "corrupt" and i.meta]
+
+    def compare_page(self, a: str | None, b: str | None):
+        options = self.run_options()
+        ids = [o["value"] for o in options]
+        a = a if a in ids else (ids[0] if ids else None)
+        b = b if b in ids else (ids[1] if len(ids) > 1 else a)
+        pick = lambda i, v: dcc.Dropdown(id=f"run-{i}", options=options, value=v, clearable=False)  # noqa: E731
+        return html.Div([
+            html.H2("Compare two runs"),
+            html.Div([html.Div([html.Label("run A"), pick("a", a), dcc.Dropdown(id="score-a", clearable=False)],
+                               style={"width": "600px"}),
+                      html.Div([html.Label("run B"), pick("b", b), dcc.Dropdown(id="score-b", clearable=False)],
+                               style={"width": "600px"})], style=ROW),
+            html.Div([html.Label("top k heads "), dcc.Input(id="top-k", type="number", value=10, min=1, debounce=True)]),
+            html.Div(id="overlap", style={"margin": "8px 0"}),
+            html.Div([dcc.Graph(id="scatter", style={"width": "560px", "height": "480px"}),
+                      dcc.Graph(id="map-a", style={"width": "480px", "height": "480px"}),
+                      dcc.Graph(id="map-b", style={"width": "480px", "height": "480px"})], style=ROW)])
+
+    def score_choices(self, run_id: str | None) -> tuple[list[str], str | None]:
+        if not run_id:
+            return [], None
+        scores = self.catalog.result(run_id).scores
+        return scores, scores[0]
+
+    def compare(self, a: str, score_a: str, b: str, score_b: str, k: int):
+        """(overlap summary, scatter, map A, map B) of two runs' scores."""
+        ra, rb = self.catalog.result(a), self.catalog.result(b)
+        k = max(1, int(k or 10))
+        ov = top_overlap(ra.heads, score_a, rb.heads, score_b, k)
+        rho = rank_correlation(ra.heads, score_a, rb.heads, score_b)
+        fmt = lambda hs: ", ".join(f"{l}-{h}" for l, h in hs) or "none"  # noqa: E731
+        summary = html.Div([
+            html.P(f"top {k}: {len(ov.shared)} heads shared · Jaccard {ov.jaccard:.3f} · overlap of the smaller "
+                   f"{ov.of_smaller:.3f} · Spearman ρ of all scores {rho:.3f}"),
+            html.P(f"shared: {fmt(ov.shared)}"), html.P(f"only A: {fmt(ov.only_a)}"),
+            html.P(f"only B: {fmt(ov.only_b)}")], id="overlap-summary")
+        scatter = figures.compare_scatter(ra.heads, score_a, rb.heads, score_b, name_a="A", name_b="B", highlight=ov)
+        return (summary, scatter, figures.head_map(ra.heads, score_a, title=f"A: {score_a} — {ra.meta['model']['name']}"),
+                figures.head_map(rb.heads, score_b, title=f"B: {score_b} — {rb.meta['model']['name']}"))
+
+
+def make_app(store: Store | str | os.PathLike | None = None, attention: AttentionSource | None = None) -> dash.Dash:
+    """The Dash app over a store (default: the default store)."""
+    board = Dashboard(store, attention)
+    app = dash.Dash(__name__, title="interp", suppress_callback_exceptions=True)
+    app.layout = html.Div([
+        dcc.Location(id="url"),
+        html.Div([html.B("interp"), dcc.Link("Runs", href="/"), dcc.Link("Compare", href="/compare")],
+                 style={"display": "flex", "gap": "20px", "padding": "10px 0", "borderBottom": "1px solid #ddd"}),
+        html.Div(id="page")], style=PAGE)
+    app.board = board
+
+    app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))(board.page)
+
+    @app.callback(Output("ranked", "data"), Output("ranked", "columns"), Input("score", "value"), State("run-id", "data"))
+    def _ranked(score, run_id):
+        return board.ranked(run_id, score)
+
+    @app.callback(Output("layer", "value"), Output("head", "value"), Input("head-map", "clickData"),
+                  Input("ranked", "active_cell"), State("ranked", "data"), State("layer", "value"),
+                  State("head", "value"), prevent_initial_call=True)
+    def _choose(click, cell, rows, layer, head):
+        return board.choose_head(ctx.triggered_id, click, cell, rows, layer, head)
+
+    @app.callback(Output("head-map", "figure"), Output("sample-scores", "figure"), Output("detail-title", "children"),
+                  Input("score", "value"), Input("layer", "value"), Input("head", "value"), Input("sample", "value"),
+                  State("run-id", "data"))
+    def _head(score, layer, head, sample, run_id):
+        try:
+            return board.show_head(run_id, score, layer, head, sample)
+        except Exception as e:  # noqa: BLE001
+            return error_figure(str(e)), error_figure(str(e)), str(e)
+
+    @app.callback(Output("sample", "value"), Input("sample-scores", "clickData"), State("sample", "value"),
+                  prevent_initial_call=True)
+    def _sample(click, sample):
+        return board.choose_sample(click, sample)
+
+    @app.callback(Output("live", "data"), Input("compute", "n_clicks"), prevent_initial_call=True)
+    def _live(n):
+        return bool(n)
+
+    @app.callback(Output("attention", "figure"), Output("grid-view", "figure"), Output("grid-view", "style"),
+                  Output("attention-status", "children"), Output("region", "data"),
+                  Input("live", "data"), Input("layer", "value"), Input("head", "value"), Input("sample", "value"),
+                  Input("query", "value"), Input("attention", "relayoutData"), State("region", "data"),
+                  State("run-id", "data"), prevent_initial_call=True)
+    def _attention(live, layer, head, sample, query, relayout, region, run_id):
+        if not live:
+            raise dash.exceptions.PreventUpdate
+        new = region if ctx.triggered_id == "query" else None  # another head or sample: the whole input
+        if ctx.triggered_id == "attention":
+            new = _zoom(relayout, region)
+            if new == region:
+                raise dash.exceptions.PreventUpdate  # a relayout that is no zoom (autosize, a drag of the colour bar)
+        try:
+            return board.show_attention(run_id, layer, head, sample, query, new)
+        except Exception as e:  # noqa: BLE001
+            return error_figure(str(e)), go.Figure(), {"display": "none"}, html.Span(str(e), style=ERROR), region
+
+    @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"))
+    def _scores_a(run_id):
+        return board.score_choices(run_id)
+
+    @app.callback(Output("score-b", "options"), Output("score-b", "value"), Input("run-b", "value"))
+    def _scores_b(run_id):
+        return board.score_choices(run_id)
+
+    @app.callback(Output("overlap", "children"), Output("scatter", "figure"), Output("map-a", "figure"),
+                  Output("map-b", "figure"), Input("run-a", "value"), Input("score-a", "value"),
+                  Input("run-b", "value"), Input("score-b", "value"), Input("top-k", "value"))
+    def _compare(a, score_a, b, score_b, k):
+        if not (a and b and score_a and score_b):
+            raise dash.exceptions.PreventUpdate
+        try:
+            return board.compare(a, score_a, b, score_b, k)
+        except Exception as e:  # noqa: BLE001
+            return html.Div(str(e), style=ERROR), error_figure(str(e)), go.Figure(), go.Figure()
+
+    return app
+
+
+def error_figure(message: str) -> go.Figure:
+    """An empty figure that says what went wrong."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"color": "#a61b1b"})
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, template=figures.TEMPLATE)
+    return fig
+
+
+def _error(message: str):
+    return html.Div(message, className="error", style=ERROR)
+
+
+def _short_json(d: dict, limit: int = 160) -> str:
+    text = json.dumps({k: v for k, v in d.items() if v is not None}, separators=(",", ":"), default=str)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _sample_label(i: int, entry: dict) -> str:
+    """A planned sample in a few words: its short scalar fields."""
+    parts = [f"{k} {v}" for k, v in entry.items()
+             if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 20)]
+    return f"{i}: " + ", ".join(parts[:5])
+
+
+def _best_head(heads: pd.DataFrame, score: str) -> tuple[int, int]:
+    ranked = heads.dropna(subset=[score]).sort_values(score, ascending=False, kind="stable")
+    row = (ranked if len(ranked) else heads).iloc[0]
+    return int(row["layer"]), int(row["head"])
+
+
+def _busiest_layer(phi: pd.DataFrame, tau: float) -> int:
+    """The layer with the most image tokens above τ."""
+    image = phi[phi["segment"] == "image"]
+    counts = (image["phi"] > tau).groupby(image["layer"]).sum()
+    return int(counts.idxmax()) if len(counts) else int(phi["layer"].min())
+
+
+def _zoom(relayout: dict | None, region: dict | None) -> dict | None:
+    """The token region a zoom box (plotly relayoutData) asks for: {"q": [q0, q1], "k": [k0, k1]}, None for the
+    whole input (double-click), the current region for anything else."""
+    if not relayout:
+        return region
+    if relayout.get("xaxis.autorange") or relayout.get("yaxis.autorange"):
+        return None
+    new = {key: list(value) for key, value in (region or {}).items()}
+    for axis, key in (("xaxis", "k"), ("yaxis", "q")):
+        lo, hi = relayout.get(f"{axis}.range[0]"), relayout.get(f"{axis}.range[1]")
+        if lo is not None and hi is not None:
+            lo, hi = sorted((lo, hi))
+            new[key] = [max(0, int(lo + 0.5)), int(hi + 0.5) + 1]
+    if "q" not in new or "k" not in new:
+        return region
+    return new

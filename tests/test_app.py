@@ -1,0 +1,239 @@
+"""The dashboard without a browser: figure builders, the attention views against eager attention, the callbacks,
+and its safety (store confinement, broken runs, no pickle)."""
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import interp
+from interp.app import figures
+from interp.app.attention import AttentionSource
+from interp.app.dashboard import Dashboard, _zoom, make_app
+from interp.cli import build_parser, main
+from interp.compare import rank_correlation, top_overlap
+from interp.store import RunNotFoundError
+from tiny_models import make, vit_processor
+
+
+def _heads(values, n_layers=3, n_heads=4, score="s"):
+    layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
+    return pd.DataFrame({"layer": layer, "head": head, "kv_head": head // 2, score: values})
+
+
+# ---- figure builders
+
+def test_head_map_places_every_score_and_outlines_the_chosen_head():
+    heads = _heads(np.arange(12.0)).drop(index=5)  # head 1-1 not scored
+    fig = figures.head_map(heads, "s", selected=(2, 3))
+    z = np.array(fig.data[0].z, dtype=float)
+    assert z.shape == (3, 4) and z[2, 3] == 11 and z[0, 1] == 1 and np.isnan(z[1, 1])
+    assert np.array(fig.data[0].customdata)[2, 3] == 1  # the KV head on hover
+    (box,) = fig.layout.shapes
+    assert (box.x0, box.x1, box.y0, box.y1) == (2.5, 3.5, 1.5, 2.5)
+    with pytest.raises(ValueError, match="no score 'x'"):
+        figures.head_map(heads, "x")
+
+
+def test_attention_map_axes_are_token_positions():
+    pooled = figures.attention_map(np.ones((3, 2)), (10, 40), (0, 20))  # blocks of 10 queries × 10 keys
+    assert list(pooled.data[0].y) == [14.5, 24.5, 34.5] and list(pooled.data[0].x) == [4.5, 14.5]
+    assert "blocks of 10 queries × 10 keys" in pooled.layout.title.text
+    exact = figures.attention_map(np.eye(2), (5, 7), (5, 7), q_tokens=["a", "b"], k_tokens=["a", "b"])
+    assert list(exact.data[0].x) == [5, 6] and exact.data[0].text[1][0] == "'b' → 'a'"
+
+
+def test_sample_scores_are_the_heads_rows():
+    samples = pd.DataFrame({"sample": [0, 0, 1, 1], "layer": [0, 1, 0, 1], "head": 0, "kv_head": 0,
+                            "score": [0.1, 0.2, 0.3, 0.4], "length": [100, 100, 200, 200]})
+    fig = figures.sample_scores(samples, 1, 0, "score", selected=1, describe=["length", "absent"])
+    assert list(fig.data[0].y) == [0.2, 0.4] and list(fig.data[0].marker.color)[1] == "#e4572e"
+    assert [list(c) for c in fig.data[0].customdata] == [[100], [200]]
+
+
+def test_retrieval_grid_is_the_share_of_accepted_samples():
+    samples = pd.DataFrame({"sample": [0, 0, 1, 2, 3], "length": [100, 100, 100, 200, 100],
+                            "depth": [0.0, 0.0, 0.0, 50.0, 50.0], "accepted": [True, True, False, True, False]})
+    fig = figures.retrieval_grid(samples)
+    z = np.array(fig.data[0].z, dtype=float)  # rows: depth 0, 50; columns: length 100, 200
+    assert z[0, 0] == 50 and z[1, 0] == 0 and z[1, 1] == 100 and np.isnan(z[0, 1])
+
+
+def test_grid_overlay_scales_the_grid_onto_the_image():
+    fig = figures.grid_overlay(np.arange(6.0).reshape(2, 3), np.zeros((20, 30, 3), np.uint8), title="t")
+    image, heat = fig.data
+    assert image.type == "image" and list(heat.x) == [5, 15, 25] and list(heat.y) == [5, 15]
+
+
+def test_top_overlap_counts_jaccard_and_rank_correlation():
+    a = _heads(np.arange(12.0))                         # best: 11, 10, 9, 8 ...
+    b = _heads(np.r_[np.arange(12.0)[:10], -1.0, 20.0])  # head 2-2 (index 10) is last in B, 2-3 first
+    ov = top_overlap(a, "s", b, "s", 3)
+    assert ov.top_a == [(2, 3), (2, 2), (2, 1)] and ov.top_b == [(2, 3), (2, 1), (2, 0)]
+    assert ov.shared == [(2, 3), (2, 1)] and ov.only_a == [(2, 2)] and ov.only_b == [(2, 0)]
+    assert ov.jaccard == pytest.approx(2 / 4) and ov.of_smaller == pytest.approx(2 / 3)
+    assert rank_correlation(a, "s", a, "s") == pytest.approx(1.0)
+    assert rank_correlation(a, "s", a.assign(s=-a["s"]), "s") == pytest.approx(-1.0)
+    fig = figures.compare_scatter(a, "s", b, "s", highlight=ov)
+    assert {t.name: len(t.x) for t in fig.data} == {"other": 10, "top in both": 2}
+
+
+# ---- attention views equal the model's eager attention
+
+@pytest.fixture(scope="module")
+def eager_stories():
+    return interp.load_model("stories260k", attn_implementation="eager")
+
+
+def _eager(model, inputs, layer, head):
+    with torch.no_grad():
+        out = model.hf(**inputs, output_attentions=True)
+    return out.attentions[layer][0, head].float().numpy()
+
+
+def test_pattern_views_equal_eager_attention(app_store, eager_stories):
+    root, ids = app_store
+    result = interp.open_run(ids["summary"], store=root)
+    source = AttentionSource()  # loads stories260k with its default (sdpa) attention, as `interp app` does
+    layer, head = 3, 5
+    sample = int(result.samples["sample"].iloc[0])
+    inputs = interp.analyses.get_analysis("summary").sample_inputs(
+        eager_stories, result.meta["plan"][sample], interp.analyses.Options.from_json(result.meta["options"]),
+        result.meta["params"])
+    p = _eager(eager_stories, inputs, layer, head)
+    n = p.shape[0]
+    assert n > 128  # long enough to be pooled
+
+    whole = source.pattern(result.meta, sample, layer, head)
+    block = -(-n // 128)
+    assert not whole.exact and whole.matrix.shape == (-(-n // block),) * 2
+    padded = np.zeros((whole.matrix.shape[0] * block,) * 2)
+    padded[:n, :n] = p
+    sums = padded.reshape(whole.matrix.shape[0], block, -1, block).sum((1, 3))
+    rows = np.minimum(block, n - block * np.arange(len(sums)))
+    np.testing.assert_allclose(whole.matrix, sums / np.outer(rows, rows), atol=1e-5)
+
+    zoom = source.pattern(result.meta, sample, layer, head, (n - 40, n), (3, 43))
+    assert zoom.exact and zoom.q_tokens[-1] == eager_stories.tokenizer.decode([int(inputs["input_ids"][0, -1])])
+    np.testing.assert_allclose(zoom.matrix, p[n - 40:, 3:43], atol=1e-5)
+
+
+def test_query_on_the_patch_grid_equals_eager_attention(tmp_path):
+    hf, _ = make("vit", attn="eager")
+    model = interp.load_model(hf, processor=vit_processor())
+    run = interp.score(model, "sinks", samples=1, store=tmp_path)
+    source = AttentionSource(models={model.name: model})
+    values, image = source.query_on_grid(run.meta, 0, 1, 2, query=0)
+    inputs = interp.analyses.get_analysis("sinks").sample_inputs(model, run.meta["plan"][0], None, run.meta["params"])
+    p = _eager(model, inputs, 1, 2)
+    grid = interp.layout.token_layout(model, inputs).grids[0]
+    np.testing.assert_allclose(values, p[0][grid.positions.numpy()], atol=1e-5)
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    with pytest.raises(ValueError, match="outside"):
+        source.query_on_grid(run.meta, 0, 1, 2, query=10_000)
+
+
+# ---- callbacks
+
+@pytest.fixture(scope="module")
+def board(app_store):
+    return Dashboard(app_store[0])
+
+
+def test_runs_page_lists_every_run_with_its_status(board, app_store):
+    rows = {r["id"].split("]")[0][1:]: r for r in board.runs_rows()}
+    _, ids = app_store
+    assert {rows[ids[k]]["status"] for k in ("summary", "retrieval", "sinks")} == {"complete"}
+    assert rows[ids["incomplete"]]["status"] == "incomplete" and rows[ids["corrupt"]]["status"] == "corrupt"
+    assert rows[ids["corrupt"]]["error"]
+    assert rows[ids["retrieval"]]["samples"] == "6/6"
+
+
+def test_broken_runs_become_messages(board, app_store):
+    _, ids = app_store
+    assert "corrupt" in str(board.page(f"/run/{ids['corrupt']}"))
+    assert "no finished sample" in str(board.page(f"/run/{ids['incomplete']}"))
+    assert "no page" in str(board.page("/nowhere"))
+
+
+@pytest.mark.parametrize("run_id", ["../x", "/etc", "..", ".hidden", "a\\b", ""])
+def test_run_ids_never_leave_the_store(board, run_id):
+    with pytest.raises(RunNotFoundError):
+        board.catalog.info(run_id)
+    assert "no run" in str(board.page(f"/run/{run_id}")) or "no page" in str(board.page(f"/run/{run_id}"))
+
+
+def test_a_run_directory_outside_the_store_is_refused(board, app_store, tmp_path):
+    root, ids = app_store
+    outside = tmp_path / ids["summary"]
+    outside.mkdir()
+    (outside / "meta.json").write_text((root / ids["summary"] / "meta.json").read_text())
+    with pytest.raises(RunNotFoundError):
+        board.catalog.info(str(outside))
+
+
+def test_choosing_a_head_updates_map_table_and_samples(board, app_store):
+    _, ids = app_store
+    rows, columns = board.ranked(ids["summary"], "entropy")
+    assert [c["id"] for c in columns] == ["rank", "layer", "head", "kv_head", "entropy"]
+    heads = board.catalog.result(ids["summary"]).heads
+    assert [r["entropy"] for r in rows] == list(heads["entropy"].sort_values(ascending=False).head(20).round(4))
+    assert board.choose_head("head-map", {"points": [{"x": 6, "y": 2}]}, None, rows, 0, 0) == (2, 6)
+    assert board.choose_head("ranked", None, {"row": 1}, rows, 0, 0) == (rows[1]["layer"], rows[1]["head"])
+    run = ids["retrieval"]  # stories260k retrieves no needle: no retrieval score, but per-sample copy scores
+    hmap, bars, title = board.show_head(run, "retrieval_score", 2, 6, 3)
+    assert title.startswith("head 2-6 (KV head 3)")
+    assert hmap.layout.shapes[0].x0 == 5.5
+    samples = board.catalog.result(run).samples
+    expected = samples[(samples["layer"] == 2) & (samples["head"] == 6)].sort_values("sample")["score"]
+    assert list(bars.data[0].y) == list(expected)  # the per-sample retrieval score of that head
+    assert board.choose_sample({"points": [{"x": 4}]}, 0) == 4
+
+
+def test_attention_callback_zooms_from_pooled_to_exact(board, app_store):
+    _, ids = app_store
+    fig, grid, style, status, region = board.show_attention(ids["summary"], 1, 0, 0)
+    assert "pooled blocks" in status and style == {"display": "none"}
+    relayout = {"xaxis.range[0]": 9.6, "xaxis.range[1]": 60.2, "yaxis.range[0]": 120.3, "yaxis.range[1]": 70.5}
+    zoom = _zoom(relayout, region)
+    assert zoom == {"q": [71, 121], "k": [10, 61]}
+    fig, _, _, status, region = board.show_attention(ids["summary"], 1, 0, 0, None, zoom)
+    assert "exact per token" in status and region == zoom and np.array(fig.data[0].z).shape == (50, 51)
+    assert _zoom({"xaxis.autorange": True, "yaxis.autorange": True}, zoom) is None
+    assert _zoom({"autosize": True}, zoom) == zoom
+
+
+def test_analysis_views_and_compare(board, app_store):
+    _, ids = app_store
+    titles = lambda run: [g.figure.layout.title.text for g in board.analysis_view(board.catalog.result(run))]  # noqa: E731
+    assert titles(ids["retrieval"])[0].startswith("needle retrieval by depth × length")
+    sinks = titles(ids["sinks"])
+    assert any(t.startswith("attention-sink rate per layer") for t in sinks)
+    assert "massive activations per layer" in sinks and "first_token_mass per layer" in sinks
+    summary, scatter, map_a, map_b = board.compare(ids["summary"], "first_token_mass", ids["sinks"],
+                                                    "first_token_mass", 5)
+    assert "top 5:" in str(summary) and len(scatter.data) >= 1 and map_b.layout.title.text.startswith("B:")
+    assert board.score_choices(ids["retrieval"]) == (["retrieval_score"], "retrieval_score")
+
+
+def test_pages_never_unpickle(board, app_store, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the dashboard unpickled something")
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    _, ids = app_store
+    board.catalog._cache.clear()
+    for path in ["/", "/compare", *(f"/run/{i}" for i in ids.values())]:
+        board.page(path)
+
+
+def test_app_layout_and_cli(app_store, capsys):
+    app = make_app(app_store[0])
+    assert app.layout is not None and len(app.callback_map) >= 8
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port) == ("127.0.0.1", 8050)
+    assert main(["app", "--store", str(app_store[0] / "nope")]) == 1
+    assert "no store at" in capsys.readouterr().err
