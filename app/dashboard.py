@@ -127,7 +127,7 @@ class Dashboard:
                 dcc.Graph(id="sample-scores", style={"width": "560px", "height": "420px"}),
                 html.Div([
                     html.Button(f"Compute attention (loads {m['model']['name']})", id="compute", n_clicks=0),
-                    html.Span(" query token for the image view "),
+                    html.Span(" query token (image inputs; −1: the last) "),
                     dcc.Input(id="query", type="number", value=-1, debounce=True, style={"width": "80px"}),
                     html.Div(id="attention-status", style={"margin": "6px 0"}),
                     dcc.Loading(html.Div([dcc.Graph(id="attention", style={"width": "640px", "height": "600px"}),
@@ -278,11 +278,12 @@ class Dashboard:
                                style={"width": "600px"}),
                       html.Div([html.Label("run B"), pick("b", b), dcc.Dropdown(id="score-b", clearable=False)],
                                style={"width": "600px"})], style=ROW),
-            html.Div([html.Label("top k heads "), dcc.Input(id="top-k", type="number", value=10, min=1, debounce=True)]),
+            html.Div([html.Label("top k heads "), dcc.Input(id="top-k", type="number", value=10, min=1, debounce=True,
+                                                            style={"width": "90px"})], style=ROW),
             html.Div(id="overlap", style={"margin": "8px 0"}),
-            html.Div([dcc.Graph(id="scatter", style={"width": "560px", "height": "480px"}),
-                      dcc.Graph(id="map-a", style={"width": "480px", "height": "480px"}),
-                      dcc.Graph(id="map-b", style={"width": "480px", "height": "480px"})], style=ROW)])
+            html.Div([dcc.Graph(id="scatter", style={"width": "480px", "height": "460px"}),
+                      dcc.Graph(id="map-a", style={"width": "430px", "height": "460px"}),
+                      dcc.Graph(id="map-b", style={"width": "430px", "height": "460px"})], style=ROW)])
 
     def score_choices(self, run_id: str | None) -> tuple[list[str], str | None]:
         if not run_id:

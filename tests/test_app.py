@@ -134,6 +134,12 @@ def test_query_on_the_patch_grid_equals_eager_attention(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         source.query_on_grid(run.meta, 0, 1, 2, query=10_000)
 
+    board = Dashboard(tmp_path, attention=source)  # the head detail shows the grid view for image inputs
+    _, grid_fig, style, status, _ = board.show_attention(run.id, 1, 2, 0, query=0)
+    assert style.get("display") != "none" and "exact per token" in status
+    assert [t.type for t in grid_fig.data] == ["image", "heatmap"]
+    np.testing.assert_allclose(np.array(grid_fig.data[1].z, dtype=float), values, atol=1e-6)
+
 
 # ---- callbacks
 
