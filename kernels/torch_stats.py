@@ -40,11 +40,14 @@ def _block_scores(q5: Tensor, k: Tensor, pos: Tensor, k0: int, k1: int, *, scale
                   softcap) -> tuple[Tensor, Tensor]:
     """Scores (B, H_kv, G, Cq, Ck) of grouped queries q5 (B, H_kv, G, Cq, d) at positions pos on keys [k0, k1),
     soft-capped, −inf where invisible; and the visibility mask."""
-    j = torch.arange(k0, k1, device=k.device)
-    vis = _visible(pos, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
     s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    lo, hi = int(pos.min()), int(pos.max())
+    if key_mask is None and (not causal or k1 - 1 <= lo) and (window is None or hi - k0 < window):
+        return s, torch.ones((1,) * s.ndim, dtype=torch.bool, device=s.device)  # every key visible: no mask
+    j = torch.arange(k0, k1, device=k.device)
+    vis = _visible(pos, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
     return s.masked_fill(~vis, float("-inf")), vis
 
 
@@ -134,7 +137,7 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
             if key_mass is not None:
                 key_mass[..., k0:k1] += p.sum(-2)
             if key_count is not None:
-                key_count[:, k0:k1] += vis.expand(b, 1, 1, -1, -1)[:, 0, 0].sum(-2).float()
+                key_count[:, k0:k1] += vis.expand(b, 1, 1, *s.shape[-2:])[:, 0, 0].sum(-2).float()
     out: dict[str, Tensor] = {}
     seen = torch.isfinite(lse)
     flat = lambda t: t.reshape(b, h, *t.shape[4:]) if t.dim() > 4 else t.reshape(b, h, -1)  # noqa: E731
@@ -208,6 +211,65 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
                 out[:, :, rows, cols] = p.amax(dim=(3, 5))
             else:
                 out[:, :, rows, cols] = p.sum(dim=(3, 5))
+    if reduce == "mean":  # cells per block (the last row / column of blocks may be partial)
+        rq = torch.full((out.shape[2],), float(block_q), device=q.device)
+        rq[-1] = n_q - block_q * (out.shape[2] - 1)
+        rk = torch.full((out.shape[3],), float(block_k), device=q.device)
+        rk[-1] = n_k - block_k * (out.shape[3] - 1)
+        out = out / (rq[:, None] * rk[None, :])
+    return out
+
+
+def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce: str, chunk_k: int = CHUNK_K,
+                    **mask) -> Tensor:
+    """`pooled_torch` without a known lse: one pass over the visible key blocks, keeping per query and key block
+    the running Σ exp(s − m) (or max s) with an online max m, normalised by the row's lse at the end."""
+    b, h, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    n_kb = math.ceil(n_k / block_k)
+    out = torch.zeros(b, h, math.ceil(n_q / block_q), n_kb, device=q.device)
+    q5 = _grouped(q, n_kv)
+    step_q = block_q * max(1, _chunk_q(b, h, n_q, chunk_k) // block_q)
+    step_k = block_k * max(1, chunk_k // block_k)
+    pos = mask.pop("query_positions")
+    causal, window = mask["causal"], mask["window"]
+    for q0 in range(0, n_q, step_q):
+        q1 = min(q0 + step_q, n_q)
+        shape = (b, n_kv, h // n_kv, q1 - q0)
+        m = torch.full(shape, float("-inf"), device=q.device)
+        total = torch.zeros(shape, device=q.device)
+        acc = torch.full((*shape, n_kb), 0.0 if reduce == "mean" else float("-inf"), device=q.device)
+        p = pos[q0:q1]
+        lo = max(0, int(p.min()) - window + 1) if window is not None else 0
+        hi = min(n_k, int(p.max()) + 1) if causal else n_k
+        for k0 in range(lo - lo % step_k, hi, step_k):
+            k1 = min(k0 + step_k, n_k)
+            s, _ = _block_scores(q5[:, :, :, q0:q1], k, p, k0, k1, **mask)
+            pad = (-(k1 - k0)) % block_k
+            s = (torch.nn.functional.pad(s, (0, pad), value=float("-inf")) if pad else s).unflatten(-1, (-1, block_k))
+            cols = slice(k0 // block_k, k0 // block_k + s.shape[-2])
+            new_m = torch.maximum(m, s.amax((-2, -1)))
+            safe = torch.where(torch.isinf(new_m), 0.0, new_m)
+            rescale = torch.exp(torch.where(torch.isinf(m), float("-inf"), m) - safe)
+            e = torch.exp(s - safe[..., None, None])
+            total = total * rescale + e.sum((-2, -1))
+            if reduce == "max":
+                acc[..., cols] = s.amax(-1)
+            else:
+                acc *= rescale[..., None]
+                acc[..., cols] += e.sum(-1)
+            m = new_m
+        if reduce == "max":
+            safe = torch.where(torch.isinf(m), 0.0, m)
+            probs = torch.where(total[..., None] > 0, torch.exp(acc - safe[..., None]) / total[..., None].clamp_min(1e-30),
+                                0.0)
+        else:
+            probs = torch.where(total[..., None] > 0, acc / total[..., None].clamp_min(1e-30), 0.0)
+        probs = probs.reshape(b, h, q1 - q0, n_kb)
+        pad_q = (-(q1 - q0)) % block_q
+        probs = torch.nn.functional.pad(probs, (0, 0, 0, pad_q)).unflatten(2, (-1, block_q))
+        rows = slice(q0 // block_q, q0 // block_q + probs.shape[2])
+        out[:, :, rows] = probs.amax(3) if reduce == "max" else probs.sum(3)
     if reduce == "mean":  # cells per block (the last row / column of blocks may be partial)
         rq = torch.full((out.shape[2],), float(block_q), device=q.device)
         rq[-1] = n_q - block_q * (out.shape[2] - 1)

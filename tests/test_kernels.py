@@ -128,6 +128,26 @@ def test_pooled_map_and_tile_equal_dense():
     assert torch.allclose(tile, p[:, :, 30:41, 5:33], atol=1e-6)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_one_pass_pooling_equals_dense(reduce, monkeypatch):
+    """Without a given lse the whole map is pooled in one pass (online row sums): the same cells as the dense
+    probabilities, with chunks smaller than the map, a query that sees no key, windows and soft-capping."""
+    from interp.kernels import torch_stats
+
+    monkeypatch.setattr(torch_stats, "CHUNK_K", 12)
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 4 * 12 * 8)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 50, 16, generator=g) * 3, torch.randn(1, 2, 50, 16, generator=g)
+    key_mask = torch.ones(1, 50, dtype=torch.bool)
+    key_mask[0, 0] = False  # query 0 sees no key
+    mask = dict(causal=True, window=30, key_mask=key_mask, softcap=5.0)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
+    pooled = pooled_attention(q, k, block_q=5, block_k=4, reduce=reduce, **mask)
+    padded = torch.nn.functional.pad(p, (0, 2)).unflatten(-1, (13, 4)).unflatten(2, (10, 5))
+    expect = padded.amax((3, 5)) if reduce == "max" else padded.sum((3, 5)) / (5 * torch.tensor([4.0] * 12 + [2.0]))
+    assert torch.allclose(pooled, expect, atol=1e-6)
+
+
 def test_pooled_region_is_a_zoom_of_the_dense_map():
     """Pooling a region keeps each row normalised over every key (causal, window and padding masks shift)."""
     g = torch.Generator().manual_seed(3)
