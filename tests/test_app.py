@@ -243,3 +243,36 @@ def test_app_layout_and_cli(app_store, capsys):
     assert (args.host, args.port) == ("127.0.0.1", 8050)
     assert main(["app", "--store", str(app_store[0] / "nope")]) == 1
     assert "no store at" in capsys.readouterr().err
+
+
+def test_vision_views_paint_tokens_over_the_image(tmp_path):
+    """Visual sink tokens (LLaVA, φ > τ) and ViT output norms are drawn on the image's patch grid, the values
+    those of the run's tables; the head detail lays a text query's attention over the image."""
+    from tiny_models import llava_with_processor
+
+    hf, proc = llava_with_processor(n_layers=4)
+    with torch.no_grad():  # a massive BOS dimension, as in test_sinks, so that there are visual sinks
+        hf.get_input_embeddings().weight[1, 7] = 2000.0
+    llava = interp.load_model(hf, processor=proc)
+    run = interp.score(llava, "sinks", samples=1, tau=0.0, store=tmp_path)
+    board = Dashboard(tmp_path, attention=AttentionSource(models={llava.name: llava}))
+    views = {g.figure.layout.title.text: g.figure for g in board.analysis_view(board.catalog.result(run.id))}
+    (title,) = [t for t in views if "visual sink tokens (φ > τ)" in t]
+    phi = run.tables["phi"]
+    layer = int(title.rsplit(" ", 1)[1])
+    expect = phi[(phi["layer"] == layer) & (phi["segment"] == "image")].sort_values("position")["phi"].to_numpy()
+    heat = views[title].data[-1]
+    np.testing.assert_allclose(np.array(heat.z, dtype=float).ravel(), expect, rtol=1e-6)
+    assert views[title].data[0].type == "image"
+    _, grid_fig, style, _, _ = board.show_attention(run.id, 2, 1, 0)  # the last (text) token as query
+    assert style.get("display") != "none" and np.array(grid_fig.data[1].z).shape == (4, 4)
+
+    hf, _ = make("vit")
+    vit = interp.load_model(hf, processor=vit_processor())
+    run = interp.score(vit, "sinks", samples=2, store=tmp_path)
+    views = {g.figure.layout.title.text: g.figure for g in board.analysis_view(board.catalog.result(run.id))}
+    norms = run.tables["norms"]
+    last = norms[(norms["sample"] == 0) & (norms["layer"] == norms["layer"].max()) & (norms["segment"] != "cls")]
+    heat = views["sample 0: high-norm tokens"].data[-1]
+    np.testing.assert_allclose(np.array(heat.z, dtype=float).ravel(), last.sort_values("position")["norm"], rtol=1e-6)
+    assert any(t.startswith("output token norms") for t in views)
