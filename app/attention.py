@@ -14,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from interp.kernels import attention_tile, pooled_attention

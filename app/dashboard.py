@@ -209,7 +209,7 @@ class Dashboard:
         t = result.tables
         try:
             if result.analysis == "retrieval":
-                graphs.append(figures.retrieval_grid(result.samples))
+                graphs += [figures.retrieval_grid(result.samples), figures.retrieval_grid(result.samples, "rouge1_recall")]
                 if "masking" in t:
                     graphs.append(figures.masking_bars(t["masking"]))
             if result.analysis == "sinks":

@@ -161,7 +161,7 @@ def retrieval_grid(samples: pd.DataFrame, value: str = "accepted") -> go.Figure:
                                hovertemplate="depth %{y}, length %{x}<br>%{z:.1f}<extra></extra>"))
     fig.update_layout(title="needle retrieval by depth × length" + ("" if value == "accepted" else f" ({value})"),
                       xaxis_title="context length (tokens)", yaxis_title="needle depth", template=TEMPLATE,
-                      xaxis={"type": "category"}, yaxis={"type": "category"})
+                      xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"})
     return fig
 
 

@@ -61,6 +61,14 @@ def test_retrieval_grid_is_the_share_of_accepted_samples():
     assert z[0, 0] == 50 and z[1, 0] == 0 and z[1, 1] == 100 and np.isnan(z[0, 1])
 
 
+def test_masking_bars_group_conditions_by_k():
+    masking = pd.DataFrame({"condition": ["none", "top", "random", "top", "random"], "k": [0, 2, 2, 4, 4],
+                            "mode": "uniform", "niah_score": [90.0, 40.0, 85.0, 10.0, 80.0]})
+    fig = figures.masking_bars(masking)
+    bars = {t.name: (list(t.x), list(t.y)) for t in fig.data}
+    assert bars == {"none": (["0"], [90.0]), "top": (["2", "4"], [40.0, 10.0]), "random": (["2", "4"], [85.0, 80.0])}
+
+
 def test_grid_overlay_scales_the_grid_onto_the_image():
     fig = figures.grid_overlay(np.arange(6.0).reshape(2, 3), np.zeros((20, 30, 3), np.uint8), title="t")
     image, heat = fig.data
