@@ -31,6 +31,7 @@ SAMPLE_SCORE = {"retrieval_score": "score", "sink_rate": "first_token_mass", "an
                 "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
 DESCRIBE = ("input", "length", "depth", "accepted", "rouge1_recall", "n_tokens", "response")
 TOP_K = 20
+REFRESH_MS = 10_000  # the runs page re-reads the store this often (runs in progress move on)
 PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
 ROW = {"display": "flex", "gap": "16px", "flexWrap": "wrap", "alignItems": "flex-start"}
 ERROR = {"color": "#a61b1b", "background": "#fdecea", "padding": "8px 12px", "borderRadius": "4px"}
@@ -86,7 +87,7 @@ class Dashboard:
                 {"if": {"filter_query": '{status} = "running"'}, "backgroundColor": "#e8f1fb"}])
         intro = html.P(f"{len(rows)} runs in {self.catalog.store.root}. Filter and sort in the header; open a run by "
                        "its id; compare two runs on the Compare page.")
-        return html.Div([html.H2("Runs"), intro, table])
+        return html.Div([html.H2("Runs"), intro, table, dcc.Interval(id="runs-refresh", interval=REFRESH_MS)])
 
     def run_page(self, run_id: str):
         result = self.catalog.result(run_id)
@@ -320,6 +321,10 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
     app.board = board
 
     app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))(board.page)
+
+    @app.callback(Output("runs-table", "data"), Input("runs-refresh", "n_intervals"), prevent_initial_call=True)
+    def _refresh(_):
+        return board.runs_rows()
 
     @app.callback(Output("ranked", "data"), Output("ranked", "columns"), Input("score", "value"), State("run-id", "data"))
     def _ranked(score, run_id):

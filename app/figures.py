@@ -12,8 +12,10 @@ import plotly.graph_objects as go
 
 from interp.compare import Overlap
 
-# Colour scales that suit a score: sequential by default, named here where another reads better.
+# Colour scales that suit a score: sequential by default, named here where another reads better; a score with
+# both signs (an effect, a difference) gets a diverging scale centred on 0.
 COLOR_SCALES = {"entropy": "Cividis", "first_token_mass": "Reds", "distance": "Cividis"}
+DIVERGING = "RdBu_r"
 ATTENTION_SCALE = "Blues"
 TEMPLATE = "plotly_white"
 
@@ -40,8 +42,8 @@ def head_map(heads: pd.DataFrame, score: str, *, title: str | None = None,
     z[layer, head] = heads[score].to_numpy(float)
     kv[layer, head] = heads["kv_head"].to_numpy(int)
     fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=kv,
-        colorscale=COLOR_SCALES.get(score, "Viridis"), colorbar={"title": score},
+        z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=kv, **color_scale(score, z),
+        colorbar={"title": score},
         hovertemplate="layer %{y}, head %{x}<br>KV head %{customdata}<br>" + score + " %{z:.4g}<extra></extra>",
     ))
     if selected is not None:
@@ -51,6 +53,14 @@ def head_map(heads: pd.DataFrame, score: str, *, title: str | None = None,
     fig.update_layout(title=title or score, xaxis_title="head", yaxis_title="layer",
                       yaxis={"autorange": "reversed"}, xaxis={"dtick": 1}, template=TEMPLATE)
     return fig
+
+
+def color_scale(score: str, values: np.ndarray) -> dict:
+    """Heatmap colour arguments for a score: diverging around 0 when it takes both signs, else its own scale."""
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() < 0 < finite.max():
+        return {"colorscale": DIVERGING, "zmid": 0.0}
+    return {"colorscale": COLOR_SCALES.get(score, "Viridis")}
 
 
 def attention_map(matrix: np.ndarray, q_range: tuple[int, int], k_range: tuple[int, int], *,

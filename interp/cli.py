@@ -246,11 +246,11 @@ def _app(args) -> int:
     from interp.app.attention import AttentionSource
     from interp.app.dashboard import make_app
 
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: give 1..65535")
     store = Store(args.store)
     if not store.root.is_dir():
         raise ValueError(f"no store at {store.root}: score a model first (`interp score ... --out {store.root}`)")
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: give 1..65535")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"interp: warning: listening on {args.host}: anyone who can reach it can read this store's runs",
               file=sys.stderr)

@@ -35,6 +35,9 @@ def test_head_map_places_every_score_and_outlines_the_chosen_head():
     assert (box.x0, box.x1, box.y0, box.y1) == (2.5, 3.5, 1.5, 2.5)
     with pytest.raises(ValueError, match="no score 'x'"):
         figures.head_map(heads, "x")
+    assert fig.data[0].zmid is None  # a positive score: sequential
+    signed = figures.head_map(_heads(np.arange(12.0) - 5), "s").data[0]  # an effect with both signs: diverging
+    assert signed.zmid == 0 and signed.colorscale != fig.data[0].colorscale
 
 
 def test_attention_map_axes_are_token_positions():
@@ -251,6 +254,8 @@ def test_app_layout_and_cli(app_store, capsys):
     assert (args.host, args.port) == ("127.0.0.1", 8050)
     assert main(["app", "--store", str(app_store[0] / "nope")]) == 1
     assert "no store at" in capsys.readouterr().err
+    assert main(["app", "--store", str(app_store[0]), "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
 
 
 def test_vision_views_paint_tokens_over_the_image(tmp_path):
