@@ -22,6 +22,7 @@ from interp.models import Model, load_model
 
 MAX_CELLS = 128      # a map is at most this many rows and columns; a region that fits is drawn per token
 CACHED_LAYERS = 4    # captured layers kept in memory (q and k of one layer, every head)
+LOADED_MODELS = 2    # models loaded for views kept in memory
 
 
 @dataclass
@@ -52,44 +53,53 @@ class LayerCapture:
 
 @dataclass
 class AttentionView:
-    """What a map shows: (rows, cols) probabilities over queries q_range × keys k_range (exact when rows and
-    cols equal the region's size, else block means), with token texts for exact views."""
+    """What a map shows: (rows, cols) probabilities over queries q_range × keys k_range, each cell the mean of a
+    block of block = (queries, keys) tokens ((1, 1): exact), with token texts for exact views."""
 
     matrix: np.ndarray
     q_range: tuple[int, int]
     k_range: tuple[int, int]
+    block: tuple[int, int]
     q_tokens: list[str] | None
     k_tokens: list[str] | None
 
     @property
     def exact(self) -> bool:
-        return self.matrix.shape == (self.q_range[1] - self.q_range[0], self.k_range[1] - self.k_range[0])
+        return self.block == (1, 1)
 
 
 class AttentionSource:
     """Loads runs' models on first use (or takes them given, by the name the run records) and serves attention
-    views of their samples. Thread-safe; keeps the last `CACHED_LAYERS` captured layers."""
+    views of their samples. Thread-safe; keeps the last `LOADED_MODELS` loaded models and `CACHED_LAYERS`
+    captured layers."""
 
     def __init__(self, models: dict[str, Model] | None = None, device: str | None = None):
-        self.models: dict[str, Model] = dict(models or {})
+        self.given: dict[str, Model] = dict(models or {})
         self.device = device
+        self._loaded: OrderedDict[str, Model] = OrderedDict()
         self._layers: OrderedDict[tuple, LayerCapture] = OrderedDict()
         self._lock = threading.Lock()
 
     def model(self, meta: dict) -> Model:
-        """The run's model: given, or loaded by the name it records (its config checked against the run's)."""
+        """The run's model: given, or loaded by the name it records; its config must be the run's."""
         from interp.scoring import model_identity
 
         name = meta["model"]["name"]
-        if name not in self.models:
+        model = self.given.get(name) or self._loaded.get(name)
+        if model is None:
             try:
                 model = load_model(name, device=self.device)
             except Exception as e:  # noqa: BLE001  (any loading failure becomes one clear message)
                 raise ValueError(f"cannot load {name!r} to compute attention views: {e}") from e
-            if model_identity(model)["config_hash"] != meta["model"].get("config_hash"):
-                raise ValueError(f"{name!r} loads with another config than the run was made with: not the same model")
-            self.models[name] = model
-        return self.models[name]
+            self._loaded[name] = model
+            while len(self._loaded) > LOADED_MODELS:
+                self._loaded.popitem(last=False)
+        elif name in self._loaded:
+            self._loaded.move_to_end(name)
+        if model_identity(model)["config_hash"] != meta["model"].get("config_hash"):
+            raise ValueError(f"{name!r} has another config than the one run {meta.get('id')} was made with: "
+                             "not the same model")
+        return model
 
     def layer(self, meta: dict, sample: int, layer: int) -> LayerCapture:
         """One layer's capture on one planned sample of a run (computed once, then cached)."""
@@ -157,9 +167,9 @@ def attention_view(cap: LayerCapture, head: int, q_range: tuple[int, int] | None
     bq, bk = -(-(q1 - q0) // max_cells), -(-(k1 - k0) // max_cells)
     if bq == 1 and bk == 1:
         m = attention_tile(q, k, (q0, q1), (k0, k1), **cap.mask)
-        return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), cap.tokens[q0:q1], cap.tokens[k0:k1])
+        return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), (1, 1), cap.tokens[q0:q1], cap.tokens[k0:k1])
     m = pooled_attention(q, k, block_q=bq, block_k=bk, q_range=(q0, q1), k_range=(k0, k1), **cap.mask)
-    return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), None, None)
+    return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), (bq, bk), None, None)
 
 
 def _clip(region: tuple[int, int] | None, n: int) -> tuple[int, int]:

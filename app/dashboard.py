@@ -9,6 +9,7 @@ the page, never a dead app.
 from __future__ import annotations
 
 import json
+import math
 import os
 from urllib.parse import parse_qs
 
@@ -186,7 +187,7 @@ class Dashboard:
         meta = self.catalog.result(run_id).meta
         q_range, k_range = (region["q"], region["k"]) if region else (None, None)
         view = self.attention.pattern(meta, sample, layer, head, q_range, k_range)
-        fig = figures.attention_map(view.matrix, view.q_range, view.k_range, q_tokens=view.q_tokens,
+        fig = figures.attention_map(view.matrix, view.q_range, view.k_range, block=view.block, q_tokens=view.q_tokens,
                                     k_tokens=view.k_tokens, title=f"head {layer}-{head}, sample {sample}")
         cap = self.attention.layer(meta, sample, layer)
         status = (f"{cap.n_tokens} tokens · " + ("exact per token" if view.exact else
@@ -195,10 +196,13 @@ class Dashboard:
         grid_fig, grid_style = go.Figure(), {"display": "none"}
         if cap.layout.grids:
             q = cap.n_tokens - 1 if query is None or query < 0 else int(query)
-            values, image = self.attention.query_on_grid(meta, sample, layer, head, q)
-            grid_fig = figures.grid_overlay(values, image, title=f"query {q} ({cap.tokens[q]!r}) on the image",
-                                            label="attention")
-            grid_style = {"width": "520px", "height": "480px"}
+            try:  # a bad query token leaves the map in place
+                values, image = self.attention.query_on_grid(meta, sample, layer, head, q)
+                grid_fig = figures.grid_overlay(values, image, title=f"query {q} ({cap.tokens[q]!r}) on the image",
+                                                label="attention")
+                grid_style = {"width": "520px", "height": "480px"}
+            except ValueError as e:
+                status += f" · image view: {e}"
         return fig, grid_fig, grid_style, status, {"q": list(view.q_range), "k": list(view.k_range)}
 
     # ---- the analysis's own view
@@ -230,8 +234,6 @@ class Dashboard:
                 graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
             return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs]
-        if result.status != "complete":
-            graphs = graphs[:1]
         return [dcc.Graph(figure=g, style={"width": "760px", "height": "480px", "display": "inline-block"})
                 for g in graphs]
 
@@ -247,7 +249,7 @@ class Dashboard:
             d = result.tables[table]
             layer = d["layer"].max() if table == "norms" else _busiest_layer(d, result.meta["params"]["tau"])
             rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
-                     d["segment"].isin(["image", "high_norm", "visual_sink"])]
+                     d["segment"].isin(["image", "high_norm", "visual_sink"])].sort_values("position")
             side = int(round(len(rows) ** 0.5))
             if side * side != len(rows) or not side:
                 continue  # not a square grid: drawn only as the per-layer counts
@@ -324,11 +326,17 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
 
     @app.callback(Output("runs-table", "data"), Input("runs-refresh", "n_intervals"), prevent_initial_call=True)
     def _refresh(_):
-        return board.runs_rows()
+        try:
+            return board.runs_rows()
+        except OSError:  # the store went away meanwhile: keep the table
+            raise dash.exceptions.PreventUpdate
 
     @app.callback(Output("ranked", "data"), Output("ranked", "columns"), Input("score", "value"), State("run-id", "data"))
     def _ranked(score, run_id):
-        return board.ranked(run_id, score)
+        try:
+            return board.ranked(run_id, score)
+        except Exception:  # noqa: BLE001  (the page's own message says what is wrong with the run)
+            return [], []
 
     @app.callback(Output("layer", "value"), Output("head", "value"), Input("head-map", "clickData"),
                   Input("ranked", "active_cell"), State("ranked", "data"), State("layer", "value"),
@@ -374,11 +382,11 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
 
     @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"))
     def _scores_a(run_id):
-        return board.score_choices(run_id)
+        return _choices(board, run_id)
 
     @app.callback(Output("score-b", "options"), Output("score-b", "value"), Input("run-b", "value"))
     def _scores_b(run_id):
-        return board.score_choices(run_id)
+        return _choices(board, run_id)
 
     @app.callback(Output("overlap", "children"), Output("scatter", "figure"), Output("map-a", "figure"),
                   Output("map-b", "figure"), Input("run-a", "value"), Input("score-a", "value"),
@@ -392,6 +400,13 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
             return html.Div(str(e), style=ERROR), error_figure(str(e)), go.Figure(), go.Figure()
 
     return app
+
+
+def _choices(board: Dashboard, run_id: str | None) -> tuple[list[str], str | None]:
+    try:
+        return board.score_choices(run_id)
+    except Exception:  # noqa: BLE001  (an unreadable run offers no score; the overlap says why)
+        return [], None
 
 
 def error_figure(message: str) -> go.Figure:
@@ -442,9 +457,9 @@ def _zoom(relayout: dict | None, region: dict | None) -> dict | None:
     new = {key: list(value) for key, value in (region or {}).items()}
     for axis, key in (("xaxis", "k"), ("yaxis", "q")):
         lo, hi = relayout.get(f"{axis}.range[0]"), relayout.get(f"{axis}.range[1]")
-        if lo is not None and hi is not None:
+        if lo is not None and hi is not None:  # token i spans [i − 0.5, i + 0.5]
             lo, hi = sorted((lo, hi))
-            new[key] = [max(0, int(lo + 0.5)), int(hi + 0.5) + 1]
+            new[key] = [max(0, math.floor(lo + 0.5)), math.ceil(hi + 0.5)]
     if "q" not in new or "k" not in new:
         return region
     return new

@@ -64,30 +64,35 @@ def color_scale(score: str, values: np.ndarray) -> dict:
 
 
 def attention_map(matrix: np.ndarray, q_range: tuple[int, int], k_range: tuple[int, int], *,
-                  q_tokens: list[str] | None = None, k_tokens: list[str] | None = None,
-                  title: str = "attention") -> go.Figure:
+                  block: tuple[int, int] | None = None, q_tokens: list[str] | None = None,
+                  k_tokens: list[str] | None = None, title: str = "attention") -> go.Figure:
     """One head's attention over queries [q0, q1) × keys [k0, k1): exact per token, or block-pooled.
 
-    matrix: (rows, cols) — one cell per token when rows = q1 − q0 and cols = k1 − k0, else each cell is the
-    mean probability of a block of ⌈(q1 − q0) / rows⌉ queries × ⌈(k1 − k0) / cols⌉ keys. The axes are in
-    token positions, so a zoom box reads as the token region to recompute. q_tokens / k_tokens: the text of
-    each query / key token of the region (hover) for a token-level map."""
+    matrix: (rows, cols); each cell is the mean probability of a block of block = (bq, bk) queries × keys (default
+    ⌈(q1 − q0) / rows⌉ × ⌈(k1 − k0) / cols⌉; the last row and column may be partial); (1, 1) is exact. Cells are
+    drawn over the token positions they cover (token i spans i ± 0.5), so a zoom box reads as the token region
+    to recompute. q_tokens / k_tokens: the text of each query / key of the region (hover) for an exact map."""
     rows, cols = matrix.shape
     (q0, q1), (k0, k1) = q_range, k_range
-    bq, bk = -(-(q1 - q0) // rows), -(-(k1 - k0) // cols)
-    y = q0 + bq * np.arange(rows) + (bq - 1) / 2
-    x = k0 + bk * np.arange(cols) + (bk - 1) / 2
+    bq, bk = block or (-(-(q1 - q0) // rows), -(-(k1 - k0) // cols))
+    q_start = q0 + bq * np.arange(rows)
+    k_start = k0 + bk * np.arange(cols)
+    q_end, k_end = np.minimum(q_start + bq, q1) - 1, np.minimum(k_start + bk, k1) - 1  # inclusive
+    y = np.r_[q_start, q1] - 0.5  # cell edges
+    x = np.r_[k_start, k1] - 0.5
     exact = bq == 1 and bk == 1
-    if exact and q_tokens is not None and k_tokens is not None:
-        text = np.array([[f"{q!r} → {k!r}" for k in k_tokens] for q in q_tokens])
-        hover = "query %{y} → key %{x}<br>%{text}<br>p = %{z:.4g}<extra></extra>"
+    cells = np.stack(np.broadcast_arrays(q_start[:, None], q_end[:, None], k_start[None], k_end[None]), -1)
+    if exact:
+        text = (np.array([[f"{q!r} → {k!r}" for k in k_tokens] for q in q_tokens])
+                if q_tokens is not None and k_tokens is not None else None)
+        hover = "query %{customdata[0]} → key %{customdata[2]}<br>" + ("%{text}<br>" if text is not None else "") \
+            + "p = %{z:.4g}<extra></extra>"
     else:
         text = None
-        hover = ("query %{y} → key %{x}<br>p = %{z:.4g}<extra></extra>" if exact else
-                 f"queries ≈ %{{y:.0f}} ± {bq / 2:g}, keys ≈ %{{x:.0f}} ± {bk / 2:g}<br>"
+        hover = ("queries %{customdata[0]}–%{customdata[1]}, keys %{customdata[2]}–%{customdata[3]}<br>"
                  "mean p = %{z:.3g}<extra></extra>")
-    fig = go.Figure(go.Heatmap(z=matrix, x=x, y=y, text=text, hovertemplate=hover, colorscale=ATTENTION_SCALE,
-                               zmin=0, colorbar={"title": "p" if exact else "mean p"}))
+    fig = go.Figure(go.Heatmap(z=matrix, x=x, y=y, text=text, customdata=cells, hovertemplate=hover,
+                               colorscale=ATTENTION_SCALE, zmin=0, colorbar={"title": "p" if exact else "mean p"}))
     detail = "exact, one cell per token" if exact else f"blocks of {bq} queries × {bk} keys"
     fig.update_layout(title=f"{title} — queries {q0}–{q1 - 1}, keys {k0}–{k1 - 1} ({detail})",
                       xaxis_title="key position", yaxis_title="query position", template=TEMPLATE,
@@ -212,7 +217,7 @@ def sink_rates_by_layer(rates: pd.DataFrame) -> go.Figure:
 def massive_activations(layers: pd.DataFrame) -> go.Figure:
     """The largest |activation| of each layer's output against the layer median (log scale), with the
     dimension and token that hold it (the `massive_layers` table of a sinks run)."""
-    hover = "layer %{x}<br>|x| %{y:.4g}<br>dim %{customdata[0]}, token %{customdata[1]!r}<extra></extra>"
+    hover = "layer %{x}<br>|x| %{y:.4g}<br>dim %{customdata[0]}, token “%{customdata[1]}”<extra></extra>"
     fig = go.Figure([
         go.Bar(x=layers["layer"], y=layers["top_abs"], name="largest |x|", hovertemplate=hover,
                customdata=layers[["top_dim", "top_token"]].to_numpy()),

@@ -231,7 +231,8 @@ def pooled_attention(
     pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
     (q0, q1), (k0, k1) = q_range or (0, q.shape[2]), k_range or (0, k.shape[2])
     _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
-    if lse is None and (k0, k1) == (0, k.shape[2]):  # every key in view: the row sums come in the same pass
+    fits = torch_stats.one_pass_fits(q.shape[0], q.shape[1], k.shape[2], block_q, block_k)
+    if lse is None and (k0, k1) == (0, k.shape[2]) and fits:  # all keys in view: row sums come in the same pass
         mask = dict(pr.mask_kwargs(), query_positions=pr.query_positions[q0:q1])
         return torch_stats.pooled_one_pass(pr.q[:, :, q0:q1], pr.k, block_q=block_q, block_k=block_k, reduce=reduce,
                                            **mask)

@@ -43,8 +43,7 @@ def _block_scores(q5: Tensor, k: Tensor, pos: Tensor, k0: int, k1: int, *, scale
     s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    lo, hi = int(pos.min()), int(pos.max())
-    if key_mask is None and (not causal or k1 - 1 <= lo) and (window is None or hi - k0 < window):
+    if key_mask is None and (not causal or k1 - 1 <= int(pos.min())) and (window is None or int(pos.max()) - k0 < window):
         return s, torch.ones((1,) * s.ndim, dtype=torch.bool, device=s.device)  # every key visible: no mask
     j = torch.arange(k0, k1, device=k.device)
     vis = _visible(pos, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
@@ -77,7 +76,7 @@ def _grouped(q: Tensor, n_kv: int) -> Tensor:
 
 def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
                 key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
-                n_segments: int, topk: int, want: frozenset[str], chunk_k: int = CHUNK_K) -> dict[str, Tensor]:
+                n_segments: int, topk: int, want: frozenset[str], chunk_k: int | None = None) -> dict[str, Tensor]:
     """Statistics of softmax(scale · q kᵀ) without the N×N matrix; see `interp.kernels.attention_stats`.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d); query_positions: (Nq,) long; key_mask: (B, Nk) bool or None;
@@ -87,6 +86,7 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     n_kv, n_k = k.shape[1], k.shape[2]
     g = h // n_kv
     dev = q.device
+    chunk_k = chunk_k or CHUNK_K
     q5 = _grouped(q, n_kv)
     kw = dict(scale=scale, causal=causal, key_mask=key_mask, window=window, softcap=softcap, chunk_k=chunk_k)
     shape5 = (b, n_kv, g)
@@ -220,16 +220,23 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
     return out
 
 
-def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce: str, chunk_k: int = CHUNK_K,
+def one_pass_fits(b: int, h: int, n_k: int, block_q: int, block_k: int) -> bool:
+    """Whether `pooled_one_pass`'s per-row block sums for block_q rows stay within one chunk's memory."""
+    return b * h * block_q * math.ceil(n_k / block_k) <= CHUNK_ELEMENTS
+
+
+def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce: str, chunk_k: int | None = None,
                     **mask) -> Tensor:
     """`pooled_torch` without a known lse: one pass over the visible key blocks, keeping per query and key block
-    the running Σ exp(s − m) (or max s) with an online max m, normalised by the row's lse at the end."""
+    the running Σ exp(s − m) (or max s) with an online max m, normalised by the row's lse at the end. It keeps
+    (B, H, rows, ⌈Nk/block_k⌉) sums for a chunk of rows: see `one_pass_fits`."""
+    chunk_k = chunk_k or CHUNK_K
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     n_kb = math.ceil(n_k / block_k)
     out = torch.zeros(b, h, math.ceil(n_q / block_q), n_kb, device=q.device)
     q5 = _grouped(q, n_kv)
-    step_q = block_q * max(1, _chunk_q(b, h, n_q, chunk_k) // block_q)
+    step_q = block_q * max(1, min(_chunk_q(b, h, n_q, chunk_k), CHUNK_ELEMENTS // (b * h * n_kb)) // block_q)
     step_k = block_k * max(1, chunk_k // block_k)
     pos = mask.pop("query_positions")
     causal, window = mask["causal"], mask["window"]

@@ -129,13 +129,21 @@ def test_pooled_map_and_tile_equal_dense():
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max"])
-def test_one_pass_pooling_equals_dense(reduce, monkeypatch):
-    """Without a given lse the whole map is pooled in one pass (online row sums): the same cells as the dense
-    probabilities, with chunks smaller than the map, a query that sees no key, windows and soft-capping."""
+@pytest.mark.parametrize("elements", [4 * 12 * 8, 64])
+def test_one_pass_pooling_equals_dense(reduce, elements, monkeypatch):
+    """Without a given lse the whole map is pooled in one pass (online row sums, rescaled as the row maximum
+    grows, over several row and key chunks), or in two passes when its per-row sums would not fit a chunk: the
+    same cells as the dense probabilities, with a query that sees no key, windows and soft-capping."""
     from interp.kernels import torch_stats
 
     monkeypatch.setattr(torch_stats, "CHUNK_K", 12)
-    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 4 * 12 * 8)
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", elements)
+    calls = []
+    spy = torch_stats.pooled_one_pass
+    monkeypatch.setattr(torch_stats, "pooled_one_pass", lambda *a, **k: calls.append(1) or spy(*a, **k))
+    blocks = []
+    block_scores = torch_stats._block_scores
+    monkeypatch.setattr(torch_stats, "_block_scores", lambda *a, **k: blocks.append(a[3:5]) or block_scores(*a, **k))
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 4, 50, 16, generator=g) * 3, torch.randn(1, 2, 50, 16, generator=g)
     key_mask = torch.ones(1, 50, dtype=torch.bool)
@@ -146,6 +154,7 @@ def test_one_pass_pooling_equals_dense(reduce, monkeypatch):
     padded = torch.nn.functional.pad(p, (0, 2)).unflatten(-1, (13, 4)).unflatten(2, (10, 5))
     expect = padded.amax((3, 5)) if reduce == "max" else padded.sum((3, 5)) / (5 * torch.tensor([4.0] * 12 + [2.0]))
     assert torch.allclose(pooled, expect, atol=1e-6)
+    assert bool(calls) == (elements > 64) and len(set(blocks)) > 3  # one pass only where it fits; many chunks
 
 
 def test_pooled_region_is_a_zoom_of_the_dense_map():
