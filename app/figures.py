@@ -51,7 +51,7 @@ def head_map(heads: pd.DataFrame, score: str, *, title: str | None = None,
         fig.add_shape(type="rect", x0=sh - 0.5, x1=sh + 0.5, y0=sl - 0.5, y1=sl + 0.5,
                       line={"color": "#e4572e", "width": 3})
     fig.update_layout(title=title or score, xaxis_title="head", yaxis_title="layer",
-                      yaxis={"autorange": "reversed"}, xaxis={"dtick": 1}, template=TEMPLATE)
+                      yaxis={"autorange": "reversed", "dtick": 1}, xaxis={"dtick": 1}, template=TEMPLATE)
     return fig
 
 
@@ -111,13 +111,14 @@ def grid_overlay(values: np.ndarray, image: np.ndarray | None = None, *, title: 
         dy, dx = h / rows, w / cols
     else:
         h, w, dy, dx = rows, cols, 1.0, 1.0
+    # pixel i of an image covers [i − 0.5, i + 0.5]: the grid's cells cover the same extent
     fig.add_trace(go.Heatmap(
-        z=values, x=dx * (np.arange(cols) + 0.5), y=dy * (np.arange(rows) + 0.5), customdata=np.stack(np.meshgrid(
+        z=values, x=dx * (np.arange(cols) + 0.5) - 0.5, y=dy * (np.arange(rows) + 0.5) - 0.5, customdata=np.stack(np.meshgrid(
             np.arange(cols), np.arange(rows)), -1), colorscale=colorscale, opacity=opacity if image is not None else 1,
         colorbar={"title": label}, hovertemplate="patch row %{customdata[1]}, col %{customdata[0]}<br>"
                                                  + label + " %{z:.4g}<extra></extra>"))
-    fig.update_layout(title=title, template=TEMPLATE, xaxis={"visible": False, "range": [0, w]},
-                      yaxis={"visible": False, "range": [h, 0], "scaleanchor": "x"})
+    fig.update_layout(title=title, template=TEMPLATE, xaxis={"visible": False, "range": [-0.5, w - 0.5]},
+                      yaxis={"visible": False, "range": [h - 0.5, -0.5], "scaleanchor": "x"})
     return fig
 
 

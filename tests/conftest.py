@@ -15,17 +15,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def app_store(tmp_path_factory):
-    """A store of real stories260k runs (summary, retrieval, sinks) beside an incomplete and a corrupt run: what
-    the dashboard tests browse."""
+    """A store of real stories260k runs (summary, retrieval, sinks), a sinks run of a tiny random ViT, an incomplete
+    and a corrupt run: what the dashboard tests browse. Returns (store, {kind: run id}, {name: Model}) — the
+    models a dashboard cannot load by name (the tiny ViT)."""
     import interp
+    from tiny_models import make, vit_processor
 
     root = tmp_path_factory.mktemp("app-store")
     model = interp.load_model("stories260k")
+    vit = interp.load_model(make("vit")[0], processor=vit_processor())
     runs = {
         "summary": interp.score(model, "summary", samples=3, store=root),
         "retrieval": interp.score(model, "retrieval", lengths=[200, 300], depths=[0, 50, 100], n_needles=1,
                                   store=root),
         "sinks": interp.score(model, "sinks", samples=3, store=root),
+        "vit": interp.score(vit, "sinks", samples=2, store=root),
     }
     incomplete = root / "20200101-000000-stories260k-summary-aaaaaa"
     incomplete.mkdir()
@@ -34,4 +38,5 @@ def app_store(tmp_path_factory):
     corrupt = root / "20200101-000001-broken-bbbbbb"
     corrupt.mkdir()
     (corrupt / "meta.json").write_text("{ not json")
-    return root, {name: r.id for name, r in runs.items()} | {"incomplete": incomplete.name, "corrupt": corrupt.name}
+    ids = {name: r.id for name, r in runs.items()} | {"incomplete": incomplete.name, "corrupt": corrupt.name}
+    return root, ids, {vit.name: vit}

@@ -76,7 +76,7 @@ def test_masking_bars_group_conditions_by_k():
 def test_grid_overlay_scales_the_grid_onto_the_image():
     fig = figures.grid_overlay(np.arange(6.0).reshape(2, 3), np.zeros((20, 30, 3), np.uint8), title="t")
     image, heat = fig.data
-    assert image.type == "image" and list(heat.x) == [5, 15, 25] and list(heat.y) == [5, 15]
+    assert image.type == "image" and list(heat.x) == [4.5, 14.5, 24.5] and list(heat.y) == [4.5, 14.5]
 
 
 def test_top_overlap_counts_jaccard_and_rank_correlation():
@@ -106,7 +106,7 @@ def _eager(model, inputs, layer, head):
 
 
 def test_pattern_views_equal_eager_attention(app_store, eager_stories):
-    root, ids = app_store
+    root, ids, _ = app_store
     result = interp.open_run(ids["summary"], store=root)
     source = AttentionSource()  # loads stories260k with its default (sdpa) attention, as `interp app` does
     layer, head = 3, 5
@@ -162,7 +162,7 @@ def board(app_store):
 
 def test_runs_page_lists_every_run_with_its_status(board, app_store):
     rows = {r["id"].split("]")[0][1:]: r for r in board.runs_rows()}
-    _, ids = app_store
+    _, ids, _ = app_store
     assert {rows[ids[k]]["status"] for k in ("summary", "retrieval", "sinks")} == {"complete"}
     assert rows[ids["incomplete"]]["status"] == "incomplete" and rows[ids["corrupt"]]["status"] == "corrupt"
     assert rows[ids["corrupt"]]["error"]
@@ -170,7 +170,7 @@ def test_runs_page_lists_every_run_with_its_status(board, app_store):
 
 
 def test_broken_runs_become_messages(board, app_store):
-    _, ids = app_store
+    _, ids, _ = app_store
     assert "corrupt" in str(board.page(f"/run/{ids['corrupt']}"))
     assert "no finished sample" in str(board.page(f"/run/{ids['incomplete']}"))
     assert "no page" in str(board.page("/nowhere"))
@@ -184,7 +184,7 @@ def test_run_ids_never_leave_the_store(board, run_id):
 
 
 def test_a_run_directory_outside_the_store_is_refused(board, app_store, tmp_path):
-    root, ids = app_store
+    root, ids, _ = app_store
     outside = tmp_path / ids["summary"]
     outside.mkdir()
     (outside / "meta.json").write_text((root / ids["summary"] / "meta.json").read_text())
@@ -193,7 +193,7 @@ def test_a_run_directory_outside_the_store_is_refused(board, app_store, tmp_path
 
 
 def test_choosing_a_head_updates_map_table_and_samples(board, app_store):
-    _, ids = app_store
+    _, ids, _ = app_store
     rows, columns = board.ranked(ids["summary"], "entropy")
     assert [c["id"] for c in columns] == ["rank", "layer", "head", "kv_head", "entropy"]
     heads = board.catalog.result(ids["summary"]).heads
@@ -211,7 +211,7 @@ def test_choosing_a_head_updates_map_table_and_samples(board, app_store):
 
 
 def test_attention_callback_zooms_from_pooled_to_exact(board, app_store):
-    _, ids = app_store
+    _, ids, _ = app_store
     fig, grid, style, status, region = board.show_attention(ids["summary"], 1, 0, 0)
     assert "pooled blocks" in status and style == {"display": "none"}
     relayout = {"xaxis.range[0]": 9.6, "xaxis.range[1]": 60.2, "yaxis.range[0]": 120.3, "yaxis.range[1]": 70.5}
@@ -224,7 +224,7 @@ def test_attention_callback_zooms_from_pooled_to_exact(board, app_store):
 
 
 def test_analysis_views_and_compare(board, app_store):
-    _, ids = app_store
+    _, ids, _ = app_store
     titles = lambda run: [g.figure.layout.title.text for g in board.analysis_view(board.catalog.result(run))]  # noqa: E731
     assert titles(ids["retrieval"])[0].startswith("needle retrieval by depth × length")
     sinks = titles(ids["sinks"])
@@ -240,7 +240,7 @@ def test_pages_never_unpickle(board, app_store, monkeypatch):
     calls = []  # recorded, not raised: the pages turn any exception into a message
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(module, name, lambda *a, _n=name, **k: calls.append(_n))
-    _, ids = app_store
+    _, ids, _ = app_store
     board.catalog._cache.clear()
     pages = [board.page(path) for path in ["/", "/compare", *(f"/run/{i}" for i in ids.values())]]
     assert not calls

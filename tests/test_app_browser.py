@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from interp.app.attention import AttentionSource
 from interp.app.dashboard import make_app
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,8 @@ DASH_IDLE = """() => { const s = window.store && window.store.getState(); if (!s
 
 @pytest.fixture(scope="module")
 def server(app_store):
-    app = make_app(app_store[0])
+    root, _, models = app_store
+    app = make_app(root, AttentionSource(models=models))
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -82,7 +84,7 @@ def click_cell(page, graph: str, row: int, col: int, n_rows: int, n_cols: int, r
 
 
 def test_runs_page_lists_runs_with_their_status(server, page, app_store, shots):
-    _, ids = app_store
+    _, ids, _ = app_store
     page.goto(server + "/")
     page.wait_for_selector("#runs-table")
     idle(page)
@@ -100,7 +102,7 @@ def test_runs_page_lists_runs_with_their_status(server, page, app_store, shots):
 
 
 def test_choose_a_head_then_see_its_pooled_and_zoomed_attention(server, page, app_store, shots):
-    _, ids = app_store
+    _, ids, _ = app_store
     page.goto(f"{server}/run/{ids['summary']}")
     page.wait_for_selector("#head-map .nsewdrag")
     idle(page)
@@ -134,7 +136,7 @@ def test_choose_a_head_then_see_its_pooled_and_zoomed_attention(server, page, ap
 
 
 def test_analysis_views(server, page, app_store, shots):
-    _, ids = app_store
+    _, ids, _ = app_store
     for name, expect in (("retrieval", "needle retrieval by depth"), ("sinks", "massive activations per layer")):
         page.goto(f"{server}/run/{ids[name]}")
         page.wait_for_selector("#head-map .nsewdrag")
@@ -147,7 +149,7 @@ def test_analysis_views(server, page, app_store, shots):
 
 
 def test_broken_runs_show_a_message(server, page, app_store):
-    _, ids = app_store
+    _, ids, _ = app_store
     page.goto(f"{server}/run/{ids['corrupt']}")
     page.wait_for_selector(".error")
     assert "corrupt" in page.locator(".error").inner_text()
@@ -157,7 +159,7 @@ def test_broken_runs_show_a_message(server, page, app_store):
 
 
 def test_compare_page(server, page, app_store, shots):
-    _, ids = app_store
+    _, ids, _ = app_store
     page.goto(f"{server}/compare?a={ids['summary']}&b={ids['sinks']}")
     page.wait_for_selector("#overlap-summary")
     idle(page)
@@ -166,3 +168,21 @@ def test_compare_page(server, page, app_store, shots):
     assert page.locator("#scatter .scatterlayer .point").count() == 40  # 5 layers × 8 heads
     assert page.locator("#map-a .heatmaplayer").count() == 1 and page.locator("#map-b .heatmaplayer").count() == 1
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+
+def test_a_vit_query_over_its_patch_grid(server, page, app_store, shots):
+    _, ids, _ = app_store
+    page.goto(f"{server}/run/{ids['vit']}")
+    page.wait_for_selector("#head-map .nsewdrag")
+    idle(page)
+    page.get_by_text("Compute attention").click()
+    idle(page)
+    assert "exact per token" in page.locator("#attention-status").inner_text()  # 17 tokens: CLS and 4 × 4 patches
+    page.locator("#query").fill("0")  # the CLS token as query
+    page.keyboard.press("Enter")
+    idle(page)
+    grid = page.locator("#grid-view")
+    assert grid.is_visible() and grid.locator(".heatmaplayer").count() == 1
+    assert grid.locator(".layer-below image, .imagelayer image").count() >= 1  # the image under the grid
+    assert "query 0" in grid.locator(".gtitle").text_content()
+    page.screenshot(path=str(shots / "vit-grid.png"), full_page=True)
