@@ -1,0 +1,1 @@
+"""Small models trained here on synthetic tasks with known mechanisms (the built-in `organism-*` aliases)."""
