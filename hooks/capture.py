@@ -135,9 +135,9 @@ def _wrap(original: Callable | None) -> Callable:
             out, weights = redistribute(_eager_of(module), module, query, key, value, attention_mask, *args, **kwargs)
         else:
             out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
-        if knockout is not None and knockout.mode == "zero":
+        if knockout is not None and knockout.mode in ("zero", "mean"):
             out = out.clone()
-            out[:, :, knockout.heads.to(out.device)] = 0
+            out[:, :, knockout.heads.to(out.device)] = 0 if knockout.values is None else knockout.values.to(out)
         site = module.__dict__.get("_interp_site")
         if site is not None:
             site.session.emit(site, module, query, key, value, out, kwargs)
@@ -356,26 +356,32 @@ def capture_residual(model: Model, probe: ResidualProbe, *, tower: str | None = 
 # ---------------------------------------------------------------------------------------------------------
 # Knocking heads out
 
-KNOCKOUT_MODES = ("uniform", "zero")
+KNOCKOUT_MODES = ("uniform", "zero", "mean")
 
 
 @dataclass
 class _Knockout:
     heads: Tensor
     mode: str
+    values: Tensor | None = None  # (H', d) per knocked-out head, for "mean"
 
 
 @contextmanager
-def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None):
+def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None,
+               means: dict[tuple[int, int], Tensor] | None = None):
     """Knock out attention heads while the model runs (forward or generate; composes with `capture`).
 
     heads: (layer, query head) pairs. mode "uniform": the head's query is zeroed, so its attention is uniform
     over the keys it may see (Wu et al.'s masking of retrieval heads); "zero": the head's output before the
-    output projection is zeroed (zero-ablation). Works through the AttentionInterface, with any attention
-    implementation of the model.
+    output projection is zeroed (zero-ablation); "mean": that output is replaced at every position by
+    means[(layer, head)], a (d,) vector (mean-ablation, e.g. `head_output_means`). Works through the
+    AttentionInterface, with any attention implementation of the model.
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"unknown knockout mode {mode!r}; choose from {', '.join(KNOCKOUT_MODES)}")
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    if mode == "mean" and (means is None or any(h not in means for h in heads)):
+        raise ValueError("mode 'mean' needs means={(layer, head): (d,) tensor} for every knocked-out head")
     t = model.family.tower(tower)
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
@@ -396,7 +402,9 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     install()
     try:
         for i in layers:
-            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode)
+            values = None if mode != "mean" else torch.stack(
+                [next(v for (layer, head), v in means.items() if layer % n == i and head == int(h)) for h in chosen[i]])
+            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values)
         yield
     finally:
         for i in layers:

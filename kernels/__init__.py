@@ -1,6 +1,6 @@
 """Attention statistics recomputed from captured queries and keys, never building the N×N matrix.
 
-One API (`attention_stats`, `pooled_attention`, `attention_tile`, `grid_distance`) dispatching to Triton kernels
+One API (`attention_stats`, `pooled_attention`, `attention_tile`, `diagonal_attention`, `grid_distance`) dispatching to Triton kernels
 on CUDA and to a chunked pure-PyTorch twin elsewhere; `dense_attention` is the small-shape oracle for tests.
 """
 
@@ -11,6 +11,7 @@ from .api import (
     AttentionStats,
     attention_stats,
     attention_tile,
+    diagonal_attention,
     grid_distance,
     pooled_attention,
 )
@@ -27,5 +28,5 @@ def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
 
 __all__ = [
     "BACKENDS", "DEFAULT_STATS", "STATS", "AttentionStats", "attention_stats", "attention_tile", "call_attention",
-    "call_stats", "dense_attention", "dense_scores", "grid_distance", "pooled_attention",
+    "call_stats", "dense_attention", "dense_scores", "diagonal_attention", "grid_distance", "pooled_attention",
 ]

@@ -283,6 +283,33 @@ def attention_tile(
     return torch_stats.probabilities_block(pr.q, pr.k, lse, q0, q1, k0, k1, **pr.mask_kwargs())
 
 
+def diagonal_attention(
+    q: Tensor,
+    k: Tensor,
+    offsets,
+    *,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    query_positions: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Exact probability of each query on the key `offset` positions before it (its own position minus offset;
+    negative offsets look ahead): (B, H, Nq, len(offsets)), 0 where that key does not exist or is invisible.
+
+    The diagonals of the attention matrix (previous-token: offset 1; induction on a sequence repeated with period
+    T: offset T − 1; duplicate-token: T) without computing it: O(Nq · d) per offset after the row lse."""
+    offsets = [int(o) for o in offsets]
+    if not offsets:
+        raise ValueError("give at least one offset")
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    lse = _lse(pr, backend, lse)
+    return torch_stats.diagonal_torch(pr.q, pr.k, lse, offsets, **pr.mask_kwargs())
+
+
 def grid_distance(
     q: Tensor,
     k: Tensor,

@@ -220,6 +220,31 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
     return out
 
 
+def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, scale, causal, query_positions,
+                   key_mask, window, softcap) -> Tensor:
+    """Probability of each query on the key `offset` positions before its own: (B, H, Nq, len(offsets)) fp32,
+    0 where that key does not exist or is not visible. O(Nq · d) per offset."""
+    b, h, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    keys = k.float().repeat_interleave(h // n_kv, dim=1)  # (B, H, Nk, d)
+    row = torch.where(torch.isfinite(lse), lse, 0.0)
+    out = torch.zeros(b, h, n_q, len(offsets), device=q.device)
+    for c, off in enumerate(offsets):
+        j = query_positions - off                                           # (Nq,)
+        ok = (j >= 0) & (j < n_k)
+        if causal:
+            ok &= j <= query_positions
+        if window is not None:
+            ok &= query_positions - j < window
+        jj = j.clamp(0, n_k - 1)
+        s = (q.float() * keys[:, :, jj]).sum(-1) * scale                    # (B, H, Nq)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        vis = ok[None, None] & (key_mask[:, None, jj] if key_mask is not None else True) & torch.isfinite(lse)
+        out[..., c] = torch.where(vis, torch.exp(s - row), 0.0)
+    return out
+
+
 def one_pass_fits(b: int, h: int, n_k: int, block_q: int, block_k: int) -> bool:
     """Whether `pooled_one_pass`'s per-row block sums for block_q rows stay within one chunk's memory."""
     return b * h * block_q * math.ceil(n_k / block_k) <= CHUNK_ELEMENTS

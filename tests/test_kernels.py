@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interp.kernels import attention_stats, attention_tile, dense_scores, grid_distance, pooled_attention
+from interp.kernels import (attention_stats, attention_tile, dense_scores, diagonal_attention, grid_distance,
+                            pooled_attention)
 
 ALL = ["lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count"]
 HAS_TRITON = importlib.util.find_spec("interp.kernels.triton_stats") is not None and (
@@ -155,6 +156,25 @@ def test_one_pass_pooling_equals_dense(reduce, elements, monkeypatch):
     expect = padded.amax((3, 5)) if reduce == "max" else padded.sum((3, 5)) / (5 * torch.tensor([4.0] * 12 + [2.0]))
     assert torch.allclose(pooled, expect, atol=1e-6)
     assert bool(calls) == (elements > 64) and len(set(blocks)) > 3  # one pass only where it fits; many chunks
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_diagonals_equal_the_dense_matrix(causal):
+    """diagonal_attention(offset o)[i] = P[i, pos_i − o], 0 off the matrix or where masked (window, padding,
+    a query that sees nothing), with GQA, soft-capping and decode-style query positions."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 20, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g)
+    key_mask = torch.ones(2, 30, dtype=torch.bool)
+    key_mask[1, 3:9] = False
+    mask = dict(causal=causal, window=12, key_mask=key_mask, softcap=4.0, query_positions=torch.arange(10, 30))
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
+    offsets = [0, 1, 5, 11, 12, 29, -3]
+    got = diagonal_attention(q, k, offsets, **mask)
+    for c, off in enumerate(offsets):
+        for i in range(20):
+            j = 10 + i - off
+            want = p[:, :, i, j] if 0 <= j < 30 else torch.zeros(2, 4)
+            assert torch.allclose(got[:, :, i, c], want, atol=1e-6), (off, i)
 
 
 def test_pooled_region_is_a_zoom_of_the_dense_map():
