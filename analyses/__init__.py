@@ -4,8 +4,9 @@ from .base import Analysis, NotApplicableError, Options
 from .retrieval import Retrieval
 from .sinks import Sinks
 from .summary import Summary
+from .taxonomy import Taxonomy
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks())}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy())}
 
 
 def get_analysis(name: str) -> Analysis:

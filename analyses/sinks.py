@@ -127,7 +127,7 @@ class Sinks(Analysis):
         if model.family.kind in ("vit", "lvlm"):
             return self._image_plan(model, options, params)
         n_tokens, n = _sizes(model, options, params)
-        prefix, suffix = _special_tokens(model.tokenizer)
+        prefix, suffix = special_tokens(model.tokenizer)
         body = n_tokens - len(prefix) - len(suffix)
         if body < 1:
             raise ValueError(f"--max-tokens {n_tokens} leaves no room for text beside {model.name}'s special tokens")
@@ -140,7 +140,7 @@ class Sinks(Analysis):
                 offsets = [round(i * span / max(n - 1, 1)) for i in range(n)]
                 plan += [{"input": kind, "offset": o, "tokens": n_tokens} for o in offsets]
             else:
-                pool = _plain_token_pool(model.tokenizer)
+                pool = plain_token_pool(model.tokenizer)
                 plan += [{"input": kind, "seed": rng.randrange(2**31), "token": rng.choice(pool), "tokens": n_tokens}
                          for _ in range(n)]
         return plan
@@ -336,7 +336,7 @@ def _sizes(model: Model, options: Options, params: dict) -> tuple[int, int]:
     return tokens, n
 
 
-def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a text (BOS; [CLS] … [SEP])."""
     plain = tokenizer("a b c", add_special_tokens=False)["input_ids"]
     full = tokenizer("a b c")["input_ids"]
@@ -346,7 +346,8 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _plain_token_pool(tokenizer) -> list[int]:
+def plain_token_pool(tokenizer) -> list[int]:
+    """Every token id that is not a special token (for random-token inputs)."""
     special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in special]
 
@@ -375,12 +376,12 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
     else:
         n = sample["tokens"]
         if sample["input"] == "natural":
-            prefix, suffix = _special_tokens(model.tokenizer)
+            prefix, suffix = special_tokens(model.tokenizer)
             stream, body = _natural_stream(model, params), n - len(prefix) - len(suffix)
             ids = (stream * (body // max(len(stream), 1) + 2))[sample["offset"]:sample["offset"] + body]
             ids = prefix + ids + suffix
         elif sample["input"] == "random":
-            pool = _plain_token_pool(model.tokenizer)
+            pool = plain_token_pool(model.tokenizer)
             rng = random.Random(sample["seed"])
             ids = [rng.choice(pool) for _ in range(n)]
         else:

@@ -1,0 +1,303 @@
+"""`taxonomy`: what kind of head each head is.
+
+Language models and encoders, on repeated random token sequences ([specials] R R, R of T random tokens):
+- induction: mean attention of a second-copy query to the token after its previous occurrence (offset T − 1);
+- duplicate_token: to the previous occurrence itself (offset T); previous_token: to the previous position
+  (offset 1, every query but the first) — exact diagonals of the attention matrix from `diagonal_attention`;
+- distance: mean attention distance |query − key| in tokens (local vs global);
+- sparse-pattern class (causal models), our reading of MInference's offline pattern search: from the exact
+  attention of the last `last_queries` queries, the recall (attention mass kept) of three patterns under one
+  budget of K = budget × N keys per query — A-shape (the first K/8 keys plus a local window of the rest),
+  vertical-slash (the K/2 key columns and K/2 diagonals with the most mass), block-sparse (the key blocks of
+  min(block, K/4) keys with the most mass, as many as fit in K); a head takes the pattern with the highest
+  recall, or "dense" when none keeps `dense_below` of the mass.
+ViTs, on images: distance — mean attention distance on the patch grid (in patches, and in pixels), special
+tokens (CLS, registers) dropped as keys and queries; `cls_rule` "renormalize" re-normalises the patch keys'
+attention (the ViT paper), "zero" lets the dropped mass count as 0 (common re-implementations).
+
+For causal language models the run ends with an ablation test: the loss on the predictable part of the repeated
+half with the top-k induction heads ablated, against k random heads from outside the top quarter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from interp.hooks import mask_heads, trace
+from interp.kernels import attention_tile, call_stats, diagonal_attention, grid_distance
+from interp.layout import token_layout
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .images import BUILTIN_IMAGES, image_files, load_image
+from .sinks import plain_token_pool, special_tokens
+
+PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
+CLS_RULES = ("renormalize", "zero")
+DEFAULT_HALF = 128
+
+
+class Taxonomy(Analysis):
+    name = "taxonomy"
+    description = "induction / previous-token / duplicate-token heads, attention distance and sparse-pattern class"
+    kinds = ("llm", "encoder", "vit")
+    scores = {
+        "induction": "mean attention to the token after the previous occurrence (repeated random tokens)",
+        "previous_token": "mean attention to the previous position",
+        "duplicate_token": "mean attention to the previous occurrence of the same token",
+        "distance": "mean attention distance: tokens (text) or patches (images); high = global, low = local",
+        "distance_px": "mean attention distance in pixels (patches × patch size)",
+        "a_shape_recall": "attention mass kept by an A-shape mask (sink + local window) of the budget",
+        "vertical_slash_recall": "attention mass kept by the best vertical columns + slash diagonals of the budget",
+        "block_sparse_recall": "attention mass kept by the best key blocks of the budget",
+    }
+    params = {
+        "half": None,             # T, the length of the random sequence that is repeated (default 128, or what fits)
+        "images": None,           # ViTs: an image file or folder (default: the built-in scenes)
+        "cls_rule": "renormalize",
+        "last_queries": 64,
+        "budget": 0.1,            # keys kept per query by each sparse pattern, as a fraction of the context
+        "block": 64,
+        "dense_below": 0.8,
+        "ablate_k": None,         # induction heads ablated in the test (default 5 % of the heads; 0 skips it)
+        "ablate_mode": "zero",    # "zero" or "uniform" (see interp.hooks.mask_heads)
+        "ablate_draws": 3,        # random-head controls
+    }
+
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["cls_rule"] not in CLS_RULES:
+            raise ValueError(f"cls_rule {p['cls_rule']!r}: choose from {', '.join(CLS_RULES)}")
+        if not 0 < p["budget"] <= 1 or not 0 < p["dense_below"] <= 1:
+            raise ValueError("budget and dense_below are fractions in (0, 1]")
+        if p["ablate_mode"] not in ("zero", "uniform"):
+            raise ValueError(f"ablate_mode {p['ablate_mode']!r}: choose zero or uniform")
+        return p
+
+    def score_columns(self, model: Model, params: dict) -> dict[str, str]:
+        if model.family.kind == "vit":
+            cols = ["distance", "distance_px"]
+        else:
+            cols = ["induction", "previous_token", "duplicate_token", "distance"]
+            if _causal(model):
+                cols += [f"{p}_recall" for p in PATTERNS]
+        return {c: self.scores[c] for c in cols}
+
+    # ---- the plan
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        n = options.samples or 8
+        if model.family.kind == "vit":
+            sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
+            if not 1 <= n <= len(sources):
+                raise ValueError(f"--samples {n}: there are {len(sources)} images (give 1..{len(sources)})")
+            return [{"image": s} for s in sources[:n]]
+        prefix, suffix = _specials(model)
+        room = (options.max_tokens or model.max_tokens or 2 * DEFAULT_HALF + 8) - len(prefix) - len(suffix)
+        half = params["half"] or min(DEFAULT_HALF, room // 2)
+        if half < 3 or 2 * half > room:
+            raise ValueError(f"a repeated half of {half} tokens does not fit {model.name}'s "
+                             f"{room + len(prefix) + len(suffix)} tokens (give --half 3..{room // 2})")
+        rng = random.Random(options.seed)
+        return [{"seed": rng.randrange(2**31), "half": half} for _ in range(n)]
+
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        if "image" in sample:
+            return model.prepare(images=load_image(sample["image"]))
+        ids = repeated_tokens(model, sample)
+        t = torch.tensor([ids], device=model.device)
+        return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+
+    # ---- one sample
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> pd.DataFrame:
+        inputs = self.sample_inputs(model, sample, options, params)
+        rows = []
+        bar = progress.bar(total=len(options.layers) if options.layers else model.n_layers(), desc="layers", leave=False)
+        probe = (self._vit_probe(model, inputs, params, rows) if "image" in sample
+                 else self._text_probe(model, sample, params, rows))
+
+        def each(call):
+            probe(call)
+            bar.update()
+        try:
+            trace(model, inputs, each, backend=options.backend, layers=options.layers, heads=options.heads)
+        finally:
+            bar.close()
+        return pd.concat(rows, ignore_index=True)
+
+    def _text_probe(self, model: Model, sample: dict, params: dict, rows: list):
+        half = sample["half"]
+        start = len(_specials(model)[0])  # first token of the first copy
+
+        def probe(call) -> None:
+            keys = call.head_keys()
+            mask = dict(scale=call.scale, causal=call.causal, query_positions=call.query_positions,
+                        key_mask=call.key_mask, window=call.window, softcap=call.softcap)
+            st = call_stats(call, stats=("lse", "mean_distance"))
+            diag = diagonal_attention(call.q, keys, [1, half - 1, half], lse=st.lse, **mask)[0]   # (H, N, 3)
+            second = slice(start + half, start + 2 * half)
+            first = 1 if call.causal else 0
+            cols = {"induction": diag[:, second, 1].mean(-1), "previous_token": diag[:, 1:, 0].mean(-1),
+                    "duplicate_token": diag[:, second, 2].mean(-1),
+                    "distance": st.mean_distance[0, :, first:].float().mean(-1)}
+            if call.causal:
+                cols.update(pattern_recalls(call.q, keys, st.lse, mask, params))
+            rows.append(head_rows(call.layer, call.heads, call.kv_heads, half=half,
+                                  **{k: v.cpu().numpy() for k, v in cols.items()}))
+        return probe
+
+    def _vit_probe(self, model: Model, inputs: dict, params: dict, rows: list):
+        layout = token_layout(model, inputs)
+        grid = layout.grids[0]
+        n = layout.segments.shape[1]
+        coords = torch.zeros(n, 2)
+        cells = torch.stack(torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij"), -1)
+        coords[grid.positions.reshape(-1).cpu()] = cells.reshape(-1, 2).float()
+        special = torch.ones(n, dtype=torch.bool)
+        special[grid.positions.reshape(-1).cpu()] = False
+        patch = grid.patch or float("nan")
+
+        def probe(call) -> None:
+            d = grid_distance(call.q, call.head_keys(), query_coords=coords.to(call.q.device),
+                              key_coords=coords.to(call.q.device), special_keys=special,
+                              renormalize=params["cls_rule"] == "renormalize", scale=call.scale,
+                              causal=call.causal)[0][:, ~special.to(call.q.device)].mean(-1)    # (H,)
+            rows.append(head_rows(call.layer, call.heads, call.kv_heads, distance=d.cpu().numpy(),
+                                  distance_px=(d * patch).cpu().numpy()))
+        return probe
+
+    # ---- the run
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        keys = ["layer", "head", "kv_head"]
+        cols = [c for c in self.scores if c in samples.columns]
+        heads = samples.groupby(keys, as_index=False)[cols].mean()
+        recalls = [f"{p}_recall" for p in PATTERNS]
+        if all(c in heads for c in recalls):
+            best = heads[recalls].to_numpy()
+            heads["pattern"] = np.where(best.max(1) >= params["dense_below"],
+                                        np.array(PATTERNS)[best.argmax(1)], "dense")
+        return heads.sort_values(keys, ignore_index=True)
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """The ablation test (causal language models): loss on the repeated half with the top-k induction heads
+        ablated, against k random heads from outside the top quarter."""
+        if model.family.kind != "llm" or "induction" not in heads or params["ablate_k"] == 0:
+            return {}
+        n = len(heads)
+        k = params["ablate_k"] or max(1, math.ceil(0.05 * n))
+        if k > n - n // 4:
+            raise ValueError(f"ablate_k {k}: only {n - n // 4} heads lie outside the top quarter for the control")
+        ranked = heads.sort_values("induction", ascending=False, kind="stable")
+        pairs = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
+        rng = random.Random(options.seed)
+        tests = [("none", []), ("induction", pairs[:k])]
+        tests += [(f"random-{i}", rng.sample(pairs[n // 4:], k)) for i in range(params["ablate_draws"])]
+        rows = []
+        for condition, chosen in progress.bar(tests, desc="ablation", leave=False):
+            with mask_heads(model, chosen, mode=params["ablate_mode"]):
+                losses = np.array([repeat_losses(model, self.sample_inputs(model, s, options, params), s)
+                                   for s in plan])
+            rows.append({"condition": condition, "k": len(chosen), "mode": params["ablate_mode"],
+                         "loss_first": losses[:, 0].mean(), "loss_repeated": losses[:, 1].mean(),
+                         "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
+        return {"ablation": pd.DataFrame(rows)}
+
+    def report(self, result) -> list[str]:
+        h = result.heads
+        lines = []
+        if "induction" in h:
+            for col in ("induction", "previous_token", "duplicate_token"):
+                top = h.sort_values(col, ascending=False).head(5)
+                lines.append(f"top {col} heads: " + ", ".join(f"{r.layer}-{r.head} ({getattr(r, col):.2f})"
+                                                            for r in top.itertuples()))
+        if "pattern" in h:
+            lines.append("sparse patterns: " + ", ".join(f"{k} {v}" for k, v in h["pattern"].value_counts().items()))
+        ablation = result.tables.get("ablation")
+        if ablation is not None:
+            lines.append("loss on the repeated half (" + str(ablation["mode"].iloc[0]) + "-ablation): " + " · ".join(
+                f"{r.condition}{'' if r.k == 0 else f' ({r.k} heads)'} {r.loss_repeated:.3f}"
+                for r in ablation.itertuples()))
+        return lines
+
+
+def _causal(model: Model) -> bool:
+    return model.family.kind in ("llm", "lvlm")
+
+
+def _specials(model: Model) -> tuple[list[int], list[int]]:
+    return special_tokens(model.tokenizer) if model.tokenizer is not None else ([], [])
+
+
+def repeated_tokens(model: Model, sample: dict) -> list[int]:
+    """[prefix specials] R R [suffix specials], R: `half` random non-special tokens drawn from the sample's seed
+    (a model given without a tokenizer: any id of its vocabulary, no specials)."""
+    prefix, suffix = _specials(model)
+    pool = (plain_token_pool(model.tokenizer) if model.tokenizer is not None
+            else list(range(model.config.get_text_config().vocab_size)))
+    rng = random.Random(sample["seed"])
+    r = [rng.choice(pool) for _ in range(sample["half"])]
+    ids = prefix + r + r + suffix
+    model.check_length(len(ids))
+    return ids
+
+
+def repeat_losses(model: Model, inputs: dict, sample: dict) -> tuple[float, float]:
+    """Next-token loss (nats) on the first copy and on the predictable part of the second (its tokens 2 … T,
+    which an induction mechanism can copy from the first)."""
+    start, half = len(_specials(model)[0]), sample["half"]
+    with torch.no_grad():
+        logits = model.hf(**inputs).logits[0].float()
+    ids = inputs["input_ids"][0]
+    nll = F.cross_entropy(logits[:-1], ids[1:], reduction="none")   # nll[i]: predicting token i + 1
+    first = nll[start:start + half - 1].mean()
+    repeated = nll[start + half:start + 2 * half - 1].mean()
+    return float(first), float(repeated)
+
+
+def pattern_recalls(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, mask: dict, params: dict
+                    ) -> dict[str, torch.Tensor]:
+    """Per head, the attention mass kept by each sparse pattern on the last queries: {"<pattern>_recall": (H,)}.
+
+    q: (1, H, N, d); keys: (1, H, N, d) (one per query head); lse: (1, H, N)."""
+    n = q.shape[2]
+    m = min(params["last_queries"], n)
+    p = attention_tile(q, keys, (n - m, n), (0, n), lse=lse, **mask)[0].float()   # (H, m, N)
+    return recalls_of(p, mask["query_positions"][n - m:].to(p.device), params)
+
+
+def recalls_of(p: torch.Tensor, pos: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+    """The sparse patterns' recalls of attention probabilities p (H, m, N) of m queries at positions pos (m,)."""
+    n = p.shape[-1]
+    j = torch.arange(n, device=p.device)
+    budget = max(2, round(params["budget"] * n))
+    sink = max(1, budget // 8)
+    a_shape = (j[None] < sink) | ((pos[:, None] - j[None] >= 0) & (pos[:, None] - j[None] < budget - sink))
+    offset = (pos[:, None] - j[None]).clamp(min=-1)                              # (m, N); −1: a future key
+    columns = p.mean(1).topk(min(n, budget // 2), dim=-1).indices               # (H, v)
+    diag_mass = torch.zeros(p.shape[0], n + 1, device=p.device).scatter_add_(
+        1, (offset + 1).expand_as(p).reshape(p.shape[0], -1), p.reshape(p.shape[0], -1))[:, 1:]   # (H, N) by offset
+    slashes = diag_mass.topk(min(n, budget - budget // 2), dim=-1).indices       # (H, s)
+    keep_vs = torch.zeros_like(p, dtype=torch.bool)
+    keep_vs |= torch.zeros(p.shape[0], n, dtype=torch.bool, device=p.device).scatter_(1, columns, True)[:, None]
+    keep_vs |= (offset[None, :, :, None] == slashes[:, None, None, :]).any(-1)
+    block = max(1, min(params["block"], budget // 4))
+    n_blocks = math.ceil(n / block)
+    block_mass = F.pad(p.sum(1), (0, n_blocks * block - n)).view(p.shape[0], n_blocks, block).sum(-1)
+    chosen = block_mass.topk(min(n_blocks, max(1, budget // block)), dim=-1).indices
+    keep_bs = torch.zeros(p.shape[0], n_blocks, dtype=torch.bool, device=p.device).scatter_(1, chosen, True)
+    keep_bs = keep_bs.repeat_interleave(block, dim=1)[:, :n][:, None]
+    recall = lambda keep: (p * keep).sum(-1).mean(-1)  # noqa: E731
+    return {"a_shape_recall": recall(a_shape[None]), "vertical_slash_recall": recall(keep_vs),
+            "block_sparse_recall": recall(keep_bs)}
