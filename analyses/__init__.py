@@ -5,8 +5,9 @@ from .retrieval import Retrieval
 from .sinks import Sinks
 from .summary import Summary
 from .taxonomy import Taxonomy
+from .vit import VitHeads
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy())}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads())}
 
 
 def get_analysis(name: str) -> Analysis:

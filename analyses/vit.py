@@ -1,0 +1,212 @@
+"""`vit`: the heads of a vision transformer — how far they look, how much the model needs them, and how their
+attention falls off with distance.
+
+Per head, over an evaluation set of images (in batches, one batch per sample):
+- distance / distance_px: mean attention distance on the patch grid (the ViT paper's Figure 11; `cls_rule` as in
+  `taxonomy`);
+- importance by pruning (classifiers): accuracy (percentage points) lost and loss gained when the head is removed,
+  its output before the output projection either zeroed or replaced by its mean over the batch's images and
+  positions. Labels: the task's own for `organism-vit`; for any other classifier, its predictions on the
+  unpruned images (so the clean accuracy is 100 % and a drop is disagreement with the full model);
+- the `strength` table: per head and grid-distance bin (Euclidean distance in patches, rounded), the attention
+  mass a patch query gives to patch keys at that distance, and the mean attention per such key.
+The run ends with pruning curves (`pruning` table): accuracy and loss when the k heads ranked most important
+(by zero-ablation accuracy drop, then loss rise) are pruned together, against the k ranked least important.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from interp.hooks import mask_heads, trace
+from interp.kernels import attention_tile
+from interp.layout import token_layout
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .images import BUILTIN_IMAGES, image_files, load_image
+
+ORGANISM = "organism-vit"
+EVAL_SEED = 2_000_003  # organism-vit's evaluation scenes: distinct from its training and test seeds
+
+
+class VitHeads(Analysis):
+    name = "vit"
+    description = "ViT heads: mean attention distance, importance by pruning, attention strength against distance"
+    kinds = ("vit",)
+    scores = {
+        "distance": "mean attention distance in patches (patch queries on patch keys): high = global",
+        "distance_px": "mean attention distance in pixels",
+        "accuracy_drop_zero": "accuracy lost (percentage points) with the head's output zeroed",
+        "loss_rise_zero": "loss gained with the head's output zeroed",
+        "accuracy_drop_mean": "accuracy lost (percentage points) with the head's output mean-ablated",
+        "loss_rise_mean": "loss gained with the head's output mean-ablated",
+    }
+    params = {"images": None, "cls_rule": "renormalize", "batch": 64, "importance": True}
+    sample_tables = ("strength",)
+
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["cls_rule"] not in ("renormalize", "zero"):
+            raise ValueError(f"cls_rule {p['cls_rule']!r}: choose renormalize or zero")
+        if p["batch"] < 1:
+            raise ValueError("batch must be ≥ 1")
+        return p
+
+    def score_columns(self, model: Model, params: dict) -> dict[str, str]:
+        cols = list(self.scores) if _classifier(model) and params["importance"] else ["distance", "distance_px"]
+        return {c: self.scores[c] for c in cols}
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        n = options.samples or 4  # batches
+        if model.name == ORGANISM and not params["images"]:
+            return [{"organism": EVAL_SEED + b, "size": params["batch"]} for b in range(n)]
+        sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
+        batches = [sources[i:i + params["batch"]] for i in range(0, len(sources), params["batch"])]
+        if not 1 <= n <= len(batches):
+            raise ValueError(f"--samples {n}: {len(sources)} images make {len(batches)} batches of {params['batch']}")
+        return [{"images": b} for b in batches[:n]]
+
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        return model.prepare(images=_images(sample)[0])
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> dict[str, pd.DataFrame]:
+        images, labels = _images(sample)
+        inputs = model.prepare(images=images)
+        layout = token_layout(model, inputs)
+        grid = layout.grids[0]
+        patches = grid.positions.reshape(-1).to(model.device)
+        cells = torch.stack(torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij"),
+                            -1).reshape(-1, 2).float().to(model.device)
+        dist = torch.cdist(cells, cells)                                        # (P, P) in patches
+        bins = dist.round().long()                                             # (P, P) distance bin of each pair
+        n_bins = int(bins.max()) + 1
+        counts = torch.zeros(len(patches), n_bins, device=model.device).scatter_add_(
+            1, bins, torch.ones_like(dist))                                    # (P, bins) keys per bin, per query
+        rows, strength, means = [], [], {}
+        patch = grid.patch or float("nan")
+
+        def probe(call) -> None:
+            p = attention_tile(call.q, call.head_keys(), (0, call.q.shape[2]), (0, call.q.shape[2]),
+                               scale=call.scale, causal=call.causal, key_mask=call.key_mask)       # (B, H, N, N)
+            pp = p[:, :, patches][:, :, :, patches].float()                      # patch queries × patch keys
+            if params["cls_rule"] == "renormalize":
+                pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-30)
+            d = (pp * dist).sum(-1).mean((0, 2))                                 # (H,)
+            mass = torch.zeros(*pp.shape[:3], n_bins, device=pp.device).scatter_add_(
+                -1, bins.expand_as(pp), pp)                                      # (B, H, P, bins)
+            has = counts > 0
+            per_key = ((mass / counts.clamp_min(1)) * has).sum(2).mean(0) / has.sum(0)   # (H, bins)
+            mass = mass.mean((0, 2))
+            for i, h in enumerate(call.heads.tolist()):
+                strength.append(pd.DataFrame({"layer": call.layer, "head": h, "distance": np.arange(n_bins),
+                                              "mass": mass[i].cpu().numpy(), "per_key": per_key[i].cpu().numpy()}))
+            rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_images=len(images),
+                                  distance=d.cpu().numpy(), distance_px=(d * patch).cpu().numpy()))
+            if call.z is not None:
+                for i, h in enumerate(call.heads.tolist()):
+                    means[(call.layer, h)] = call.z[:, :, i].float().mean((0, 1))
+
+        importance = _classifier(model) and params["importance"]
+        out = trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
+                    keep=("q", "k", "z") if importance else ("q", "k"))
+        table = pd.concat(rows, ignore_index=True)
+        if importance:
+            logits = out.logits.float()
+            labels = logits.argmax(-1) if labels is None else labels.to(logits.device)
+            clean = _metrics(logits, labels)
+            table["accuracy_clean"], table["loss_clean"] = clean
+            bar = progress.bar(total=2 * len(table), desc="pruning heads", leave=False)
+            for mode in ("zero", "mean"):
+                acc, loss = [], []
+                for layer, head in zip(table["layer"], table["head"]):
+                    with mask_heads(model, [(layer, head)], mode=mode, means=means):
+                        a, lo = _metrics(_logits(model, inputs), labels)
+                    acc.append(a)
+                    loss.append(lo)
+                    bar.update()
+                table[f"accuracy_{mode}"], table[f"loss_{mode}"] = acc, loss
+            bar.close()
+        return {"samples": table, "strength": pd.concat(strength, ignore_index=True)}
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        keys = ["layer", "head", "kv_head"]
+        w = samples["n_images"]
+        cols = ["distance", "distance_px"] + [c for c in samples.columns if c.startswith(("accuracy_", "loss_"))]
+        weighted = samples[cols].mul(w, axis=0).assign(**{k: samples[k] for k in keys}, n=w)
+        sums = weighted.groupby(keys, as_index=False).sum()
+        mean = sums[cols].div(sums["n"], axis=0)
+        heads = sums[keys].join(mean[["distance", "distance_px"]])
+        if "accuracy_zero" in mean:
+            for mode in ("zero", "mean"):
+                heads[f"accuracy_drop_{mode}"] = 100 * (mean["accuracy_clean"] - mean[f"accuracy_{mode}"])
+                heads[f"loss_rise_{mode}"] = mean[f"loss_{mode}"] - mean["loss_clean"]
+        return heads.sort_values(keys, ignore_index=True)
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Pruning curves: the k most important heads pruned together against the k least important."""
+        if "accuracy_drop_zero" not in heads:
+            return {}
+        ranked = heads.sort_values(["accuracy_drop_zero", "loss_rise_zero"], ascending=False, kind="stable")
+        order = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
+        batches = []
+        for sample in plan:
+            images, labels = _images(sample)
+            inputs = model.prepare(images=images)
+            logits = _logits(model, inputs)
+            batches.append((inputs, logits.argmax(-1) if labels is None else labels.to(logits.device)))
+        rows = []
+        steps = [(name, k) for k in range(len(order) + 1) for name in ("most", "least")]
+        for name, k in progress.bar(steps, desc="pruning curves", leave=False):
+            chosen = order[:k] if name == "most" else order[len(order) - k:]
+            with mask_heads(model, chosen, mode="zero"):
+                results = [(_metrics(_logits(model, inputs), labels), len(labels)) for inputs, labels in batches]
+            n = sum(size for _, size in results)
+            rows.append({"order": name, "k": k, "accuracy": 100 * sum(m[0] * s for m, s in results) / n,
+                         "loss": sum(m[1] * s for m, s in results) / n,
+                         "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
+        return {"pruning": pd.DataFrame(rows)}
+
+    def report(self, result) -> list[str]:
+        h = result.heads
+        by_layer = h.groupby("layer")["distance"].agg(["min", "max"])
+        lines = ["mean attention distance (patches) per layer, min–max over heads: " + ", ".join(
+            f"{layer}: {r['min']:.2f}–{r['max']:.2f}" for layer, r in by_layer.iterrows())]
+        pruning = result.tables.get("pruning")
+        if pruning is not None:
+            half = int(pruning["k"].max()) // 2
+            at = pruning[pruning["k"] == half].set_index("order")
+            lines.append(f"accuracy with {half} heads pruned: most important first {at.loc['most', 'accuracy']:.1f} %, "
+                         f"least important first {at.loc['least', 'accuracy']:.1f} % "
+                         f"(none pruned: {pruning[pruning['k'] == 0]['accuracy'].iloc[0]:.1f} %)")
+        return lines
+
+
+def _classifier(model: Model) -> bool:
+    return hasattr(model.hf, "classifier")
+
+
+def _images(sample: dict) -> tuple[list, torch.Tensor | None]:
+    """The sample's images and labels (None: no labels, the model's own predictions stand in)."""
+    if "organism" in sample:
+        from interp.organisms.vit import dataset
+
+        return dataset(sample["size"], sample["organism"])
+    return [load_image(s) for s in sample["images"]], None
+
+
+def _logits(model: Model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hf(**inputs).logits.float()
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of logits (B, C) against labels (B,)."""
+    return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
