@@ -209,7 +209,8 @@ class Dashboard:
 
     def analysis_view(self, result: ScoreResult) -> list:
         """Figures particular to the run's analysis (retrieval grid and masking; sinks per layer, massive
-        activations, high-norm and visual sink tokens); the layer profile of the first score otherwise."""
+        activations, high-norm and visual sink tokens; taxonomy scores per layer and the ablation test; ViT
+        distances, pruning curves and strength against distance); the layer profile of the first score otherwise."""
         graphs = []
         t = result.tables
         try:
@@ -230,7 +231,18 @@ class Dashboard:
                 if "visual_sinks" in t:
                     graphs.append(figures.visual_sinks_by_layer(t["visual_sinks"]))
                 graphs += self._token_grids(result)
-            if result.analysis not in ("retrieval", "sinks"):
+            if result.analysis == "taxonomy":
+                graphs += [figures.score_by_layer(result.heads, s) for s in result.scores if s != "distance_px"]
+                if "ablation" in t:
+                    graphs.append(figures.ablation_bars(t["ablation"]))
+            if result.analysis == "vit":
+                graphs.append(figures.distance_by_layer(result.heads))
+                if "pruning" in t:
+                    graphs.append(figures.pruning_curves(t["pruning"]))
+                if "strength" in t:
+                    graphs += [figures.strength_by_distance(t["strength"], layer)
+                               for layer in sorted(t["strength"]["layer"].unique())]
+            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit"):
                 graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
             return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs]

@@ -249,3 +249,45 @@ def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
     fig.update_layout(title="visual sink tokens per layer", xaxis_title="layer", yaxis_title="% of image tokens",
                       template=TEMPLATE)
     return fig
+
+
+def distance_by_layer(heads: pd.DataFrame, column: str = "distance") -> go.Figure:
+    """Each head's mean attention distance at its layer (the ViT paper's Figure 11): one point per head."""
+    fig = go.Figure(go.Scatter(x=heads["layer"], y=heads[column], mode="markers", customdata=heads[["head"]],
+                               marker={"size": 8, "opacity": 0.7},
+                               hovertemplate="head %{x}-%{customdata[0]}<br>" + column + " %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=f"mean attention distance of every head ({column})", xaxis_title="layer",
+                      yaxis_title=column, template=TEMPLATE, xaxis={"dtick": 1})
+    return fig
+
+
+def pruning_curves(pruning: pd.DataFrame) -> go.Figure:
+    """Accuracy as the k most (or least) important heads are pruned together (the `pruning` table)."""
+    fig = go.Figure()
+    for order, part in pruning.groupby("order", sort=False):
+        fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], mode="lines+markers", name=f"{order} important first",
+                                 customdata=part[["loss"]], hovertemplate="%{x} heads pruned<br>accuracy %{y:.1f} %"
+                                                                          "<br>loss %{customdata[0]:.3f}<extra></extra>"))
+    fig.update_layout(title="accuracy as heads are pruned", xaxis_title="heads pruned (k)", yaxis_title="accuracy (%)",
+                      template=TEMPLATE)
+    return fig
+
+
+def strength_by_distance(strength: pd.DataFrame, layer: int) -> go.Figure:
+    """Mean attention per key against grid distance for each head of one layer (the `strength` table)."""
+    part = strength[strength["layer"] == layer].groupby(["head", "distance"], as_index=False)["per_key"].mean()
+    fig = go.Figure([go.Scatter(x=g["distance"], y=g["per_key"], mode="lines+markers", name=f"head {head}")
+                     for head, g in part.groupby("head")])
+    fig.update_layout(title=f"attention strength against distance, layer {layer}", xaxis_title="distance (patches)",
+                      yaxis_title="mean attention per key", template=TEMPLATE)
+    return fig
+
+
+def ablation_bars(ablation: pd.DataFrame) -> go.Figure:
+    """Loss on the repeated half with heads ablated (the taxonomy's `ablation` table)."""
+    fig = go.Figure([go.Bar(x=ablation["condition"], y=ablation[col], name=name)
+                     for col, name in (("loss_first", "first copy"), ("loss_repeated", "repeated copy"))])
+    mode = ablation["mode"].iloc[0] if "mode" in ablation else ""
+    fig.update_layout(title=f"next-token loss with heads ablated ({mode})", xaxis_title="heads ablated",
+                      yaxis_title="loss (nats)", barmode="group", template=TEMPLATE)
+    return fig

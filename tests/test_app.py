@@ -289,3 +289,19 @@ def test_vision_views_paint_tokens_over_the_image(tmp_path):
     heat = views["sample 0: high-norm tokens"].data[-1]
     np.testing.assert_allclose(np.array(heat.z, dtype=float).ravel(), last.sort_values("position")["norm"], rtol=1e-6)
     assert any(t.startswith("output token norms") for t in views)
+
+
+def test_taxonomy_and_vit_figures():
+    pruning = pd.DataFrame({"order": ["most", "least", "most", "least"], "k": [0, 0, 1, 1],
+                            "accuracy": [90.0, 90.0, 40.0, 89.0], "loss": [0.3, 0.3, 1.5, 0.31]})
+    fig = figures.pruning_curves(pruning)
+    assert {t.name: list(t.y) for t in fig.data} == {"most important first": [90.0, 40.0],
+                                                      "least important first": [90.0, 89.0]}
+    strength = pd.DataFrame({"sample": [0, 1, 0, 1], "layer": 0, "head": 0, "distance": [0, 0, 1, 1],
+                             "mass": 0.5, "per_key": [0.2, 0.4, 0.1, 0.3]})
+    assert list(figures.strength_by_distance(strength, 0).data[0].y) == pytest.approx([0.3, 0.2])
+    ablation = pd.DataFrame({"condition": ["none", "induction"], "k": [0, 2], "mode": "zero",
+                             "loss_first": [6.0, 6.1], "loss_repeated": [1.0, 5.0]})
+    assert list(figures.ablation_bars(ablation).data[1].y) == [1.0, 5.0]
+    heads = _heads(np.arange(12.0))
+    assert list(figures.distance_by_layer(heads, "s").data[0].y) == list(np.arange(12.0))
