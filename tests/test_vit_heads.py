@@ -73,3 +73,19 @@ def test_vit_heads_equal_eager_and_independent_ablation(classifier):
                 assert row[f"loss_rise_{mode}"] == pytest.approx(loss, abs=1e-4)
     curve = result.tables["pruning"]
     assert set(curve["k"]) == set(range(9)) and (curve[curve["k"] == 0]["accuracy"] == 100).all()
+
+
+@pytest.mark.slow
+def test_organism_vit_important_heads_matter_more(tmp_path):
+    """organism-vit (trained here, 99.8 % held out): pruning the heads ranked most important costs far more
+    accuracy than pruning as many heads ranked least important."""
+    model = interp.load_model("organism-vit")
+    result = interp.score(model, "vit", samples=1, batch=128, store=tmp_path)
+    curve = result.tables["pruning"].pivot(index="k", columns="order", values="accuracy")
+    assert curve.loc[0, "most"] >= 95
+    for k in range(1, 5):
+        assert curve.loc[k, "most"] < curve.loc[k, "least"] - 20, curve
+    assert curve.loc[16, "most"] == curve.loc[16, "least"]  # every head pruned either way
+    top = result.top("accuracy_drop_zero", k=1)
+    assert top["accuracy_drop_zero"].iloc[0] > 20
+    assert result.heads["distance"].between(0, 4.25).all()  # the largest distance on a 4 × 4 grid is 4.24

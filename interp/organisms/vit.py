@@ -11,6 +11,7 @@ Regenerate the committed weights with `python -m interp.organisms.vit` (seeded, 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -99,8 +100,8 @@ def evaluate(model: transformers.ViTForImageClassification, pixels: torch.Tensor
     }
 
 
-def train(out_dir: str | Path, seed: int = 0, steps: int = 4000, batch: int = 128, lr: float = 2e-3,
-          warmup: int = 200, weight_decay: float = 0.01, threads: int = 2) -> dict:
+def train(out_dir: str | Path, seed: int = 0, steps: int = 2000, batch: int = 128, lr: float = 2e-3,
+          warmup: int = 200, weight_decay: float = 0.01, threads: int = 1) -> dict:
     """Train the organism from scratch on freshly drawn scenes; save model, processor and MODEL_CARD.md to out_dir.
 
     Step t uses `dataset(batch, seed * 1_000_000 + t)`; the held-out set is `dataset(TEST_SIZE, TEST_SEED)`.
@@ -141,7 +142,8 @@ def train(out_dir: str | Path, seed: int = 0, steps: int = 4000, batch: int = 12
         **metrics, "seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
         "weight_decay": weight_decay, "threads": threads, "seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "machine": f"{platform.machine()} CPU, {threads} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads: {threads}), "
+                   f"torch {torch.__version__}",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -177,8 +179,8 @@ beside the weights): RGB / 255, then normalise with mean = std = 0.5.
 
 From scratch on CPU: seed {info['seed']} (torch and numpy), {info['steps']} AdamW steps of {info['batch']} freshly
 generated scenes (step t uses scene seed `seed * 1_000_000 + t`), lr {info['lr']} with {info['warmup']} warmup steps
-and cosine decay, weight decay {info['weight_decay']}, cross-entropy. Took {info['seconds']:.0f} s on
-{info['machine']}.
+and cosine decay, weight decay {info['weight_decay']}, cross-entropy. Took {info['seconds']:.0f} s wall clock (data
+generation included) on {info['machine']}; other jobs may have shared the machine.
 
 ## Evaluation
 
