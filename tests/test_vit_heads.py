@@ -89,3 +89,17 @@ def test_organism_vit_important_heads_matter_more(tmp_path):
     top = result.top("accuracy_drop_zero", k=1)
     assert top["accuracy_drop_zero"].iloc[0] > 20
     assert result.heads["distance"].between(0, 4.25).all()  # the largest distance on a 4 × 4 grid is 4.24
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "clip", "siglip", "dinov2", "dinov2_reg"])
+def test_vit_analysis_runs_on_every_vit_family(name):
+    """Backbones without a classifier get distances and strength only; their distances are the taxonomy's."""
+    from tiny_models import make
+
+    hf, _ = make(name, attn="sdpa")
+    model = interp.load_model(hf, processor=vit_processor())
+    vit = interp.score(model, "vit", samples=1, batch=3)
+    assert vit.scores == ["distance", "distance_px"] and "pruning" not in vit.tables
+    taxonomy = interp.score(model, "taxonomy", samples=3)
+    np.testing.assert_allclose(vit.heads["distance"], taxonomy.heads["distance"], rtol=1e-5)
+    assert set(vit.tables["strength"]["layer"]) == set(range(model.n_layers()))
