@@ -291,7 +291,8 @@ def recalls_of(p: torch.Tensor, pos: torch.Tensor, params: dict) -> dict[str, to
     slashes = diag_mass.topk(min(n, budget - budget // 2), dim=-1).indices       # (H, s)
     keep_vs = torch.zeros_like(p, dtype=torch.bool)
     keep_vs |= torch.zeros(p.shape[0], n, dtype=torch.bool, device=p.device).scatter_(1, columns, True)[:, None]
-    keep_vs |= (offset[None, :, :, None] == slashes[:, None, None, :]).any(-1)
+    is_slash = torch.zeros(p.shape[0], n + 1, dtype=torch.bool, device=p.device).scatter_(1, slashes + 1, True)
+    keep_vs |= is_slash.gather(1, (offset + 1).reshape(1, -1).expand(p.shape[0], -1)).view_as(p)  # index 0: future
     block = max(1, min(params["block"], budget // 4))
     n_blocks = math.ceil(n / block)
     block_mass = F.pad(p.sum(1), (0, n_blocks * block - n)).view(p.shape[0], n_blocks, block).sum(-1)
