@@ -10,7 +10,8 @@ Language models and encoders, on repeated random token sequences ([specials] R R
   budget of K = budget × N keys per query — A-shape (the first K/8 keys plus a local window of the rest),
   vertical-slash (the K/2 key columns and K/2 diagonals with the most mass), block-sparse (the key blocks of
   min(block, K/4) keys with the most mass, as many as fit in K); a head takes the pattern with the highest
-  recall, or "dense" when none keeps `dense_below` of the mass.
+  recall (the simplest — A-shape, then block-sparse, then vertical-slash — among those within 0.01 of it, since
+  vertical-slash, chosen freely, contains the others), or "dense" when none keeps `dense_below` of the mass.
 ViTs, on images: distance — mean attention distance on the patch grid (in patches, and in pixels), special
 tokens (CLS, registers) dropped as keys and queries; `cls_rule` "renormalize" re-normalises the patch keys'
 attention (the ViT paper), "zero" lets the dropped mass count as 0 (common re-implementations).
@@ -39,7 +40,8 @@ from .base import Analysis, Options, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
 from .sinks import plain_token_pool, special_tokens
 
-PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
+PATTERNS = ("a_shape", "block_sparse", "vertical_slash")  # simplest first: a tie goes to the simpler pattern
+TIE = 0.01
 CLS_RULES = ("renormalize", "zero")
 DEFAULT_HALF = 128
 
@@ -183,9 +185,10 @@ class Taxonomy(Analysis):
         heads = samples.groupby(keys, as_index=False)[cols].mean()
         recalls = [f"{p}_recall" for p in PATTERNS]
         if all(c in heads for c in recalls):
-            best = heads[recalls].to_numpy()
-            heads["pattern"] = np.where(best.max(1) >= params["dense_below"],
-                                        np.array(PATTERNS)[best.argmax(1)], "dense")
+            kept = heads[recalls].to_numpy()
+            best = kept.max(1, keepdims=True)
+            simplest = (kept >= best - TIE).argmax(1)  # the first (simplest) pattern within TIE of the best
+            heads["pattern"] = np.where(best[:, 0] >= params["dense_below"], np.array(PATTERNS)[simplest], "dense")
         return heads.sort_values(keys, ignore_index=True)
 
     def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
@@ -247,7 +250,8 @@ def repeated_tokens(model: Model, sample: dict) -> list[int]:
     pool = (plain_token_pool(model.tokenizer) if model.tokenizer is not None
             else list(range(model.config.get_text_config().vocab_size)))
     rng = random.Random(sample["seed"])
-    r = [rng.choice(pool) for _ in range(sample["half"])]
+    half = sample["half"]  # distinct tokens when the vocabulary allows: each has one previous occurrence
+    r = rng.sample(pool, half) if len(pool) >= half else [rng.choice(pool) for _ in range(half)]
     ids = prefix + r + r + suffix
     model.check_length(len(ids))
     return ids
@@ -286,8 +290,8 @@ def recalls_of(p: torch.Tensor, pos: torch.Tensor, params: dict) -> dict[str, to
     a_shape = (j[None] < sink) | ((pos[:, None] - j[None] >= 0) & (pos[:, None] - j[None] < budget - sink))
     offset = (pos[:, None] - j[None]).clamp(min=-1)                              # (m, N); −1: a future key
     columns = p.mean(1).topk(min(n, budget // 2), dim=-1).indices               # (H, v)
-    diag_mass = torch.zeros(p.shape[0], n + 1, device=p.device).scatter_add_(
-        1, (offset + 1).expand_as(p).reshape(p.shape[0], -1), p.reshape(p.shape[0], -1))[:, 1:]   # (H, N) by offset
+    diag_mass = torch.zeros(p.shape[0], n + 1, device=p.device).index_add_(
+        1, (offset + 1).reshape(-1), p.reshape(p.shape[0], -1))[:, 1:]        # (H, N): mass by offset
     slashes = diag_mass.topk(min(n, budget - budget // 2), dim=-1).indices       # (H, s)
     keep_vs = torch.zeros_like(p, dtype=torch.bool)
     keep_vs |= torch.zeros(p.shape[0], n, dtype=torch.bool, device=p.device).scatter_(1, columns, True)[:, None]

@@ -62,11 +62,11 @@ class VitHeads(Analysis):
         return {c: self.scores[c] for c in cols}
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
-        n = options.samples or 4  # batches
         if model.name == ORGANISM and not params["images"]:
-            return [{"organism": EVAL_SEED + b, "size": params["batch"]} for b in range(n)]
+            return [{"organism": EVAL_SEED + b, "size": params["batch"]} for b in range(options.samples or 4)]
         sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
         batches = [sources[i:i + params["batch"]] for i in range(0, len(sources), params["batch"])]
+        n = options.samples or min(4, len(batches))  # batches
         if not 1 <= n <= len(batches):
             raise ValueError(f"--samples {n}: {len(sources)} images make {len(batches)} batches of {params['batch']}")
         return [{"images": b} for b in batches[:n]]
@@ -92,19 +92,25 @@ class VitHeads(Analysis):
         patch = grid.patch or float("nan")
 
         def probe(call) -> None:
-            p = attention_tile(call.q, call.head_keys(), (0, call.q.shape[2]), (0, call.q.shape[2]),
-                               scale=call.scale, causal=call.causal, key_mask=call.key_mask)       # (B, H, N, N)
-            pp = p[:, :, patches][:, :, :, patches].float()                      # patch queries × patch keys
-            if params["cls_rule"] == "renormalize":
-                pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-30)
-            d = (pp * dist).sum(-1).mean((0, 2))                                 # (H,)
-            mass = torch.zeros(*pp.shape[:3], n_bins, device=pp.device).scatter_add_(
-                -1, bins.expand_as(pp), pp)                                      # (B, H, P, bins)
+            keys, n_tok = call.head_keys(), call.q.shape[2]
+            d = torch.zeros(call.q.shape[1], device=call.q.device)
+            mass = torch.zeros(call.q.shape[1], len(patches), n_bins, device=call.q.device)
+            for b in range(call.q.shape[0]):  # one image at a time: (H, N, N) at most
+                p = attention_tile(call.q[b:b + 1], keys[b:b + 1], (0, n_tok), (0, n_tok), scale=call.scale,
+                                   causal=call.causal, key_mask=None if call.key_mask is None else
+                                   call.key_mask[b:b + 1])[0]
+                pp = p[:, patches][:, :, patches].float()                         # patch queries × patch keys
+                if params["cls_rule"] == "renormalize":
+                    pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-30)
+                d += (pp * dist).sum(-1).mean(-1)
+                mass += torch.zeros_like(mass).scatter_add_(-1, bins.expand_as(pp), pp)   # (H, P, bins)
+            d, mass = d / call.q.shape[0], mass / call.q.shape[0]
             has = counts > 0
-            per_key = ((mass / counts.clamp_min(1)) * has).sum(2).mean(0) / has.sum(0)   # (H, bins)
-            mass = mass.mean((0, 2))
+            per_key = ((mass / counts.clamp_min(1)) * has).sum(1) / has.sum(0)  # (H, bins)
+            mass = mass.mean(1)
             for i, h in enumerate(call.heads.tolist()):
-                strength.append(pd.DataFrame({"layer": call.layer, "head": h, "distance": np.arange(n_bins),
+                strength.append(pd.DataFrame({"layer": call.layer, "head": h, "n_images": len(images),
+                                              "distance": np.arange(n_bins),
                                               "mass": mass[i].cpu().numpy(), "per_key": per_key[i].cpu().numpy()}))
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_images=len(images),
                                   distance=d.cpu().numpy(), distance_px=(d * patch).cpu().numpy()))
@@ -190,7 +196,8 @@ class VitHeads(Analysis):
 
 
 def _classifier(model: Model) -> bool:
-    return hasattr(model.hf, "classifier")
+    """An image classifier with labels (its logits are class scores)."""
+    return "ForImageClassification" in type(model.hf).__name__ and getattr(model.config, "num_labels", 0) > 0
 
 
 def _images(sample: dict) -> tuple[list, torch.Tensor | None]:

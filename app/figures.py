@@ -275,7 +275,10 @@ def pruning_curves(pruning: pd.DataFrame) -> go.Figure:
 
 def strength_by_distance(strength: pd.DataFrame, layer: int) -> go.Figure:
     """Mean attention per key against grid distance for each head of one layer (the `strength` table)."""
-    part = strength[strength["layer"] == layer].groupby(["head", "distance"], as_index=False)["per_key"].mean()
+    rows = strength[strength["layer"] == layer]
+    w = rows["n_images"] if "n_images" in rows else pd.Series(1.0, index=rows.index)
+    part = rows.assign(wv=rows["per_key"] * w, w=w).groupby(["head", "distance"], as_index=False)[["wv", "w"]].sum()
+    part["per_key"] = part["wv"] / part["w"]  # weighted by each batch's images
     fig = go.Figure([go.Scatter(x=g["distance"], y=g["per_key"], mode="lines+markers", name=f"head {head}")
                      for head, g in part.groupby("head")])
     fig.update_layout(title=f"attention strength against distance, layer {layer}", xaxis_title="distance (patches)",

@@ -396,14 +396,14 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
         merged.setdefault(layer % n, []).extend(hs)
     chosen = {i: check_heads(model, t, merged[i]) for i in layers}
     modules = model.attention_modules(t.name)
+    by_head = {(layer % n, head): v for (layer, head), v in (means or {}).items()}
     for i in layers:
         if "_interp_knockout" in modules[i].__dict__:
             raise RuntimeError(f"{t.name} layer {i} of {model.name} already has heads knocked out")
     install()
     try:
         for i in layers:
-            values = None if mode != "mean" else torch.stack(
-                [next(v for (layer, head), v in means.items() if layer % n == i and head == int(h)) for h in chosen[i]])
+            values = None if mode != "mean" else torch.stack([by_head[(i, int(h))] for h in chosen[i]])
             modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values)
         yield
     finally:

@@ -226,7 +226,7 @@ def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, sca
     0 where that key does not exist or is not visible. O(Nq · d) per offset."""
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
-    keys = k.float().repeat_interleave(h // n_kv, dim=1)  # (B, H, Nk, d)
+    kv = torch.arange(h, device=q.device) // (h // n_kv)  # each query head's KV head
     row = torch.where(torch.isfinite(lse), lse, 0.0)
     out = torch.zeros(b, h, n_q, len(offsets), device=q.device)
     for c, off in enumerate(offsets):
@@ -237,7 +237,7 @@ def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, sca
         if window is not None:
             ok &= query_positions - j < window
         jj = j.clamp(0, n_k - 1)
-        s = (q.float() * keys[:, :, jj]).sum(-1) * scale                    # (B, H, Nq)
+        s = (q.float() * k[:, kv[:, None], jj[None, :]].float()).sum(-1) * scale  # (B, H, Nq)
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         vis = ok[None, None] & (key_mask[:, None, jj] if key_mask is not None else True) & torch.isfinite(lse)
