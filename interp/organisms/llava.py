@@ -5,10 +5,12 @@ image; text-only questions (no image) cannot use one. Used to test vision-aware 
 ablations on a real `LlavaForConditionalGeneration` + `LlavaProcessor` whose answers truly depend on the image.
 
 Prompt format (the tokenizer prepends `<s>`; the processor expands `<image>` into 16 image tokens):
-    image question:  "<s> <image> what colour is the square ?"  -> answer word, then "</s>"
-    text question:   "<s> what comes after three ?"             -> answer word, then "</s>"
+    image question:  "<s> <image> what colour is the square"  -> answer word, then "</s>"
+    text question:   "<s> what comes after three"             -> answer word, then "</s>"
+No "?": the question's last word (e.g. the shape) is the answer position, so a head there can read the image
+directly (with a trailing "?" the same model needed far more steps to bind shapes to colours).
 
-Regenerate with `python -m interp.organisms.llava` (seeded, CPU, a few minutes on 2 cores).
+Regenerate with `python -m interp.organisms.llava` (seeded, one CPU thread, about 8 minutes).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ OPPOSITES = {**OPPOSITES, **{b: a for a, b in OPPOSITES.items()}}
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 WORDS = ("what", "colour", "is", "the", "there", "a", "left", "of", "how", "many", "shapes", "comes", "after",
-         "opposite", "?", *SHAPES, *COLOURS, "yes", "no", *NUMBERS,
+         "opposite", *SHAPES, *COLOURS, "yes", "no", *NUMBERS,
          "up", "down", "right", "big", "small", "hot", "cold", "day", "night", "in", "out", "on", "off")
 VOCAB = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + WORDS))}  # word -> id, in a fixed order
 IMAGE_TOKEN_ID = VOCAB["<image>"]
@@ -72,9 +74,10 @@ def build_config(text_hidden: int = 96, text_layers: int = 4) -> T.LlavaConfig:
     text = dict(model_type="llama", vocab_size=len(VOCAB), hidden_size=text_hidden, intermediate_size=192,
                 num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=128, bos_token_id=VOCAB["<s>"], eos_token_id=VOCAB["</s>"],
-                pad_token_id=VOCAB["<pad>"], tie_word_embeddings=False)
+                pad_token_id=VOCAB["<pad>"], tie_word_embeddings=False, initializer_range=0.1)
     return T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+                         image_seq_length=N_IMAGE_TOKENS, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
 
 
 # ----------------------------------------------------------------------------- questions
@@ -91,24 +94,24 @@ def _image_question(rng: np.random.Generator, kind: str) -> dict:
         present = [it.shape for it in scene.items]
         if kind == "colour":
             item = scene.items[int(rng.integers(len(scene.items)))]
-            return dict(kind=kind, text=f"<image> what colour is the {item.shape} ?", answer=item.colour,
+            return dict(kind=kind, text=f"<image> what colour is the {item.shape}", answer=item.colour,
                         scene=scene)
         if kind == "exists":
             pool = present if want_yes else [s for s in SHAPES if s not in present]
             if not pool:
                 continue  # all three shapes present: no "no" question; draw another scene
             shape = pool[int(rng.integers(len(pool)))]
-            return dict(kind=kind, text=f"<image> is there a {shape} ?", answer="yes" if want_yes else "no",
+            return dict(kind=kind, text=f"<image> is there a {shape}", answer="yes" if want_yes else "no",
                         scene=scene)
         if kind == "left":
             i, j = rng.choice(len(scene.items), size=2, replace=False)
             a, b = scene.items[int(i)], scene.items[int(j)]
             if a.col == b.col:
                 continue  # same column: "left of" is undefined
-            return dict(kind=kind, text=f"<image> is the {a.shape} left of the {b.shape} ?",
+            return dict(kind=kind, text=f"<image> is the {a.shape} left of the {b.shape}",
                         answer="yes" if a.col < b.col else "no", scene=scene)
         if kind == "count":
-            return dict(kind=kind, text="<image> how many shapes ?", answer=NUMBERS[len(scene.items) - 1],
+            return dict(kind=kind, text="<image> how many shapes", answer=NUMBERS[len(scene.items) - 1],
                         scene=scene)
         raise ValueError(kind)
 
@@ -117,9 +120,9 @@ def _text_question(rng: np.random.Generator, kind: str) -> dict:
     """One text-only question (no image): next number word, or opposite word."""
     if kind == "after":
         k = int(rng.integers(len(NUMBERS) - 1))
-        return dict(kind=kind, text=f"what comes after {NUMBERS[k]} ?", answer=NUMBERS[k + 1], scene=None)
+        return dict(kind=kind, text=f"what comes after {NUMBERS[k]}", answer=NUMBERS[k + 1], scene=None)
     word = list(OPPOSITES)[int(rng.integers(len(OPPOSITES)))]
-    return dict(kind=kind, text=f"what is the opposite of {word} ?", answer=OPPOSITES[word], scene=None)
+    return dict(kind=kind, text=f"what is the opposite of {word}", answer=OPPOSITES[word], scene=None)
 
 
 def _question(rng: np.random.Generator, image_fraction: float) -> dict:
@@ -207,8 +210,8 @@ def evaluate(model, processor, items: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-def train(out_dir, seed: int = 0, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
-          warmup: int = 100, weight_decay: float = 0.01, n_test: int = 600, log_every: int = 250) -> dict:
+def train(out_dir, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
+          warmup: int = 100, weight_decay: float = 0.01, n_test: int = 600, log_every: int = 500) -> dict:
     """Train from scratch (next-token loss on the answer word and </s> only), evaluate on the held-out set,
     save model + processor + metrics.json + MODEL_CARD.md into out_dir. Returns the metrics."""
     out_dir = Path(out_dir)
@@ -284,14 +287,16 @@ red, green, blue or yellow (`interp/organisms/scenes.py`), rendered at {IMAGE_SI
 
 | kind | prompt (after `<s>`) | answers |
 |---|---|---|
-| colour | `<image> what colour is the {{shape}} ?` (shape present) | red / green / blue / yellow |
-| exists | `<image> is there a {{shape}} ?` (balanced) | yes / no |
-| left | `<image> is the {{A}} left of the {{B}} ?` (columns differ) | yes / no |
-| count | `<image> how many shapes ?` | one / two / three |
-| after | `what comes after {{one..nine}} ?` | next number word |
-| opposite | `what is the opposite of {{word}} ?` (yes up left big hot day in on and back) | opposite word |
+| colour | `<image> what colour is the {{shape}}` (shape present) | red / green / blue / yellow |
+| exists | `<image> is there a {{shape}}` (balanced) | yes / no |
+| left | `<image> is the {{A}} left of the {{B}}` (columns differ) | yes / no |
+| count | `<image> how many shapes` | one / two / three |
+| after | `what comes after {{one..nine}}` | next number word |
+| opposite | `what is the opposite of {{word}}` (yes up left big hot day in on and back) | opposite word |
 
 The answer is one word followed by `</s>`; the loss is the next-token loss on these two tokens only.
+There is no "?": the last prompt word is the answer position (with a trailing "?" the binding of shapes to
+colours and places was learnt far more slowly).
 The processor expands `<image>` into {N_IMAGE_TOKENS} image tokens (id {IMAGE_TOKEN_ID}); the tokenizer prepends `<s>`.
 
 ## Vocabulary ({len(VOCAB)} words, word-level, whitespace split)
@@ -301,14 +306,15 @@ The processor expands `<image>` into {N_IMAGE_TOKENS} image tokens (id {IMAGE_TO
 - Vision: CLIP, hidden 64, 2 layers, 4 heads, MLP 256, image 32 px, patch 8 → 16 patches + CLS;
   `vision_feature_layer=-1` (last layer), `vision_feature_select_strategy="default"` (CLS dropped).
 - Projector: LLaVA default (Linear 64→96, GELU, Linear 96→96).
-- Text: Llama, hidden 96, 4 layers, 4 query heads / 2 KV heads (GQA), head dim 24, MLP 192, untied embeddings.
+- Text: Llama, hidden 96, 4 layers, 4 query heads / 2 KV heads (GQA), head dim 24, MLP 192, untied embeddings,
+  RoPE, `initializer_range=0.1` (0.02 gave a long plateau before the image was used).
 
 ## Training
 Seed {info['seed']}, {info['steps']} steps, batch {info['batch_size']} (fresh questions each step from a seeded rng;
 image questions equal to a held-out one are skipped), AdamW lr {info['lr']} (betas 0.9/0.98, weight decay
 {info['weight_decay']}), {info['warmup']} warm-up steps then cosine to 10 %, grad-norm clip 1.
-{info['train_seconds']:.0f} s on this machine's CPU ({info['torch_threads']} torch threads; torch {info['torch']},
-transformers {info['transformers']}). Loss log: {info['loss_log']}.
+{info['train_seconds']:.0f} s on this machine's CPU (2 shared cores; torch.set_num_threads({info['torch_threads']});
+torch {info['torch']}, transformers {info['transformers']}). Loss log (step, loss): {info['loss_log']}.
 
 ## Held-out accuracy (greedy first answer token, {sum(m['n'].values())} questions, seed {TEST_SEED})
 Image questions: {pct(m['image'])}; with a blank image instead: {pct(m['blank/image'])}; with the image removed
@@ -339,7 +345,8 @@ word = processor.tokenizer.decode(model(**enc).logits[0, -1].argmax())
 Batches are right padded: read the logits at the last real token (`attention_mask.sum(1) - 1`).
 
 ## Regenerate
-`python -m interp.organisms.llava` (writes this folder; all randomness is seeded).
+`python -m interp.organisms.llava` (writes this folder; all randomness is seeded and training runs on one
+thread, so a rerun on the same CPU and library versions gives the same weights).
 """
 
 
