@@ -70,6 +70,12 @@ def shots(tmp_path_factory):
     return path
 
 
+def wait_text(page, selector: str, text: str, timeout=60_000):
+    """Wait until the element's text contains `text` (a callback has answered, however loaded the machine)."""
+    page.wait_for_function("([sel, text]) => { const e = document.querySelector(sel); "
+                           "return !!e && e.textContent.includes(text); }", arg=[selector, text], timeout=timeout)
+
+
 def idle(page, timeout=60_000):
     page.wait_for_timeout(150)  # let an event queue its callback first
     page.wait_for_function(DASH_IDLE, timeout=timeout)
@@ -107,7 +113,7 @@ def test_choose_a_head_then_see_its_pooled_and_zoomed_attention(server, page, ap
     page.wait_for_selector("#head-map .nsewdrag")
     idle(page)
     click_cell(page, "head-map", row=3, col=5, n_rows=5, n_cols=8)  # stories260k: 5 layers × 8 heads
-    idle(page)
+    wait_text(page, "#detail-title", "head 3-5")
     assert page.locator("#detail-title").inner_text().startswith("head 3-5")
     assert page.locator("#sample-scores .bars path").count() == 3  # one bar per sample
     page.locator("#ranked td").nth(1).click()  # the best-ranked head
@@ -116,7 +122,7 @@ def test_choose_a_head_then_see_its_pooled_and_zoomed_attention(server, page, ap
     assert page.locator("#detail-title").inner_text().startswith(f"head {best[1]}-{best[2]}")
 
     page.get_by_text("Compute attention").click()
-    idle(page)
+    wait_text(page, "#attention-status", "tokens")
     status = page.locator("#attention-status").inner_text()
     assert "pooled blocks" in status, status
     assert page.locator("#attention .heatmaplayer").count() == 1
@@ -176,11 +182,11 @@ def test_a_vit_query_over_its_patch_grid(server, page, app_store, shots):
     page.wait_for_selector("#head-map .nsewdrag")
     idle(page)
     page.get_by_text("Compute attention").click()
-    idle(page)
+    wait_text(page, "#attention-status", "tokens")
     assert "exact per token" in page.locator("#attention-status").inner_text()  # 17 tokens: CLS and 4 × 4 patches
     page.locator("#query").fill("0")  # the CLS token as query
     page.keyboard.press("Enter")
-    idle(page)
+    wait_text(page, "#grid-view .gtitle", "query 0")
     grid = page.locator("#grid-view")
     assert grid.is_visible() and grid.locator(".heatmaplayer").count() == 1
     assert grid.locator(".layer-below image, .imagelayer image").count() >= 1  # the image under the grid

@@ -98,7 +98,8 @@ def test_cli_lists_aliases_and_families():
     out = subprocess.run([sys.executable, "-m", "interp.cli", "models", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     listing = json.loads(out.stdout)
-    assert {a["name"] for a in listing["aliases"]} == {"stories260k", "smollm2-135m", "minilm-l6"}
+    assert {a["name"] for a in listing["aliases"]} == {"stories260k", "smollm2-135m", "minilm-l6", "organism-vit",
+                                                      "organism-llava"}
     types = {t for f in listing["families"] for t in f["model_types"]}
     assert {"gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt_neox", "bert", "vit", "deit", "clip",
             "siglip", "dinov2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= types
