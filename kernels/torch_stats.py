@@ -190,6 +190,15 @@ def probabilities_block(q: Tensor, k: Tensor, lse: Tensor, q0: int, q1: int, k0:
     return p.reshape(b, h, q1 - q0, k1 - k0)
 
 
+def _block_means(sums: Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> Tensor:
+    """Block sums (B, H, rows, cols) divided by each block's cell count (the last row / column may be partial)."""
+    rq = torch.full((sums.shape[2],), float(block_q), device=sums.device)
+    rq[-1] = n_q - block_q * (sums.shape[2] - 1)
+    rk = torch.full((sums.shape[3],), float(block_k), device=sums.device)
+    rk[-1] = n_k - block_k * (sums.shape[3] - 1)
+    return sums / (rq[:, None] * rk[None, :])
+
+
 def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: int, reduce: str, **mask) -> Tensor:
     """Block-pooled probabilities (B, H, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉): mean or max over each block's cells."""
     b, h, n_q, _ = q.shape
@@ -211,13 +220,7 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
                 out[:, :, rows, cols] = p.amax(dim=(3, 5))
             else:
                 out[:, :, rows, cols] = p.sum(dim=(3, 5))
-    if reduce == "mean":  # cells per block (the last row / column of blocks may be partial)
-        rq = torch.full((out.shape[2],), float(block_q), device=q.device)
-        rq[-1] = n_q - block_q * (out.shape[2] - 1)
-        rk = torch.full((out.shape[3],), float(block_k), device=q.device)
-        rk[-1] = n_k - block_k * (out.shape[3] - 1)
-        out = out / (rq[:, None] * rk[None, :])
-    return out
+    return _block_means(out, n_q, n_k, block_q, block_k) if reduce == "mean" else out
 
 
 def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, scale, causal, query_positions,
@@ -302,13 +305,7 @@ def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce:
         probs = torch.nn.functional.pad(probs, (0, 0, 0, pad_q)).unflatten(2, (-1, block_q))
         rows = slice(q0 // block_q, q0 // block_q + probs.shape[2])
         out[:, :, rows] = probs.amax(3) if reduce == "max" else probs.sum(3)
-    if reduce == "mean":  # cells per block (the last row / column of blocks may be partial)
-        rq = torch.full((out.shape[2],), float(block_q), device=q.device)
-        rq[-1] = n_q - block_q * (out.shape[2] - 1)
-        rk = torch.full((out.shape[3],), float(block_k), device=q.device)
-        rk[-1] = n_k - block_k * (out.shape[3] - 1)
-        out = out / (rq[:, None] * rk[None, :])
-    return out
+    return _block_means(out, n_q, n_k, block_q, block_k) if reduce == "mean" else out
 
 
 def grid_distance_torch(q: Tensor, k: Tensor, lse: Tensor, *, query_coords: Tensor, key_coords: Tensor,
