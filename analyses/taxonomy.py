@@ -95,12 +95,13 @@ class Taxonomy(Analysis):
     # ---- the plan
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
-        n = options.samples or 8
         if model.family.kind == "vit":
             sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
+            n = options.samples or min(8, len(sources))
             if not 1 <= n <= len(sources):
                 raise ValueError(f"--samples {n}: there are {len(sources)} images (give 1..{len(sources)})")
             return [{"image": s} for s in sources[:n]]
+        n = options.samples or 8
         prefix, suffix = _specials(model)
         room = (options.max_tokens or model.max_tokens or 2 * DEFAULT_HALF + 8) - len(prefix) - len(suffix)
         half = params["half"] or min(DEFAULT_HALF, room // 2)
@@ -162,8 +163,7 @@ class Taxonomy(Analysis):
         grid = layout.grids[0]
         n = layout.segments.shape[1]
         coords = torch.zeros(n, 2)
-        cells = torch.stack(torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij"), -1)
-        coords[grid.positions.reshape(-1).cpu()] = cells.reshape(-1, 2).float()
+        coords[grid.positions.reshape(-1).cpu()] = grid.cells()
         special = torch.ones(n, dtype=torch.bool)
         special[grid.positions.reshape(-1).cpu()] = False
         patch = grid.patch or float("nan")

@@ -81,8 +81,7 @@ class VitHeads(Analysis):
         layout = token_layout(model, inputs)
         grid = layout.grids[0]
         patches = grid.positions.reshape(-1).to(model.device)
-        cells = torch.stack(torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij"),
-                            -1).reshape(-1, 2).float().to(model.device)
+        cells = grid.cells().to(model.device)
         dist = torch.cdist(cells, cells)                                        # (P, P) in patches
         bins = dist.round().long()                                             # (P, P) distance bin of each pair
         n_bins = int(bins.max()) + 1

@@ -34,6 +34,11 @@ class ImageGrid:
     def shape(self) -> tuple[int, int]:
         return tuple(self.positions.shape)
 
+    def cells(self) -> Tensor:
+        """(rows · cols, 2) float (row, col) of each cell, in the order of `positions.reshape(-1)`."""
+        rows, cols = self.shape
+        return torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2).float()
+
 
 @dataclass
 class TokenLayout:
