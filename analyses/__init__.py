@@ -5,9 +5,10 @@ from .retrieval import Retrieval
 from .sinks import Sinks
 from .summary import Summary
 from .taxonomy import Taxonomy
+from .vhd import VHD
 from .vit import VitHeads
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads())}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads(), VHD())}
 
 
 def get_analysis(name: str) -> Analysis:

@@ -372,7 +372,7 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
         if model.family.kind == "vit":
             inputs = model.prepare(images=image)
             return inputs, []
-        inputs = model.prepare(_lvlm_text(model, params["prompt"]), images=[image])
+        inputs = model.prepare(lvlm_prompt(model, params["prompt"]), images=[image])
     else:
         n = sample["tokens"]
         if sample["input"] == "natural":
@@ -393,14 +393,14 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
     return inputs, [model.tokenizer.decode([i]) for i in ids]
 
 
-def _lvlm_text(model: Model, prompt: str) -> str:
-    """The prompt with one image, through the processor's chat template when it has one."""
+def lvlm_prompt(model: Model, prompt: str, image: bool = True) -> str:
+    """The prompt with one image (or none), through the processor's chat template when it has one."""
     proc = model.processor
     if getattr(proc, "chat_template", None):
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return proc.apply_chat_template(conv, add_generation_prompt=True)
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     token = getattr(proc, "image_token", None) or "<image>"
-    return f"{token}\n{prompt}"
+    return f"{token}\n{prompt}" if image else prompt
 
 
 def _add_delimiters(layout: TokenLayout, tokens: list[str]) -> None:

@@ -1,0 +1,133 @@
+"""`vhd`: vision-aware head divergence (He et al., ACL 2025) for vision-language models.
+
+For each sample (an image and the prompt), the model first answers greedily with the image. Then the prompt
+and that answer are run twice, teacher-forced: with the image, and without it. At every position that produces
+an answer token (the prompt's last position, then each answer token but the last), each head's output before
+the output projection is compared: VHD[l, h] = ‖A_lh(with image) − A_lh(without)‖₂ (squared with `squared`).
+The image-free input is built one of two ways, recorded in the run:
+- "drop" (default): the image tokens are left out, so the text moves up and takes other positions (and RoPE
+  phases) — the paper's unstated construction as most read it;
+- "blank": a black image of the same size in its place, so every text token keeps its position.
+Per head: `vhd` (mean over steps and samples) and `vhd_prompt` (the prompt's last position only). The `steps`
+table keeps every step's VHD with its token; the `tvhd` table T-VHD per generated token: the sum over layers
+of each layer's top-k VHD (k = `topk`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from interp.hooks import trace
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .images import BUILTIN_IMAGES, image_files, load_image
+from .retrieval import greedy
+from .sinks import lvlm_prompt
+
+NO_IMAGE = ("drop", "blank")
+DEFAULT_PROMPT = "Describe the image."
+
+
+class VHD(Analysis):
+    name = "vhd"
+    description = "vision-aware head divergence: how much each head's output changes without the image"
+    kinds = ("lvlm",)
+    scores = {
+        "vhd": "mean over answer steps of ‖head output with the image − without‖ (before the output projection)",
+        "vhd_prompt": "the same at the prompt's last position (the step that produces the first answer token)",
+    }
+    params = {"images": None, "prompt": DEFAULT_PROMPT, "max_new_tokens": 16, "no_image": "drop", "squared": False,
+              "topk": 5}
+    sample_tables = ("steps",)
+
+    def resolve(self, params: dict) -> dict:
+        p = super().resolve(params)
+        if p["no_image"] not in NO_IMAGE:
+            raise ValueError(f"no_image {p['no_image']!r}: choose from {', '.join(NO_IMAGE)}")
+        if p["max_new_tokens"] < 1 or p["topk"] < 1:
+            raise ValueError("max_new_tokens and topk must be ≥ 1")
+        return p
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
+        n = options.samples or min(8, len(sources))
+        if not 1 <= n <= len(sources):
+            raise ValueError(f"--samples {n}: there are {len(sources)} images (give 1..{len(sources)})")
+        return [{"image": s} for s in sources[:n]]
+
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        return model.prepare(lvlm_prompt(model, params["prompt"]), images=[load_image(sample["image"])])
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> dict[str, pd.DataFrame]:
+        image = load_image(sample["image"])
+        with_image = self.sample_inputs(model, sample, options, params)
+        answer = greedy(model, with_image, params["max_new_tokens"]).to(model.device)       # (T,)
+        if params["no_image"] == "drop":
+            without = model.prepare(lvlm_prompt(model, params["prompt"], image=False), images=[])
+        else:
+            without = model.prepare(lvlm_prompt(model, params["prompt"]),
+                                    images=[Image.new("RGB", image.size, (0, 0, 0))])
+        if without["input_ids"].shape[-1] == with_image["input_ids"].shape[-1] and params["no_image"] == "drop":
+            raise ValueError(f"{model.name}: the prompt without the image has as many tokens as with it")
+        z_img = head_outputs(model, with_image, answer, options)
+        z_no = head_outputs(model, without, answer, options)
+        diff = (z_img - z_no).float().pow(2).sum(-1)                                       # (L, H, T)
+        vhd = diff if params["squared"] else diff.sqrt()
+        layers = options.layers or range(model.n_layers())
+        n_heads, n_kv = model.head_counts()
+        heads = torch.tensor(options.heads) if options.heads is not None else torch.arange(n_heads)
+        tokens = [model.tokenizer.decode([t]) for t in answer.tolist()]
+        rows, steps = [], []
+        for i, layer in enumerate(layers):
+            rows.append(head_rows(layer, heads, heads // (n_heads // n_kv), n_steps=len(tokens),
+                                  vhd=vhd[i].mean(-1).cpu().numpy(), vhd_prompt=vhd[i, :, 0].cpu().numpy()))
+            for j, h in enumerate(heads.tolist()):
+                steps.append(pd.DataFrame({"step": np.arange(len(tokens)), "token": tokens, "layer": layer, "head": h,
+                                           "vhd": vhd[i, j].cpu().numpy()}))
+        return {"samples": pd.concat(rows, ignore_index=True), "steps": pd.concat(steps, ignore_index=True)}
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        keys = ["layer", "head", "kv_head"]
+        return samples.groupby(keys, as_index=False)[["vhd", "vhd_prompt"]].mean().sort_values(keys, ignore_index=True)
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        return {"tvhd": t_vhd(extras["steps"], params["topk"])}
+
+    def report(self, result) -> list[str]:
+        top = result.top("vhd", k=5)
+        return [f"construction without the image: {result.meta['params']['no_image']}",
+                "highest VHD: " + ", ".join(f"{r.layer}-{r.head} ({r.vhd:.3g})" for r in top.itertuples())]
+
+
+def head_outputs(model: Model, inputs: dict, answer: torch.Tensor, options: Options) -> torch.Tensor:
+    """Each head's output before the output projection at the positions that produce the answer's tokens, with
+    the answer teacher-forced after the prompt: (L, H, T, d) for the captured layers and heads."""
+    n = inputs["input_ids"].shape[-1]
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], answer[None, :-1]], -1) if len(answer) > 1 else inputs["input_ids"]
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    model.check_length(full["input_ids"].shape[-1])
+    at = torch.arange(n - 1, n - 1 + len(answer), device=model.device)
+    outs = {}
+
+    def probe(call) -> None:
+        outs[call.layer] = call.z[0, at.to(call.z.device)].transpose(0, 1)                 # (H, T, d)
+    trace(model, full, probe, backend=options.backend, layers=options.layers, heads=options.heads, keep=("z",))
+    return torch.stack([outs[i] for i in sorted(outs)])
+
+
+def t_vhd(steps: pd.DataFrame, k: int) -> pd.DataFrame:
+    """T-VHD per sample and generated token: the sum over layers of the top-k VHD of the layer's heads."""
+    top = (steps.sort_values("vhd", ascending=False).groupby(["sample", "step", "layer"], sort=False).head(k)
+           .groupby(["sample", "step", "layer"], as_index=False)["vhd"].sum())
+    out = top.groupby(["sample", "step"], as_index=False)["vhd"].sum().rename(columns={"vhd": "tvhd"})
+    tokens = steps.drop_duplicates(["sample", "step"])[["sample", "step", "token"]]
+    return out.merge(tokens, on=["sample", "step"]).sort_values(["sample", "step"], ignore_index=True)
