@@ -111,9 +111,12 @@ def head_outputs(model: Model, inputs: dict, answer: torch.Tensor, options: Opti
     """Each head's output before the output projection at the positions that produce the answer's tokens, with
     the answer teacher-forced after the prompt: (L, H, T, d) for the captured layers and heads."""
     n = inputs["input_ids"].shape[-1]
-    full = dict(inputs)
-    full["input_ids"] = torch.cat([inputs["input_ids"], answer[None, :-1]], -1) if len(answer) > 1 else inputs["input_ids"]
-    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer[None, :-1]], -1))
+    for key, value in inputs.items():  # per-token inputs grow with the answer: attention 1, token types 0 (text)
+        if key != "input_ids" and torch.is_tensor(value) and value.ndim == 2 and value.shape == (1, n):
+            fill = torch.ones if key == "attention_mask" else torch.zeros
+            full[key] = torch.cat([value, fill(1, len(answer) - 1, dtype=value.dtype, device=value.device)], -1)
+    full.setdefault("attention_mask", torch.ones_like(full["input_ids"]))
     model.check_length(full["input_ids"].shape[-1])
     at = torch.arange(n - 1, n - 1 + len(answer), device=model.device)
     outs = {}

@@ -82,3 +82,60 @@ def test_vhd_refuses_text_models_and_bad_settings(llava):
         interp.score("stories260k", "vhd")
     with pytest.raises(ValueError, match="no_image"):
         interp.score(llava, "vhd", no_image="gray")
+
+
+def _one_sample(name):
+    """A single-sample (batch 1, no padding) input of the tiny `name` config, and the same text without the image."""
+    import tiny_models as tm
+
+    if name == "llava":
+        hf, _ = tm.make("llava", attn="eager")
+        ids, _ = tm._seq_with_image_tokens([16])
+        inputs = {"input_ids": ids, "pixel_values": tm._pix(1, 3, 32, 32)}
+    elif name == "llava_next":
+        hf, full = tm.make("llava_next", attn="eager")
+        ids, _ = tm._seq_with_image_tokens([tm.llava_next_num_image_tokens(30, 60)])
+        inputs = {"input_ids": ids, "pixel_values": full["pixel_values"][:1, :3], "image_sizes": full["image_sizes"][:1]}
+    else:
+        hf, _ = tm.make("qwen2_vl", attn="eager")
+        inputs = tm._qwen_vl_inputs(hf.config, [[1, 4, 4]])
+        inputs.pop("attention_mask")
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    text = inputs["input_ids"][inputs["input_ids"] != tm.IMG_TOK][None]
+    without = {"input_ids": text, "attention_mask": torch.ones_like(text)}
+    if name == "qwen2_vl":
+        without["mm_token_type_ids"] = torch.zeros_like(text, dtype=torch.int)
+    return interp.load_model(hf), inputs, without
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl"])
+def test_head_outputs_with_and_without_the_image_equal_the_models_own(name):
+    """For each LVLM family, the captured head outputs at the answer positions equal the per-head slices of the
+    output projection's input, with the image and with its tokens dropped (positions and RoPE shift)."""
+    from interp.analyses.vhd import head_outputs
+
+    model, with_image, without = _one_sample(name)
+    answer = torch.tensor([5, 17, 9])
+    opts = interp.analyses.Options()
+    d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    for inputs in (with_image, without):
+        got = head_outputs(model, inputs, answer, opts)                                   # (L, H, T, d)
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer[None, :-1]], -1))
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if "mm_token_type_ids" in full:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                   torch.zeros(1, len(answer) - 1, dtype=torch.int)], -1)
+        seen, handles = {}, []
+        for i, module in enumerate(model.attention_modules()):
+            handles.append(module.o_proj.register_forward_pre_hook(
+                lambda mod, args, i=i: seen.__setitem__(i, args[0][0].detach().clone())))
+        try:
+            with torch.no_grad():
+                model.hf(**full)
+        finally:
+            for h in handles:
+                h.remove()
+        n = inputs["input_ids"].shape[1]
+        want = torch.stack([seen[i][n - 1:n - 1 + len(answer)].unflatten(-1, (-1, d)).transpose(0, 1)
+                            for i in range(len(seen))])
+        assert torch.allclose(got, want, atol=1e-5), name
