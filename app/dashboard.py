@@ -210,7 +210,8 @@ class Dashboard:
     def analysis_view(self, result: ScoreResult) -> list:
         """Figures particular to the run's analysis (retrieval grid and masking; sinks per layer, massive
         activations, high-norm and visual sink tokens; taxonomy scores per layer and the ablation test; ViT
-        distances, pruning curves and strength against distance); the layer profile of the first score otherwise."""
+        distances, pruning curves and strength against distance; VHD per layer and T-VHD along the generated text);
+        the layer profile of the first score otherwise."""
         graphs = []
         t = result.tables
         try:
@@ -242,7 +243,11 @@ class Dashboard:
                 if "strength" in t:
                     graphs += [figures.strength_by_distance(t["strength"], layer)
                                for layer in sorted(t["strength"]["layer"].unique())]
-            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit"):
+            if result.analysis == "vhd":
+                graphs.append(figures.score_by_layer(result.heads, "vhd"))
+                if "tvhd" in t:
+                    graphs += [figures.tvhd_along_text(t["tvhd"], int(s)) for s in sorted(t["tvhd"]["sample"].unique())[:4]]
+            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit", "vhd"):
                 graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
             return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs]

@@ -294,3 +294,13 @@ def ablation_bars(ablation: pd.DataFrame) -> go.Figure:
     fig.update_layout(title=f"next-token loss with heads ablated ({mode})", xaxis_title="heads ablated",
                       yaxis_title="loss (nats)", barmode="group", template=TEMPLATE)
     return fig
+
+
+def tvhd_along_text(tvhd: pd.DataFrame, sample: int) -> go.Figure:
+    """T-VHD of each generated token of one sample (the `tvhd` table of a vhd run), in generation order."""
+    part = tvhd[tvhd["sample"] == sample].sort_values("step")
+    fig = go.Figure(go.Bar(x=[f"{s}: {t}" for s, t in zip(part["step"], part["token"])], y=part["tvhd"],
+                           hovertemplate="%{x}<br>T-VHD %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=f"T-VHD along the generated text, sample {sample}", xaxis_title="generated token",
+                      yaxis_title="T-VHD", template=TEMPLATE)
+    return fig

@@ -77,6 +77,18 @@ def test_t_vhd_sums_each_layers_top_k(llava):
         assert r.tvhd == pytest.approx(want, rel=1e-6)
 
 
+def test_vhd_dashboard_view(llava, tmp_path):
+    from interp.app.dashboard import Dashboard
+
+    run = interp.score(llava, "vhd", samples=2, prompt=PROMPT, max_new_tokens=3, store=tmp_path)
+    board = Dashboard(tmp_path)
+    views = {g.figure.layout.title.text: g.figure for g in board.analysis_view(board.catalog.result(run.id))}
+    fig = views["T-VHD along the generated text, sample 1"]
+    tvhd = run.tables["tvhd"]
+    assert list(fig.data[0].y) == pytest.approx(list(tvhd[tvhd["sample"] == 1]["tvhd"]))
+    assert "vhd per layer" in views
+
+
 def test_vhd_refuses_text_models_and_bad_settings(llava):
     with pytest.raises(ValueError, match="does not apply"):
         interp.score("stories260k", "vhd")
