@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from interp.hooks import trace
+from interp.hooks import mask_heads, trace
 from interp.models import Model
 from interp.progress import Progress
 
@@ -134,3 +134,57 @@ def t_vhd(steps: pd.DataFrame, k: int) -> pd.DataFrame:
     out = top.groupby(["sample", "step"], as_index=False)["vhd"].sum().rename(columns={"vhd": "tvhd"})
     tokens = steps.drop_duplicates(["sample", "step"])[["sample", "step", "token"]]
     return out.merge(tokens, on=["sample", "step"]).sort_values(["sample", "step"], ignore_index=True)
+
+
+def default_vhr_layers(model: Model) -> list[int]:
+    """The paper's reinforced layers for LLaVA-style models: layer 1 and the last 14."""
+    n = model.n_layers()
+    return sorted({1 % n, *range(max(0, n - 14), n)})
+
+
+def vhr_heads(model: Model, with_image: dict, without: dict, layers: list[int] | None = None,
+              alpha: float = 2.0) -> dict[int, list[int]]:
+    """The heads VHR reinforces, chosen at the first generation step layer by layer: in each layer (in order), with
+    the heads already chosen below it scaled by alpha, VHD at the prompt's last position; the outlier rule sets VHD
+    to 0 where it exceeds the layer's μ + σ while the image-free output's squared norm exceeds its layer's μ + σ;
+    the heads above the layer's median are chosen. One pair of prompt passes per layer (the result equals the
+    paper's single layer-by-layer pass). Returns {layer: [heads]}."""
+    layers = sorted(layers if layers is not None else default_vhr_layers(model))
+    chosen: dict[int, list[int]] = {}
+    opts = Options(layers=None)
+    for layer in layers:
+        pairs = [(lay, h) for lay, hs in chosen.items() for h in hs]
+        with mask_heads(model, pairs, mode="scale", factor=alpha):
+            z_img = _prompt_head_outputs(model, with_image, layer, opts)                     # (H, d)
+            z_no = _prompt_head_outputs(model, without, layer, opts)
+        vhd = (z_img - z_no).float().norm(dim=-1)
+        energy = z_no.float().pow(2).sum(-1)
+        outlier = (vhd > vhd.mean() + vhd.std()) & (energy > energy.mean() + energy.std())
+        vhd = vhd.masked_fill(outlier, 0.0)
+        chosen[layer] = [int(h) for h in torch.nonzero(vhd > vhd.median()).flatten()]
+    return chosen
+
+
+def _prompt_head_outputs(model: Model, inputs: dict, layer: int, options: Options) -> torch.Tensor:
+    """(H, d) head outputs of one layer at the prompt's last position."""
+    out = {}
+
+    def probe(call) -> None:
+        out["z"] = call.z[0, -1]
+    trace(model, inputs, probe, layers=[layer], keep=("z",))
+    return out["z"]
+
+
+def vhr_generate(model: Model, prompt: str, image, *, alpha: float = 2.0, layers: list[int] | None = None,
+                 no_image: str = "drop", max_new_tokens: int = 16) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    """Greedy generation with vision-aware head reinforcement (He et al.): the heads `vhr_heads` chooses are
+    scaled by alpha at every step, prefill and decode alike. Returns (generated token ids (T,), {layer: heads})."""
+    if model.family.kind != "lvlm":
+        raise ValueError(f"VHR is for vision-language models; {model.name} is a {model.family.kind}")
+    with_image = model.prepare(lvlm_prompt(model, prompt), images=[image])
+    without = (model.prepare(lvlm_prompt(model, prompt, image=False), images=[]) if no_image == "drop" else
+               model.prepare(lvlm_prompt(model, prompt), images=[Image.new("RGB", image.size, (0, 0, 0))]))
+    chosen = vhr_heads(model, with_image, without, layers, alpha)
+    with mask_heads(model, [(lay, h) for lay, hs in chosen.items() for h in hs], mode="scale", factor=alpha):
+        tokens = greedy(model, with_image, max_new_tokens)
+    return tokens, chosen

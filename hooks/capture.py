@@ -138,6 +138,9 @@ def _wrap(original: Callable | None) -> Callable:
         if knockout is not None and knockout.mode in ("zero", "mean"):
             out = out.clone()
             out[:, :, knockout.heads.to(out.device)] = 0 if knockout.values is None else knockout.values.to(out)
+        elif knockout is not None and knockout.mode == "scale":
+            out = out.clone()
+            out[:, :, knockout.heads.to(out.device)] *= knockout.factor
         site = module.__dict__.get("_interp_site")
         if site is not None:
             site.session.emit(site, module, query, key, value, out, kwargs)
@@ -356,7 +359,7 @@ def capture_residual(model: Model, probe: ResidualProbe, *, tower: str | None = 
 # ---------------------------------------------------------------------------------------------------------
 # Knocking heads out
 
-KNOCKOUT_MODES = ("uniform", "zero", "mean")
+KNOCKOUT_MODES = ("uniform", "zero", "mean", "scale")
 
 
 @dataclass
@@ -364,18 +367,20 @@ class _Knockout:
     heads: Tensor
     mode: str
     values: Tensor | None = None  # (H', d) per knocked-out head, for "mean"
+    factor: float = 1.0           # for "scale"
 
 
 @contextmanager
 def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None,
-               means: dict[tuple[int, int], Tensor] | None = None):
+               means: dict[tuple[int, int], Tensor] | None = None, factor: float = 1.0):
     """Knock out attention heads while the model runs (forward or generate; composes with `capture`).
 
     heads: (layer, query head) pairs. mode "uniform": the head's query is zeroed, so its attention is uniform
     over the keys it may see (Wu et al.'s masking of retrieval heads); "zero": the head's output before the
     output projection is zeroed (zero-ablation); "mean": that output is replaced at every position by
-    means[(layer, head)], a (d,) vector (mean-ablation, e.g. `head_output_means`). Works through the
-    AttentionInterface, with any attention implementation of the model.
+    means[(layer, head)], a (d,) vector (mean-ablation); "scale": that output is multiplied by `factor` (head
+    reinforcement, e.g. VHR). Works through the AttentionInterface, with any attention implementation of the
+    model, in a forward or every step of a generation (prefill and decode alike, so the KV cache stays consistent).
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"unknown knockout mode {mode!r}; choose from {', '.join(KNOCKOUT_MODES)}")
@@ -404,7 +409,7 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     try:
         for i in layers:
             values = None if mode != "mean" else torch.stack([by_head[(i, int(h))] for h in chosen[i]])
-            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values)
+            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values, float(factor))
         yield
     finally:
         for i in layers:

@@ -151,3 +151,51 @@ def test_head_outputs_with_and_without_the_image_equal_the_models_own(name):
         want = torch.stack([seen[i][n - 1:n - 1 + len(answer)].unflatten(-1, (-1, d)).transpose(0, 1)
                             for i in range(len(seen))])
         assert torch.allclose(got, want, atol=1e-5), name
+
+
+def test_vhr_chooses_heads_above_the_median_and_reinforces_them(llava):
+    """VHR: alpha = 1 changes nothing; the first layer's heads are those above its median VHD at the prompt's last
+    position; generation with the chosen heads scaled equals scaling them by hand at the output projection."""
+    from interp.analyses.vhd import head_outputs, vhr_generate, vhr_heads
+    from interp.analyses.retrieval import greedy
+
+    image = load_image(3)
+    with_image = llava.prepare(lvlm_prompt(llava, PROMPT), images=[image])
+    without = llava.prepare(lvlm_prompt(llava, PROMPT, image=False), images=[])
+    plain = greedy(llava, with_image, 5)
+    same, _ = vhr_generate(llava, PROMPT, image, alpha=1.0, max_new_tokens=5)
+    assert torch.equal(same, plain)
+
+    chosen = vhr_heads(llava, with_image, without, layers=[0, 1, 2], alpha=2.0)
+    opts = interp.analyses.Options()
+    z_img = head_outputs(llava, with_image, torch.tensor([7]), opts)[0, :, 0]            # layer 0, (H, d)
+    z_no = head_outputs(llava, without, torch.tensor([7]), opts)[0, :, 0]
+    vhd = (z_img - z_no).norm(dim=-1)
+    energy = z_no.pow(2).sum(-1)
+    vhd[(vhd > vhd.mean() + vhd.std()) & (energy > energy.mean() + energy.std())] = 0
+    assert chosen[0] == [h for h in range(4) if vhd[h] > vhd.median()] and chosen[0]
+
+    tokens, chosen = vhr_generate(llava, PROMPT, image, alpha=3.0, layers=[0, 1, 2], max_new_tokens=5)
+    d = llava.config.text_config.hidden_size // 4
+    handles = []
+    for layer, heads in chosen.items():
+        def scale(mod, args, heads=heads):
+            x = args[0].clone()
+            for h in heads:
+                x[..., h * d:(h + 1) * d] *= 3.0
+            return (x,)
+        handles.append(llava.attention_modules()[layer].o_proj.register_forward_pre_hook(scale))
+    try:
+        by_hand = greedy(llava, with_image, 5)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(tokens, by_hand)
+    from interp.hooks import mask_heads
+    with torch.no_grad():
+        base = llava.hf(**with_image).logits
+        with mask_heads(llava, [(lay, h) for lay, hs in chosen.items() for h in hs], mode="scale", factor=3.0):
+            reinforced = llava.hf(**with_image).logits
+    assert not torch.allclose(base, reinforced, atol=1e-3)  # the reinforcement does change the model
+    with pytest.raises(ValueError, match="vision-language"):
+        vhr_generate(interp.load_model("stories260k"), PROMPT, image)
