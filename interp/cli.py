@@ -115,6 +115,48 @@ def _models(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from interp.analyses.images import load_image
+    from interp.analyses.vhd import vhr_generate
+    from interp.models import load_model
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.vhr is not None and args.image is None:
+        raise UsageError("--vhr reinforces vision-aware heads: give --image")
+    _progress(args)  # loading bars only on a terminal without --json
+    model = load_model(args.model, device=args.device)
+    if args.image is not None and model.family.kind != "lvlm":
+        raise ValueError(f"{model.name} is a {model.family.kind}, not a vision-language model: drop --image")
+    if args.image is None and model.family.kind in ("lvlm", "vit"):
+        raise ValueError(f"{model.name} needs an image: give --image FILE")
+    heads = None
+    if args.vhr is not None:
+        tokens, chosen = vhr_generate(model, args.prompt, load_image(args.image), alpha=args.vhr, layers=args.vhr_layers,
+                                      no_image=args.no_image, max_new_tokens=args.max_new_tokens)
+        heads = [f"{layer}-{h}" for layer, hs in chosen.items() for h in hs]
+    else:
+        import torch
+
+        from interp.analyses.sinks import lvlm_prompt
+
+        inputs = (model.prepare(lvlm_prompt(model, args.prompt), images=[load_image(args.image)]) if args.image
+                  else model.prepare(args.prompt))
+        model.check_length(inputs["input_ids"].shape[-1] + args.max_new_tokens)
+        with torch.no_grad():
+            out = model.hf.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        tokens = out[0, inputs["input_ids"].shape[-1]:]
+    text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "tokens": [int(t) for t in tokens], "vhr_alpha": args.vhr,
+                          "reinforced_heads": heads}))
+    else:
+        print(text)
+        if heads is not None:
+            print(f"(VHR α = {args.vhr}: {len(heads)} heads reinforced: {', '.join(heads)})", file=sys.stderr)
+    return 0
+
+
 def run_json(result: ScoreResult, top: int) -> dict:
     """The stable JSON description of a run (what `score --json` and `show --json` print)."""
     m = result.meta
@@ -328,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
     p.add_argument("--device", help="device for the models that attention views load (default cpu)")
     p.set_defaults(func=_app)
+
+    p = sub.add_parser("generate", help="greedy generation, for vision-language models optionally with VHR")
+    p.add_argument("model", help="built-in alias, local folder or hub id")
+    p.add_argument("--prompt", required=True, help="the prompt (the question about the image)")
+    p.add_argument("--image", help="an image file (vision-language models)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default 32)")
+    p.add_argument("--vhr", type=float, metavar="ALPHA", help="reinforce vision-aware heads by ALPHA (the paper: 2)")
+    p.add_argument("--vhr-layers", type=_ints, metavar="L,L", help="layers VHR may reinforce (default 1 and the last 14)")
+    p.add_argument("--no-image", choices=("drop", "blank"), default="drop", help="VHR's image-free input (default drop)")
+    p.add_argument("--device", help="cpu, cuda, … (default cpu)")
+    p.add_argument("--json", action="store_true", help="print text, token ids and reinforced heads as JSON")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("models", help="list the built-in aliases and the supported model families")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -235,3 +235,25 @@ def test_vhd_bad_images(llava, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read the image"):
         interp.score(llava, "vhd", images=str(tmp_path / "broken.png"), prompt=PROMPT)
+
+
+def test_cli_generate_with_vhr(tmp_path, capsys):
+    import json
+
+    from interp.cli import main
+    from interp.organisms import llava as org
+
+    q = next(x for x in org.test_set(50) if x["kind"] == "colour")
+    org.image_of(q["scene"]).save(tmp_path / "q.png")
+    question = q["text"].removeprefix("<image> ")
+    assert main(["generate", "organism-llava", "--image", str(tmp_path / "q.png"), "--prompt", question,
+                 "--max-new-tokens", "2", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["text"] == q["answer"] and plain["reinforced_heads"] is None
+    assert main(["generate", "organism-llava", "--image", str(tmp_path / "q.png"), "--prompt", question,
+                 "--max-new-tokens", "2", "--vhr", "1.5", "--json"]) == 0
+    vhr = json.loads(capsys.readouterr().out)
+    assert vhr["vhr_alpha"] == 1.5 and len(vhr["reinforced_heads"]) > 0
+    assert main(["generate", "stories260k", "--prompt", "x", "--image", str(tmp_path / "q.png")]) == 1
+    assert "not a vision-language model" in capsys.readouterr().err
+    assert main(["generate", "organism-llava", "--prompt", "x", "--vhr", "2"]) == 2
