@@ -7,7 +7,8 @@ the output projection is compared: VHD[l, h] = ‖A_lh(with image) − A_lh(with
 The image-free input is built one of two ways, recorded in the run:
 - "drop" (default): the image tokens are left out, so the text moves up and takes other positions (and RoPE
   phases) — the paper's unstated construction as most read it;
-- "blank": a black image of the same size in its place, so every text token keeps its position.
+- "blank": a black image of the same size in its place, so every text token keeps its position;
+- "mean": the same with an image of the processor's mean colour (it normalises to 0: the dataset mean).
 Per head: `vhd` (mean over steps and samples) and `vhd_prompt` (the prompt's last position only). The `steps`
 table keeps every step's VHD with its token; the `tvhd` table T-VHD per generated token: the sum over layers
 of each layer's top-k VHD (k = `topk`).
@@ -29,7 +30,7 @@ from .images import BUILTIN_IMAGES, image_files, load_image
 from .retrieval import greedy
 from .sinks import lvlm_prompt
 
-NO_IMAGE = ("drop", "blank")
+NO_IMAGE = ("drop", "blank", "mean")
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -68,11 +69,7 @@ class VHD(Analysis):
         image = load_image(sample["image"])
         with_image = self.sample_inputs(model, sample, options, params)
         answer = greedy(model, with_image, params["max_new_tokens"]).to(model.device)       # (T,)
-        if params["no_image"] == "drop":
-            without = model.prepare(lvlm_prompt(model, params["prompt"], image=False), images=[])
-        else:
-            without = model.prepare(lvlm_prompt(model, params["prompt"]),
-                                    images=[Image.new("RGB", image.size, (0, 0, 0))])
+        without = image_free_inputs(model, params["prompt"], image, params["no_image"])
         if without["input_ids"].shape[-1] == with_image["input_ids"].shape[-1] and params["no_image"] == "drop":
             raise ValueError(f"{model.name}: the prompt without the image has as many tokens as with it")
         z_img = head_outputs(model, with_image, answer, options)
@@ -105,6 +102,19 @@ class VHD(Analysis):
         top = result.top("vhd", k=5)
         return [f"construction without the image: {result.meta['params']['no_image']}",
                 "highest VHD: " + ", ".join(f"{r.layer}-{r.head} ({r.vhd:.3g})" for r in top.itertuples())]
+
+
+def image_free_inputs(model: Model, prompt: str, image, how: str) -> dict:
+    """The prompt without the image: its tokens dropped ("drop"), or a neutral image of the same size in its place —
+    black ("blank") or the processor's mean colour ("mean")."""
+    if how == "drop":
+        return model.prepare(lvlm_prompt(model, prompt, image=False), images=[])
+    if how not in NO_IMAGE:
+        raise ValueError(f"no_image {how!r}: choose from {', '.join(NO_IMAGE)}")
+    proc = getattr(model.processor, "image_processor", model.processor)
+    mean = getattr(proc, "image_mean", None) or [0.5, 0.5, 0.5]
+    colour = (0, 0, 0) if how == "blank" else tuple(int(round(255 * m)) for m in mean)
+    return model.prepare(lvlm_prompt(model, prompt), images=[Image.new("RGB", image.size, colour)])
 
 
 def head_outputs(model: Model, inputs: dict, answer: torch.Tensor, options: Options) -> torch.Tensor:
@@ -182,8 +192,7 @@ def vhr_generate(model: Model, prompt: str, image, *, alpha: float = 2.0, layers
     if model.family.kind != "lvlm":
         raise ValueError(f"VHR is for vision-language models; {model.name} is a {model.family.kind}")
     with_image = model.prepare(lvlm_prompt(model, prompt), images=[image])
-    without = (model.prepare(lvlm_prompt(model, prompt, image=False), images=[]) if no_image == "drop" else
-               model.prepare(lvlm_prompt(model, prompt), images=[Image.new("RGB", image.size, (0, 0, 0))]))
+    without = image_free_inputs(model, prompt, image, no_image)
     chosen = vhr_heads(model, with_image, without, layers, alpha)
     with mask_heads(model, [(lay, h) for lay, hs in chosen.items() for h in hs], mode="scale", factor=alpha):
         tokens = greedy(model, with_image, max_new_tokens)

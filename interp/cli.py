@@ -68,7 +68,7 @@ PARAM_FLAGS = (
     ("--ablate-mode", "ablate_mode", str, "MODE", "taxonomy: zero (default) or uniform"),
     ("--ablate-draws", "ablate_draws", int, "N", "taxonomy: random-head controls in the loss test (3)"),
     ("--batch", "batch", int, "N", "vit: images per sample (batch) of the evaluation set (64)"),
-    ("--no-image", "no_image", str, "HOW", "vhd: the image-free input: drop (default: leave the image tokens out) or blank"),
+    ("--no-image", "no_image", str, "HOW", "vhd: the image-free input: drop (default: leave the image tokens out), blank or mean"),
     ("--topk", "topk", int, "K", "vhd: heads per layer summed into T-VHD (5)"),
     ("--tau", "tau", float, "X", "sinks: phi threshold for sink tokens (default 20)"),
     ("--rho", "rho", float, "X", "sinks: image-centric visual-sink share threshold (default 0.5)"),
@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default 32)")
     p.add_argument("--vhr", type=float, metavar="ALPHA", help="reinforce vision-aware heads by ALPHA (the paper: 2)")
     p.add_argument("--vhr-layers", type=_ints, metavar="L,L", help="layers VHR may reinforce (default 1 and the last 14)")
-    p.add_argument("--no-image", choices=("drop", "blank"), default="drop", help="VHR's image-free input (default drop)")
+    p.add_argument("--no-image", choices=("drop", "blank", "mean"), default="drop",
+                   help="VHR's image-free input (default drop)")
     p.add_argument("--device", help="cpu, cuda, … (default cpu)")
     p.add_argument("--json", action="store_true", help="print text, token ids and reinforced heads as JSON")
     p.set_defaults(func=_generate)

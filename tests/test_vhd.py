@@ -36,7 +36,7 @@ def _o_proj_inputs(model, inputs):
     return torch.stack([seen[i] for i in range(len(layers))])
 
 
-@pytest.mark.parametrize("construction", ["drop", "blank"])
+@pytest.mark.parametrize("construction", ["drop", "blank", "mean"])
 def test_vhd_equals_the_models_own_head_outputs(llava, construction):
     result = interp.score(llava, "vhd", samples=2, prompt=PROMPT, max_new_tokens=4, no_image=construction)
     steps = result.tables["steps"]
@@ -49,7 +49,9 @@ def test_vhd_equals_the_models_own_head_outputs(llava, construction):
             without = llava.prepare(lvlm_prompt(llava, PROMPT, image=False), images=[])
             assert without["input_ids"].shape[1] < with_image["input_ids"].shape[1]  # the image tokens are gone
         else:
-            without = llava.prepare(lvlm_prompt(llava, PROMPT), images=[Image.new("RGB", image.size)])
+            colour = (0, 0, 0) if construction == "blank" else tuple(
+                round(255 * m) for m in llava.processor.image_processor.image_mean)
+            without = llava.prepare(lvlm_prompt(llava, PROMPT), images=[Image.new("RGB", image.size, colour)])
             assert without["input_ids"].shape == with_image["input_ids"].shape  # positions kept
 
         def forced(inputs):
