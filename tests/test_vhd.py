@@ -22,10 +22,10 @@ def llava():
 
 def _o_proj_inputs(model, inputs):
     """(L, N, H·d) inputs of every text layer's o_proj, by forward pre-hooks."""
-    layers = model.hf.model.language_model.layers
+    modules = model.attention_modules()
     seen, handles = {}, []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+    for i, module in enumerate(modules):
+        handles.append(module.o_proj.register_forward_pre_hook(
             lambda mod, args, i=i: seen.__setitem__(i, args[0][0].detach().clone())))
     try:
         with torch.no_grad():
@@ -33,7 +33,7 @@ def _o_proj_inputs(model, inputs):
     finally:
         for h in handles:
             h.remove()
-    return torch.stack([seen[i] for i in range(len(layers))])
+    return torch.stack([seen[i] for i in range(len(modules))])
 
 
 @pytest.mark.parametrize("construction", ["drop", "blank", "mean"])
@@ -139,19 +139,8 @@ def test_head_outputs_with_and_without_the_image_equal_the_models_own(name):
         if "mm_token_type_ids" in full:
             full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
                                                    torch.zeros(1, len(answer) - 1, dtype=torch.int)], -1)
-        seen, handles = {}, []
-        for i, module in enumerate(model.attention_modules()):
-            handles.append(module.o_proj.register_forward_pre_hook(
-                lambda mod, args, i=i: seen.__setitem__(i, args[0][0].detach().clone())))
-        try:
-            with torch.no_grad():
-                model.hf(**full)
-        finally:
-            for h in handles:
-                h.remove()
         n = inputs["input_ids"].shape[1]
-        want = torch.stack([seen[i][n - 1:n - 1 + len(answer)].unflatten(-1, (-1, d)).transpose(0, 1)
-                            for i in range(len(seen))])
+        want = _o_proj_inputs(model, full)[:, n - 1:n - 1 + len(answer)].unflatten(-1, (-1, d)).transpose(1, 2)
         assert torch.allclose(got, want, atol=1e-5), name
 
 
