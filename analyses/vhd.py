@@ -155,27 +155,34 @@ def default_vhr_layers(model: Model) -> list[int]:
 def vhr_heads(model: Model, with_image: dict, without: dict, layers: list[int] | None = None,
               alpha: float = 2.0) -> dict[int, list[int]]:
     """The heads VHR reinforces, chosen at the first generation step layer by layer: in each layer (in order), with
-    the heads already chosen below it scaled by alpha, VHD at the prompt's last position; the outlier rule sets VHD
-    to 0 where it exceeds the layer's μ + σ while the image-free output's squared norm exceeds its layer's μ + σ;
-    the heads above the layer's median are chosen. One pair of prompt passes per layer (the result equals the
-    paper's single layer-by-layer pass). Returns {layer: [heads]}."""
-    layers = sorted(layers if layers is not None else default_vhr_layers(model))
+    the heads already chosen below it scaled by alpha, VHD at the prompt's last position, then `vhr_choice`. One
+    pair of prompt passes per layer (the same choice as the paper's single layer-by-layer pass). layers: any
+    indices (negative from the end; default `default_vhr_layers`). Returns {layer: [heads]}."""
+    n = model.n_layers()
+    layers = default_vhr_layers(model) if layers is None else layers
+    bad = [lay for lay in layers if not -n <= int(lay) < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: {model.name} has {n} layers")
     chosen: dict[int, list[int]] = {}
-    opts = Options(layers=None)
-    for layer in layers:
+    for layer in sorted({int(lay) % n for lay in layers}):
         pairs = [(lay, h) for lay, hs in chosen.items() for h in hs]
         with mask_heads(model, pairs, mode="scale", factor=alpha):
-            z_img = _prompt_head_outputs(model, with_image, layer, opts)                     # (H, d)
-            z_no = _prompt_head_outputs(model, without, layer, opts)
-        vhd = (z_img - z_no).float().norm(dim=-1)
-        energy = z_no.float().pow(2).sum(-1)
-        outlier = (vhd > vhd.mean() + vhd.std()) & (energy > energy.mean() + energy.std())
-        vhd = vhd.masked_fill(outlier, 0.0)
-        chosen[layer] = [int(h) for h in torch.nonzero(vhd > vhd.median()).flatten()]
+            z_img = _prompt_head_outputs(model, with_image, layer)                     # (H, d)
+            z_no = _prompt_head_outputs(model, without, layer)
+        chosen[layer] = vhr_choice((z_img - z_no).float().norm(dim=-1), z_no.float().pow(2).sum(-1))
     return chosen
 
 
-def _prompt_head_outputs(model: Model, inputs: dict, layer: int, options: Options) -> torch.Tensor:
+def vhr_choice(vhd: torch.Tensor, energy: torch.Tensor) -> list[int]:
+    """One layer's VHR heads from its heads' VHD (H,) and image-free output squared norms (H,): VHD set to 0 where it
+    exceeds μ + σ while the energy exceeds its μ + σ too (σ over the layer's heads, population), then the heads
+    with VHD above the layer's median (the mean of the two middle values for an even count)."""
+    outlier = (vhd > vhd.mean() + vhd.std(correction=0)) & (energy > energy.mean() + energy.std(correction=0))
+    vhd = vhd.masked_fill(outlier, 0.0)
+    return [int(h) for h in torch.nonzero(vhd > vhd.quantile(0.5)).flatten()]
+
+
+def _prompt_head_outputs(model: Model, inputs: dict, layer: int) -> torch.Tensor:
     """(H, d) head outputs of one layer at the prompt's last position."""
     out = {}
 

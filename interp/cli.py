@@ -124,6 +124,8 @@ def _generate(args) -> int:
         raise UsageError("--max-new-tokens must be at least 1")
     if args.vhr is not None and args.image is None:
         raise UsageError("--vhr reinforces vision-aware heads: give --image")
+    if args.vhr is not None and args.vhr <= 0:
+        raise UsageError(f"--vhr {args.vhr}: give a factor > 0 (the paper uses 2)")
     _progress(args)  # loading bars only on a terminal without --json
     model = load_model(args.model, device=args.device)
     if args.image is not None and model.family.kind != "lvlm":
@@ -135,17 +137,13 @@ def _generate(args) -> int:
         tokens, chosen = vhr_generate(model, args.prompt, load_image(args.image), alpha=args.vhr, layers=args.vhr_layers,
                                       no_image=args.no_image, max_new_tokens=args.max_new_tokens)
         heads = [f"{layer}-{h}" for layer, hs in chosen.items() for h in hs]
-    else:
-        import torch
-
+    else:  # the same greedy decoding as VHR's, so that the two answers compare
+        from interp.analyses.retrieval import greedy
         from interp.analyses.sinks import lvlm_prompt
 
         inputs = (model.prepare(lvlm_prompt(model, args.prompt), images=[load_image(args.image)]) if args.image
                   else model.prepare(args.prompt))
-        model.check_length(inputs["input_ids"].shape[-1] + args.max_new_tokens)
-        with torch.no_grad():
-            out = model.hf.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        tokens = out[0, inputs["input_ids"].shape[-1]:]
+        tokens = greedy(model, inputs, args.max_new_tokens)
     text = model.tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"text": text, "tokens": [int(t) for t in tokens], "vhr_alpha": args.vhr,
@@ -371,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for the models that attention views load (default cpu)")
     p.set_defaults(func=_app)
 
-    p = sub.add_parser("generate", help="greedy generation, for vision-language models optionally with VHR")
+    p = sub.add_parser("generate", help="greedy generation (up to the first newline), for vision-language models "
+                                        "optionally with VHR")
     p.add_argument("model", help="built-in alias, local folder or hub id")
     p.add_argument("--prompt", required=True, help="the prompt (the question about the image)")
     p.add_argument("--image", help="an image file (vision-language models)")

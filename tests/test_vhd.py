@@ -144,6 +144,28 @@ def test_head_outputs_with_and_without_the_image_equal_the_models_own(name):
         assert torch.allclose(got, want, atol=1e-5), name
 
 
+def _choice_by_definition(vhd: list[float], energy: list[float]) -> list[int]:
+    """VHR's choice in plain Python: the outlier rule (population μ + σ), then the heads above the median."""
+    def mu_sigma(x):
+        mu = sum(x) / len(x)
+        return mu, (sum((v - mu) ** 2 for v in x) / len(x)) ** 0.5
+    (mv, sv), (me, se) = mu_sigma(vhd), mu_sigma(energy)
+    v = [0.0 if a > mv + sv and e > me + se else a for a, e in zip(vhd, energy)]
+    s = sorted(v)
+    median = (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
+    return [h for h, a in enumerate(v) if a > median]
+
+
+def test_vhr_outlier_rule_on_planted_values():
+    from interp.analyses.vhd import vhr_choice
+
+    vhd = [1.0, 2.0, 3.0, 4.0, 5.0, 30.0]       # head 5: far above μ + σ …
+    energy = [1.0, 1.0, 1.0, 1.0, 1.0, 50.0]    # … and so is its image-free energy: an outlier, set to 0
+    assert vhr_choice(torch.tensor(vhd), torch.tensor(energy)) == [2, 3, 4] == _choice_by_definition(vhd, energy)
+    calm = [1.0] * 6                            # the same VHD with ordinary energy: kept, and chosen
+    assert vhr_choice(torch.tensor(vhd), torch.tensor(calm)) == [3, 4, 5] == _choice_by_definition(vhd, calm)
+
+
 def test_vhr_chooses_heads_above_the_median_and_reinforces_them(llava):
     """VHR: alpha = 1 changes nothing; the first layer's heads are those above its median VHD at the prompt's last
     position; generation with the chosen heads scaled equals scaling them by hand at the output projection."""
@@ -157,14 +179,28 @@ def test_vhr_chooses_heads_above_the_median_and_reinforces_them(llava):
     same, _ = vhr_generate(llava, PROMPT, image, alpha=1.0, max_new_tokens=5)
     assert torch.equal(same, plain)
 
-    chosen = vhr_heads(llava, with_image, without, layers=[0, 1, 2], alpha=2.0)
+    chosen = vhr_heads(llava, with_image, without, layers=[-1, 0, 1], alpha=2.0)  # -1: the last layer
+    assert sorted(chosen) == [0, 1, 2]
+    d = llava.config.text_config.hidden_size // 4
     opts = interp.analyses.Options()
-    z_img = head_outputs(llava, with_image, torch.tensor([7]), opts)[0, :, 0]            # layer 0, (H, d)
-    z_no = head_outputs(llava, without, torch.tensor([7]), opts)[0, :, 0]
-    vhd = (z_img - z_no).norm(dim=-1)
-    energy = z_no.pow(2).sum(-1)
-    vhd[(vhd > vhd.mean() + vhd.std()) & (energy > energy.mean() + energy.std())] = 0
-    assert chosen[0] == [h for h in range(4) if vhd[h] > vhd.median()] and chosen[0]
+    for layer in range(3):  # by hand: the lower layers' chosen heads scaled at o_proj, then the layer's VHD
+        handles = []
+        for lower in range(layer):
+            def scale(mod, args, heads=chosen[lower]):
+                x = args[0].clone()
+                for h in heads:
+                    x[..., h * d:(h + 1) * d] *= 2.0
+                return (x,)
+            handles.append(llava.attention_modules()[lower].o_proj.register_forward_pre_hook(scale))
+        try:
+            z_img = head_outputs(llava, with_image, torch.tensor([7]), opts)[layer, :, 0]  # (H, d)
+            z_no = head_outputs(llava, without, torch.tensor([7]), opts)[layer, :, 0]
+        finally:
+            for h in handles:
+                h.remove()
+        vhd = (z_img - z_no).norm(dim=-1).tolist()
+        energy = z_no.pow(2).sum(-1).tolist()
+        assert chosen[layer] == _choice_by_definition(vhd, energy), layer
 
     tokens, chosen = vhr_generate(llava, PROMPT, image, alpha=3.0, layers=[0, 1, 2], max_new_tokens=5)
     d = llava.config.text_config.hidden_size // 4
@@ -248,3 +284,4 @@ def test_cli_generate_with_vhr(tmp_path, capsys):
     assert main(["generate", "stories260k", "--prompt", "x", "--image", str(tmp_path / "q.png")]) == 1
     assert "not a vision-language model" in capsys.readouterr().err
     assert main(["generate", "organism-llava", "--prompt", "x", "--vhr", "2"]) == 2
+    assert main(["generate", "organism-llava", "--prompt", "x", "--image", str(tmp_path / "q.png"), "--vhr", "0"]) == 2
