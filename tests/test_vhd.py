@@ -1,6 +1,8 @@
 """The `vhd` analysis: head outputs with and without the image equal the model's own per-head outputs (read at
 the output projection's input, independently of interp's capture), for both image-free constructions."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,25 @@ def test_head_outputs_with_and_without_the_image_equal_the_models_own(name):
         assert torch.allclose(got, want, atol=1e-5), name
 
 
+@contextmanager
+def _scaled_at_o_proj(model, chosen: dict[int, list[int]], alpha: float):
+    """Scale the chosen heads' slices of each layer's o_proj input by alpha (pre-hooks, independent of interp)."""
+    d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    handles = []
+    for layer, heads in chosen.items():
+        def scale(mod, args, heads=heads):
+            x = args[0].clone()
+            for h in heads:
+                x[..., h * d:(h + 1) * d] *= alpha
+            return (x,)
+        handles.append(model.attention_modules()[layer].o_proj.register_forward_pre_hook(scale))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _choice_by_definition(vhd: list[float], energy: list[float]) -> list[int]:
     """VHR's choice in plain Python: the outlier rule (population μ + σ), then the heads above the median."""
     def mu_sigma(x):
@@ -181,42 +202,18 @@ def test_vhr_chooses_heads_above_the_median_and_reinforces_them(llava):
 
     chosen = vhr_heads(llava, with_image, without, layers=[-1, 0, 1], alpha=2.0)  # -1: the last layer
     assert sorted(chosen) == [0, 1, 2]
-    d = llava.config.text_config.hidden_size // 4
     opts = interp.analyses.Options()
     for layer in range(3):  # by hand: the lower layers' chosen heads scaled at o_proj, then the layer's VHD
-        handles = []
-        for lower in range(layer):
-            def scale(mod, args, heads=chosen[lower]):
-                x = args[0].clone()
-                for h in heads:
-                    x[..., h * d:(h + 1) * d] *= 2.0
-                return (x,)
-            handles.append(llava.attention_modules()[lower].o_proj.register_forward_pre_hook(scale))
-        try:
+        with _scaled_at_o_proj(llava, {lower: chosen[lower] for lower in range(layer)}, 2.0):
             z_img = head_outputs(llava, with_image, torch.tensor([7]), opts)[layer, :, 0]  # (H, d)
             z_no = head_outputs(llava, without, torch.tensor([7]), opts)[layer, :, 0]
-        finally:
-            for h in handles:
-                h.remove()
         vhd = (z_img - z_no).norm(dim=-1).tolist()
         energy = z_no.pow(2).sum(-1).tolist()
         assert chosen[layer] == _choice_by_definition(vhd, energy), layer
 
     tokens, chosen = vhr_generate(llava, PROMPT, image, alpha=3.0, layers=[0, 1, 2], max_new_tokens=5)
-    d = llava.config.text_config.hidden_size // 4
-    handles = []
-    for layer, heads in chosen.items():
-        def scale(mod, args, heads=heads):
-            x = args[0].clone()
-            for h in heads:
-                x[..., h * d:(h + 1) * d] *= 3.0
-            return (x,)
-        handles.append(llava.attention_modules()[layer].o_proj.register_forward_pre_hook(scale))
-    try:
+    with _scaled_at_o_proj(llava, chosen, 3.0):
         by_hand = greedy(llava, with_image, 5)
-    finally:
-        for h in handles:
-            h.remove()
     assert torch.equal(tokens, by_hand)
     from interp.hooks import mask_heads
     with torch.no_grad():
