@@ -1,6 +1,7 @@
 """Analyses: one module per method, each a registered `Analysis` that `interp.score` drives."""
 
 from .base import Analysis, NotApplicableError, Options
+from .circuits import Circuits
 from .retrieval import Retrieval
 from .sinks import Sinks
 from .summary import Summary
@@ -8,7 +9,8 @@ from .taxonomy import Taxonomy
 from .vhd import VHD
 from .vit import VitHeads
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads(), VHD())}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads(), VHD(),
+                                                Circuits())}
 
 
 def get_analysis(name: str) -> Analysis:

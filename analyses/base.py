@@ -61,6 +61,7 @@ class Analysis:
     scores: ClassVar[dict[str, str]]         # score column -> what it means (the heads table's columns, in order)
     params: ClassVar[dict[str, Any]] = {}    # analysis-specific parameters -> defaults (JSON values)
     sample_tables: ClassVar[tuple[str, ...]] = ()  # names of the per-sample tables score_sample may return
+    signed: ClassVar[bool] = False           # scores are signed effects, ranked by magnitude
 
     def check(self, model: Model) -> None:
         """Raise NotApplicableError when the model's family is not one this analysis supports."""

@@ -30,7 +30,8 @@ from .data import RunCatalog
 # The per-sample column that shows a heads-table score sample by sample, where the names differ.
 SAMPLE_SCORE = {"retrieval_score": "score", "sink_rate": "first_token_mass", "any_sink_rate": "top_key_mass",
                 "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
-DESCRIBE = ("input", "length", "depth", "accepted", "rouge1_recall", "n_tokens", "response")
+DESCRIBE = ("input", "length", "depth", "accepted", "rouge1_recall", "n_tokens", "response", "task", "n", "clean_ld",
+            "corrupt_ld")
 TOP_K = 20
 REFRESH_MS = 10_000  # the runs page re-reads the store this often (runs in progress move on)
 PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
@@ -56,8 +57,9 @@ class Dashboard:
             if path.startswith("/run/"):
                 return self.run_page(path.removeprefix("/run/"))
             if path == "/compare":
-                query = parse_qs((search or "").lstrip("?"))
-                return self.compare_page(query.get("a", [None])[0], query.get("b", [None])[0])
+                query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
+                return self.compare_page(query.get("a"), query.get("b"), query.get("sa"), query.get("sb"),
+                                         int(query["k"]) if query.get("k", "").isdigit() else 10, query.get("abs") == "1")
             return _error(f"no page {path!r}: see the runs at /")
         except Exception as e:  # noqa: BLE001  (a broken run shows as a message)
             return _error(str(e))
@@ -104,7 +106,8 @@ class Dashboard:
         if result.heads.empty:
             return html.Div([header, _error("this run has no finished sample yet: nothing to show")])
         scores = result.scores
-        layer, head = _best_head(result.heads, scores[0])
+        best = result.top(scores[0], k=1)
+        layer, head = (int(best["layer"].iloc[0]), int(best["head"].iloc[0])) if len(best) else (0, 0)
         samples = sorted(int(s) for s in result.samples["sample"].unique())
         plan = m.get("plan", [])
         heads_tab = html.Div([
@@ -167,7 +170,7 @@ class Dashboard:
         result = self.catalog.result(run_id)
         hmap = figures.head_map(result.heads, score, title=f"{score} — {result.meta['model']['name']}",
                                 selected=(layer, head))
-        per_sample = SAMPLE_SCORE.get(score, score)
+        per_sample = _per_sample(score, result.samples.columns)
         try:
             bars = figures.sample_scores(result.samples, layer, head, per_sample, selected=sample, describe=DESCRIBE)
         except ValueError as e:
@@ -247,12 +250,47 @@ class Dashboard:
                 graphs.append(figures.score_by_layer(result.heads, "vhd"))
                 if "tvhd" in t:
                     graphs += [figures.tvhd_along_text(t["tvhd"], int(s)) for s in sorted(t["tvhd"]["sample"].unique())[:4]]
-            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit", "vhd"):
+            if result.analysis == "circuits":
+                graphs += self._circuits_view(result)
+            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit", "vhd", "circuits"):
                 graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
-            return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs]
+            return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs
+                                                                                  if isinstance(g, go.Figure)]
         return [dcc.Graph(figure=g, style={"width": "760px", "height": "480px", "display": "inline-block"})
-                for g in graphs]
+                if isinstance(g, go.Figure) else g for g in graphs]
+
+    def _circuits_view(self, result: ScoreResult) -> list:
+        """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
+        how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
+        from interp.analyses.circuits import circuit_column, tasks_of
+
+        t, params = result.tables, result.meta["params"]
+        tasks = tasks_of(params)
+        out: list = []
+        for task in tasks:
+            heads = t["circuit"][t["circuit"]["task"] == task]
+            text = ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()) or "none"
+            out.append(html.P(f"{task}: circuit of {len(heads)} heads by {circuit_column(params, task)}: {text}"))
+        for r in t.get("overlap", pd.DataFrame()).itertuples():
+            link = (f"/compare?a={result.id}&b={result.id}&sa={circuit_column(params, r.task_a)}"
+                    f"&sb={circuit_column(params, r.task_b)}&k={max(r.heads_a, r.heads_b)}&abs=1")
+            out.append(html.P([f"overlap {r.task_a} / {r.task_b}: {r.shared} heads shared ({r.shared_heads or 'none'}) · "
+                               f"Jaccard {r.jaccard:.2f} · of the smaller {r.of_smaller:.2f} · Spearman ρ of all heads "
+                               f"{r.rank_correlation:.2f} · ", html.A("compare them", href=link)]))
+        for r in t.get("agreement", pd.DataFrame()).itertuples():
+            out.append(html.P(f"{r.task}: {r.method} vs {r.reference}: Spearman ρ {r.rank_correlation:.2f} of |effect|, "
+                              f"{r.shared} of the top {r.k} shared"))
+        if "faithfulness" in t:
+            out.append(figures.faithfulness_curves(t["faithfulness"]))
+        if "positions" in t:
+            for task in tasks:
+                heads = t["circuit"][t["circuit"]["task"] == task]
+                first = t["positions"][t["positions"]["task"] == task]["sample"].min()
+                if len(heads) and pd.notna(first):
+                    out.append(figures.position_effects(t["positions"], int(first),
+                                                        list(zip(heads["layer"], heads["head"]))))
+        return out
 
     def _token_grids(self, result: ScoreResult) -> list[go.Figure]:
         """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
@@ -286,41 +324,52 @@ class Dashboard:
         return [{"label": f"{i.id} · {i.meta['analysis']} · {i.meta['model']['name']}", "value": i.id}
                 for i in self.catalog.listing() if i.status != "corrupt" and i.meta]
 
-    def compare_page(self, a: str | None, b: str | None):
+    def compare_page(self, a: str | None, b: str | None, score_a: str | None = None, score_b: str | None = None,
+                     k: int = 10, magnitude: bool = False):
+        """Two runs (or one run twice, e.g. two tasks' circuits) and a score of each; `magnitude` ranks by |score|."""
         options = self.run_options()
         ids = [o["value"] for o in options]
         a = a if a in ids else (ids[0] if ids else None)
         b = b if b in ids else (ids[1] if len(ids) > 1 else a)
         pick = lambda i, v: dcc.Dropdown(id=f"run-{i}", options=options, value=v, clearable=False)  # noqa: E731
+        score = lambda i, v: dcc.Dropdown(id=f"score-{i}", value=v, clearable=False)  # noqa: E731
         return html.Div([
             html.H2("Compare two runs"),
-            html.Div([html.Div([html.Label("run A"), pick("a", a), dcc.Dropdown(id="score-a", clearable=False)],
-                               style={"width": "600px"}),
-                      html.Div([html.Label("run B"), pick("b", b), dcc.Dropdown(id="score-b", clearable=False)],
-                               style={"width": "600px"})], style=ROW),
-            html.Div([html.Label("top k heads "), dcc.Input(id="top-k", type="number", value=10, min=1, debounce=True,
-                                                            style={"width": "90px"})], style=ROW),
+            html.Div([html.Div([html.Label("run A"), pick("a", a), score("a", score_a)], style={"width": "600px"}),
+                      html.Div([html.Label("run B"), pick("b", b), score("b", score_b)], style={"width": "600px"})],
+                     style=ROW),
+            html.Div([html.Label("top k heads "), dcc.Input(id="top-k", type="number", value=k, min=1, debounce=True,
+                                                            style={"width": "90px"}),
+                      dcc.Checklist(id="by-magnitude", options=[{"label": " rank by |score| (signed effects)",
+                                                                 "value": "abs"}],
+                                    value=["abs"] if magnitude else [])], style=ROW),
             html.Div(id="overlap", style={"margin": "8px 0"}),
             html.Div([dcc.Graph(id="scatter", style={"width": "480px", "height": "460px"}),
                       dcc.Graph(id="map-a", style={"width": "430px", "height": "460px"}),
                       dcc.Graph(id="map-b", style={"width": "430px", "height": "460px"})], style=ROW)])
 
-    def score_choices(self, run_id: str | None) -> tuple[list[str], str | None]:
+    def score_choices(self, run_id: str | None, current: str | None = None) -> tuple[list[str], str | None]:
+        """A run's scores, and the one to show: `current` when the run has it, else the first."""
         if not run_id:
             return [], None
         scores = self.catalog.result(run_id).scores
-        return scores, scores[0]
+        return scores, current if current in scores else scores[0]
 
-    def compare(self, a: str, score_a: str, b: str, score_b: str, k: int):
-        """(overlap summary, scatter, map A, map B) of two runs' scores."""
+    def compare(self, a: str, score_a: str, b: str, score_b: str, k: int, magnitude: bool = False):
+        """(overlap summary, scatter, map A, map B) of two runs' scores; `magnitude`: top heads and ρ by |score|."""
         ra, rb = self.catalog.result(a), self.catalog.result(b)
         k = max(1, int(k or 10))
-        ov = top_overlap(ra.heads, score_a, rb.heads, score_b, k)
-        rho = rank_correlation(ra.heads, score_a, rb.heads, score_b)
+        rank_a, rank_b = ra.heads, rb.heads
+        if magnitude:
+            rank_a = ra.heads.assign(**{score_a: ra.heads[score_a].abs()})
+            rank_b = rb.heads.assign(**{score_b: rb.heads[score_b].abs()})
+        ov = top_overlap(rank_a, score_a, rank_b, score_b, k)
+        rho = rank_correlation(rank_a, score_a, rank_b, score_b)
         fmt = lambda hs: ", ".join(f"{l}-{h}" for l, h in hs) or "none"  # noqa: E731
         summary = html.Div([
-            html.P(f"top {k}: {len(ov.shared)} heads shared · Jaccard {ov.jaccard:.3f} · overlap of the smaller "
-                   f"{ov.of_smaller:.3f} · Spearman ρ of all scores {rho:.3f}"),
+            html.P(f"top {k}{' by |score|' if magnitude else ''}: {len(ov.shared)} heads shared · Jaccard "
+                   f"{ov.jaccard:.3f} · overlap of the smaller {ov.of_smaller:.3f} · Spearman ρ of all "
+                   f"{'|scores|' if magnitude else 'scores'} {rho:.3f}"),
             html.P(f"shared: {fmt(ov.shared)}"), html.P(f"only A: {fmt(ov.only_a)}"),
             html.P(f"only B: {fmt(ov.only_b)}")], id="overlap-summary")
         scatter = figures.compare_scatter(ra.heads, score_a, rb.heads, score_b, name_a="A", name_b="B", highlight=ov)
@@ -397,31 +446,34 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         except Exception as e:  # noqa: BLE001
             return error_figure(str(e)), go.Figure(), {"display": "none"}, html.Span(str(e), style=ERROR), region
 
-    @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"))
-    def _scores_a(run_id):
-        return _choices(board, run_id)
+    @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"),
+                  State("score-a", "value"))
+    def _scores_a(run_id, current):
+        return _choices(board, run_id, current)
 
-    @app.callback(Output("score-b", "options"), Output("score-b", "value"), Input("run-b", "value"))
-    def _scores_b(run_id):
-        return _choices(board, run_id)
+    @app.callback(Output("score-b", "options"), Output("score-b", "value"), Input("run-b", "value"),
+                  State("score-b", "value"))
+    def _scores_b(run_id, current):
+        return _choices(board, run_id, current)
 
     @app.callback(Output("overlap", "children"), Output("scatter", "figure"), Output("map-a", "figure"),
                   Output("map-b", "figure"), Input("run-a", "value"), Input("score-a", "value"),
-                  Input("run-b", "value"), Input("score-b", "value"), Input("top-k", "value"))
-    def _compare(a, score_a, b, score_b, k):
+                  Input("run-b", "value"), Input("score-b", "value"), Input("top-k", "value"),
+                  Input("by-magnitude", "value"))
+    def _compare(a, score_a, b, score_b, k, magnitude):
         if not (a and b and score_a and score_b):
             raise dash.exceptions.PreventUpdate
         try:
-            return board.compare(a, score_a, b, score_b, k)
+            return board.compare(a, score_a, b, score_b, k, "abs" in (magnitude or []))
         except Exception as e:  # noqa: BLE001
             return html.Div(str(e), style=ERROR), error_figure(str(e)), go.Figure(), go.Figure()
 
     return app
 
 
-def _choices(board: Dashboard, run_id: str | None) -> tuple[list[str], str | None]:
+def _choices(board: Dashboard, run_id: str | None, current: str | None = None) -> tuple[list[str], str | None]:
     try:
-        return board.score_choices(run_id)
+        return board.score_choices(run_id, current)
     except Exception:  # noqa: BLE001  (an unreadable run offers no score; the overlap says why)
         return [], None
 
@@ -451,10 +503,14 @@ def _sample_label(i: int, entry: dict) -> str:
     return f"{i}: " + ", ".join(parts[:5])
 
 
-def _best_head(heads: pd.DataFrame, score: str) -> tuple[int, int]:
-    ranked = heads.dropna(subset=[score]).sort_values(score, ascending=False, kind="stable")
-    row = (ranked if len(ranked) else heads).iloc[0]
-    return int(row["layer"]), int(row["head"])
+def _per_sample(score: str, columns) -> str:
+    """The samples-table column behind a heads-table score: itself, a known stand-in, or the method a circuits
+    score ends with (`ioi_patching` -> `patching`: the per-sample change of the logit difference)."""
+    if score in columns:
+        return score
+    if score in SAMPLE_SCORE:
+        return SAMPLE_SCORE[score]
+    return next((c for c in sorted(columns, key=len, reverse=True) if score.endswith("_" + c)), score)
 
 
 def _busiest_layer(phi: pd.DataFrame, tau: float) -> int:

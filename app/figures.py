@@ -304,3 +304,44 @@ def tvhd_along_text(tvhd: pd.DataFrame, sample: int) -> go.Figure:
     fig.update_layout(title=f"T-VHD along the generated text, sample {sample}", xaxis_title="generated token",
                       yaxis_title="T-VHD", template=TEMPLATE)
     return fig
+
+
+def faithfulness_curves(faith: pd.DataFrame) -> go.Figure:
+    """Logit difference kept (% of the clean model's) against circuit size, per task, with every head outside the
+    circuit mean-ablated (the `faithfulness` table of a circuits run); the chosen circuit marked."""
+    fig = go.Figure()
+    for task, part in faith.groupby("task", sort=False):
+        part = part.sort_values("heads")
+        fig.add_trace(go.Scatter(x=part["heads"], y=100 * part["recovered"], mode="lines+markers", name=str(task),
+                                 customdata=part[["percent", "ld", "top1"]].to_numpy(),
+                                 hovertemplate="%{x} heads (%{customdata[0]:.1f} %)<br>kept %{y:.1f} %<br>logit diff "
+                                               "%{customdata[1]:.3f}<br>top-1 %{customdata[2]:.2f}<extra></extra>"))
+        chosen = part[part["circuit"]]
+        fig.add_trace(go.Scatter(x=chosen["heads"], y=100 * chosen["recovered"], mode="markers", showlegend=False,
+                                 marker={"size": 14, "symbol": "star", "color": "#e4572e"},
+                                 hovertemplate=f"{task}: the circuit<extra></extra>"))
+    fig.add_hline(y=100, line={"dash": "dot", "color": "#888"})
+    fig.update_layout(title="faithfulness: logit difference kept with only the top heads (the rest mean-ablated)",
+                      xaxis_title="heads kept (by |effect|)", yaxis_title="% of the clean logit difference",
+                      xaxis={"type": "log"}, template=TEMPLATE)
+    return fig
+
+
+def position_effects(positions: pd.DataFrame, sample: int, heads: list[tuple[int, int]], value: str = "eap") -> go.Figure:
+    """Each chosen head's effect at each position of one sample's first prompt (the `positions` table of a circuits
+    run: `eap` always, `patching` with per_position), heads × tokens, diverging around 0."""
+    part = positions[positions["sample"] == sample]
+    if part.empty:
+        raise ValueError(f"no positions for sample {sample}")
+    tokens = part.drop_duplicates("position").sort_values("position")["token"].tolist()
+    z = np.array([part[(part["layer"] == layer) & (part["head"] == head)].sort_values("position")[value].to_numpy(float)
+                  for layer, head in heads])
+    labels = [f"{layer}.{head}" for layer, head in heads]
+    bound = float(np.nanmax(np.abs(z))) if z.size else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{i}: {t}" for i, t in enumerate(tokens)], y=labels, colorscale=DIVERGING,
+                               zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": value},
+                               hovertemplate="head %{y}<br>token %{x}<br>" + value + " %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=f"sample {sample}: {value} of each head at each position (Δ logit difference)",
+                      xaxis_title="position: token (first prompt)", yaxis_title="head",
+                      yaxis={"autorange": "reversed", "type": "category"}, template=TEMPLATE)
+    return fig

@@ -141,6 +141,9 @@ def _wrap(original: Callable | None) -> Callable:
         elif knockout is not None and knockout.mode == "scale":
             out = out.clone()
             out[:, :, knockout.heads.to(out.device)] *= knockout.factor
+        patch = module.__dict__.get("_interp_patch")
+        if patch is not None:  # activation / path patching (hooks.patching)
+            out = patch(fn, module, query, key, value, attention_mask, args, kwargs, out)
         site = module.__dict__.get("_interp_site")
         if site is not None:
             site.session.emit(site, module, query, key, value, out, kwargs)

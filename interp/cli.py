@@ -43,7 +43,8 @@ PARAM_FLAGS = (
     ("--haystack", "haystack", str, "FILE", "retrieval: text file for the haystack (default: generated filler)"),
     ("--template", "template", str, "TEXT", "retrieval: prompt with {context} and {question} (default: chat template)"),
     ("--max-new-tokens", "max_new_tokens", int, "N", "retrieval, vhd: longest answer (default 50; vhd 16)"),
-    ("--threshold", "threshold", float, "X", "retrieval: retrieval-head threshold (default 0.1)"),
+    ("--threshold", "threshold", float, "X", "retrieval: retrieval-head threshold (default 0.1); circuits: a circuit is "
+     "every head with |effect| >= X (instead of --circuit-percent)"),
     ("--score-rule", "score_rule", str, "RULE", "retrieval: code (default) or paper"),
     ("--mask-k", "mask_k", _ints, "K,K", "retrieval: head counts for the masking test (default 5 %% of heads; 0 skips)"),
     ("--mask-mode", "mask_mode", str, "MODE", "retrieval: uniform (default) or zero"),
@@ -67,9 +68,19 @@ PARAM_FLAGS = (
     ("--ablate-k", "ablate_k", int, "K", "taxonomy: induction heads ablated in the loss test (default 5 %% of heads)"),
     ("--ablate-mode", "ablate_mode", str, "MODE", "taxonomy: zero (default) or uniform"),
     ("--ablate-draws", "ablate_draws", int, "N", "taxonomy: random-head controls in the loss test (3)"),
-    ("--batch", "batch", int, "N", "vit: images per sample (batch) of the evaluation set (64)"),
+    ("--batch", "batch", int, "N", "vit: images per sample (batch) of the evaluation set (64); circuits: prompts per "
+     "sample (16)"),
     ("--no-image", "no_image", str, "HOW", "vhd: the image-free input: drop (default: leave the image tokens out), blank or mean"),
     ("--topk", "topk", int, "K", "vhd: heads per layer summed into T-VHD (5)"),
+    ("--tasks", "tasks", str, "T,T", "circuits: ioi, colored-objects and/or .jsonl task files (default both built-ins)"),
+    ("--methods", "methods", str, "M,M", "circuits: patching, eap, eap-ig, path (default patching,eap)"),
+    ("--ioi-corruption", "ioi_corruption", str, "HOW", "circuits: abc (three other names; default) or swap (IO at S2)"),
+    ("--circuit-percent", "circuit_percent", float, "P", "circuits: the circuit is the top P %% of heads (default 2)"),
+    ("--circuit-by", "circuit_by", str, "M", "circuits: the method whose effect chooses the circuit (default patching)"),
+    ("--ig-steps", "ig_steps", int, "N", "circuits: EAP-IG interpolation steps (default 5)"),
+    ("--per-position", "per_position", bool, None, "circuits: also patch each head at each position"),
+    ("--faithfulness-percents", "faithfulness_percents", str, "P,P",
+     "circuits: circuit sizes (%% of heads) whose faithfulness is measured too (default 1,2,5,10,20,50)"),
     ("--tau", "tau", float, "X", "sinks: phi threshold for sink tokens (default 20)"),
     ("--rho", "rho", float, "X", "sinks: image-centric visual-sink share threshold (default 0.5)"),
     ("--min-image-attention", "min_image_attention", float, "X", "sinks: image-centric heads' image attention (0.2)"),
@@ -336,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="finish the newest incomplete run with the same settings, or the run RUN")
     for flag, param, kind, metavar, text in PARAM_FLAGS:
-        p.add_argument(flag, dest=param, type=kind, metavar=metavar, help=text)
+        if kind is bool:
+            p.add_argument(flag, dest=param, action="store_const", const=True, help=text)
+        else:
+            p.add_argument(flag, dest=param, type=kind, metavar=metavar, help=text)
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
     p.set_defaults(func=_score)

@@ -43,7 +43,11 @@ def top_heads(heads: pd.DataFrame, score: str, k: int, ascending: bool = False) 
 
 def top_overlap(a: pd.DataFrame, score_a: str, b: pd.DataFrame, score_b: str, k: int) -> Overlap:
     """The overlap of the top-k heads of run A (by score_a) and run B (by score_b)."""
-    top_a, top_b = top_heads(a, score_a, k), top_heads(b, score_b, k)
+    return overlap_of(top_heads(a, score_a, k), top_heads(b, score_b, k))
+
+
+def overlap_of(top_a: list[Head], top_b: list[Head]) -> Overlap:
+    """The overlap of two head sets (e.g. two circuits), each listed best first."""
     in_b, in_a = set(top_b), set(top_a)
     return Overlap(top_a, top_b, [h for h in top_a if h in in_b], [h for h in top_a if h not in in_b],
                    [h for h in top_b if h not in in_a])

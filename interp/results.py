@@ -64,12 +64,17 @@ class ScoreResult:
         return self.heads.copy()
 
     def top(self, score: str | None = None, k: int = 10, ascending: bool = False) -> pd.DataFrame:
-        """The k heads with the highest (or lowest) `score` (default: the analysis's first score)."""
+        """The k heads with the highest (or lowest) `score` (default: the analysis's first score); by |score| for an
+        analysis whose scores are signed effects (circuits: a negative effect is as important as a positive one)."""
+        from interp.analyses import ANALYSES
+
         score = score or self.scores[0]
         if score not in self.heads.columns:
             raise ValueError(f"no score {score!r}; this {self.analysis} result has: {', '.join(self.scores)}")
         cols = ["layer", "head", "kv_head", score]
-        ranked = self.heads.dropna(subset=[score]).sort_values(score, ascending=ascending, kind="stable")
+        signed = getattr(ANALYSES.get(self.analysis), "signed", False)
+        ranked = self.heads.dropna(subset=[score]).sort_values(score, ascending=ascending, kind="stable",
+                                                               key=abs if signed else None)
         return ranked[cols].head(k).reset_index(drop=True)
 
     def plot(self, score: str | None = None):

@@ -1,0 +1,379 @@
+"""Circuits of tasks and their overlap (REFERENCES.md §4): which heads a task's logit difference runs through.
+
+Per task (IOI, Colored Objects, a JSONL file; `analyses.tasks`), each head's effect on the logit difference
+(logit[correct] − logit[foil] at the last position) when its output is taken from the corrupted prompt into the clean
+run, normalised as (patched − clean) / (corrupt − clean) (1: the head carries the whole corruption):
+- `patching`: activation patching of the head's output at every position (one forward per head);
+- `eap` / `eap_ig`: edge attribution patching, its linear estimate (one forward / backward per batch; EAP-IG
+  averages the gradient along the embeddings from the clean to the corrupted prompt);
+- `path`: path patching from the head to the logits (its direct effect; every other head frozen to the clean run,
+  MLPs recomputed).
+Ratios of means: sums over all prompts, divided once. The circuit is the top `circuit_percent` % of heads by
+|effect| (or |effect| ≥ `threshold`); faithfulness is the logit difference left when every head outside it is
+mean-ablated (means of the task's corrupted prompts at each position, as Wang et al.). Overlap of two tasks' circuits:
+shared heads, Jaccard, overlap of the smaller, and Spearman's ρ of the full |effect| vectors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp.compare import overlap_of, rank_correlation
+from interp.hooks.patching import activation_patch, cache_run, edge_attribution, last_logits, patch_heads, path_patch
+from interp.models import Model
+from interp.progress import Progress
+
+from .base import Analysis, Options, head_rows
+from .tasks import BUILTIN_TASKS, TaskPrompt, encode, task_label, task_prompts
+
+METHODS = ("patching", "eap", "eap-ig", "path")
+METHOD_TEXT = {
+    "patching": "activation patching of the head's output (all positions)",
+    "eap": "edge attribution patching (linear estimate of patching)",
+    "eap_ig": "EAP-IG (integrated gradients along the embeddings)",
+    "path": "path patching to the logits (direct effect)",
+}
+DEFAULT_PROMPTS = 64
+
+
+def _list(value, what: str) -> list[str]:
+    items = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if str(s).strip()]
+    if not items:
+        raise ValueError(f"give at least one {what}")
+    return items
+
+
+def tasks_of(params: dict) -> list[str]:
+    """The tasks of a run's parameters (built-in names or .jsonl paths), validated."""
+    tasks = _list(params["tasks"], "task")
+    for t in tasks:
+        if t not in BUILTIN_TASKS and not t.endswith(".jsonl"):
+            raise ValueError(f"unknown task {t!r}: give {', '.join(BUILTIN_TASKS)} or a .jsonl file of prompts")
+    labels = [task_label(t) for t in tasks]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"tasks {tasks} repeat a name")
+    return tasks
+
+
+def methods_of(params: dict) -> list[str]:
+    methods = _list(params["methods"], "method")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown circuit method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in methods]
+
+
+def column(task: str, method: str) -> str:
+    """The heads-table column of a task's effect by a method, e.g. `ioi_patching`, `colored_objects_eap_ig`."""
+    return f"{task_label(task)}_{method.replace('-', '_')}"
+
+
+def circuit_column(params: dict, task: str) -> str:
+    """The column that chooses a task's circuit: `circuit_by` (default: patching when computed, else the first)."""
+    methods = methods_of(params)
+    by = params.get("circuit_by") or ("patching" if "patching" in methods else methods[0])
+    if by not in methods:
+        raise ValueError(f"circuit_by {by!r} is not among the computed methods {', '.join(methods)}")
+    return column(task, by)
+
+
+def logit_diff(last: torch.Tensor, correct: torch.Tensor, foil: torch.Tensor) -> torch.Tensor:
+    """logit[correct] − logit[foil]: the last position's logits (B, V), correct / foil (B,) -> (B,)."""
+    last = last.to(torch.promote_types(last.dtype, torch.float32))
+    return last.gather(1, correct[:, None])[:, 0] - last.gather(1, foil[:, None])[:, 0]
+
+
+class _Batch:
+    """One sample's prompts as tensors: clean / corrupt inputs (B, N), correct / foil (B,)."""
+
+    def __init__(self, model: Model, sample: dict):
+        self.prompts = [TaskPrompt(**p) for p in sample["prompts"]]
+        enc = encode(model, self.prompts, sample["task"])
+        dev = model.device
+        ids = torch.tensor(enc.clean, device=dev)
+        self.clean = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.corrupt = {"input_ids": torch.tensor(enc.corrupt, device=dev), "attention_mask": torch.ones_like(ids)}
+        self.correct = torch.tensor(enc.correct, device=dev)
+        self.foil = torch.tensor(enc.foil, device=dev)
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logit difference of each row of last-position logits (R, V), R a multiple of B (copies of the batch)."""
+        copies = logits.shape[0] // len(self.correct)
+        return logit_diff(logits, self.correct.repeat(copies), self.foil.repeat(copies))
+
+
+class Circuits(Analysis):
+    name = "circuits"
+    description = ("task circuits (IOI, Colored Objects, a JSONL task): per-head activation patching, path patching "
+                   "and edge attribution patching of the logit difference; circuits, faithfulness and overlap")
+    kinds = ("llm",)
+    scores: ClassVar[dict[str, str]] = {}
+    params = {
+        "tasks": "ioi,colored-objects",  # built-in tasks and/or .jsonl files
+        "methods": "patching,eap",       # of patching, eap, eap-ig, path
+        "ioi_corruption": "abc",         # abc (three other names) or swap (the IO name at S2)
+        "batch": 16,                     # prompts per sample (one forward)
+        "circuit_percent": 2.0,          # the circuit: the top P % of heads by |effect| ...
+        "threshold": None,               # ... or every head with |effect| >= X
+        "circuit_by": None,              # which method's effect chooses the circuit (default: patching)
+        "ig_steps": 5,                   # EAP-IG's interpolation steps
+        "per_position": False,           # also activation-patch each head at each position
+        "faithfulness_percents": "1,2,5,10,20,50",  # circuit sizes whose faithfulness is measured too
+    }
+    sample_tables = ("prompts", "positions")
+    signed = True
+
+    def score_columns(self, model: Model, params: dict) -> dict[str, str]:
+        return {column(t, m): f"{t}: {METHOD_TEXT[m.replace('-', '_')]}, normalised (patched − clean)/(corrupt − clean)"
+                for t in tasks_of(params) for m in methods_of(params)}
+
+    def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        if options.backend != "hf":
+            raise ValueError("circuits patches heads through the 'hf' backend (the attention interface); "
+                             f"backend {options.backend!r} cannot patch")
+        methods_of(params)
+        if params["circuit_percent"] is not None and not 0 < float(params["circuit_percent"]) <= 100:
+            raise ValueError(f"circuit_percent must be in (0, 100], got {params['circuit_percent']}")
+        if int(params["batch"]) < 1:
+            raise ValueError(f"batch must be ≥ 1, got {params['batch']}")
+        plan = []
+        for task in tasks_of(params):
+            prompts = task_prompts(model, task, options.samples or DEFAULT_PROMPTS, options.seed,
+                                   params["ioi_corruption"])
+            lengths = [len(ids) for ids in encode(model, prompts, task).clean]  # checks every prompt now
+            groups: dict[str, list[TaskPrompt]] = defaultdict(list)
+            for p, n in zip(prompts, lengths):
+                groups[f"{p.group}:{n}"].append(p)
+            for key, members in groups.items():
+                for start in range(0, len(members), int(params["batch"])):
+                    chunk = members[start:start + int(params["batch"])]
+                    plan.append({"task": task, "group": key, "prompts": [p.to_json() for p in chunk]})
+        return plan
+
+    def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
+        return _Batch(model, sample).clean
+
+    def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
+                     progress: Progress) -> dict[str, pd.DataFrame]:
+        methods = methods_of(params)
+        batch = _Batch(model, sample)
+        clean = cache_run(model, batch.clean)
+        corrupt = cache_run(model, batch.corrupt)
+        ld_clean, ld_corrupt = batch.metric(clean.logits[:, -1]), batch.metric(corrupt.logits[:, -1])
+        layers = sorted(clean.z)
+        n_heads, n_kv = model.head_counts()
+        heads = range(n_heads)
+        b, n = batch.clean["input_ids"].shape
+        columns: dict[str, np.ndarray] = {}
+        if "patching" in methods:
+            variants = [(layer, h, None) for layer in layers for h in heads]
+            lds = activation_patch(model, batch.clean, corrupt, variants, batch.metric)
+            columns["patching"] = (lds.mean(1) - ld_clean.mean()).reshape(len(layers), n_heads).cpu().numpy()
+        eap = edge_attribution(model, batch.clean, batch.corrupt, batch.metric, clean_cache=clean,
+                               corrupt_cache=corrupt)                                              # (L, B, N, H)
+        if "eap" in methods:
+            columns["eap"] = eap.sum(2).mean(1).cpu().numpy()
+        if "eap-ig" in methods:
+            ig = edge_attribution(model, batch.clean, batch.corrupt, batch.metric, clean_cache=clean,
+                                  corrupt_cache=corrupt, ig_steps=int(params["ig_steps"]))
+            columns["eap_ig"] = ig.sum(2).mean(1).cpu().numpy()
+        if "path" in methods:
+                columns["path"] = np.array([[float(batch.metric(path_patch(
+                model, batch.clean, [(layer, h)], clean_cache=clean, corrupt_cache=corrupt)[:, -1]).mean() - ld_clean.mean())
+                for h in heads] for layer in layers])
+        group = n_heads // n_kv
+        rows = pd.concat([head_rows(layer, heads, [h // group for h in heads], task=sample["task"], n=b,
+                                    clean_ld=float(ld_clean.mean()), corrupt_ld=float(ld_corrupt.mean()),
+                                    **{m: columns[m][i] for m in columns})
+                          for i, layer in enumerate(layers)], ignore_index=True)
+        tokens = model.tokenizer.convert_ids_to_tokens(batch.clean["input_ids"][0].tolist())
+        positions = {"eap": eap.mean(1).permute(0, 2, 1).reshape(-1).cpu().numpy()}               # (L, H, N)
+        if params["per_position"]:
+            variants = [(layer, h, p) for layer in layers for h in heads for p in range(n)]
+            lds = activation_patch(model, batch.clean, corrupt, variants, batch.metric)
+            positions["patching"] = (lds.mean(1) - ld_clean.mean()).cpu().numpy()
+        grid = pd.MultiIndex.from_product([layers, heads, range(n)], names=["layer", "head", "position"]).to_frame(index=False)
+        grid.insert(2, "kv_head", grid["head"] // group)
+        grid["token"] = [tokens[p] for p in grid["position"]]
+        for name, values in positions.items():
+            grid[name] = values
+        grid.insert(0, "task", sample["task"])
+        top1_clean = clean.logits[:, -1].argmax(-1) == batch.correct
+        top1_corrupt = corrupt.logits[:, -1].argmax(-1) == batch.correct
+        prompts = pd.DataFrame({"task": sample["task"], "group": sample["group"], "prompt": range(b),
+                                "clean": [p.clean for p in batch.prompts], "corrupt": [p.corrupt for p in batch.prompts],
+                                "correct": [p.correct for p in batch.prompts], "foil": [p.foil for p in batch.prompts],
+                                "clean_ld": ld_clean.cpu().numpy(), "corrupt_ld": ld_corrupt.cpu().numpy(),
+                                "clean_top1": top1_clean.cpu().numpy(), "corrupt_top1": top1_corrupt.cpu().numpy()})
+        return {"samples": rows, "prompts": prompts, "positions": grid}
+
+    def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
+        methods = [m.replace("-", "_") for m in methods_of(params)]
+        out = None
+        for task in tasks_of(params):
+            rows = samples[samples["task"] == task]
+            if rows.empty:
+                continue
+            weighted = rows[methods + ["clean_ld", "corrupt_ld"]].mul(rows["n"], axis=0)
+            sums = weighted.groupby([rows["layer"], rows["head"], rows["kv_head"]]).sum()
+            effects = sums[methods].div(sums["corrupt_ld"] - sums["clean_ld"], axis=0)
+            effects.columns = [column(task, m) for m in methods]
+            out = effects if out is None else out.join(effects, how="outer")
+        return out.reset_index()
+
+    def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
+                 options: Options, params: dict, progress: Progress,
+                 extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        tasks = tasks_of(params)
+        circuits = {t: circuit_heads(heads, circuit_column(params, t), params) for t in tasks}
+        circuit_table = pd.concat([pd.DataFrame({"task": t, "rank": range(1, len(c) + 1),
+                                                 "layer": [h[0] for h in c], "head": [h[1] for h in c]})
+                                   for t, c in circuits.items()], ignore_index=True)
+        circuit_table = circuit_table.merge(heads, on=["layer", "head"], how="left")
+        faith = pd.concat([faithfulness(model, t, [s for s in plan if s["task"] == t], heads,
+                                        circuit_column(params, t), circuits[t], params, progress) for t in tasks],
+                          ignore_index=True)
+        overlap = pd.DataFrame([overlap_row(heads, params, a, b, circuits) for i, a in enumerate(tasks)
+                                for b in tasks[i + 1:]],
+                               columns=["task_a", "task_b", "heads_a", "heads_b", "shared", "jaccard", "of_smaller",
+                                        "rank_correlation", "shared_heads", "only_a", "only_b"])
+        return {"circuit": circuit_table, "faithfulness": faith, "overlap": overlap,
+                "agreement": agreement(heads, params, circuits)}
+
+    def report(self, result) -> list[str]:
+        lines = []
+        prompts = result.tables.get("prompts")
+        faith = result.tables.get("faithfulness")
+        for task in tasks_of(result.meta["params"]):
+            if prompts is not None:
+                p = prompts[prompts["task"] == task]
+                lines.append(f"{task}: {len(p)} prompts, logit difference clean {p['clean_ld'].mean():.2f}, corrupt "
+                             f"{p['corrupt_ld'].mean():.2f}; correct > foil on {100 * (p['clean_ld'] > 0).mean():.0f} %, "
+                             f"top-1 on {100 * p['clean_top1'].mean():.0f} %")
+            circuit = result.tables["circuit"]
+            heads = circuit[circuit["task"] == task]
+            lines.append(f"  circuit ({len(heads)} heads, by {circuit_column(result.meta['params'], task)}): "
+                         + ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()))
+            if faith is not None:
+                f = faith[(faith["task"] == task) & faith["circuit"]]
+                for r in f.itertuples():
+                    lines.append(f"  faithfulness: {100 * r.recovered:.0f} % of the logit difference kept with the "
+                                 f"{r.heads} circuit heads alone (the rest mean-ablated; all ablated: {r.ablated_ld:.2f})")
+        for r in result.tables.get("overlap", pd.DataFrame()).itertuples():
+            lines.append(f"overlap {r.task_a} / {r.task_b}: {r.shared} shared of {r.heads_a} / {r.heads_b} heads "
+                         f"(Jaccard {r.jaccard:.2f}, of the smaller {100 * r.of_smaller:.0f} %), Spearman ρ of all "
+                         f"heads {r.rank_correlation:.2f}")
+        for r in result.tables.get("agreement", pd.DataFrame()).itertuples():
+            lines.append(f"{r.task}: {r.method} vs {r.reference}: Spearman ρ {r.rank_correlation:.2f} (|effect|), "
+                         f"top-{r.k} shared {r.shared}")
+        return lines
+
+
+def _importance(heads: pd.DataFrame, col: str) -> pd.DataFrame:
+    return heads[["layer", "head"]].assign(importance=heads[col].abs())
+
+
+def circuit_heads(heads: pd.DataFrame, col: str, params: dict) -> list[tuple[int, int]]:
+    """A task's circuit, most important first: heads with |effect| ≥ threshold, else the top circuit_percent %
+    (at least one head)."""
+    ranked = _importance(heads, col).dropna().sort_values("importance", ascending=False, kind="stable")
+    if params.get("threshold") is not None:
+        ranked = ranked[ranked["importance"] >= float(params["threshold"])]
+    else:
+        ranked = ranked.head(max(1, round(float(params["circuit_percent"]) / 100 * len(heads))))
+    return [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
+
+
+def overlap_row(heads: pd.DataFrame, params: dict, a: str, b: str, circuits: dict) -> dict:
+    ov = overlap_of(circuits[a], circuits[b])
+    rho = rank_correlation(_importance(heads, circuit_column(params, a)), "importance",
+                           _importance(heads, circuit_column(params, b)), "importance")
+    fmt = lambda hs: " ".join(f"{layer}.{head}" for layer, head in hs)  # noqa: E731
+    return {"task_a": a, "task_b": b, "heads_a": len(ov.top_a), "heads_b": len(ov.top_b), "shared": len(ov.shared),
+            "jaccard": ov.jaccard, "of_smaller": ov.of_smaller, "rank_correlation": rho,
+            "shared_heads": fmt(ov.shared), "only_a": fmt(ov.only_a), "only_b": fmt(ov.only_b)}
+
+
+def agreement(heads: pd.DataFrame, params: dict, circuits: dict) -> pd.DataFrame:
+    """How every other method ranks the heads against the one that chooses the circuit: Spearman's ρ of |effect|
+    and the shared heads of the top k (k = the circuit's size)."""
+    rows = []
+    for task, circuit in circuits.items():
+        ref = circuit_column(params, task)
+        for m in methods_of(params):
+            col = column(task, m)
+            if col == ref:
+                continue
+            k = len(circuit)
+            mine = _importance(heads, col).sort_values("importance", ascending=False, kind="stable").head(k)
+            shared = len({(int(r.layer), int(r.head)) for r in mine.itertuples()} & set(circuit))
+            rows.append({"task": task, "method": col, "reference": ref,
+                         "rank_correlation": rank_correlation(_importance(heads, col), "importance",
+                                                              _importance(heads, ref), "importance"),
+                         "signed_correlation": rank_correlation(heads, col, heads, ref), "k": k, "shared": shared})
+    return pd.DataFrame(rows, columns=["task", "method", "reference", "rank_correlation", "signed_correlation", "k",
+                                       "shared"])
+
+
+def _percents(params: dict) -> list[float]:
+    given = params.get("faithfulness_percents") or []
+    values = [float(x) for x in (given.split(",") if isinstance(given, str) else given)]
+    return sorted(set(values))
+
+
+def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame, col: str, circuit: list[tuple[int, int]],
+                 params: dict, progress: Progress) -> pd.DataFrame:
+    """Logit difference with every head outside a circuit mean-ablated, for the chosen circuit and the top P % of
+    heads for each of `faithfulness_percents` (and 0 heads: all ablated). Means: the task's corrupted prompts of the
+    same group (aligned positions), per position. recovered = LD / clean LD (Wang et al.'s F(C) / F(M));
+    normalised = (LD − all-ablated LD) / (clean LD − all-ablated LD)."""
+    ranked = [(int(r.layer), int(r.head)) for r in _importance(heads, col).dropna()
+              .sort_values("importance", ascending=False, kind="stable").itertuples()]
+    sizes = {0: False}
+    for p in _percents(params):
+        sizes[max(1, round(p / 100 * len(ranked)))] = False
+    sizes[len(circuit)] = True  # the circuit is the top len(circuit) heads of the same ranking
+    all_heads = [(int(r.layer), int(r.head)) for r in heads.itertuples()]
+
+    sums: dict[str, dict] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for sample in plan:  # the corrupted prompts' mean output of every head at each position, per group
+        batch = _Batch(model, sample)
+        z = cache_run(model, batch.corrupt).z
+        group = sums.setdefault(sample["group"], {})
+        for layer, zl in z.items():
+            group[layer] = group.get(layer, 0) + zl.sum(0)                                   # (N, H, d)
+        counts[sample["group"]] += len(batch.correct)
+
+    ld = defaultdict(float)
+    top1 = defaultdict(float)
+    n_total = 0
+    for sample in progress.bar(plan, desc=f"faithfulness of {col}", leave=False):
+        batch = _Batch(model, sample)
+        means = {layer: s / counts[sample["group"]] for layer, s in sums[sample["group"]].items()}
+        with torch.no_grad():
+            clean_ld = batch.metric(last_logits(model, batch.clean))
+        ld["clean"] += float(clean_ld.sum())
+        for k in sizes:
+            keep = set(ranked[:k])
+            values = {(layer, h): means[layer][:, h] for layer, h in all_heads if (layer, h) not in keep}
+            with torch.no_grad(), patch_heads(model, values):
+                logits = last_logits(model, batch.clean)
+            ld[k] += float(batch.metric(logits).sum())
+            top1[k] += float((logits.argmax(-1) == batch.correct).sum())
+        n_total += len(batch.correct)
+    clean_ld, ablated = ld["clean"] / n_total, ld[0] / n_total
+    rows = []
+    for k, is_circuit in sorted(sizes.items()):
+        mean = ld[k] / n_total
+        rows.append({"task": task, "heads": k, "percent": 100 * k / len(all_heads),
+                     "circuit": is_circuit, "ld": mean, "clean_ld": clean_ld, "ablated_ld": ablated,
+                     "recovered": mean / clean_ld if clean_ld else float("nan"),
+                     "normalised": (mean - ablated) / (clean_ld - ablated) if clean_ld != ablated else float("nan"),
+                     "top1": top1[k] / n_total})
+    return pd.DataFrame(rows)
