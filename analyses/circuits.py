@@ -187,7 +187,8 @@ class Circuits(Analysis):
                 model, batch.clean, [(layer, h)], clean_cache=clean, corrupt_cache=corrupt)[:, -1]).mean() - ld_clean.mean())
                 for h in heads] for layer in layers])
         group = n_heads // n_kv
-        rows = pd.concat([head_rows(layer, heads, [h // group for h in heads], task=sample["task"], n=b,
+        label = task_label(sample["task"])
+        rows = pd.concat([head_rows(layer, heads, [h // group for h in heads], task=label, n=b,
                                     clean_ld=float(ld_clean.mean()), corrupt_ld=float(ld_corrupt.mean()),
                                     **{m: columns[m][i] for m in columns})
                           for i, layer in enumerate(layers)], ignore_index=True)
@@ -202,10 +203,10 @@ class Circuits(Analysis):
         grid["token"] = [tokens[p] for p in grid["position"]]
         for name, values in positions.items():
             grid[name] = values
-        grid.insert(0, "task", sample["task"])
+        grid.insert(0, "task", label)
         top1_clean = clean.logits[:, -1].argmax(-1) == batch.correct
         top1_corrupt = corrupt.logits[:, -1].argmax(-1) == batch.correct
-        prompts = pd.DataFrame({"task": sample["task"], "group": sample["group"], "prompt": range(b),
+        prompts = pd.DataFrame({"task": label, "group": sample["group"], "prompt": range(b),
                                 "clean": [p.clean for p in batch.prompts], "corrupt": [p.corrupt for p in batch.prompts],
                                 "correct": [p.correct for p in batch.prompts], "foil": [p.foil for p in batch.prompts],
                                 "clean_ld": ld_clean.cpu().numpy(), "corrupt_ld": ld_corrupt.cpu().numpy(),
@@ -216,7 +217,7 @@ class Circuits(Analysis):
         methods = [m.replace("-", "_") for m in methods_of(params)]
         out = None
         for task in tasks_of(params):
-            rows = samples[samples["task"] == task]
+            rows = samples[samples["task"] == task_label(task)]
             if rows.empty:
                 continue
             weighted = rows[methods + ["clean_ld", "corrupt_ld"]].mul(rows["n"], axis=0)
@@ -230,16 +231,17 @@ class Circuits(Analysis):
                  options: Options, params: dict, progress: Progress,
                  extras: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         tasks = tasks_of(params)
-        circuits = {t: circuit_heads(heads, circuit_column(params, t), params) for t in tasks}
+        circuits = {task_label(t): circuit_heads(heads, circuit_column(params, t), params) for t in tasks}
         circuit_table = pd.concat([pd.DataFrame({"task": t, "rank": range(1, len(c) + 1),
                                                  "layer": [h[0] for h in c], "head": [h[1] for h in c]})
                                    for t, c in circuits.items()], ignore_index=True)
         circuit_table = circuit_table.merge(heads, on=["layer", "head"], how="left")
-        faith = pd.concat([faithfulness(model, t, [s for s in plan if s["task"] == t], heads,
-                                        circuit_column(params, t), circuits[t], params, progress) for t in tasks],
-                          ignore_index=True)
-        overlap = pd.DataFrame([overlap_row(heads, params, a, b, circuits) for i, a in enumerate(tasks)
-                                for b in tasks[i + 1:]],
+        faith = pd.concat([faithfulness(model, task_label(t), [s for s in plan if s["task"] == t], heads,
+                                        circuit_column(params, t), circuits[task_label(t)], params, progress)
+                           for t in tasks], ignore_index=True)
+        labels = list(circuits)
+        overlap = pd.DataFrame([overlap_row(heads, params, a, b, circuits) for i, a in enumerate(labels)
+                                for b in labels[i + 1:]],
                                columns=["task_a", "task_b", "heads_a", "heads_b", "shared", "jaccard", "of_smaller",
                                         "rank_correlation", "shared_heads", "only_a", "only_b"])
         return {"circuit": circuit_table, "faithfulness": faith, "overlap": overlap,
@@ -249,7 +251,7 @@ class Circuits(Analysis):
         lines = []
         prompts = result.tables.get("prompts")
         faith = result.tables.get("faithfulness")
-        for task in tasks_of(result.meta["params"]):
+        for task in map(task_label, tasks_of(result.meta["params"])):
             if prompts is not None:
                 p = prompts[prompts["task"] == task]
                 lines.append(f"{task}: {len(p)} prompts, logit difference clean {p['clean_ld'].mean():.2f}, corrupt "

@@ -264,9 +264,10 @@ class Dashboard:
         """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
         how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
         from interp.analyses.circuits import circuit_column, tasks_of
+        from interp.analyses.tasks import task_label
 
         t, params = result.tables, result.meta["params"]
-        tasks = tasks_of(params)
+        tasks = [task_label(task) for task in tasks_of(params)]
         out: list = []
         for task in tasks:
             heads = t["circuit"][t["circuit"]["task"] == task]

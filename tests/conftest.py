@@ -15,10 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def app_store(tmp_path_factory):
-    """A store of real stories260k runs (summary, retrieval, sinks), a sinks run of a tiny random ViT, an incomplete
-    and a corrupt run: what the dashboard tests browse. Returns (store, {kind: run id}, {name: Model}) — the
-    models a dashboard cannot load by name (the tiny ViT)."""
+    """A store of real stories260k runs (summary, retrieval, sinks), a sinks run of a tiny random ViT, a circuits run
+    of the planted-circuit model on two tasks, an incomplete and a corrupt run: what the dashboard tests browse.
+    Returns (store, {kind: run id}, {name: Model}) — the models a dashboard cannot load by name (the tiny ViT, the
+    planted circuit)."""
     import interp
+    import planted_circuit
     from tiny_models import make, vit_processor
 
     root = tmp_path_factory.mktemp("app-store")
@@ -31,6 +33,12 @@ def app_store(tmp_path_factory):
         "sinks": interp.score(model, "sinks", samples=3, store=root),
         "vit": interp.score(vit, "sinks", samples=2, store=root),
     }
+    planted = planted_circuit.model()
+    tasks = [root.parent / f"{name}.jsonl" for name in ("first", "again")]
+    for seed, path in enumerate(tasks):
+        planted_circuit.write_task(path, n=6, seed=seed)
+    runs["circuits"] = interp.score(planted, "circuits", tasks=",".join(map(str, tasks)), circuit_percent=25,
+                                    store=root)
     incomplete = root / "20200101-000000-stories260k-summary-aaaaaa"
     incomplete.mkdir()
     meta = dict(runs["summary"].meta, id=incomplete.name, status="incomplete", tables=[])
@@ -39,4 +47,4 @@ def app_store(tmp_path_factory):
     corrupt.mkdir()
     (corrupt / "meta.json").write_text("{ not json")
     ids = {name: r.id for name, r in runs.items()} | {"incomplete": incomplete.name, "corrupt": corrupt.name}
-    return root, ids, {vit.name: vit}
+    return root, ids, {vit.name: vit, planted.name: planted}

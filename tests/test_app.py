@@ -234,6 +234,33 @@ def test_analysis_views_and_compare(board, app_store):
                                                     "first_token_mass", 5)
     assert "top 5:" in str(summary) and len(scatter.data) >= 1 and map_b.layout.title.text.startswith("B:")
     assert board.score_choices(ids["retrieval"]) == (["retrieval_score"], "retrieval_score")
+    assert board.score_choices(ids["circuits"], "again_eap") == (
+        ["first_patching", "first_eap", "again_patching", "again_eap"], "again_eap")
+
+
+def test_circuits_view_and_compare_by_magnitude(board, app_store):
+    """The planted circuit: both tasks' circuits are heads 0.1 and 1.2, fully faithful; the view links to the
+    compare page, which ranks by |effect| there."""
+    _, ids, _ = app_store
+    result = board.catalog.result(ids["circuits"])
+    view = board.analysis_view(result)
+    text = " ".join(str(x) for x in view)
+    assert "first: circuit of 2 heads by first_patching" in text and "2 heads shared" in text
+    link = next(x for x in view if "compare them" in str(x)).children[1].href
+    assert link.startswith(f"/compare?a={ids['circuits']}&b={ids['circuits']}&sa=first_patching&sb=again_patching")
+    graphs = [x.figure for x in view if hasattr(x, "figure")]
+    faith = next(g for g in graphs if g.layout.title.text.startswith("faithfulness"))
+    kept = dict(zip(faith.data[0].x, faith.data[0].y))
+    assert kept[2] == pytest.approx(100, abs=1e-3)
+    positions = [g for g in graphs if "at each position" in g.layout.title.text]
+    assert len(positions) == 2 and sorted(positions[0].data[0].y) == ["0.1", "1.2"]
+    page = board.page("/compare", "?" + link.split("?", 1)[1])
+    assert "value='first_patching'" in str(page) and "value=['abs']" in str(page)
+    summary, *_ = board.compare(ids["circuits"], "first_patching", ids["circuits"], "again_patching", 2, True)
+    assert "top 2 by |score|: 2 heads shared" in str(summary)
+    # the ranked table and the best head go by |effect| for a signed analysis
+    rows, _ = board.ranked(ids["circuits"], "first_eap")
+    assert {(r["layer"], r["head"]) for r in rows[:2]} == {(0, 1), (1, 2)}
 
 
 def test_pages_never_unpickle(board, app_store, monkeypatch):

@@ -143,7 +143,8 @@ def test_choose_a_head_then_see_its_pooled_and_zoomed_attention(server, page, ap
 
 def test_analysis_views(server, page, app_store, shots):
     _, ids, _ = app_store
-    for name, expect in (("retrieval", "needle retrieval by depth"), ("sinks", "massive activations per layer")):
+    for name, expect in (("retrieval", "needle retrieval by depth"), ("sinks", "massive activations per layer"),
+                         ("circuits", "faithfulness")):
         page.goto(f"{server}/run/{ids[name]}")
         page.wait_for_selector("#head-map .nsewdrag")
         page.get_by_text(f"{name} view").click()
@@ -174,6 +175,20 @@ def test_compare_page(server, page, app_store, shots):
     assert page.locator("#scatter .scatterlayer .point").count() == 40  # 5 layers × 8 heads
     assert page.locator("#map-a .heatmaplayer").count() == 1 and page.locator("#map-b .heatmaplayer").count() == 1
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+
+def test_compare_two_circuits_from_the_circuits_view(server, page, app_store, shots):
+    """The circuits view links to the compare page with both tasks' scores of the same run, ranked by |effect|."""
+    _, ids, _ = app_store
+    page.goto(f"{server}/run/{ids['circuits']}")
+    page.wait_for_selector("#head-map .nsewdrag")
+    page.get_by_text("circuits view").click()
+    page.get_by_text("compare them").click()
+    page.wait_for_selector("#overlap-summary")
+    idle(page)
+    text = page.locator("#overlap-summary").inner_text()
+    assert "top 2 by |score|: 2 heads shared" in text and "Jaccard 1.000" in text, text
+    page.screenshot(path=str(shots / "compare-circuits.png"), full_page=True)
 
 
 def test_a_vit_query_over_its_patch_grid(server, page, app_store, shots):
