@@ -178,3 +178,26 @@ def test_resume_matches_a_run_scored_on_chosen_layers_and_heads(capsys, tmp_path
     [info] = interp.list_runs(tmp_path)
     code, out, _ = run(capsys, *argv, "--resume")
     assert code == 0 and f"run {info.id}" in out and len(interp.list_runs(tmp_path)) == 1
+
+
+def test_score_circuits_from_the_command_line(capsys, tmp_path):
+    """`--analysis circuits --tasks` with a user JSONL task on stories260k (whose tokenizer has too few one-token names
+    for IOI: a clear error, exit 1)."""
+    task = tmp_path / "names.jsonl"
+    rows = [("Lily and Tim went to the park. Tim gave a ball to", "Tim and Lily went to the park. Lily gave a ball to",
+             " Lily", " Tim"),
+            ("Tim and Lily went to the park. Lily gave a ball to", "Lily and Tim went to the park. Tim gave a ball to",
+             " Tim", " Lily")]
+    task.write_text("".join(json.dumps(dict(zip(("clean", "corrupt", "correct", "foil"), r))) + "\n" for r in rows))
+    code, out, err = run(capsys, "score", "stories260k", "--analysis", "circuits", "--tasks", str(task), "--methods",
+                         "patching,eap", "--circuit-percent", "5", "--faithfulness-percents", "10", "--per-position",
+                         "--out", str(tmp_path / "runs"), "--top", "3")
+    assert code == 0, err
+    assert "top 3 heads by names_patching" in out and "names: 2 prompts" in out and "circuit (2 heads" in out
+    result = interp.open_run(out.split("\nrun ")[1].split()[0], store=tmp_path / "runs")
+    assert result.meta["params"]["per_position"] is True and "patching" in result.tables["positions"].columns
+    code, _, err = run(capsys, "score", "stories260k", "--analysis", "circuits", "--tasks", "ioi",
+                       "--out", str(tmp_path / "runs"))
+    assert code == 1 and "needs at least 5 names" in err
+    code, _, err = run(capsys, "score", "stories260k", "--tasks", "ioi", "--out", str(tmp_path / "runs"))
+    assert code == 2 and "--tasks applies to none of summary" in err
