@@ -38,7 +38,7 @@ METHOD_TEXT = {
     "eap_ig": "EAP-IG (integrated gradients along the embeddings)",
     "path": "path patching to the logits (direct effect)",
 }
-DEFAULT_PROMPTS = 64
+DEFAULT_PROMPTS = 32
 
 
 def _list(value, what: str) -> list[str]:
