@@ -165,27 +165,27 @@ class Circuits(Analysis):
         clean = cache_run(model, batch.clean)
         corrupt = cache_run(model, batch.corrupt)
         ld_clean, ld_corrupt = batch.metric(clean.logits[:, -1]), batch.metric(corrupt.logits[:, -1])
-        layers = sorted(clean.z)
         n_heads, n_kv = model.head_counts()
-        heads = range(n_heads)
+        layers = list(options.layers) if options.layers is not None else sorted(clean.z)
+        heads = list(options.heads) if options.heads is not None else list(range(n_heads))
         b, n = batch.clean["input_ids"].shape
-        columns: dict[str, np.ndarray] = {}
+        columns: dict[str, np.ndarray] = {}                                                   # each (layers, heads)
         if "patching" in methods:
             variants = [(layer, h, None) for layer in layers for h in heads]
             lds = activation_patch(model, batch.clean, corrupt, variants, batch.metric)
-            columns["patching"] = (lds.mean(1) - ld_clean.mean()).reshape(len(layers), n_heads).cpu().numpy()
+            columns["patching"] = (lds.mean(1) - ld_clean.mean()).reshape(len(layers), len(heads)).cpu().numpy()
         eap = edge_attribution(model, batch.clean, batch.corrupt, batch.metric, clean_cache=clean,
-                               corrupt_cache=corrupt)                                              # (L, B, N, H)
+                               corrupt_cache=corrupt)[layers][..., heads]                     # (layers, B, N, heads)
         if "eap" in methods:
             columns["eap"] = eap.sum(2).mean(1).cpu().numpy()
         if "eap-ig" in methods:
             ig = edge_attribution(model, batch.clean, batch.corrupt, batch.metric, clean_cache=clean,
-                                  corrupt_cache=corrupt, ig_steps=int(params["ig_steps"]))
+                                  corrupt_cache=corrupt, ig_steps=int(params["ig_steps"]))[layers][..., heads]
             columns["eap_ig"] = ig.sum(2).mean(1).cpu().numpy()
         if "path" in methods:
-                columns["path"] = np.array([[float(batch.metric(path_patch(
-                model, batch.clean, [(layer, h)], clean_cache=clean, corrupt_cache=corrupt)[:, -1]).mean() - ld_clean.mean())
-                for h in heads] for layer in layers])
+            columns["path"] = np.array([[float(batch.metric(path_patch(
+                model, batch.clean, [(layer, h)], clean_cache=clean, corrupt_cache=corrupt)[:, -1]).mean()
+                - ld_clean.mean()) for h in heads] for layer in layers])
         group = n_heads // n_kv
         label = task_label(sample["task"])
         rows = pd.concat([head_rows(layer, heads, [h // group for h in heads], task=label, n=b,
@@ -340,7 +340,8 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
     for p in _percents(params):
         sizes[max(1, round(p / 100 * len(ranked)))] = False
     sizes[len(circuit)] = True  # the circuit is the top len(circuit) heads of the same ranking
-    all_heads = [(int(r.layer), int(r.head)) for r in heads.itertuples()]
+    n_heads, _ = model.head_counts()
+    all_heads = [(layer, h) for layer in range(model.n_layers()) for h in range(n_heads)]  # ablated: every head
 
     sums: dict[str, dict] = {}
     counts: dict[str, int] = defaultdict(int)

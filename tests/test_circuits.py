@@ -304,3 +304,20 @@ def test_task_errors(tmp_path, smollm2):
         interp.score(smollm2, "circuits", methods="patching,acdc", samples=2)
     with pytest.raises(Exception, match="does not apply"):
         interp.score("minilm-l6", "circuits", samples=2)
+
+
+def test_chosen_layers_and_heads_score_the_same(tmp_path):
+    model = planted.model()
+    path = tmp_path / "first.jsonl"
+    planted.write_task(path)
+    full = interp.score(model, "circuits", tasks=str(path), methods="patching,eap", faithfulness_percents="")
+    part = interp.score(model, "circuits", tasks=str(path), methods="patching,eap", layers=[1], heads=[2, 3],
+                        faithfulness_percents="")
+    assert list(zip(part.heads["layer"], part.heads["head"])) == [(1, 2), (1, 3)]
+    expect = full.heads.set_index(["layer", "head"]).loc[[(1, 2), (1, 3)]]
+    got = part.heads.set_index(["layer", "head"])
+    for col in ("first_patching", "first_eap"):
+        assert got[col].tolist() == pytest.approx(expect[col].tolist(), abs=1e-6)
+    # faithfulness still ablates every head of the model outside the (partial) circuit: head 0.1 goes too
+    faith = part.tables["faithfulness"].set_index("heads")
+    assert faith.loc[1, "recovered"] < 0.5
