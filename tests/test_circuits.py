@@ -321,3 +321,64 @@ def test_chosen_layers_and_heads_score_the_same(tmp_path):
     # faithfulness still ablates every head of the model outside the (partial) circuit: head 0.1 goes too
     faith = part.tables["faithfulness"].set_index("heads")
     assert faith.loc[1, "recovered"] < 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real weights
+
+
+@pytest.fixture(scope="module")
+def ioi_batch(smollm2):
+    from interp.analyses.circuits import _Batch
+    from interp.analyses.tasks import ioi_prompts
+
+    prompts = [p for p in ioi_prompts(smollm2, 16, seed=0) if p.group == "ioi-0"]
+    return _Batch(smollm2, {"task": "ioi", "group": "ioi-0", "prompts": [p.to_json() for p in prompts]})
+
+
+@pytest.mark.slow
+def test_smollm2_does_ioi(smollm2):
+    """SmolLM2-135M prefers the indirect object on IOI; the S2/IO swap flips its preference."""
+    from interp.analyses.circuits import _Batch
+
+    for corruption in ("abc", "swap"):
+        prompts = ioi_prompts(smollm2, 16, seed=1, corruption=corruption)
+        lds = []
+        for group in sorted({p.group for p in prompts}):
+            mine = [p.to_json() for p in prompts if p.group == group]
+            batch = _Batch(smollm2, {"task": "ioi", "group": group, "prompts": mine})
+            with torch.no_grad():
+                lds.append(torch.stack([batch.metric(smollm2.hf(**x).logits[:, -1]) for x in (batch.clean, batch.corrupt)]))
+        clean, corrupt = torch.cat(lds, 1)
+        assert clean.mean() > 1.0 and (clean > 0).float().mean() >= 0.75
+        if corruption == "swap":
+            assert corrupt.mean() < 0
+
+
+@pytest.mark.slow
+def test_smollm2_patching_and_path_identities(smollm2, ioi_batch):
+    """On real weights: activation patching equals a hand-made o_proj hook, and path patching with no senders /
+    every sender (MLPs frozen) equals the clean run / the hand-computed direct effect."""
+    model, batch = smollm2, ioi_batch
+    cc, cr = cache_run(model, batch.clean, qkv=True, mlps=True), cache_run(model, batch.corrupt)
+    variants = [(9, 6, None), (20, 1, None), (27, 4, len(batch.clean["input_ids"][0]) - 1)]
+    ours = activation_patch(model, batch.clean, cr, variants, batch.metric)
+    for row, (layer, h, pos) in zip(ours, variants):
+        handles = _o_proj_patch(model, {(layer, h): cr.z[layer][:, :, h]}, at=slice(None) if pos is None else [pos])
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(row, batch.metric(model.hf(**batch.clean).logits[:, -1]), rtol=1e-4, atol=1e-4)
+        finally:
+            _remove(handles)
+    torch.testing.assert_close(path_patch(model, batch.clean, [], clean_cache=cc, corrupt_cache=cr), cc.logits)
+    last = {}
+    with torch.no_grad(), capture_residual(model, lambda i, h: last.__setitem__(i, h), layers=[-1]):
+        model.hf(**batch.clean)
+    resid = last[model.n_layers() - 1]
+    with torch.no_grad():
+        for layer, module in enumerate(model.attention_modules()):
+            b, n, h, d = cc.z[layer].shape
+            resid = resid + module.o_proj((cr.z[layer] - cc.z[layer]).reshape(b, n, h * d))
+        by_hand = model.hf.lm_head(model.hf.model.norm(resid))
+    ours = path_patch(model, batch.clean, _heads(model), freeze_mlps=True, clean_cache=cc, corrupt_cache=cr)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-3)
