@@ -136,7 +136,9 @@ class Circuits(Analysis):
         if options.backend != "hf":
             raise ValueError("circuits patches heads through the 'hf' backend (the attention interface); "
                              f"backend {options.backend!r} cannot patch")
-        methods_of(params)
+        for task in tasks_of(params):
+            circuit_column(params, task)  # a circuit_by among the methods
+        _percents(params)
         if params["circuit_percent"] is not None and not 0 < float(params["circuit_percent"]) <= 100:
             raise ValueError(f"circuit_percent must be in (0, 100], got {params['circuit_percent']}")
         if int(params["batch"]) < 1:
@@ -156,7 +158,8 @@ class Circuits(Analysis):
         return plan
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
-        return _Batch(model, sample).clean
+        """The sample's first clean prompt (what the dashboard's attention view shows)."""
+        return {k: v[:1] for k, v in _Batch(model, sample).clean.items()}
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
@@ -324,7 +327,12 @@ def agreement(heads: pd.DataFrame, params: dict, circuits: dict) -> pd.DataFrame
 
 def _percents(params: dict) -> list[float]:
     given = params.get("faithfulness_percents") or []
-    values = [float(x) for x in (given.split(",") if isinstance(given, str) else given)]
+    try:
+        values = [float(x) for x in (given.split(",") if isinstance(given, str) else given) if str(x).strip()]
+    except ValueError:
+        raise ValueError(f"faithfulness_percents: give comma-separated percents, not {given!r}") from None
+    if any(not 0 < v <= 100 for v in values):
+        raise ValueError(f"faithfulness_percents must lie in (0, 100], got {given!r}")
     return sorted(set(values))
 
 

@@ -302,6 +302,11 @@ def test_task_errors(tmp_path, smollm2):
         interp.score(smollm2, "circuits", backend="nnsight", samples=2)
     with pytest.raises(ValueError, match="unknown circuit method"):
         interp.score(smollm2, "circuits", methods="patching,acdc", samples=2)
+    for bad, message in ((dict(circuit_by="path"), "not among the computed methods"),
+                         (dict(faithfulness_percents="1,x"), "comma-separated percents"),
+                         (dict(circuit_percent=0), r"circuit_percent must be in \(0, 100\]")):
+        with pytest.raises(ValueError, match=message):
+            interp.score(smollm2, "circuits", samples=2, **bad)
     with pytest.raises(Exception, match="does not apply"):
         interp.score("minilm-l6", "circuits", samples=2)
 
