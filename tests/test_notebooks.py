@@ -28,7 +28,7 @@ def _read(path: Path):
 
 def test_notebooks_are_there():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"quickstart", "retrieval", "sinks", "vision_heads", "long_context"} <= names, names
+    assert {"quickstart", "retrieval", "sinks", "vision_heads", "circuits", "long_context"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
