@@ -141,6 +141,8 @@ class Circuits(Analysis):
         _percents(params)
         if params["circuit_percent"] is not None and not 0 < float(params["circuit_percent"]) <= 100:
             raise ValueError(f"circuit_percent must be in (0, 100], got {params['circuit_percent']}")
+        if int(params["ig_steps"]) < 1:
+            raise ValueError(f"ig_steps must be ≥ 1, got {params['ig_steps']}")
         if int(params["batch"]) < 1:
             raise ValueError(f"batch must be ≥ 1, got {params['batch']}")
         plan = []
@@ -167,7 +169,9 @@ class Circuits(Analysis):
         batch = _Batch(model, sample)
         clean = cache_run(model, batch.clean)
         corrupt = cache_run(model, batch.corrupt)
-        ld_clean, ld_corrupt = batch.metric(clean.logits[:, -1]), batch.metric(corrupt.logits[:, -1])
+        with torch.no_grad():  # the baseline from the same last-position unembedding as the patched runs
+            ld_clean = batch.metric(last_logits(model, batch.clean))
+        ld_corrupt = batch.metric(corrupt.logits[:, -1])
         n_heads, n_kv = model.head_counts()
         layers = list(options.layers) if options.layers is not None else sorted(clean.z)
         heads = list(options.heads) if options.heads is not None else list(range(n_heads))
@@ -228,6 +232,8 @@ class Circuits(Analysis):
             effects = sums[methods].div(sums["corrupt_ld"] - sums["clean_ld"], axis=0)
             effects.columns = [column(task, m) for m in methods]
             out = effects if out is None else out.join(effects, how="outer")
+        if out is None:
+            raise ValueError("no finished sample of any task to aggregate")
         return out.reset_index()
 
     def finalize(self, model: Model, plan: list[dict], samples: pd.DataFrame, heads: pd.DataFrame,
@@ -327,6 +333,7 @@ def agreement(heads: pd.DataFrame, params: dict, circuits: dict) -> pd.DataFrame
 
 def _percents(params: dict) -> list[float]:
     given = params.get("faithfulness_percents") or []
+    given = [given] if isinstance(given, (int, float)) else given
     try:
         values = [float(x) for x in (given.split(",") if isinstance(given, str) else given) if str(x).strip()]
     except ValueError:
@@ -357,8 +364,8 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
         batch = _Batch(model, sample)
         z = cache_run(model, batch.corrupt).z
         group = sums.setdefault(sample["group"], {})
-        for layer, zl in z.items():
-            group[layer] = group.get(layer, 0) + zl.sum(0)                                   # (N, H, d)
+        for layer, zl in z.items():  # summed in at least float32: (N, H, d)
+            group[layer] = group.get(layer, 0) + zl.to(torch.promote_types(zl.dtype, torch.float32)).sum(0)
         counts[sample["group"]] += len(batch.correct)
 
     ld = defaultdict(float)

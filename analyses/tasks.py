@@ -6,7 +6,8 @@ al.) and Colored Objects (Merullo et al.: 1-shot, 3 objects; the corrupted promp
 same scene, whose colour is the foil). A user task is a JSONL file of {"clean", "corrupt", "correct", "foil"}
 (optional "group": prompts whose positions line up, for per-position results and position-wise means).
 Names, objects and colours are used only where the tokenizer keeps them one token after a space, so a clean
-prompt and its corruption have the same length and each answer is one token.
+prompt and its corruption have the same length, every prompt of a template has its words at the same positions,
+and each answer is one token.
 """
 
 from __future__ import annotations
@@ -130,8 +131,11 @@ def colored_objects_prompts(model: Model, n: int, seed: int = 0) -> list[TaskPro
     and a question about one of them → its colour, capitalised (" Blue"). The corrupted prompt asks about another
     object of the same scene; the foil is that object's colour."""
     objects = _pool(model, OBJECTS, "the", 3, "objects", "colored-objects")
-    colors = [c for c in _pool(model, [c.capitalize() for c in COLORS], "A:", 3, "colours", "colored-objects")]
-    colors = [c.lower() for c in colors]
+    answers = {c.lower() for c in _pool(model, [c.capitalize() for c in COLORS], "A:", 3, "colours", "colored-objects")}
+    colors = [c for c in _pool(model, COLORS, "a", 3, "colours", "colored-objects") if c in answers]
+    if len(colors) < 3:
+        raise ValueError(f"task 'colored-objects' needs at least 3 colours that {model.name}'s tokenizer keeps as one "
+                         f"token both in a scene and capitalised as the answer; only {len(colors)} qualify")
     surfaces = _pool(model, SURFACES, "the", 1, "surfaces", "colored-objects")
     rng = random.Random(seed)
     out = []
@@ -210,6 +214,8 @@ def encode(model: Model, prompts: list[TaskPrompt], task: str) -> Encoded:
                 raise ValueError(f"task {task!r}, prompt {i}: the answer {answer!r} is not one token after the prompt "
                                  f"for {model.name}'s tokenizer (answers need their leading space, e.g. ' Mary')")
             answers.append(ids[-1])
+        if answers[0] == answers[1]:
+            raise ValueError(f"task {task!r}, prompt {i}: the correct and foil answers are the same token ({p.correct!r})")
         model.check_length(len(a))
         clean.append(a)
         corrupt.append(b)

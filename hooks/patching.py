@@ -184,8 +184,8 @@ def path_patch(model: Model, clean: dict, senders: Iterable[Head], receivers: st
             if not inputs or set(inputs) - set("qkv"):
                 raise ValueError(f"a receiver's inputs are some of 'q', 'k', 'v', not {inputs!r}")
             recv[(int(layer), int(head))] = "".join(c for c in "qkv" if c in inputs)
+        _by_layer(model, recv, None)  # validates before negative layers are counted from the end
         recv = {(layer % n_layers, h): x for (layer, h), x in recv.items()}
-        _by_layer(model, recv, None)
         if sender_heads & set(recv):
             raise ValueError(f"heads {sorted(sender_heads & set(recv))} are both senders and receivers")
         if not clean_cache.qkv:
@@ -270,7 +270,7 @@ def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_
 
     Summed over positions it is the sum of EAP's scores of the head's outgoing edges (the residual stream is a sum,
     so the gradient at a head's output is the sum of the gradients at every later reader's input). One forward and
-    one backward. ig_steps: EAP-IG (Hanna et al.): the gradient averaged over `ig_steps` inputs whose embeddings run
+    one backward; at least float32 whatever the model's dtype. ig_steps: EAP-IG (Hanna et al.): the gradient averaged over `ig_steps` inputs whose embeddings run
     from the clean to the corrupted prompt (midpoints), one forward / backward each.
     metric: the last position's logits (B, V) -> (B,).
     """
@@ -278,8 +278,11 @@ def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_
     with torch.no_grad():
         e_clean, e_corrupt = embed(clean["input_ids"]), embed(corrupt["input_ids"])
     rest = {k: v for k, v in clean.items() if k != "input_ids"}
+    if ig_steps is not None and ig_steps < 1:
+        raise ValueError(f"ig_steps must be ≥ 1, got {ig_steps}")
     alphas = [0.0] if not ig_steps else [(i + 0.5) / ig_steps for i in range(ig_steps)]
     total: dict[int, Tensor] = {}
+    wide = torch.promote_types(e_clean.dtype, torch.float32)  # half-precision models sum in float32
     for alpha in alphas:
         zs: dict[int, Tensor] = {}
         embeds = (e_clean + alpha * (e_corrupt - e_clean)).requires_grad_(True)
@@ -288,5 +291,6 @@ def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_
             layers = sorted(zs)
             grads = torch.autograd.grad(value, [zs[i] for i in layers])
         for i, g in zip(layers, grads):
-            total[i] = total.get(i, 0) + g.detach() / len(alphas)
-    return torch.stack([((corrupt_cache.z[i] - clean_cache.z[i]) * total[i]).sum(-1) for i in sorted(total)])
+            total[i] = total.get(i, 0) + g.detach().to(wide) / len(alphas)
+    return torch.stack([((corrupt_cache.z[i].to(wide) - clean_cache.z[i].to(wide)) * total[i]).sum(-1)
+                        for i in sorted(total)])

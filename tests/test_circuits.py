@@ -403,3 +403,20 @@ def test_smollm2_ioi_circuit_is_faithful(smollm2):
     assert (23, 3) in set(zip(result.tables["circuit"]["layer"], result.tables["circuit"]["head"]))
     agree = result.tables["agreement"].set_index("method").loc["ioi_eap"]
     assert agree["rank_correlation"] > 0.6
+
+
+def test_bfloat16_models_and_degenerate_tasks(tmp_path):
+    """A bfloat16 model (most checkpoints' dtype) scores in float32 tables; a task whose answers are one token is
+    refused."""
+    path = tmp_path / "first.jsonl"
+    planted.write_task(path)
+    result = interp.score(planted.model(torch.bfloat16), "circuits", tasks=str(path), circuit_percent=25,
+                          faithfulness_percents="")
+    heads = result.heads.set_index(["layer", "head"])
+    assert heads["first_eap"].dtype == "float64" or heads["first_eap"].dtype == "float32"
+    assert (heads.loc[planted.CIRCUIT, "first_patching"] > 0.5).all()
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"clean": "alpha the sun", "corrupt": "bravo the sun", "correct": " alpha",
+                                "foil": " alpha"}) + "\n")
+    with pytest.raises(ValueError, match="the same token"):
+        encode(planted.model(), jsonl_prompts(same), "same")
