@@ -278,6 +278,19 @@ def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tens
     return torch.tensor(chosen)
 
 
+def heads_by_layer(model: Model, heads: Iterable[tuple[int, int]], tower: str | None = None) -> dict[int, list[int]]:
+    """{layer: [query heads]} from (layer, head) pairs, validated, negative layers counted from the end."""
+    t = model.family.tower(tower)
+    n = model.n_layers(t.name)
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        check_layers(model, t, [layer])
+        out.setdefault(int(layer) % n, []).append(int(head))
+    for hs in out.values():
+        check_heads(model, t, hs)
+    return out
+
+
 @contextmanager
 def session(model: Model, probe: Probe, *, tower: str | None = None, layers: Iterable[int] | None = None,
             heads: Sequence[int] | None = None, keep: Iterable[str] = ("q", "k"), root=None):
@@ -391,17 +404,12 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     if mode == "mean" and (means is None or any(h not in means for h in heads)):
         raise ValueError("mode 'mean' needs means={(layer, head): (d,) tensor} for every knocked-out head")
     t = model.family.tower(tower)
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(int(layer), []).append(int(head))
-    if not by_layer:
+    merged = heads_by_layer(model, heads, tower)
+    if not merged:
         yield
         return
-    layers = check_layers(model, t, by_layer)  # validates, and maps negative indices
+    layers = sorted(merged)
     n = model.n_layers(t.name)
-    merged: dict[int, list[int]] = {}
-    for layer, hs in by_layer.items():
-        merged.setdefault(layer % n, []).extend(hs)
     chosen = {i: check_heads(model, t, merged[i]) for i in layers}
     modules = model.attention_modules(t.name)
     by_head = {(layer % n, head): v for (layer, head), v in (means or {}).items()}

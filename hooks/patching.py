@@ -19,7 +19,7 @@ from torch import Tensor
 from interp.families import resolve
 from interp.models import Model
 
-from .capture import capture, check_heads, check_layers, install, uninstall
+from .capture import capture, heads_by_layer, install, uninstall
 
 Head = tuple[int, int]
 Receiver = tuple[int, int, str]  # (layer, query head, which of its inputs read the patched run: "q", "k", "v", "qkv"…)
@@ -73,19 +73,6 @@ def _patched(model: Model, patches: dict[int, _LayerPatch], tower: str | None = 
         uninstall()
 
 
-def _by_layer(model: Model, heads: Iterable[Head], tower: str | None) -> dict[int, list[int]]:
-    """{layer: [query heads]} from (layer, head) pairs, validated (negative layers counted from the end)."""
-    t = model.family.tower(tower)
-    n = model.n_layers(t.name)
-    out: dict[int, list[int]] = {}
-    for layer, head in heads:
-        check_layers(model, t, [layer])
-        out.setdefault(int(layer) % n, []).append(int(head))
-    for layer, hs in out.items():
-        check_heads(model, t, hs)
-    return out
-
-
 @contextmanager
 def patch_heads(model: Model, values: Mapping[Head, Tensor], *, positions: Iterable[int] | Tensor | None = None,
                 tower: str | None = None):
@@ -95,7 +82,7 @@ def patch_heads(model: Model, values: Mapping[Head, Tensor], *, positions: Itera
     (activation patching), a mean (mean-ablation), zeros. positions: replace only these query positions (values
     then (B, N, d), (N, d) or (d,); the other positions keep the running forward's output).
     """
-    layers = _by_layer(model, values, tower)
+    layers = heads_by_layer(model, values, tower)
     n = model.n_layers(tower)
     where = None
     if positions is not None:
@@ -174,7 +161,7 @@ def path_patch(model: Model, clean: dict, senders: Iterable[Head], receivers: st
     clean_cache: `cache_run(model, clean, qkv=True, mlps=freeze_mlps)`; corrupt_cache: `cache_run(model, corrupt)`.
     """
     n_layers = model.n_layers()
-    sender_heads = {(layer % n_layers, h) for layer, hs in _by_layer(model, senders, None).items() for h in hs}
+    sender_heads = {(layer, h) for layer, hs in heads_by_layer(model, senders, None).items() for h in hs}
     direct = isinstance(receivers, str)
     if direct and receivers != "logits":
         raise ValueError(f"receivers must be 'logits' or (layer, head, inputs) triples, not {receivers!r}")
@@ -184,7 +171,7 @@ def path_patch(model: Model, clean: dict, senders: Iterable[Head], receivers: st
             if not inputs or set(inputs) - set("qkv"):
                 raise ValueError(f"a receiver's inputs are some of 'q', 'k', 'v', not {inputs!r}")
             recv[(int(layer), int(head))] = "".join(c for c in "qkv" if c in inputs)
-        _by_layer(model, recv, None)  # validates before negative layers are counted from the end
+        heads_by_layer(model, recv, None)  # validates before negative layers are counted from the end
         recv = {(layer % n_layers, h): x for (layer, h), x in recv.items()}
         if sender_heads & set(recv):
             raise ValueError(f"heads {sorted(sender_heads & set(recv))} are both senders and receivers")
@@ -239,7 +226,7 @@ def activation_patch(model: Model, clean: dict, corrupt_cache: RunCache, variant
     metric: the last position's logits (R, V) -> (R,). Variants run side by side as copies of the batch (at most `max_tokens`
     tokens per forward); each copy is its own forward, so heads downstream of the patched one are recomputed.
     """
-    _by_layer(model, [(layer, head) for layer, head, _ in variants], None)  # validates
+    heads_by_layer(model, [(layer, head) for layer, head, _ in variants], None)  # validates
     n_layers = model.n_layers()
     variants = [(int(layer) % n_layers, int(head), pos) for layer, head, pos in variants]
     b, n = clean["input_ids"].shape
