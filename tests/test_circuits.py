@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ import planted_circuit as planted
 import tiny_models
 
 
-def _o_proj_patch(model, replace: dict, at=slice(None)):
-    """Hand-made patching, independent of the attention wrapper: a pre-hook on each layer's o_proj replacing the
+@contextmanager
+def o_proj_patched(model, replace: dict, at=slice(None)):
+    """Hand-made patching, independent of the attention wrapper: pre-hooks on the layers' o_proj replacing the
     slices of chosen heads at positions `at`. replace: {(layer, head): (B, N, d)}."""
     handles = []
     d = model.config.head_dim
@@ -32,12 +34,12 @@ def _o_proj_patch(model, replace: dict, at=slice(None)):
                 x[:, at, h * d:(h + 1) * d] = v[:, at]
             return (x,)
         handles.append(module.o_proj.register_forward_pre_hook(hook))
-    return handles
-
-
-def _remove(handles):
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +68,16 @@ def test_patch_heads_equals_a_hand_made_o_proj_hook(tiny):
     values = {h: cc.z[h[0]][:, :, h[1]] for h in chosen}
     with torch.no_grad(), patch_heads(model, values):
         ours = model.hf(**clean).logits
-    handles = _o_proj_patch(model, values)
-    try:
-        with torch.no_grad():
-            theirs = model.hf(**clean).logits
-    finally:
-        _remove(handles)
+    with o_proj_patched(model, values):
+        theirs = model.hf(**clean).logits
     torch.testing.assert_close(ours, theirs)
     with torch.no_grad():
         assert not torch.allclose(ours, model.hf(**clean).logits)
     # at one position only
     with torch.no_grad(), patch_heads(model, values, positions=[5]):
         ours = model.hf(**clean).logits
-    handles = _o_proj_patch(model, values, at=[5])
-    try:
-        with torch.no_grad():
-            theirs = model.hf(**clean).logits
-    finally:
-        _remove(handles)
+    with o_proj_patched(model, values, at=[5]):
+        theirs = model.hf(**clean).logits
     torch.testing.assert_close(ours, theirs)
 
 
@@ -103,12 +97,8 @@ def test_activation_patch_batches_variants_like_one_forward_each(tiny):
         if pos is not None:
             v = clean_z[layer][:, :, h].clone()
             v[:, pos] = cc.z[layer][:, pos, h]
-        handles = _o_proj_patch(model, {(layer, h): v})
-        try:
-            with torch.no_grad():
-                torch.testing.assert_close(row, metric(model.hf(**clean).logits[:, -1]))
-        finally:
-            _remove(handles)
+        with o_proj_patched(model, {(layer, h): v}):
+            torch.testing.assert_close(row, metric(model.hf(**clean).logits[:, -1]))
 
 
 def test_path_patching_with_no_senders_is_the_clean_run(tiny):
@@ -140,12 +130,8 @@ def test_path_patching_with_all_senders_is_the_corrupt_runs_direct_effect(tiny):
     ours = path_patch(model, clean, senders, freeze_mlps=True, clean_cache=cc, corrupt_cache=cr)
     torch.testing.assert_close(ours, by_hand)
 
-    handles = _o_proj_patch(model, {(layer, h): cr.z[layer][:, :, h] for layer, h in senders})
-    try:
-        with torch.no_grad():
-            theirs = model.hf(**clean).logits
-    finally:
-        _remove(handles)
+    with o_proj_patched(model, {(layer, h): cr.z[layer][:, :, h] for layer, h in senders}):
+        theirs = model.hf(**clean).logits
     torch.testing.assert_close(path_patch(model, clean, senders, clean_cache=cc, corrupt_cache=cr), theirs)
 
 
@@ -369,12 +355,8 @@ def test_smollm2_patching_and_path_identities(smollm2, ioi_batch):
     variants = [(9, 6, None), (20, 1, None), (27, 4, len(batch.clean["input_ids"][0]) - 1)]
     ours = activation_patch(model, batch.clean, cr, variants, batch.metric)
     for row, (layer, h, pos) in zip(ours, variants):
-        handles = _o_proj_patch(model, {(layer, h): cr.z[layer][:, :, h]}, at=slice(None) if pos is None else [pos])
-        try:
-            with torch.no_grad():
-                torch.testing.assert_close(row, batch.metric(model.hf(**batch.clean).logits[:, -1]), rtol=1e-4, atol=1e-4)
-        finally:
-            _remove(handles)
+        with o_proj_patched(model, {(layer, h): cr.z[layer][:, :, h]}, at=slice(None) if pos is None else [pos]):
+            torch.testing.assert_close(row, batch.metric(model.hf(**batch.clean).logits[:, -1]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(path_patch(model, batch.clean, [], clean_cache=cc, corrupt_cache=cr), cc.logits)
     last = {}
     with torch.no_grad(), capture_residual(model, lambda i, h: last.__setitem__(i, h), layers=[-1]):
