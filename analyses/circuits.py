@@ -88,8 +88,9 @@ def logit_diff(last: torch.Tensor, correct: torch.Tensor, foil: torch.Tensor) ->
     return last.gather(1, correct[:, None])[:, 0] - last.gather(1, foil[:, None])[:, 0]
 
 
-class _Batch:
-    """One sample's prompts as tensors: clean / corrupt inputs (B, N), correct / foil (B,)."""
+class TaskBatch:
+    """One planned sample's prompts (a dict with "task" and "prompts", as in a circuits run's plan) as tensors on
+    the model's device: clean / corrupt inputs (B, N), correct / foil (B,), and `metric`, the logit difference."""
 
     def __init__(self, model: Model, sample: dict):
         self.prompts = [TaskPrompt(**p) for p in sample["prompts"]]
@@ -161,12 +162,12 @@ class Circuits(Analysis):
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
         """The sample's first clean prompt (what the dashboard's attention view shows)."""
-        return {k: v[:1] for k, v in _Batch(model, sample).clean.items()}
+        return {k: v[:1] for k, v in TaskBatch(model, sample).clean.items()}
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
         methods = methods_of(params)
-        batch = _Batch(model, sample)
+        batch = TaskBatch(model, sample)
         clean = cache_run(model, batch.clean)
         corrupt = cache_run(model, batch.corrupt)
         with torch.no_grad():  # the baseline from the same last-position unembedding as the patched runs
@@ -361,7 +362,7 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
     sums: dict[str, dict] = {}
     counts: dict[str, int] = defaultdict(int)
     for sample in plan:  # the corrupted prompts' mean output of every head at each position, per group
-        batch = _Batch(model, sample)
+        batch = TaskBatch(model, sample)
         z = cache_run(model, batch.corrupt).z
         group = sums.setdefault(sample["group"], {})
         for layer, zl in z.items():  # summed in at least float32: (N, H, d)
@@ -372,7 +373,7 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
     top1 = defaultdict(float)
     n_total = 0
     for sample in progress.bar(plan, desc=f"faithfulness of {col}", leave=False):
-        batch = _Batch(model, sample)
+        batch = TaskBatch(model, sample)
         means = {layer: s / counts[sample["group"]] for layer, s in sums[sample["group"]].items()}
         with torch.no_grad():
             clean_ld = batch.metric(last_logits(model, batch.clean))

@@ -19,7 +19,7 @@ import torch
 
 import interp
 from interp.analyses import Options, get_analysis
-from interp.analyses.circuits import _Batch
+from interp.analyses.circuits import TaskBatch
 from interp.hooks import activation_patch, cache_run, edge_attribution
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     eap_sum = torch.zeros(n_layers, n_heads)
     patch_sum = torch.zeros(len(chosen))
     for sample in plan:
-        batch = _Batch(model, sample)
+        batch = TaskBatch(model, sample)
         sync(dev)
         t0 = time.perf_counter()
         clean, corrupt = cache_run(model, batch.clean), cache_run(model, batch.corrupt)

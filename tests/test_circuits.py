@@ -320,24 +320,24 @@ def test_chosen_layers_and_heads_score_the_same(tmp_path):
 
 @pytest.fixture(scope="module")
 def ioi_batch(smollm2):
-    from interp.analyses.circuits import _Batch
+    from interp.analyses.circuits import TaskBatch
     from interp.analyses.tasks import ioi_prompts
 
     prompts = [p for p in ioi_prompts(smollm2, 16, seed=0) if p.group == "ioi-0"]
-    return _Batch(smollm2, {"task": "ioi", "group": "ioi-0", "prompts": [p.to_json() for p in prompts]})
+    return TaskBatch(smollm2, {"task": "ioi", "group": "ioi-0", "prompts": [p.to_json() for p in prompts]})
 
 
 @pytest.mark.slow
 def test_smollm2_does_ioi(smollm2):
     """SmolLM2-135M prefers the indirect object on IOI; the S2/IO swap flips its preference."""
-    from interp.analyses.circuits import _Batch
+    from interp.analyses.circuits import TaskBatch
 
     for corruption in ("abc", "swap"):
         prompts = ioi_prompts(smollm2, 16, seed=1, corruption=corruption)
         lds = []
         for group in sorted({p.group for p in prompts}):
             mine = [p.to_json() for p in prompts if p.group == group]
-            batch = _Batch(smollm2, {"task": "ioi", "group": group, "prompts": mine})
+            batch = TaskBatch(smollm2, {"task": "ioi", "group": group, "prompts": mine})
             with torch.no_grad():
                 lds.append(torch.stack([batch.metric(smollm2.hf(**x).logits[:, -1]) for x in (batch.clean, batch.corrupt)]))
         clean, corrupt = torch.cat(lds, 1)
