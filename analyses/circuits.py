@@ -357,7 +357,7 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
         sizes[max(1, round(p / 100 * len(ranked)))] = False
     sizes[len(circuit)] = True  # the circuit is the top len(circuit) heads of the same ranking
     n_heads, _ = model.head_counts()
-    all_heads = [(layer, h) for layer in range(model.n_layers()) for h in range(n_heads)]  # ablated: every head
+    all_heads = [(layer, h) for layer in model.layers() for h in range(n_heads)]  # ablated: every head
 
     sums: dict[str, dict] = {}
     counts: dict[str, int] = defaultdict(int)

@@ -173,7 +173,7 @@ class Sinks(Analysis):
         if kind in ("llm", "encoder"):
             _add_delimiters(layout, tokens)
         n = layout.segments.shape[1]
-        n_layers = len(options.layers) if options.layers else model.n_layers()
+        n_layers = len(options.layers) if options.layers else len(model.layers())
         tables: dict[str, pd.DataFrame] = {}
         massive, norms, phis = [], [], []
         layer_segments: dict[int, torch.Tensor] = {}

@@ -86,7 +86,7 @@ class Summary(Analysis):
         n = inputs["input_ids"].shape[-1]
         segments = (torch.arange(n, device=model.device) > 0).long()[None]  # 0: first token, 1: the rest
         rows = []
-        layers = progress.bar(total=len(options.layers) if options.layers else model.n_layers(), desc="layers",
+        layers = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers",
                               leave=False)
 
         def probe(call):

@@ -124,7 +124,7 @@ class Taxonomy(Analysis):
                      progress: Progress) -> pd.DataFrame:
         inputs = self.sample_inputs(model, sample, options, params)
         rows = []
-        bar = progress.bar(total=len(options.layers) if options.layers else model.n_layers(), desc="layers", leave=False)
+        bar = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers", leave=False)
         probe = (self._vit_probe(model, inputs, params, rows) if "image" in sample
                  else self._text_probe(model, sample, params, rows))
 

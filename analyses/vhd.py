@@ -76,7 +76,7 @@ class VHD(Analysis):
         z_no = head_outputs(model, without, answer, options)
         diff = (z_img - z_no).float().pow(2).sum(-1)                                       # (L, H, T)
         vhd = diff if params["squared"] else diff.sqrt()
-        layers = options.layers or range(model.n_layers())
+        layers = options.layers or model.layers()
         n_heads, n_kv = model.head_counts()
         heads = torch.tensor(options.heads) if options.heads is not None else torch.arange(n_heads)
         tokens = [model.tokenizer.decode([t]) for t in answer.tolist()]

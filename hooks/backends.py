@@ -141,7 +141,7 @@ def _nnsight_forward(model: Model, inputs: dict, probe: Probe, opts: dict, gener
                 op = getattr(source, labels[i])
                 args, kwargs = op.inputs
                 out = op.output[0]
-                s.emit(Site(s, s.tower, i), modules[i], args[1], args[2], args[3], out, kwargs)
+                s.emit(Site(s, s.tower, i), modules[i], args[1], args[2], args[3], out, kwargs, args[4])
 
         if generate is None:
             with wrapped.trace(**inputs):
@@ -174,6 +174,10 @@ def _bridge(model: Model):
             bridge = build_bridge_from_module(hf, arch, hf_config=hf.config)
         except Exception as e:  # TransformerLens raises various types for unsupported architectures
             raise ValueError(f"TransformerLens's TransformerBridge does not support {arch}: {e}") from e
+        for block in getattr(bridge, "blocks", ()):
+            attn = getattr(block, "attn", None)
+            if hasattr(attn, "_update_kv_cache"):
+                attn._update_kv_cache = _cache_by_either_name(attn._update_kv_cache)
         _bridges[model.hf] = (bridge, hf)
     return _bridges[model.hf]
 
@@ -209,7 +213,7 @@ def _bridge_forward(model: Model, inputs: dict, probe: Probe, opts: dict, genera
                       (name + "hook_z", finish(i))]
             attn = bridge.blocks[i].attn
             if hasattr(attn, "_update_kv_cache"):
-                patched.append(attn)
+                patched.append((attn, attn._update_kv_cache))
                 attn._update_kv_cache = _full_kv(attn._update_kv_cache, keep(i, "k", False), keep(i, "v", False))
         try:
             with bridge.hooks(fwd_hooks=hooks):
@@ -217,8 +221,8 @@ def _bridge_forward(model: Model, inputs: dict, probe: Probe, opts: dict, genera
                     return hf(**inputs)
                 return hf.generate(**inputs, **generate)
         finally:
-            for attn in patched:
-                del attn._update_kv_cache  # back to the class's method
+            for attn, update in patched:
+                attn._update_kv_cache = update
 
 
 def _window_or_softcap(module) -> bool:
@@ -229,6 +233,19 @@ def _window_or_softcap(module) -> bool:
     else:
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     return window is not None or bool(getattr(cfg, "attn_logit_softcapping", None))
+
+
+def _cache_by_either_name(update):
+    """Wrap a bridge's KV-cache update so that it finds the cache under either name: transformers 5.24 passes
+    `cache=`, TransformerLens 4.3 looks for `past_key_values=` only (and, missing it, would decode every new
+    token against itself alone)."""
+
+    def wrapped(k, v, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return update(k, v, **kwargs)
+
+    return wrapped
 
 
 def _full_kv(update, keep_k, keep_v):

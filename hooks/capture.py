@@ -37,6 +37,8 @@ class AttentionCall:
     query_positions: (Nq,) index, among the keys, of each query's own position (decode: Nk - 1).
     key_mask: (B, Nk) bool, False for padding keys; None when every key is valid.
     window: sliding window W (key j visible from query i iff i - j < W) or None; softcap: logit soft-cap or None.
+    sinks: (H,) learned sink logits of the captured heads, one more term of each row's softmax denominator
+    (GPT-OSS and kin pass them as `s_aux`), or None.
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
     """
 
@@ -55,6 +57,7 @@ class AttentionCall:
     key_mask: Tensor | None
     window: int | None
     softcap: float | None
+    sinks: Tensor | None = None
 
     @property
     def n_kv_heads(self) -> int:
@@ -146,7 +149,7 @@ def _wrap(original: Callable | None) -> Callable:
             out = patch(fn, module, query, key, value, attention_mask, args, kwargs, out)
         site = module.__dict__.get("_interp_site")
         if site is not None:
-            site.session.emit(site, module, query, key, value, out, kwargs)
+            site.session.emit(site, module, query, key, value, out, kwargs, attention_mask)
         return out, weights
 
     attention.__wrapped__ = original
@@ -202,14 +205,15 @@ class _Session:
         self.mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
         n_new = ids.shape[-1] if isinstance(ids, Tensor) else embeds.shape[1] if isinstance(embeds, Tensor) else 0
-        cache = given.get("past_key_values")
+        cache = given.get("cache", given.get("past_key_values"))  # renamed `cache` in transformers 5.24
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("capture needs the default dynamic KV cache: a static cache returns unfilled slots "
                              "among the keys; generate without cache_implementation='static'")
         n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.model.check_length(int(n_past) + n_new)
 
-    def emit(self, site: Site, module, query, key, value, out, kwargs) -> None:
+    def emit(self, site: Site, module, query, key, value, out, kwargs, attention_mask=None) -> None:
+        _check_no_bias(self.model, site, attention_mask, kwargs)
         n_heads = query.shape[1]
         heads = self.heads if self.heads is not None else torch.arange(n_heads)
         if self.heads is not None and int(heads.max()) >= n_heads:
@@ -238,8 +242,67 @@ class _Session:
             key_mask=key_mask,
             window=kwargs.get("sliding_window"),
             softcap=kwargs.get("softcap"),
+            sinks=_sinks(kwargs.get("s_aux"), heads if select else None),
         )
+        _check_mask(self.model, site, call, n_k, attention_mask, self.mask2d)
         self.probe(call)
+
+
+def _check_no_bias(model: Model, site: Site, mask, kwargs) -> None:
+    """Refuse a bias added to the logits (ALiBi, learned relative positions: a float mask with values other than 0
+    and the dtype's lowest, or a `*bias*` tensor argument): the statistics are recomputed from q·k alone and could
+    not reproduce it."""
+    passed = [name for name, value in kwargs.items() if "bias" in name and isinstance(value, Tensor)]
+    if passed:
+        raise ValueError(f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer} adds "
+                         f"{passed[0]!r} to its attention logits, which the captured queries and keys cannot "
+                         "reproduce; this family is not supported")
+    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+        return
+    if bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min / 2)).any()):
+        raise ValueError(f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer} adds a bias "
+                         "to its attention logits through the mask (ALiBi or relative positions), which the captured "
+                         "queries and keys cannot reproduce; this family is not supported")
+
+
+_checked_masks: dict[tuple, bool] = {}
+
+
+def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, mask2d: Tensor | None) -> None:
+    """Refuse a layer whose own mask lets its queries see other keys than the call's geometry (causal, window,
+    padding) says, on the rows of real tokens: the statistics would describe another attention (DeepSeek-V4's
+    compressed keys, block-sparse or document masks). Checked once per mask tensor (B | 1, H | 1, Nq, Nk)."""
+    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[-2:] != (call.q.shape[2], n_k):
+        return
+    key = (id(mask), mask.data_ptr(), call.window, call.causal)
+    if key in _checked_masks:
+        return
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    i = call.query_positions[:, None]
+    j = torch.arange(n_k, device=i.device)[None, :]
+    ours = (j <= i) if call.causal else torch.ones(i.shape[0], n_k, dtype=torch.bool, device=i.device)
+    if call.window is not None:
+        ours = ours & (i - j < call.window)
+    ours = ours[None, None] if call.key_mask is None else ours & call.key_mask[:, None, None, :]
+    differs = allowed != ours
+    if mask2d is not None and mask2d.shape[1] >= call.q.shape[2]:  # padding queries: models unmask them freely
+        differs = differs & mask2d[:, -call.q.shape[2]:].bool().to(differs.device)[:, None, :, None]
+    if len(_checked_masks) > 64:
+        _checked_masks.clear()
+    _checked_masks[key] = True
+    if bool(differs.any()):
+        raise ValueError(f"{model.name} ({model.config.model_type}): the mask of {site.tower.name} layer {site.layer} "
+                         "lets queries see other keys than causal order, the sliding window and padding allow "
+                         "(compressed or extra keys, block or document masks), which interp does not model; "
+                         "this family is not supported")
+
+
+def _sinks(s_aux: Tensor | None, heads: Tensor | None) -> Tensor | None:
+    """(H,) float32 sink logits of the captured heads, from what the model passed as `s_aux`."""
+    if s_aux is None:
+        return None
+    sinks = s_aux.detach().float()
+    return sinks if heads is None else sinks[heads.to(sinks.device)]
 
 
 def _scale(module, query: Tensor, kwargs) -> float:
@@ -257,14 +320,35 @@ def _causal(module, tower: Tower, kwargs) -> bool:
 
 
 def check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> list[int]:
+    """Validated layer indices (negative ones from the end); default: every layer with softmax attention."""
     n = model.n_layers(tower.name)
+    present = model.layers(tower.name)
     if layers is None:
-        return list(range(n))
+        return present
     chosen = sorted({int(i) for i in layers})
     bad = [i for i in chosen if not -n <= i < n]
     if bad or not chosen:
         raise ValueError(f"layers {bad or '[]'} out of range: {model.name} has {n} {tower.name} layers (0..{n - 1})")
-    return sorted({i % n for i in chosen})
+    chosen = sorted({i % n for i in chosen})
+    absent = [i for i in chosen if i not in present]
+    if absent:
+        raise ValueError(f"{tower.name} layers {absent} of {model.name} have no softmax attention (a hybrid stack); "
+                         f"its attention layers are {present}")
+    return chosen
+
+
+def _check_not_chunked(model: Model, tower: Tower, layers: list[int]) -> None:
+    """Refuse layers with chunked attention (Llama 4: a query sees only the keys of its own chunk), which the
+    kernels' geometry (causal, window, padding) does not describe."""
+    cfg = model._tower_config(tower.name)
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    types = getattr(cfg, "layer_types", None) or ()
+    chunked = [i for i, t in enumerate(types) if t == "chunked_attention"] if chunk else []
+    if set(chunked) & set(layers):
+        others = [i for i in model.layers(tower.name) if i not in chunked]
+        raise ValueError(f"{model.name}: {tower.name} layers {sorted(set(chunked) & set(layers))} use chunked attention "
+                         f"(attention_chunk_size={chunk}), which interp does not model; capture the other layers "
+                         f"(layers={others})")
 
 
 def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tensor | None:
@@ -327,6 +411,7 @@ def capture(
     """
     with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep) as s:
         modules = model.attention_modules(s.tower.name)
+        _check_not_chunked(model, s.tower, s.layers)
         for i in s.layers:
             if "_interp_site" in modules[i].__dict__:
                 raise RuntimeError(f"{s.tower.name} layer {i} of {model.name} is already being captured")

@@ -253,7 +253,8 @@ def activation_patch(model: Model, clean: dict, corrupt_cache: RunCache, variant
 def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_cache: RunCache,
                      corrupt_cache: RunCache, ig_steps: int | None = None) -> Tensor:
     """Edge attribution patching (Syed et al.): the linear estimate of each head's patching effect,
-    (z_corrupt − z_clean) · ∂metric/∂z at the clean run, per prompt and position: (L, B, N, H).
+    (z_corrupt − z_clean) · ∂metric/∂z at the clean run, per prompt and position: (L, B, N, H), L every layer
+    of the model (0 for a hybrid stack's layers without softmax attention).
 
     Summed over positions it is the sum of EAP's scores of the head's outgoing edges (the residual stream is a sum,
     so the gradient at a head's output is the sum of the gradients at every later reader's input). One forward and
@@ -279,5 +280,6 @@ def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_
             grads = torch.autograd.grad(value, [zs[i] for i in layers])
         for i, g in zip(layers, grads):
             total[i] = total.get(i, 0) + g.detach().to(wide) / len(alphas)
-    return torch.stack([((corrupt_cache.z[i].to(wide) - clean_cache.z[i].to(wide)) * total[i]).sum(-1)
-                        for i in sorted(total)])
+    scores = {i: ((corrupt_cache.z[i].to(wide) - clean_cache.z[i].to(wide)) * total[i]).sum(-1) for i in total}
+    zero = torch.zeros_like(next(iter(scores.values())))  # a hybrid stack's layers without softmax attention
+    return torch.stack([scores.get(i, zero) for i in range(model.n_layers())])

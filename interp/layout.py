@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .families import family_for
+from .families import image_token, table_for
 from .models import Model
 
 
@@ -141,10 +141,11 @@ def _first_real(mask: Tensor | None, ids: Tensor) -> Tensor:
 
 
 def _image_token_id(config) -> int:
-    for key in ("image_token_id", "image_token_index"):
-        if getattr(config, key, None) is not None:
-            return int(getattr(config, key))
-    raise ValueError(f"{config.model_type}: the config names no image token id")
+    found = image_token(config)
+    if found is None:
+        raise ValueError(f"{config.model_type}: the config names no image token id (looked for image_token_id, "
+                         "image_token_index), so its image tokens cannot be located")
+    return found
 
 
 def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
@@ -155,6 +156,8 @@ def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
         return
     layout.names.append("image")
     layout.segments[is_image] = layout.id("image")
+    if model.family.image_layout == "tokens":  # no grid known for this family: the image tokens as spans
+        return
     per_sample = is_image.sum(1).tolist()
     counts = _tokens_per_image(model, inputs, sum(per_sample))
     if sum(n for n, _ in counts) != sum(per_sample):
@@ -221,7 +224,8 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
 
 def _tower_prefix(model: Model) -> list[str]:
     """Names of the tokens an LLaVA vision tower puts before its patches (CLIP: CLS; SigLIP: none)."""
-    return list(family_for(model.config.vision_config).prefix)
+    table = table_for(model.config.vision_config)
+    return list(table.prefix) if table is not None else []
 
 
 def _kept_prefix(model: Model) -> int:

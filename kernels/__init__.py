@@ -19,11 +19,12 @@ from .reference import call_attention, dense_attention, dense_scores
 
 
 def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
-    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window and soft-cap).
+    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window, soft-cap, sinks).
     last_query: only the call's last query (Nq = 1), e.g. the row that produces the next generated token."""
     q, positions = (call.q[:, :, -1:], call.query_positions[-1:]) if last_query else (call.q, call.query_positions)
     return attention_stats(q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=positions,
-                           key_mask=call.key_mask, window=call.window, softcap=call.softcap, **kwargs)
+                           key_mask=call.key_mask, window=call.window, softcap=call.softcap, sinks=call.sinks,
+                           **kwargs)
 
 
 __all__ = [

@@ -61,13 +61,16 @@ class _Problem:
     key_mask: Tensor | None
     window: int | None
     softcap: float | None
+    sinks: Tensor | None = None
 
     def mask_kwargs(self) -> dict:
+        """Which scores are visible, and how they are formed. Sinks are not part of it: they only change the row
+        log-sum-exp, which the statistics kernels fold them into and every other function reads."""
         return dict(scale=self.scale, causal=self.causal, query_positions=self.query_positions,
                     key_mask=self.key_mask, window=self.window, softcap=self.softcap)
 
 
-def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap) -> _Problem:
+def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks=None) -> _Problem:
     """Check shapes, dtypes, devices and values before anything runs; fill defaults."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.ndim != 4 or k.ndim != 4:
         raise ValueError("q must be (B, H, Nq, d) and k (B, H_kv, Nk, d) tensors")
@@ -103,7 +106,12 @@ def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap) ->
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _Problem(q, k, scale, bool(causal), query_positions, key_mask, window, softcap)
+    if sinks is not None:
+        sinks = torch.as_tensor(sinks, device=q.device).float()
+        if sinks.shape != (q.shape[1],) or not bool(torch.isfinite(sinks).all()):
+            raise ValueError(f"sinks must be ({q.shape[1]},) finite logits, one per query head, got "
+                             f"{tuple(sinks.shape)}")
+    return _Problem(q, k, scale, bool(causal), query_positions, key_mask, window, softcap, sinks)
 
 
 def _segments(segments, n_segments, b: int, n_k: int, device) -> tuple[Tensor, int]:
@@ -145,6 +153,7 @@ def attention_stats(
     key_mask: Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
     topk: int = 0,
     stats: Iterable[str] = DEFAULT_STATS,
     backend: str = "auto",
@@ -156,6 +165,9 @@ def attention_stats(
     query_positions: (Nq,) index among the keys of each query (default: the last Nq keys; decoding: Nk − 1).
     key_mask: (Nk,) or (B, Nk) bool, False for keys never attended (padding).
     window: sliding window (visible iff pos − j < window). softcap: logits become cap · tanh(s / cap).
+    sinks: (H,) learned per-head sink logits in the softmax denominator (GPT-OSS): each row's probabilities
+    over the keys sum to 1 − p_sink; lse includes the sink; max_prob, top-k, segment / key mass and mean distance
+    are over the keys; entropy is that of the whole row, the sink's share included.
     segments: (Nk,) or (B, Nk) segment id of each key, in [0, n_segments) (default: max id + 1).
     stats: any of STATS ("topk" needs topk > 0, "segment_mass" needs segments).
     backend: "triton" (CUDA), "torch" (the chunked twin, any device), "auto".
@@ -170,7 +182,7 @@ def attention_stats(
         raise ValueError(f"topk must be ≤ {MAX_TOPK}, got {topk}")
     if topk > 0:
         want = want | {"topk"}
-    return _stats(_problem(q, k, scale, causal, query_positions, key_mask, window, softcap), want, backend,
+    return _stats(_problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks), want, backend,
                   segments, n_segments, topk)
 
 
@@ -186,7 +198,7 @@ def _stats(pr: _Problem, want: frozenset[str], backend: str, segments=None, n_se
     run = torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run
-    out = run(q, k, segments=seg, n_segments=n_seg, topk=topk, want=want, **pr.mask_kwargs())
+    out = run(q, k, segments=seg, n_segments=n_seg, topk=topk, want=want, sinks=pr.sinks, **pr.mask_kwargs())
     return AttentionStats(**out)
 
 
@@ -214,6 +226,7 @@ def pooled_attention(
     key_mask: Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
     lse: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -228,11 +241,11 @@ def pooled_attention(
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     if block_q < 1 or block_k < 1:
         raise ValueError("block_q and block_k must be ≥ 1")
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
     (q0, q1), (k0, k1) = q_range or (0, q.shape[2]), k_range or (0, k.shape[2])
     _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
     fits = torch_stats.one_pass_fits(q.shape[0], q.shape[1], k.shape[2], block_q, block_k)
-    if lse is None and (k0, k1) == (0, k.shape[2]) and fits:  # all keys in view: row sums come in the same pass
+    if lse is None and (k0, k1) == (0, k.shape[2]) and fits and sinks is None:  # all keys in view: row sums come in the same pass
         mask = dict(pr.mask_kwargs(), query_positions=pr.query_positions[q0:q1])
         return torch_stats.pooled_one_pass(pr.q[:, :, q0:q1], pr.k, block_q=block_q, block_k=block_k, reduce=reduce,
                                            **mask)
@@ -254,7 +267,7 @@ def _row_lse(pr: _Problem, backend: str, lse: Tensor | None, q0: int, q1: int) -
     if lse is not None:
         return _lse(pr, backend, lse)
     sub = _Problem(pr.q[:, :, q0:q1], pr.k, pr.scale, pr.causal, pr.query_positions[q0:q1], pr.key_mask, pr.window,
-                   pr.softcap)
+                   pr.softcap, pr.sinks)
     out = torch.zeros(*pr.q.shape[:3], device=pr.q.device)
     out[:, :, q0:q1] = _lse(sub, backend)
     return out
@@ -273,10 +286,12 @@ def attention_tile(
     key_mask: Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Exact probabilities (B, H, q1 − q0, k1 − k0) of queries [q0, q1) on keys [k0, k1), normalised over all keys."""
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    """Exact probabilities (B, H, q1 − q0, k1 − k0) of queries [q0, q1) on keys [k0, k1), normalised over all keys
+    (and the sinks, where given)."""
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
     (q0, q1), (k0, k1) = q_range, k_range
     _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
     lse = _row_lse(pr, backend, lse, q0, q1)  # only the tile's rows are needed
@@ -295,6 +310,7 @@ def diagonal_attention(
     key_mask: Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Exact probability of each query on the key `offset` positions before it (its own position minus offset;
@@ -305,7 +321,7 @@ def diagonal_attention(
     offsets = [int(o) for o in offsets]
     if not offsets:
         raise ValueError("give at least one offset")
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap)
+    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
     lse = _lse(pr, backend, lse)
     return torch_stats.diagonal_torch(pr.q, pr.k, lse, offsets, **pr.mask_kwargs())
 

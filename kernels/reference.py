@@ -47,10 +47,15 @@ def dense_scores(
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def dense_attention(q: Tensor, k: Tensor, **mask) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, *, sinks: Tensor | None = None, **mask) -> Tensor:
     """Attention probabilities (B, H, Nq, Nk) in fp32, built densely (see `dense_scores` for the arguments);
-    a query that sees no key gets a row of zeros."""
-    return torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), dim=-1), nan=0.0)
+    a query that sees no key gets a row of zeros. sinks: (H,) learned sink logits (GPT-OSS) that join every
+    row's softmax denominator as one more column, dropped afterwards (so rows sum to less than 1)."""
+    scores = dense_scores(q, k, **mask)
+    if sinks is None:
+        return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    column = sinks.to(scores)[None, :, None, None].expand(*scores.shape[:3], 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
 
 
 def call_attention(call) -> Tensor:
@@ -64,4 +69,5 @@ def call_attention(call) -> Tensor:
         key_mask=call.key_mask,
         window=call.window,
         softcap=call.softcap,
+        sinks=call.sinks,
     )

@@ -76,11 +76,13 @@ def _grouped(q: Tensor, n_kv: int) -> Tensor:
 
 def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
                 key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
-                n_segments: int, topk: int, want: frozenset[str], chunk_k: int | None = None) -> dict[str, Tensor]:
+                n_segments: int, topk: int, want: frozenset[str], chunk_k: int | None = None,
+                sinks: Tensor | None = None) -> dict[str, Tensor]:
     """Statistics of softmax(scale · q kᵀ) without the N×N matrix; see `interp.kernels.attention_stats`.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d); query_positions: (Nq,) long; key_mask: (B, Nk) bool or None;
-    segments: (B, Nk) long in [0, n_segments) or None. Returns only the entries named in `want`.
+    segments: (B, Nk) long in [0, n_segments) or None; sinks: (H,) float32 sink logits or None (folded into the
+    row lse after the first pass). Returns only the entries named in `want`.
     """
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
@@ -103,6 +105,7 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     key_mass = torch.zeros(*shape5, n_k, device=dev) if "key_mass" in want else None
     key_count = torch.zeros(b, n_k, device=dev) if "key_count" in want else None
     onehot = (torch.nn.functional.one_hot(segments, n_segments).float() if seg_mass is not None else None)
+    sink = None if sinks is None else sinks.to(dev).view(1, n_kv, g, 1)
     cq = _chunk_q(b, h, n_q, chunk_k)
     for q0 in range(0, n_q, cq):
         q1 = min(q0 + cq, n_q)
@@ -122,6 +125,8 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
                 top_val[..., q0:q1, :], top_idx[..., q0:q1, :] = _merge_topk(
                     top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, idx, k_top)
         lse[..., q0:q1] = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
+        if sink is not None:
+            lse[..., q0:q1] = torch.logaddexp(lse[..., q0:q1], sink.expand_as(m))
         if not second:
             continue
         row_lse = lse[..., q0:q1, None]
@@ -138,8 +143,10 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
                 key_mass[..., k0:k1] += p.sum(-2)
             if key_count is not None:
                 key_count[:, k0:k1] += vis.expand(b, 1, 1, *s.shape[-2:])[:, 0, 0].sum(-2).float()
+    if sink is not None and "entropy" in want:  # the sink's own term of the row entropy
+        p_dot_gap += torch.exp(sink - lse) * (lse - sink)
     out: dict[str, Tensor] = {}
-    seen = torch.isfinite(lse)
+    seen = torch.isfinite(best)  # the row sees some key
     flat = lambda t: t.reshape(b, h, *t.shape[4:]) if t.dim() > 4 else t.reshape(b, h, -1)  # noqa: E731
     if "lse" in want:
         out["lse"] = flat(lse)

@@ -72,7 +72,7 @@ def _scores(q, kt, offs_m_pos, offs_n, row_ok, Nk, window, kmask_ptr, stride_mb,
 
 @triton.jit
 def _stats_kernel(
-    q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr,
+    q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr, sink_ptr,
     lse_ptr, lse2_ptr, argmax_ptr, maxp_ptr, topi_ptr, topp_ptr, ent_ptr, dist_ptr, segm_ptr, km_ptr,
     H, GROUP, Nq, Nk, D,
     sqb, sqh, sqm, sqd,
@@ -82,7 +82,7 @@ def _stats_kernel(
     window, qk_scale, cap_in, cap_out, seg_base, n_segments,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr,
     W_LSE: tl.constexpr, W_LSE2: tl.constexpr, W_ARGMAX: tl.constexpr, W_MAXP: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
@@ -120,6 +120,9 @@ def _stats_kernel(
 
     arange_n = tl.arange(0, BLOCK_N)
     out_rows = bh64 * Nq + offs_m
+    sink2 = 0.0
+    if HAS_SINKS:  # the head's sink logit, base 2: one more term of every row's denominator
+        sink2 = tl.load(sink_ptr + h) * 1.4426950408889634
 
     # ---------------- pass 1: max / argmax, online logsumexp, top-k ----------------
     m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
@@ -175,6 +178,9 @@ def _stats_kernel(
                     run_i = new_i
         if NEED_EXP:
             lse2 = tl.where(m_i == NEG_INF, NEG_INF, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
+            if HAS_SINKS:
+                top = tl.maximum(lse2, sink2)
+                lse2 = top + tl.log2(tl.exp2(lse2 - top) + tl.exp2(sink2 - top))
             lse_safe = tl.where(m_i == NEG_INF, 0.0, lse2)
             if W_LSE:
                 tl.store(lse_ptr + out_rows, lse2 * 0.6931471805599453, mask=row_ok)
@@ -233,6 +239,8 @@ def _stats_kernel(
             if W_KM:
                 tl.atomic_add(km_ptr + bh64 * Nk + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
         if W_ENT:
+            if HAS_SINKS:  # the sink's own term of the row entropy
+                ent += tl.exp2(sink2 - lse2) * (lse2 - sink2)
             tl.store(ent_ptr + out_rows, ent * 0.6931471805599453, mask=row_ok)
         if W_DIST:
             tl.store(dist_ptr + out_rows, dist, mask=row_ok)
@@ -287,8 +295,9 @@ def _key_count(query_positions, key_mask, causal, window, b, n_k, device):
 
 
 def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask, window, softcap,
-                 segments, n_segments: int, topk: int, want: frozenset[str]) -> dict[str, torch.Tensor]:
-    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d); see the module docstring."""
+                 segments, n_segments: int, topk: int, want: frozenset[str], sinks=None) -> dict[str, torch.Tensor]:
+    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d); see the module docstring.
+    sinks: (H,) float32 sink logits or None."""
     want = frozenset(want)
     unknown = want - STATS
     if unknown:
@@ -377,11 +386,11 @@ def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask,
     flags = dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None,
-        SOFTCAP=softcap is not None, PREC=prec, UPCAST=interpret,
+        SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None, PREC=prec, UPCAST=interpret,
         K_PAD=k_pad, S_PAD=s_pad, num_warps=warps, num_stages=stages,
     )
     grid = (triton.cdiv(n_q, bm), b * n_h)
-    common = (q, k, qpos, kmask, seg)
+    common = (q, k, qpos, kmask, seg, dummy if sinks is None else sinks.to(**f32).contiguous())
     shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
     need_exp = w_lse or w_maxp or topk > 0 or w_ent or w_dist or w_seg or w_km
     _stats_kernel[grid](

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interp.kernels import (attention_stats, attention_tile, dense_scores, diagonal_attention, grid_distance,
-                            pooled_attention)
+from interp.kernels import (attention_stats, attention_tile, dense_attention, dense_scores, diagonal_attention,
+                            grid_distance, pooled_attention)
 
 ALL = ["lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count"]
 HAS_TRITON = importlib.util.find_spec("interp.kernels.triton_stats") is not None and (
@@ -258,3 +258,52 @@ def test_key_mean_topk_width_and_more_bad_input(backend):
         args.update(bad)
         with pytest.raises(ValueError, match=match):
             attention_stats(args.pop("q"), args.pop("k"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal, window, padded", [(True, None, False), (True, 5, True), (False, None, True)])
+def test_sink_logits_join_every_softmax_denominator(backend, causal, window, padded):
+    """GPT-OSS's learned per-head sinks: one more logit in each row's denominator (a column dropped afterwards),
+    against the dense softmax over [scores, sink]; fully masked rows keep only the sink."""
+    g = torch.Generator().manual_seed(7)
+    b, h, n_kv, n, d = 2, 4, 2, 23, 16
+    q, k = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, n_kv, n, d, generator=g)
+    sinks = torch.tensor([-1.0, 0.5, 2.0, 4.0])
+    key_mask = torch.ones(b, n, dtype=torch.bool)
+    if padded:
+        key_mask[1, :6] = False
+    mask = dict(causal=causal, window=window, key_mask=key_mask)
+    s = dense_scores(q, k, **mask)
+    full = torch.cat([s, sinks[None, :, None, None].expand(b, h, n, 1)], -1)
+    big_p = torch.softmax(full, -1)
+    p = big_p[..., :-1]
+    segments = torch.arange(n) % 3
+    out = attention_stats(q, k, **mask, sinks=sinks, segments=segments, stats=ALL, topk=3, backend=backend)
+    assert torch.allclose(out.lse, torch.logsumexp(full, -1), atol=1e-5)
+    assert bool((p.sum(-1) < 1).all()), "the sink takes a share of every row"
+    assert torch.allclose(out.max_prob, p.max(-1).values, atol=1e-5)
+    assert torch.allclose(out.topk_prob, p.topk(3, -1).values, atol=1e-5)
+    assert torch.allclose(out.entropy, -(big_p * torch.log(big_p.clamp_min(1e-38))).sum(-1), atol=1e-4)
+    gap = (torch.arange(n).float()[:, None] - torch.arange(n).float()).abs()
+    assert torch.allclose(out.mean_distance, (p * gap).sum(-1), atol=1e-4)
+    assert torch.allclose(out.key_mass, p.sum(-2), atol=1e-4)
+    onehot = torch.nn.functional.one_hot(segments, 3).float()
+    assert torch.allclose(out.segment_mass, torch.einsum("bhqk,ks->bhqs", p, onehot), atol=1e-5)
+    seen = torch.isfinite(s).any(-1)
+    assert bool((out.argmax[~seen] == -1).all()) and torch.equal(out.argmax[seen], s.argmax(-1)[seen])
+    assert torch.allclose(dense_attention(q, k, **mask, sinks=sinks), p, atol=1e-6)
+    tile = attention_tile(q, k, (4, 20), (2, 17), **mask, sinks=sinks, backend=backend)
+    assert torch.allclose(tile, p[:, :, 4:20, 2:17], atol=1e-6)
+    pooled = pooled_attention(q, k, block_q=5, block_k=4, **mask, sinks=sinks, backend=backend)
+    assert torch.allclose(pooled[:, :, 1, 2], p[:, :, 5:10, 8:12].mean((-1, -2)), atol=1e-6)
+    diag = diagonal_attention(q, k, [0, 1], **mask, sinks=sinks, backend=backend)
+    assert torch.allclose(diag[..., 0], torch.diagonal(p, 0, 2, 3), atol=1e-6)
+    assert torch.allclose(diag[:, :, 1:, 1], torch.diagonal(p, -1, 2, 3), atol=1e-6)
+
+
+def test_sinks_must_be_one_finite_logit_per_query_head():
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="sinks must be \\(4,\\)"):
+        attention_stats(q, k, sinks=torch.zeros(2))
+    with pytest.raises(ValueError, match="finite"):
+        attention_stats(q, k, sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0]))

@@ -44,12 +44,16 @@ def test_unknown_alias_or_folder_is_a_clear_error():
         interp.load_model(42)
 
 
-def test_unsupported_family_lists_the_supported_ones(tmp_path):
+def test_unsupported_family_says_what_was_tried(tmp_path):
     T.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(interp.UnsupportedFamilyError, match="'t5' is not supported.*llama.*qwen2_vl"):
-        interp.load_model(str(tmp_path))
-    with pytest.raises(interp.UnsupportedFamilyError, match="supported model types"):
+    with pytest.raises(interp.UnsupportedFamilyError, match="'t5' is an encoder-decoder model.*llama.*qwen2_vl"):
+        interp.load_model(str(tmp_path))  # refused from the config, before any weights are read
+    with pytest.raises(interp.UnsupportedFamilyError, match="attention interface.*hand tables"):
         interp.load_model(T.T5Model(T.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=50)))
+    mamba = T.MambaForCausalLM(T.MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4))
+    with pytest.raises(interp.UnsupportedFamilyError, match="'mamba'.*no hand table \\(bert.*qwen2_vl.*\\) and none "
+                                                              "of its modules calls transformers' attention interface"):
+        interp.load_model(mamba)
 
 
 def test_layers_heads_and_length_out_of_range():
