@@ -113,17 +113,25 @@ def _models(args) -> int:
             "default": DEFAULT_MODEL,
             "families": [{"name": f.name, "kind": f.kind, "model_types": list(f.model_types),
                           "towers": [t.name for t in f.towers]} for f in FAMILIES],
+            "discovered": DISCOVERED,
         }, indent=2))
         return 0
     print("Built-in aliases (offline):")
     for a in ALIASES.values():
         star = " (default)" if a.name == DEFAULT_MODEL else ""
         print(f"  {a.name:<14} {a.description}{star}\n  {'':<14} from: {a.source}")
-    print("\nSupported families (any hub id or local folder whose config.model_type is listed):")
+    print(f"\nAny other model: {DISCOVERED}")
+    print("\nFamilies with a hand table (image-token grids, the special tokens before a ViT's patches; a table wins):")
     for f in FAMILIES:
         towers = "+".join(t.name for t in f.towers)
         print(f"  {f.name:<10} {f.kind:<8} {towers:<12} {', '.join(f.model_types)}" + (f"  — {f.notes}" if f.notes else ""))
     return 0
+
+
+DISCOVERED = ("any hub id or local folder whose attention modules call transformers' attention interface "
+              "(ALL_ATTENTION_FUNCTIONS) is adapted from the model itself (towers, attention layers, causality, kind). "
+              "Refused with the reason: attention outside that interface, encoder-decoder models, logit biases "
+              "(ALiBi, relative positions), masks other than causal / sliding window / padding, chunked attention.")
 
 
 def _generate(args) -> int:

@@ -51,7 +51,8 @@ class Family:
     longest input in tokens, or None when unbounded by the family. prefix: names of the special tokens that
     precede the patches of a ViT image (CLS, distillation); registers: config attribute giving how many
     register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
-    LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "tokens": a discovered
+    LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "pooled": Gemma 3's square
+    of average-pooled patches (`mm_tokens_per_image` per image); "tokens": a discovered
     LVLM, whose image tokens (the config's image token id) are marked without a grid).
     """
 
@@ -93,9 +94,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), "llm", (Tower("text", ("transformer.h", "h"), ("attn",), True),), context="n_positions"),
     Family("llama", ("llama", "mistral", "qwen2"), "llm", (Tower("text", _DECODER, _SELF, True),),
            notes="Llama and kin (Mistral, Qwen2, SmolLM): GQA + RoPE, sliding windows where configured"),
-    Family("gemma", ("gemma2", "gemma3_text", "gemma3"), "llm",
-           (Tower("text", _DECODER + ("model.language_model.layers",), _SELF, True),),
+    Family("gemma", ("gemma2", "gemma3_text"), "llm", (Tower("text", _DECODER, _SELF, True),),
            notes="soft-capping (Gemma 2) and interleaved sliding windows"),
+    Family("gemma3", ("gemma3",), "lvlm", (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
+           image_layout="pooled", notes="Gemma 3 (SigLIP tower, mm_tokens_per_image pooled cells per image)"),
     Family("gpt_neox", ("gpt_neox",), "llm", (Tower("text", ("gpt_neox.layers", "layers"), ("attention",), True),)),
     Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), ("attention.self",), False),)),
     Family("vit", ("vit",), "vit",
@@ -117,9 +119,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("llava", ("llava", "llava_next"), "lvlm",
            (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
            image_layout="llava", notes="LLaVA-1.5 and LLaVA-NeXT (anyres grids)"),
-    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "lvlm",
+    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "lvlm",
            (_LVLM_TEXT, Tower("vision", ("model.visual.blocks", "visual.blocks"), ("attn",), False)),
-           image_layout="merged", notes="Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic grids)"),
+           image_layout="merged", notes="Qwen2-VL, Qwen2.5-VL and Qwen3-VL (M-RoPE, dynamic grids)"),
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}

@@ -7,6 +7,8 @@ a kernel can sum attention per segment and a figure can paint attention over an 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -184,8 +186,12 @@ def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
 
 
 def _patch(model: Model) -> int | None:
+    """Pixels per grid cell side: the vision tower's patch, times the pooling kernel where cells are pooled."""
     vc = getattr(model.config, "vision_config", None)
-    return getattr(vc, "patch_size", None)
+    patch = getattr(vc, "patch_size", None)
+    if model.family.image_layout == "pooled" and patch is not None:
+        return patch * (vc.image_size // patch) // math.isqrt(int(model.config.mm_tokens_per_image))
+    return patch
 
 
 def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[int, list[tuple[str, int, int, int, int]]]]:
@@ -201,6 +207,10 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
             rows, cols = t * h // m, w // m
             out.append((rows * cols, [("image", rows, cols, 0, cols)]))
         return out
+    if model.family.image_layout == "pooled":  # Gemma 3: every image is mm_tokens_per_image pooled cells, a square
+        n = int(cfg.mm_tokens_per_image)
+        side = math.isqrt(n)
+        return [(n, [("image", side, side, 0, side)])] * -(-n_tokens // n)
     vc = cfg.vision_config
     side = vc.image_size // vc.patch_size
     extra = _kept_prefix(model)
@@ -251,6 +261,9 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     vc = getattr(cfg, "vision_config", cfg)
     if model.family.image_layout == "merged":
         return _qwen_vision_layout(inputs, vc)
+    if model.family.image_layout == "tokens":
+        raise ValueError(f"{model.name} ({cfg.model_type}): the layout of its vision tower is not known (no hand table "
+                         "for this family); its text tower marks the image tokens")
     prefix = list(model.family.prefix)
     batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
     if model.family.kind == "lvlm":  # LLaVA's CLIP / SigLIP tower

@@ -201,3 +201,4 @@ def test_score_circuits_from_the_command_line(capsys, tmp_path):
     assert code == 1 and "needs at least 5 names" in err
     code, _, err = run(capsys, "score", "stories260k", "--tasks", "ioi", "--out", str(tmp_path / "runs"))
     assert code == 2 and "--tasks applies to none of summary" in err
+

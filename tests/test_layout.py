@@ -20,6 +20,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import interp
 from interp import token_layout
+from interp.hooks import Recorder, capture
 from tiny_models import CLIPV, IMG_TOK, LN_PINPOINTS, TXT, llava_next_num_image_tokens, make
 
 PATCH, CLS, NEWLINE = 7.0, -3.0, -5.0  # first coordinate of a planted vector: what it is
@@ -325,7 +326,8 @@ def test_llava_next_grids_hold_each_tile_patch_where_the_model_puts_it(sizes, pe
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
-QWEN_GRIDS = {"qwen2_vl": [[1, 4, 4], [1, 4, 6], [1, 6, 4]], "qwen2_5_vl": [[1, 4, 4], [1, 8, 8], [1, 4, 8]]}
+QWEN_GRIDS = {"qwen2_vl": [[1, 4, 4], [1, 4, 6], [1, 6, 4]], "qwen2_5_vl": [[1, 4, 4], [1, 8, 8], [1, 4, 8]],
+              "qwen3_vl": [[1, 4, 4], [1, 4, 6], [1, 6, 4]]}
 
 
 def _qwen(name: str):
@@ -365,7 +367,7 @@ def _decode_hw_image(model, seen: dict) -> torch.Tensor:
     return torch.cat([hw.round().long(), image[:, None].long()], -1)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_vision_tower_grid_matches_the_rotary_positions(name):
     """Vision tower: the token at grid cell (r, c) of image k is, in the sequence the vision blocks attend over,
     the one the model rotates as (h, w) = (r, c) inside image k. Qwen2.5-VL permutes it into window order."""
@@ -386,7 +388,7 @@ def test_qwen_vision_tower_grid_matches_the_rotary_positions(name):
     assert sorted(all_positions) == list(range(hwi.shape[0]))
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_text_grid_holds_each_merged_block_where_the_model_puts_it(name):
     """Text stream: the merger's output for the m×m block at (R, C) of image k (read from the rotary angles of
     the m² tokens it merges) is planted as (PATCH, k, R, C); the layout's grid k, cell (R, C) must hold it."""
@@ -414,6 +416,55 @@ def test_qwen_text_grid_holds_each_merged_block_where_the_model_puts_it(name):
         assert torch.equal(emb[g.batch, g.positions], want), k
     for b, covered in enumerate(_image_sets(layout)):
         assert covered == _positions(emb[b, :, 0] == PATCH) == _positions(layout.mask("image")[b])
+
+
+def test_gemma3_grid_holds_each_pooled_cell_where_the_model_puts_it():
+    """Gemma 3 pools the SigLIP patches (codes (PATCH, k, r, c) planted at the tower's output, row-major as the
+    ViT tests establish) into mm_tokens_per_image cells; what the projector's norm receives, read back, says which
+    block each pooled token averaged, and that block's code (PATCH, k, R, C) replaces the projector's output. The
+    layout's grid k, cell (R, C) must hold it in the language model's input."""
+    hf, inputs = make("gemma3_vlm")
+    model = interp.load_model(hf)
+    layout = token_layout(model, inputs)
+    projector = model.hf.model.multi_modal_projector
+    kernel = projector.kernel_size
+    seen = {}
+
+    def on_norm(module, args, kwargs):
+        seen["pooled"] = args[0].detach().clone()  # (images, cells, D): the average of each block's codes
+
+    def on_projector(module, args, out):
+        pooled = seen["pooled"]
+        codes = torch.zeros(out.shape)
+        for k in range(pooled.shape[0]):
+            for j in range(pooled.shape[1]):
+                _, image, r, c = pooled[k, j, :4].tolist()
+                codes[k, j] = _code(out.shape[-1], PATCH, image, (r - (kernel - 1) / 2) / kernel,
+                                    (c - (kernel - 1) / 2) / kernel)
+        return codes
+
+    emb = _embeds_seen_by_lm(model, inputs, *_plant_vision_output(model, 0)[:1],
+                             (projector.mm_soft_emb_norm, "pre", on_norm), (projector, "fwd", on_projector))[..., :4]
+    side = int(model.config.mm_tokens_per_image ** 0.5)
+    assert [(g.batch, g.image, g.shape) for g in layout.grids] == [(0, 0, (side, side)), (1, 0, (side, side))]
+    assert layout.grids[0].patch == 8 * kernel  # pixels per cell side
+    r, c = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    for k, g in enumerate(layout.grids):
+        want = torch.stack([torch.full_like(r, PATCH), torch.full_like(r, k), r, c], -1)
+        assert torch.equal(emb[g.batch, g.positions], want), k
+    for b, covered in enumerate(_image_sets(layout)):
+        assert covered == _positions(emb[b, :, 0] == PATCH) == _positions(layout.mask("image")[b])
+
+
+def test_gemma3_bidirectional_image_attention_is_refused_not_misread():
+    """With token_type_ids, Gemma 3's image tokens see each other both ways inside an image: not a causal mask, so
+    capture refuses it rather than describe another attention."""
+    hf, inputs = make("gemma3_vlm")
+    model = interp.load_model(hf)
+    inputs = {**inputs, "token_type_ids": (inputs["input_ids"] == IMG_TOK).long()}
+    with pytest.raises(ValueError, match="gemma3.*the mask of text layer 0 lets queries see other keys"):
+        with torch.no_grad(), capture(model, Recorder()):
+            model.hf(**inputs)
 
 
 # ----------------------------------------------------------------------------- text models

@@ -106,7 +106,10 @@ def test_cli_lists_aliases_and_families():
                                                       "organism-llava"}
     types = {t for f in listing["families"] for t in f["model_types"]}
     assert {"gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt_neox", "bert", "vit", "deit", "clip",
-            "siglip", "dinov2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= types
+            "siglip", "dinov2", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"} <= types
+    assert "attention interface" in listing["discovered"]  # any other model is adapted from itself
+    text = subprocess.run([sys.executable, "-m", "interp.cli", "models"], capture_output=True, text=True).stdout
+    assert "Any other model" in text and "Refused with the reason" in text
     bad = subprocess.run([sys.executable, "-m", "interp.cli", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 

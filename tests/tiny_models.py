@@ -206,6 +206,33 @@ def build_qwen2_5_vl(attn):
     return T.Qwen2_5_VLForConditionalGeneration(cfg), _qwen_vl_inputs(cfg, [[1, 4, 4], [1, 8, 8]])
 
 
+def build_qwen3_vl(attn):
+    cfg = T.Qwen3VLConfig(
+        text_config={**TXT, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                "mrope_interleaved": True}},
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),
+        image_token_id=IMG_TOK, video_token_id=126, vision_start_token_id=125, vision_end_token_id=124)
+    return T.Qwen3VLForConditionalGeneration(cfg), _qwen_vl_inputs(cfg, [[1, 4, 4], [1, 4, 6]])
+
+
+GEMMA3_TOKENS = 4  # pooled cells per image: a 2 × 2 square from 4 × 4 patches (kernel 2)
+
+
+def build_gemma3_vlm(attn):
+    cfg = T.Gemma3Config(
+        text_config={**TXT, "model_type": "gemma3_text", "head_dim": 8, "query_pre_attn_scalar": 8,
+                     "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        mm_tokens_per_image=GEMMA3_TOKENS, image_token_index=IMG_TOK, boi_token_index=125, eoi_token_index=124)
+    ids, mask = _seq_with_image_tokens([GEMMA3_TOKENS, GEMMA3_TOKENS])
+    # without token_type_ids the image tokens attend causally (with them, bidirectionally inside each image)
+    return T.Gemma3ForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                   "pixel_values": _pix(2, 3, 32, 32)}
+
+
 BUILDERS = {k[len("build_"):]: v for k, v in dict(globals()).items() if k.startswith("build_")}
 
 
