@@ -467,6 +467,29 @@ def test_gemma3_bidirectional_image_attention_is_refused_not_misread():
             model.hf(**inputs)
 
 
+@pytest.mark.parametrize("model_type", ["internvl", "smolvlm", "llava_onevision"])
+def test_discovered_lvlm_marks_its_image_tokens_without_a_grid(model_type, monkeypatch):
+    """An LVLM with no hand table: found as an LVLM from the model, its image tokens (the config's image token id)
+    are the `image` segment; no grid is claimed, and its vision tower's layout is refused by name."""
+    from auto_tiny import tiny_config
+
+    cfg = tiny_config(model_type)
+    hf = T.AutoModelForImageTextToText.from_config(cfg)
+    model = interp.load_model(hf)
+    assert model.family.kind == "lvlm" and model.family.image_layout == "tokens"
+    image = interp.families.image_token(cfg)
+    ids = torch.tensor([[5, 6, image, image, image, 7, image, image, 8]])
+    layout = token_layout(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert _positions(layout.mask("image")[0]) == {2, 3, 4, 6, 7} and layout.grids == []
+    with pytest.raises(ValueError, match=f"{model_type}.*the layout of its vision tower is not known"):
+        token_layout(model, {"input_ids": ids, "pixel_values": torch.zeros(1, 3, 8, 8)}, tower="vision")
+    for key in ("image_token_id", "image_token_index"):  # a config naming no image token (strict fields: no None)
+        monkeypatch.delitem(vars(model.config), key, raising=False)
+        monkeypatch.setattr(type(model.config), key, None, raising=False)
+    with pytest.raises(ValueError, match="names no image token id .*cannot be located"):
+        token_layout(model, {"input_ids": ids})
+
+
 # ----------------------------------------------------------------------------- text models
 def test_bos_only_at_the_first_real_token_and_pad_where_masked():
     model, inputs = _load("llama")
