@@ -271,30 +271,40 @@ _checked_masks: dict[tuple, bool] = {}
 def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, mask2d: Tensor | None) -> None:
     """Refuse a layer whose own mask lets its queries see other keys than the call's geometry (causal, window,
     padding) says, on the rows of real tokens: the statistics would describe another attention (DeepSeek-V4's
-    compressed keys, block-sparse or document masks). Checked once per mask tensor (B | 1, H | 1, Nq, Nk)."""
-    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[-2:] != (call.q.shape[2], n_k):
+    compressed keys, Gemma 3's bidirectional images, block or document masks). Checked once per mask tensor
+    (B | 1, H | 1, Nq, Nk), in blocks of query rows so that it adds little memory to the model's own mask."""
+    n_q = call.q.shape[2]
+    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[-2:] != (n_q, n_k):
         return
     key = (id(mask), mask.data_ptr(), call.window, call.causal)
     if key in _checked_masks:
         return
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    i = call.query_positions[:, None]
-    j = torch.arange(n_k, device=i.device)[None, :]
-    ours = (j <= i) if call.causal else torch.ones(i.shape[0], n_k, dtype=torch.bool, device=i.device)
-    if call.window is not None:
-        ours = ours & (i - j < call.window)
-    ours = ours[None, None] if call.key_mask is None else ours & call.key_mask[:, None, None, :]
-    differs = allowed != ours
-    if mask2d is not None and mask2d.shape[1] >= call.q.shape[2]:  # padding queries: models unmask them freely
-        differs = differs & mask2d[:, -call.q.shape[2]:].bool().to(differs.device)[:, None, :, None]
+    real = mask2d[:, -n_q:].bool().to(mask.device) if mask2d is not None and mask2d.shape[1] >= n_q else None
+    j = torch.arange(n_k, device=mask.device)[None, :]
+    differs = False
+    for q0 in range(0, n_q, MASK_CHECK_ROWS):
+        rows = mask[:, :, q0:q0 + MASK_CHECK_ROWS]
+        allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+        i = call.query_positions[q0:q0 + MASK_CHECK_ROWS, None].to(mask.device)
+        ours = (j <= i) if call.causal else torch.ones(i.shape[0], n_k, dtype=torch.bool, device=mask.device)
+        if call.window is not None:
+            ours = ours & (i - j < call.window)
+        ours = ours[None, None] if call.key_mask is None else ours & call.key_mask.to(mask.device)[:, None, None, :]
+        wrong = allowed != ours
+        if real is not None:  # padding queries: models unmask them freely
+            wrong = wrong & real[:, None, q0:q0 + MASK_CHECK_ROWS, None]
+        differs = differs or bool(wrong.any())
     if len(_checked_masks) > 64:
         _checked_masks.clear()
     _checked_masks[key] = True
-    if bool(differs.any()):
+    if differs:
         raise ValueError(f"{model.name} ({model.config.model_type}): the mask of {site.tower.name} layer {site.layer} "
                          "lets queries see other keys than causal order, the sliding window and padding allow "
-                         "(compressed or extra keys, block or document masks), which interp does not model; "
-                         "this family is not supported")
+                         "(compressed or extra keys, bidirectional images, block or document masks), which interp "
+                         "does not model; this family is not supported")
+
+
+MASK_CHECK_ROWS = 1024
 
 
 def _sinks(s_aux: Tensor | None, heads: Tensor | None) -> Tensor | None:

@@ -5,6 +5,7 @@ from a tiny random config, captured with its fast attention, and the probabiliti
 are checked against the model's own eager attention in a forward and in decode steps (see `auto_check`)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +185,15 @@ def test_analyses_run_end_to_end_on_discovered_families(model_type, tmp_path):
             assert set(result.samples["sample"]) == {0, 1} and not result.samples["accepted"].any()
             continue
         assert len(scores.columns) and bool(np.isfinite(scores.to_numpy()).all()), analysis
+
+
+def test_the_mask_check_works_in_blocks_of_query_rows(monkeypatch):
+    """Checked a few query rows at a time: a padded eager batch of a model whose mask is causal still passes, and
+    DeepSeek-V4's extra keys are still found."""
+    monkeypatch.setattr(sys.modules["interp.hooks.capture"], "MASK_CHECK_ROWS", 3)
+    hf, inputs = make("llama", "eager")
+    model = interp.load_model(hf)
+    with torch.no_grad(), capture(model, Recorder()):
+        model.hf(**inputs)  # left padding in the second row: padding queries are not compared
+    with pytest.raises(ValueError, match="deepseek_v4.*lets queries see other keys"):
+        _captured("deepseek_v4")
