@@ -123,7 +123,7 @@ def _models(args) -> int:
     print(f"\nAny other model: {DISCOVERED}")
     print("\nFamilies with a hand table (image-token grids, the special tokens before a ViT's patches; a table wins):")
     for f in FAMILIES:
-        towers = "+".join(t.name for t in f.towers)
+        towers = "+".join(t.name for t in f.towers) or "discovered"
         print(f"  {f.name:<10} {f.kind:<8} {towers:<12} {', '.join(f.model_types)}" + (f"  — {f.notes}" if f.notes else ""))
     return 0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch.nn as nn
@@ -47,12 +47,14 @@ class Tower:
 class Family:
     """Declarative adapter for one model family.
 
-    kind: "llm" | "encoder" | "vit" | "lvlm". context: config attribute (on the text config) giving the
+    kind: "llm" | "encoder" | "vit" | "lvlm". towers: the attention stacks, primary first; () to take them (and the
+    kind and context) from `discover`. context: config attribute (on the text config) giving the
     longest input in tokens, or None when unbounded by the family. prefix: names of the special tokens that
     precede the patches of a ViT image (CLS, distillation); registers: config attribute giving how many
     register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
     LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "pooled": Gemma 3's square
-    of average-pooled patches (`mm_tokens_per_image` per image); "tokens": a discovered
+    of average-pooled patches (`mm_tokens_per_image` per image); "tiles": a pixel-shuffled square per image tile
+    (InternVL, Idefics3); "tokens": a discovered
     LVLM, whose image tokens (the config's image token id) are marked without a grid).
     """
 
@@ -96,8 +98,13 @@ FAMILIES: tuple[Family, ...] = (
            notes="Llama and kin (Mistral, Qwen2, SmolLM): GQA + RoPE, sliding windows where configured"),
     Family("gemma", ("gemma2", "gemma3_text"), "llm", (Tower("text", _DECODER, _SELF, True),),
            notes="soft-capping (Gemma 2) and interleaved sliding windows"),
-    Family("gemma3", ("gemma3",), "lvlm", (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
-           image_layout="pooled", notes="Gemma 3 (SigLIP tower, mm_tokens_per_image pooled cells per image)"),
+    # LVLMs whose towers are discovered: the tables add their image-token layouts only
+    Family("gemma3", ("gemma3",), "lvlm", (), image_layout="pooled",
+           notes="Gemma 3 (mm_tokens_per_image pooled cells per image)"),
+    Family("internvl", ("internvl",), "lvlm", (), image_layout="tiles",
+           notes="InternVL (a pixel-shuffled square per tile)"),
+    Family("idefics3", ("idefics3", "smolvlm"), "lvlm", (), image_layout="tiles",
+           notes="Idefics3 and SmolVLM (a pixel-shuffled square per tile)"),
     Family("gpt_neox", ("gpt_neox",), "llm", (Tower("text", ("gpt_neox.layers", "layers"), ("attention",), True),)),
     Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), ("attention.self",), False),)),
     Family("vit", ("vit",), "vit",
@@ -139,10 +146,17 @@ def table_for(config) -> Family | None:
 
 
 def family_for(model: nn.Module) -> Family:
-    """The adapter of a built HF model: its table where one exists, else one discovered from the model."""
+    """The adapter of a built HF model: its table where one exists, else one discovered from the model. A table
+    without towers adds only what cannot be discovered (image layout, prefix tokens) to the discovered towers."""
     config = getattr(model, "config", None)
     check_supported_config(config)
-    return table_for(config) or discover(model)
+    table = table_for(config)
+    if table is None:
+        return discover(model)
+    if table.towers:
+        return table
+    found = discover(model)
+    return replace(table, kind=found.kind, towers=found.towers, context=found.context)
 
 
 def check_supported_config(config) -> None:

@@ -186,12 +186,30 @@ def _add_images(model: Model, inputs: dict, layout: TokenLayout) -> None:
 
 
 def _patch(model: Model) -> int | None:
-    """Pixels per grid cell side: the vision tower's patch, times the pooling kernel where cells are pooled."""
+    """Pixels per grid cell side: the vision tower's patch, times the cells it pools or shuffles into one token."""
     vc = getattr(model.config, "vision_config", None)
-    patch = getattr(vc, "patch_size", None)
-    if model.family.image_layout == "pooled" and patch is not None:
-        return patch * (vc.image_size // patch) // math.isqrt(int(model.config.mm_tokens_per_image))
+    patch = _side(getattr(vc, "patch_size", None))
+    if model.family.image_layout in ("pooled", "tiles") and patch is not None:
+        return _side(vc.image_size) // _square_side(model)
     return patch
+
+
+def _side(size) -> int | None:
+    """One side of a size given as an int or a (height, width) pair (square tiles)."""
+    return int(size[0]) if isinstance(size, (list, tuple)) else size
+
+
+def _square_side(model: Model) -> int:
+    """Tokens per side of the square one image (Gemma 3's pooled cells) or one tile (InternVL's and Idefics3's
+    pixel-shuffled patches) becomes in the text stream."""
+    cfg = model.config
+    if model.family.image_layout == "pooled":
+        return math.isqrt(int(cfg.mm_tokens_per_image))
+    vc = cfg.vision_config
+    patches = _side(vc.image_size) // _side(vc.patch_size)
+    if hasattr(cfg, "downsample_ratio"):  # InternVL
+        return int(patches * cfg.downsample_ratio)
+    return patches // int(cfg.scale_factor)  # Idefics3 / SmolVLM
 
 
 def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[int, list[tuple[str, int, int, int, int]]]]:
@@ -207,10 +225,9 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
             rows, cols = t * h // m, w // m
             out.append((rows * cols, [("image", rows, cols, 0, cols)]))
         return out
-    if model.family.image_layout == "pooled":  # Gemma 3: every image is mm_tokens_per_image pooled cells, a square
-        n = int(cfg.mm_tokens_per_image)
-        side = math.isqrt(n)
-        return [(n, [("image", side, side, 0, side)])] * -(-n_tokens // n)
+    if model.family.image_layout in ("pooled", "tiles"):  # a square per image (Gemma 3) or per tile (InternVL, ...)
+        side = _square_side(model)
+        return [(side * side, [("image", side, side, 0, side)])] * -(-n_tokens // (side * side))
     vc = cfg.vision_config
     side = vc.image_size // vc.patch_size
     extra = _kept_prefix(model)
@@ -261,9 +278,9 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     vc = getattr(cfg, "vision_config", cfg)
     if model.family.image_layout == "merged":
         return _qwen_vision_layout(inputs, vc)
-    if model.family.image_layout == "tokens":
-        raise ValueError(f"{model.name} ({cfg.model_type}): the layout of its vision tower is not known (no hand table "
-                         "for this family); its text tower marks the image tokens")
+    if model.family.image_layout in ("tokens", "pooled", "tiles"):
+        raise ValueError(f"{model.name} ({cfg.model_type}): the layout of its vision tower is not known to interp; "
+                         "its text tower's layout marks the image tokens")
     prefix = list(model.family.prefix)
     batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
     if model.family.kind == "lvlm":  # LLaVA's CLIP / SigLIP tower

@@ -57,7 +57,11 @@ def test_discovery_agrees_with_the_hand_tables(name):
     """Where a table exists it wins; discovery finds the same attention modules, causality and kind."""
     hf, _ = make(name, "sdpa")
     table, found = table_for(hf.config), interp.discover(hf)
-    assert interp.load_model(hf).family is table
+    loaded = interp.load_model(hf).family
+    if not table.towers:  # a table of what cannot be discovered (the image layout) on top of discovered towers
+        assert (loaded.towers, loaded.kind, loaded.image_layout) == (found.towers, found.kind, table.image_layout)
+        return
+    assert loaded is table
     for tower in found.towers:
         assert tower.name in [t.name for t in table.towers]
         ours = interp.Model(hf, found, name).attention_modules(tower.name)

@@ -59,7 +59,8 @@ def _embeds_seen_by_lm(model, inputs: dict, *specs) -> torch.Tensor:
     def grab(module, args, kwargs):
         seen["x"] = kwargs["inputs_embeds"].detach().clone()
 
-    with _hooks((model.hf.model.language_model, "pre", grab), *specs), torch.no_grad():
+    lm = getattr(model.hf.model, "language_model", None) or model.hf.model.text_model  # Idefics3: text_model
+    with _hooks((lm, "pre", grab), *specs), torch.no_grad():
         model.hf(**inputs)
     return seen["x"]
 
@@ -467,7 +468,7 @@ def test_gemma3_bidirectional_image_attention_is_refused_not_misread():
             model.hf(**inputs)
 
 
-@pytest.mark.parametrize("model_type", ["internvl", "smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("model_type", ["llava_onevision", "mistral3", "aya_vision"])
 def test_discovered_lvlm_marks_its_image_tokens_without_a_grid(model_type, monkeypatch):
     """An LVLM with no hand table: found as an LVLM from the model, its image tokens (the config's image token id)
     are the `image` segment; no grid is claimed, and its vision tower's layout is refused by name."""
@@ -488,6 +489,57 @@ def test_discovered_lvlm_marks_its_image_tokens_without_a_grid(model_type, monke
         monkeypatch.setattr(type(model.config), key, None, raising=False)
     with pytest.raises(ValueError, match="names no image token id .*cannot be located"):
         token_layout(model, {"input_ids": ids})
+
+
+@pytest.mark.parametrize("name", ["internvl", "idefics3"])
+def test_tile_grids_hold_each_shuffled_block_where_the_model_puts_it(name):
+    """InternVL and Idefics3 pixel-shuffle each tile's patches, 2 × 2 into one token. Patch (r, c) of real tile g is
+    planted as (PATCH, g, r, c) at the vision tower's output (row-major, after InternVL's CLS); what the projector
+    receives says which four patches each token holds (they must form one 2 × 2 block (R, C)), and (PATCH, g, R, C)
+    replaces the projector's output. The layout's grid g, cell (R, C) must hold it."""
+    hf, inputs = make(name)
+    model = interp.load_model(hf)
+    layout = token_layout(model, inputs)
+    inner = model.hf.model
+    tower, prefix = (inner.vision_tower, 1) if name == "internvl" else (inner.vision_model, 0)
+    projector = inner.multi_modal_projector if name == "internvl" else inner.connector.modality_projection
+    d = model.config.vision_config.hidden_size
+
+    def on_tower(module, args, out):
+        n, s, width = out.last_hidden_state.shape
+        side = int(round((s - prefix) ** 0.5))
+        x = torch.zeros(n, s, width)
+        for g in range(n):
+            x[g, :prefix] = _code(width, CLS, g)
+            for p in range(side * side):
+                x[g, prefix + p] = _code(width, PATCH, g, p // side, p % side)
+        out.last_hidden_state = x
+        return out
+
+    def on_projector(module, args, out):
+        shuffled = args[0]  # (tiles, tokens, 4 · d): each token's four patches, d channels each
+        codes = torch.zeros(out.shape)
+        for g in range(shuffled.shape[0]):
+            for t in range(shuffled.shape[1]):
+                parts = shuffled[g, t].view(4, d)[:, :4]
+                assert bool((parts[:, 0] == PATCH).all()) and bool((parts[:, 1] == parts[0, 1]).all())
+                rows, cols = parts[:, 2], parts[:, 3]
+                r0, c0 = rows.min(), cols.min()
+                assert sorted(zip((rows - r0).tolist(), (cols - c0).tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+                codes[g, t] = _code(out.shape[-1], PATCH, parts[0, 1], r0 // 2, c0 // 2)
+        return codes
+
+    emb = _embeds_seen_by_lm(model, inputs, (tower, "fwd", on_tower), (projector, "fwd", on_projector))[..., :4]
+    side = 4
+    assert [(g.batch, g.image, g.shape) for g in layout.grids] == [(0, 0, (side, side)), (0, 1, (side, side)),
+                                                                   (1, 0, (side, side))]
+    assert layout.grids[0].patch == 8  # pixels per token side: 4 px patches, 2 × 2 shuffled
+    r, c = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    for k, g in enumerate(layout.grids):  # the real tiles in order: 0, 1 of sample 0, then 2
+        want = torch.stack([torch.full_like(r, PATCH), torch.full_like(r, k), r, c], -1)
+        assert torch.equal(emb[g.batch, g.positions], want), k
+    for b, covered in enumerate(_image_sets(layout)):
+        assert covered == _positions(emb[b, :, 0] == PATCH) == _positions(layout.mask("image")[b])
 
 
 # ----------------------------------------------------------------------------- text models

@@ -233,6 +233,31 @@ def build_gemma3_vlm(attn):
                                                    "pixel_values": _pix(2, 3, 32, 32)}
 
 
+TILE_TOKENS = 16  # InternVL / Idefics3 tiles: 8 × 8 patches of 4 px, pixel-shuffled 2 × 2 into a 4 × 4 square
+
+
+def build_internvl(attn):
+    cfg = T.InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=[32, 32], patch_size=[4, 4]),
+        text_config={**TXT, "model_type": "qwen2"}, image_token_id=IMG_TOK, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    ids, mask = _seq_with_image_tokens([2 * TILE_TOKENS, TILE_TOKENS])  # 2 tiles, then 1
+    return T.InternVLForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                     "pixel_values": _pix(3, 3, 32, 32)}
+
+
+def build_idefics3(attn):
+    cfg = T.Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=4),
+        text_config={**TXT, "model_type": "llama"}, image_token_id=IMG_TOK, scale_factor=2)
+    ids, mask = _seq_with_image_tokens([2 * TILE_TOKENS, TILE_TOKENS])
+    pixels = _pix(2, 2, 3, 32, 32)
+    pixels[1, 1] = 0  # sample 1 has one tile; its second slot is padding (all zeros), as the processor pads
+    return T.Idefics3ForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
 BUILDERS = {k[len("build_"):]: v for k, v in dict(globals()).items() if k.startswith("build_")}
 
 
