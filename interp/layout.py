@@ -239,11 +239,15 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
 
     sizes = inputs.get("image_sizes")
     if sizes is None:
-        raise ValueError(f"{model.name}: LLaVA-NeXT inputs need image_sizes (use the model's processor)")
+        raise ValueError(f"{model.name}: LLaVA-NeXT / OneVision inputs need image_sizes (use the model's processor)")
     out = []
     for size in sizes.tolist():
         nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vc.image_size)
         rows, cols = unpad_image(torch.empty(1, nph * side, npw * side), size).shape[1:]
+        if cfg.model_type == "llava_onevision":  # "anyres_max_N": a canvas above N base images is resized down
+            ratio = math.sqrt(rows * cols / (int(cfg.vision_aspect_ratio.strip("anyres_max_")) * side**2))
+            if ratio > 1.1:
+                rows, cols = int(rows // ratio), int(cols // ratio)
         shapes = [("image_base", side, side, extra, side), ("image_tiles", rows, cols, base, cols + 1)]
         out.append((base + rows * (cols + 1), shapes))
     return out

@@ -262,14 +262,28 @@ def test_llava_default_strategy_on_siglip_is_refused():
 
 
 # ----------------------------------------------------------------------------- LLaVA-NeXT text stream
-def _llava_next(sizes: list[list[int]], per_row: list[int]):
-    """Tiny LLaVA-NeXT (the tiny_models config) with images of the given original (H, W); per_row: images per sample."""
+def _llava_next(sizes: list[list[int]], per_row: list[int], onevision: str | None = None):
+    """Tiny LLaVA-NeXT (the tiny_models config) with images of the given original (H, W); per_row: images per sample.
+    onevision: a LLaVA-OneVision of the same towers instead, with this `vision_aspect_ratio` ("anyres_max_N"); its
+    token counts come from the model itself, one image at a time."""
     hf, _ = make("llava_next")
     crops = [image_size_to_num_patches(s, LN_PINPOINTS, 32) for s in sizes]
     pix = torch.zeros(len(sizes), max(crops), 3, 32, 32)
     for i, n in enumerate(crops):
         pix[i, :n] = torch.randn(n, 3, 32, 32)
     tokens = [llava_next_num_image_tokens(*s) for s in sizes]  # hand copy of the processor's count
+    if onevision:
+        cfg = T.LlavaOnevisionConfig(vision_config=hf.config.vision_config, text_config=hf.config.text_config,
+                                     image_token_index=IMG_TOK, image_grid_pinpoints=LN_PINPOINTS,
+                                     vision_feature_select_strategy="default", vision_feature_layer=-2,
+                                     vision_aspect_ratio=onevision)
+        torch.manual_seed(0)
+        hf = T.LlavaOnevisionForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            tokens = [hf.model.get_image_features(pixel_values=pix[i:i + 1], image_sizes=torch.tensor([size]),
+                                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                                  vision_aspect_ratio=onevision).pooler_output[0].shape[0]
+                      for i, size in enumerate(sizes)]
     rows, i = [], 0
     for n in per_row:
         rows.append(tokens[i : i + n])
@@ -279,16 +293,18 @@ def _llava_next(sizes: list[list[int]], per_row: list[int]):
     return interp.load_model(hf), inputs, crops
 
 
+@pytest.mark.parametrize("onevision", [None, "anyres_max_9"])
 @pytest.mark.parametrize("sizes,per_row", [
     ([[30, 60], [50, 40]], [1, 1]),            # the tiny_models inputs: 1×2 tiles as is; 2×2 tiles, columns unpadded
     ([[12, 64], [64, 64], [50, 40]], [2, 1]),  # rows unpadded (4 -> 2); two images in sample 0
 ])
-def test_llava_next_grids_hold_each_tile_patch_where_the_model_puts_it(sizes, per_row):
+def test_llava_next_grids_hold_each_tile_patch_where_the_model_puts_it(sizes, per_row, onevision):
     """Every crop patch is planted as (PATCH, crop, r, c) and image_newline as NEWLINE; the model itself splits
     crops per image, stitches the tiles, unpads and adds newlines. Base grid (r, c) must hold base-crop patch
     (r, c); tiles grid (r, c) must hold the stitched-canvas cell (r0 + r, c0 + c) for one offset (r0, c0); the
-    positions marked image_newline must be exactly the newline vectors."""
-    model, inputs, crops = _llava_next(sizes, per_row)
+    positions marked image_newline must be exactly the newline vectors. LLaVA-OneVision below its anyres_max
+    limit lays images out the same way."""
+    model, inputs, crops = _llava_next(sizes, per_row, onevision)
     layout = token_layout(model, inputs)
     with torch.no_grad():
         model.hf.model.image_newline.copy_(_code(32, NEWLINE))
@@ -324,6 +340,25 @@ def test_llava_next_grids_hold_each_tile_patch_where_the_model_puts_it(sizes, pe
     for b in range(len(per_row)):
         n_rows = sum(g.shape[0] for g in layout.grids if g.name == "image_tiles" and g.batch == b)
         assert int((emb[b, :, 0] == NEWLINE).sum()) == n_rows
+
+
+def test_llava_onevision_grid_of_a_canvas_resized_down():
+    """Above `anyres_max_N` base images, LLaVA-OneVision resizes the stitched canvas (bilinear) before adding the
+    newlines: the tiles grid takes the resized shape, its cells hold (blended) patch codes, and a newline closes
+    each of its rows."""
+    model, inputs, _ = _llava_next([[64, 64], [30, 60]], [1, 1], onevision="anyres_max_1")
+    layout = token_layout(model, inputs)
+    with torch.no_grad():
+        model.hf.model.image_newline.copy_(_code(32, NEWLINE))
+    emb = _embeds_seen_by_lm(model, inputs, *_plant_vision_output(model, 1))[..., :4]
+    tiles = [g for g in layout.grids if g.name == "image_tiles"]
+    assert [g.shape for g in tiles] == [(4, 4), (2, 5)]  # canvases 8×8 and 4×8 against 1 base image of 4×4:
+    # ratios 2 and √2, so ⌊8 / 2⌋ × ⌊8 / 2⌋ and ⌊4 / √2⌋ × ⌊8 / √2⌋
+    for b, covered in enumerate(_image_sets(layout)):
+        newline = _positions(emb[b, :, 0] == NEWLINE)
+        assert _positions(layout.mask("image_newline")[b]) == newline
+        assert covered == _positions(emb[b, :, 0] == PATCH)
+        assert len(newline) == tiles[b].shape[0]
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
@@ -468,7 +503,7 @@ def test_gemma3_bidirectional_image_attention_is_refused_not_misread():
             model.hf(**inputs)
 
 
-@pytest.mark.parametrize("model_type", ["llava_onevision", "mistral3", "aya_vision"])
+@pytest.mark.parametrize("model_type", ["mistral3", "aya_vision"])
 def test_discovered_lvlm_marks_its_image_tokens_without_a_grid(model_type, monkeypatch):
     """An LVLM with no hand table: found as an LVLM from the model, its image tokens (the config's image token id)
     are the `image` segment; no grid is claimed, and its vision tower's layout is refused by name."""
