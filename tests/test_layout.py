@@ -191,10 +191,9 @@ def test_lvlm_vision_tower_layout_matches_the_tower(name):
 
 
 # ----------------------------------------------------------------------------- LLaVA text stream
-def _plant_vision_output(model, prefix: int):
-    """Hooks: the vision tower's hidden states become, for crop g, `prefix` CLS vectors (CLS, g) then patch (r, c)
-    as (PATCH, g, r, c) in row-major order (the order the ViT tests establish for CLIP / SigLIP); the projector
-    passes them through unchanged (tiny vision and text widths are both 32)."""
+def _plant_tower(tower, prefix: int):
+    """A hook: the tower's hidden states become, for crop g, `prefix` CLS vectors (CLS, g) then patch (r, c) as
+    (PATCH, g, r, c) in row-major order (the order the ViT tests establish for CLIP / SigLIP)."""
     def on_tower(module, args, out):
         def fake(h):
             if h is None:
@@ -213,10 +212,16 @@ def _plant_vision_output(model, prefix: int):
             out.hidden_states = tuple(fake(h) for h in out.hidden_states)
         return out
 
+    return tower, "fwd", on_tower
+
+
+def _plant_vision_output(model, prefix: int):
+    """Hooks: `_plant_tower` on LLaVA's vision tower, and a projector that passes the codes through unchanged (tiny
+    vision and text widths are both 32)."""
     def identity(module, args, out):
         return args[0]
 
-    return (model.hf.model.vision_tower, "fwd", on_tower), (model.hf.model.multi_modal_projector, "fwd", identity)
+    return _plant_tower(model.hf.model.vision_tower, prefix), (model.hf.model.multi_modal_projector, "fwd", identity)
 
 
 def _llava(tower: str, strategy: str):
@@ -479,7 +484,7 @@ def test_gemma3_grid_holds_each_pooled_cell_where_the_model_puts_it():
                                     (c - (kernel - 1) / 2) / kernel)
         return codes
 
-    emb = _embeds_seen_by_lm(model, inputs, *_plant_vision_output(model, 0)[:1],
+    emb = _embeds_seen_by_lm(model, inputs, _plant_tower(model.hf.model.vision_tower, 0),
                              (projector.mm_soft_emb_norm, "pre", on_norm), (projector, "fwd", on_projector))[..., :4]
     side = int(model.config.mm_tokens_per_image ** 0.5)
     assert [(g.batch, g.image, g.shape) for g in layout.grids] == [(0, 0, (side, side)), (1, 0, (side, side))]
@@ -540,17 +545,6 @@ def test_tile_grids_hold_each_shuffled_block_where_the_model_puts_it(name):
     projector = inner.multi_modal_projector if name == "internvl" else inner.connector.modality_projection
     d = model.config.vision_config.hidden_size
 
-    def on_tower(module, args, out):
-        n, s, width = out.last_hidden_state.shape
-        side = int(round((s - prefix) ** 0.5))
-        x = torch.zeros(n, s, width)
-        for g in range(n):
-            x[g, :prefix] = _code(width, CLS, g)
-            for p in range(side * side):
-                x[g, prefix + p] = _code(width, PATCH, g, p // side, p % side)
-        out.last_hidden_state = x
-        return out
-
     def on_projector(module, args, out):
         shuffled = args[0]  # (tiles, tokens, 4 · d): each token's four patches, d channels each
         codes = torch.zeros(out.shape)
@@ -564,7 +558,8 @@ def test_tile_grids_hold_each_shuffled_block_where_the_model_puts_it(name):
                 codes[g, t] = _code(out.shape[-1], PATCH, parts[0, 1], r0 // 2, c0 // 2)
         return codes
 
-    emb = _embeds_seen_by_lm(model, inputs, (tower, "fwd", on_tower), (projector, "fwd", on_projector))[..., :4]
+    emb = _embeds_seen_by_lm(model, inputs, _plant_tower(tower, prefix),
+                             (projector, "fwd", on_projector))[..., :4]
     side = 4
     assert [(g.batch, g.image, g.shape) for g in layout.grids] == [(0, 0, (side, side)), (0, 1, (side, side)),
                                                                    (1, 0, (side, side))]
