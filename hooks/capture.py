@@ -213,7 +213,7 @@ class _Session:
         self.model.check_length(int(n_past) + n_new)
 
     def emit(self, site: Site, module, query, key, value, out, kwargs, attention_mask=None) -> None:
-        _check_no_bias(self.model, site, attention_mask, kwargs)
+        _check_no_bias(self.model, site, kwargs)
         n_heads = query.shape[1]
         heads = self.heads if self.heads is not None else torch.arange(n_heads)
         if self.heads is not None and int(heads.max()) >= n_heads:
@@ -248,43 +248,42 @@ class _Session:
         self.probe(call)
 
 
-def _check_no_bias(model: Model, site: Site, mask, kwargs) -> None:
-    """Refuse a bias added to the logits (ALiBi, learned relative positions: a float mask with values other than 0
-    and the dtype's lowest, or a `*bias*` tensor argument): the statistics are recomputed from q·k alone and could
-    not reproduce it."""
+def _check_no_bias(model: Model, site: Site, kwargs) -> None:
+    """Refuse a bias passed beside the logits (a `*bias*` tensor argument: learned relative positions): the
+    statistics are recomputed from q·k alone and could not reproduce it (a bias inside the mask: `_check_mask`)."""
     passed = [name for name, value in kwargs.items() if "bias" in name and isinstance(value, Tensor)]
     if passed:
         raise ValueError(f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer} adds "
                          f"{passed[0]!r} to its attention logits, which the captured queries and keys cannot "
                          "reproduce; this family is not supported")
-    if not isinstance(mask, Tensor) or not mask.is_floating_point():
-        return
-    if bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min / 2)).any()):
-        raise ValueError(f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer} adds a bias "
-                         "to its attention logits through the mask (ALiBi or relative positions), which the captured "
-                         "queries and keys cannot reproduce; this family is not supported")
 
 
 _checked_masks: dict[tuple, bool] = {}
 
 
 def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, mask2d: Tensor | None) -> None:
-    """Refuse a layer whose own mask lets its queries see other keys than the call's geometry (causal, window,
-    padding) says, on the rows of real tokens: the statistics would describe another attention (DeepSeek-V4's
-    compressed keys, Gemma 3's bidirectional images, block or document masks). Checked once per mask tensor
+    """Refuse a layer whose own mask adds a bias to the logits (ALiBi, relative positions: float values other than
+    0 and the dtype's lowest) or lets its queries see other keys than the call's geometry (causal, window,
+    padding) says on the rows of real tokens (DeepSeek-V4's compressed keys, Gemma 3's bidirectional images,
+    block or document masks): the statistics would describe another attention. Checked once per mask tensor
     (B | 1, H | 1, Nq, Nk), in blocks of query rows so that it adds little memory to the model's own mask."""
     n_q = call.q.shape[2]
-    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[-2:] != (n_q, n_k):
+    if not isinstance(mask, Tensor) or mask.ndim != 4:
         return
     key = (id(mask), mask.data_ptr(), call.window, call.causal)
     if key in _checked_masks:
         return
+    compare = mask.shape[-2:] == (n_q, n_k)
     real = mask2d[:, -n_q:].bool().to(mask.device) if mask2d is not None and mask2d.shape[1] >= n_q else None
-    j = torch.arange(n_k, device=mask.device)[None, :]
-    differs = False
-    for q0 in range(0, n_q, MASK_CHECK_ROWS):
+    j = torch.arange(mask.shape[-1], device=mask.device)[None, :]
+    biased = differs = False
+    for q0 in range(0, mask.shape[-2], MASK_CHECK_ROWS):
         rows = mask[:, :, q0:q0 + MASK_CHECK_ROWS]
         allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+        if rows.is_floating_point():
+            biased = biased or bool((allowed & (rows != 0)).any())
+        if not compare:
+            continue
         i = call.query_positions[q0:q0 + MASK_CHECK_ROWS, None].to(mask.device)
         ours = (j <= i) if call.causal else torch.ones(i.shape[0], n_k, dtype=torch.bool, device=mask.device)
         if call.window is not None:
@@ -297,11 +296,14 @@ def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, m
     if len(_checked_masks) > 64:
         _checked_masks.clear()
     _checked_masks[key] = True
+    where = f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer}"
+    if biased:
+        raise ValueError(f"{where} adds a bias to its attention logits through the mask (ALiBi or relative "
+                         "positions), which the captured queries and keys cannot reproduce; this family is not supported")
     if differs:
-        raise ValueError(f"{model.name} ({model.config.model_type}): the mask of {site.tower.name} layer {site.layer} "
-                         "lets queries see other keys than causal order, the sliding window and padding allow "
-                         "(compressed or extra keys, bidirectional images, block or document masks), which interp "
-                         "does not model; this family is not supported")
+        raise ValueError(f"{where}: its mask lets queries see other keys than causal order, the sliding window and "
+                         "padding allow (compressed or extra keys, bidirectional images, block or document masks), "
+                         "which interp does not model; this family is not supported")
 
 
 MASK_CHECK_ROWS = 1024

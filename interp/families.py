@@ -54,8 +54,8 @@ class Family:
     register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
     LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "pooled": Gemma 3's square
     of average-pooled patches (`mm_tokens_per_image` per image); "tiles": a pixel-shuffled square per image tile
-    (InternVL, Idefics3); "tokens": a discovered
-    LVLM, whose image tokens (the config's image token id) are marked without a grid).
+    (InternVL, Idefics3); "tokens": a discovered LVLM, whose image tokens (the config's image token id) are marked
+    without a grid).
     """
 
     name: str

@@ -151,7 +151,7 @@ def test_attention_outside_the_interface_is_a_clear_error():
 def test_logit_biases_and_masks_it_cannot_reproduce_are_refused():
     with pytest.raises(ValueError, match="inkling_text.*adds 'position_bias'"):
         _captured("inkling_text")
-    with pytest.raises(ValueError, match="deepseek_v4.*the mask of text layer 1 lets queries see other keys"):
+    with pytest.raises(ValueError, match="deepseek_v4.*text layer 1: its mask lets queries see other keys"):
         _captured("deepseek_v4")
 
 

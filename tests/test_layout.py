@@ -503,7 +503,7 @@ def test_gemma3_bidirectional_image_attention_is_refused_not_misread():
     hf, inputs = make("gemma3_vlm")
     model = interp.load_model(hf)
     inputs = {**inputs, "token_type_ids": (inputs["input_ids"] == IMG_TOK).long()}
-    with pytest.raises(ValueError, match="gemma3.*the mask of text layer 0 lets queries see other keys"):
+    with pytest.raises(ValueError, match="gemma3.*text layer 0: its mask lets queries see other keys"):
         with torch.no_grad(), capture(model, Recorder()):
             model.hf(**inputs)
 
