@@ -99,7 +99,7 @@ def _shrink(config, layers: int) -> dict:
         kwargs["num_key_value_heads"] = SIZES["num_attention_heads"]  # no GQA in the family: keep it so
     if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:  # multi-head latent attention: RoPE on that part
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
-    if isinstance(getattr(config, "attn_layer_indices", None), list):  # hybrids naming their attention layers
+    if "attn_layer_indices" in vars(config):  # hybrids naming their attention layers (Bamba: None by default)
         kwargs["attn_layer_indices"] = [1]
     if isinstance(getattr(config, "rotary_dim", None), int):
         kwargs["rotary_dim"] = 4
@@ -109,6 +109,8 @@ def _shrink(config, layers: int) -> dict:
     for name, value in vars(config).items():  # per-layer lists (layer_types, sizes per layer)
         if isinstance(value, list) and isinstance(n_default, int) and len(value) == n_default and n_default > 0:
             kwargs[name] = [value[i] for i in keep]
+    if set(kwargs.get("layer_types") or ()) == {"linear_attention"}:  # Granite hybrids default to no attention
+        kwargs["layer_types"] = kwargs["layer_types"][:-1] + ["full_attention"]
     return kwargs
 
 
