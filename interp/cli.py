@@ -146,7 +146,7 @@ def _generate(args) -> int:
     if args.vhr is not None and args.vhr <= 0:
         raise UsageError(f"--vhr {args.vhr}: give a factor > 0 (the paper uses 2)")
     _progress(args)  # loading bars only on a terminal without --json
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     if args.image is not None and model.family.kind != "lvlm":
         raise ValueError(f"{model.name} is a {model.family.kind}, not a vision-language model: drop --image")
     if args.image is None and model.family.kind in ("lvlm", "vit"):
@@ -244,7 +244,7 @@ def _score(args) -> int:
     with bars.status(f"loading {args.model}"):
         from interp.models import load_model
 
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     for a in analyses:  # every analysis applies before any starts
         a.check(model)
     results = []
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="longest input in tokens (default: the analysis's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: checkpoint's)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped with the checkpoint (off by default; never asked on stdin)")
     p.add_argument("--backend", choices=BACKENDS, default="hf", help="capture backend (default hf)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
@@ -402,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-image", choices=("drop", "blank", "mean"), default="drop",
                    help="VHR's image-free input (default drop)")
     p.add_argument("--device", help="cpu, cuda, … (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped with the checkpoint (off by default; never asked on stdin)")
     p.add_argument("--json", action="store_true", help="print text, token ids and reinforced heads as JSON")
     p.set_defaults(func=_generate)
 

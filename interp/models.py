@@ -246,6 +246,7 @@ def load_model(
     device_map: str | dict | None = None,
     tokenizer: Any = None,
     processor: Any = None,
+    trust_remote_code: bool = False,
     **from_pretrained_kwargs,
 ) -> Model:
     """Load a model as users expect it to load.
@@ -253,8 +254,10 @@ def load_model(
     model: a built-in alias (`interp.ALIASES`), a local folder, a hub id, or an already-built HF model.
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default: the checkpoint's). device: where to put
     it (default CPU); device_map: passed to accelerate (e.g. "auto") for models larger than one device.
+    trust_remote_code: run modeling code shipped with the checkpoint (never asked for on stdin: off unless True).
     The model keeps its attention implementation (SDPA by default); it is put in eval mode.
     """
+    from_pretrained_kwargs["trust_remote_code"] = bool(trust_remote_code)
     torch_dtype = _dtype(dtype)
     if isinstance(model, PreTrainedModel):
         fam = family_for(model)
@@ -278,6 +281,9 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, **_config_kwargs(from_pretrained_kwargs))
     except (OSError, ValueError) as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{name!r} ships its own modeling code, which interp runs only when asked: "
+                                 "--trust-remote-code (Python: trust_remote_code=True), if you trust it") from e
         raise ModelLoadError(
             f"could not load {name!r}: it is not a built-in alias ({', '.join(ALIASES)}), not a local HF folder, "
             f"and the hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -294,7 +300,7 @@ def load_model(
     if device is not None and device_map is None:
         hf = hf.to(device)
     if tokenizer is None and processor is None:
-        tokenizer, processor = _preprocessors(source, fam)
+        tokenizer, processor = _preprocessors(source, fam, trust_remote_code=bool(trust_remote_code))
     return Model(hf.eval(), fam, name, tokenizer or getattr(processor, "tokenizer", None), processor)
 
 
@@ -321,19 +327,19 @@ def _model_class(config):
     return transformers.AutoModel
 
 
-def _preprocessors(source, fam: Family) -> tuple[Any, Any]:
+def _preprocessors(source, fam: Family, *, trust_remote_code: bool) -> tuple[Any, Any]:
     """(tokenizer, processor) for a checkpoint; None where the checkpoint ships none."""
     tokenizer = processor = None
     if fam.kind in ("lvlm", "vit"):
         loader = transformers.AutoProcessor if fam.kind == "lvlm" else transformers.AutoImageProcessor
         try:
-            processor = loader.from_pretrained(source)
+            processor = loader.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError):
             processor = None
         tokenizer = getattr(processor, "tokenizer", None)
     if fam.kind != "vit" and tokenizer is None:
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError):
             tokenizer = None
     return tokenizer, processor

@@ -128,3 +128,24 @@ def test_static_cache_and_empty_layers_are_refused():
         m.hf(**ids)
     with pytest.raises(ValueError, match="kept no keys"):
         rec.calls[0].kv_heads
+
+
+def test_remote_code_runs_only_when_asked_and_nothing_is_asked_on_stdin(tmp_path):
+    """A folder shipping its own modeling code: `echo y | interp score FOLDER` must neither ask nor run it."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "planted_remote", "architectures": ["PlantedModel"],
+        "auto_map": {"AutoConfig": "planted.PlantedConfig", "AutoModelForCausalLM": "planted.PlantedModel"}}))
+    marker = tmp_path / "ran"
+    (folder / "planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                       "from transformers import PretrainedConfig\n"
+                                       "class PlantedConfig(PretrainedConfig):\n    model_type = 'planted_remote'\n")
+    run = lambda *flags: subprocess.run([sys.executable, "-m", "interp.cli", "score", str(folder), "--json", *flags],  # noqa: E731
+                                        input="y\n", capture_output=True, text=True, timeout=120)
+    out = run()
+    assert out.returncode != 0 and not marker.exists()
+    assert "ships its own modeling code" in out.stderr and "--trust-remote-code" in out.stderr
+    assert out.stdout == ""  # no question on stdout, and nothing read from stdin
+    run("--trust-remote-code")
+    assert marker.exists()  # asked for explicitly: the checkpoint's code runs
