@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 import dash
+import flask
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -378,10 +380,27 @@ class Dashboard:
                 figures.head_map(rb.heads, score_b, title=f"B: {score_b} — {rb.meta['model']['name']}"))
 
 
-def make_app(store: Store | str | os.PathLike | None = None, attention: AttentionSource | None = None) -> dash.Dash:
-    """The Dash app over a store (default: the default store)."""
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def make_app(store: Store | str | os.PathLike | None = None, attention: AttentionSource | None = None,
+             hosts: Iterable[str] = LOCAL_HOSTS) -> dash.Dash:
+    """The Dash app over a store (default: the default store). hosts: the names a request's `Host` header may
+    give (port aside; "*" for any): others get 403, so a page elsewhere cannot reach the app through a DNS
+    name rebound to this machine."""
     board = Dashboard(store, attention)
     app = dash.Dash(__name__, title="interp", suppress_callback_exceptions=True)
+    allowed = {h.strip("[]").lower() for h in hosts}
+
+    @app.server.before_request
+    def _check_host():
+        host = flask.request.host.lower()
+        name = host[1:host.index("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if ":" in host else host
+        if "*" not in allowed and name not in allowed:
+            return flask.Response(f"host {name!r} is not served here; start the app with --allow-host {name} to allow it",
+                                  status=403, mimetype="text/plain")
+        return None
+
     app.layout = html.Div([
         dcc.Location(id="url"),
         html.Div([html.B("interp"), dcc.Link("Runs", href="/"), dcc.Link("Compare", href="/compare")],

@@ -315,7 +315,7 @@ def _progress(args) -> Progress:
 
 def _app(args) -> int:
     from interp.app.attention import AttentionSource
-    from interp.app.dashboard import make_app
+    from interp.app.dashboard import LOCAL_HOSTS, make_app
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: give 1..65535")
@@ -325,7 +325,8 @@ def _app(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"interp: warning: listening on {args.host}: anyone who can reach it can read this store's runs",
               file=sys.stderr)
-    app = make_app(store, AttentionSource(device=args.device))
+    hosts = (*LOCAL_HOSTS, args.host, *(args.allow_host or ()))
+    app = make_app(store, AttentionSource(device=args.device), hosts=hosts)
     print(f"interp: dashboard of {store.root} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     app.run(host=args.host, port=args.port, debug=False)
     return 0
@@ -390,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="another name the browser may use for this server (its Host header; repeatable; '*' for any). "
+                        "Default: --host, localhost, 127.0.0.1 and ::1 only (no DNS rebinding)")
     p.add_argument("--device", help="device for the models that attention views load (default cpu)")
     p.set_defaults(func=_app)
 

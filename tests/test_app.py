@@ -332,3 +332,16 @@ def test_taxonomy_and_vit_figures():
     assert list(figures.ablation_bars(ablation).data[1].y) == [1.0, 5.0]
     heads = _heads(np.arange(12.0))
     assert list(figures.distance_by_layer(heads, "s").data[0].y) == list(np.arange(12.0))
+
+
+def test_requests_for_other_hosts_are_refused(app_store):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 reaches the app with Host: evil.example."""
+    client = make_app(app_store[0]).server.test_client()
+    for host in ("127.0.0.1:8050", "localhost:8050", "[::1]:8050", "LOCALHOST"):
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:8050", "evil.example", "127.0.0.1.evil.example"):
+        refused = client.get("/", headers={"Host": host})
+        assert refused.status_code == 403 and b"--allow-host" in refused.data, host
+    assert client.post("/_dash-update-component", headers={"Host": "evil.example"}, json={}).status_code == 403
+    assert make_app(app_store[0], hosts=["*"]).server.test_client().get(
+        "/", headers={"Host": "evil.example"}).status_code == 200
