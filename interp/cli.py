@@ -15,6 +15,7 @@ from .families import FAMILIES
 from .models import ALIASES, DEFAULT_MODEL
 from .progress import Progress
 from .results import EXPORT_FORMATS, TABLES, ScoreResult, list_runs, open_run
+from .scoring import MAX_SAMPLES
 from .store import Store
 
 DEFAULT_TOP = 10
@@ -92,18 +93,27 @@ class UsageError(ValueError):
     """A malformed command line: exit code 2."""
 
 
+MAX_INDEX = 99_999  # no model has more layers or heads: ranges are checked before they are expanded
+
+
 def _indices(text: str, what: str) -> tuple[int, ...]:
-    """'0-3,7' -> (0, 1, 2, 3, 7)."""
-    out: list[int] = []
+    """'0-3,7' -> (0, 1, 2, 3, 7); ranges checked (0..MAX_INDEX) before they are expanded."""
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    out: set[int] = set()
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
-            if sep and int(hi) < int(lo):
+            lo, hi = int(lo), int(hi) if sep else int(lo)
+            if hi < lo:
                 raise ValueError
-            out += range(int(lo), int(hi) + 1) if sep else [int(lo)]
+            if not 0 <= lo <= hi <= MAX_INDEX:
+                raise UsageError(f"--{what} {shown!r}: indices lie in 0..{MAX_INDEX}")
+            out.update(range(lo, hi + 1))
+    except UsageError:
+        raise
     except ValueError:
-        raise UsageError(f"--{what} {text!r}: give indices and ranges such as 0-3,7") from None
-    return tuple(out)
+        raise UsageError(f"--{what} {shown!r}: give indices and ranges such as 0-3,7") from None
+    return tuple(sorted(out))
 
 
 def _models(args) -> int:
@@ -232,8 +242,8 @@ def _score(args) -> int:
     for key in given:
         if not any(key in a.params for a in analyses):
             raise UsageError(f"--{key} applies to none of {', '.join(names)}")
-    layers = _indices(args.layers, "layers") if args.layers else None
-    heads = _indices(args.heads, "heads") if args.heads else None
+    layers = _indices(args.layers, "layers") if args.layers is not None else None  # "" is refused, not "all"
+    heads = _indices(args.heads, "heads") if args.heads is not None else None
     resume = args.resume if args.resume != "auto" else True
     if isinstance(resume, str) and len(analyses) > 1:
         raise UsageError("--resume RUN finishes one run: give one analysis (or --resume alone)")
@@ -425,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("samples", "max_tokens", "top"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "samples", None) is not None and args.samples > MAX_SAMPLES:
+        parser.error(f"--samples {args.samples}: give at most {MAX_SAMPLES:,}")
     try:
         return args.func(args)
     except UsageError as e:

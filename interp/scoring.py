@@ -19,6 +19,9 @@ from .results import ScoreResult, as_store
 from .store import RunWriter, Store, StoreError
 
 
+MAX_SAMPLES = 1_000_000  # far beyond any protocol; a plan is built in memory before any sample runs
+
+
 def score(
     model: Model | str | os.PathLike,
     analysis: str = "summary",
@@ -61,6 +64,8 @@ def score(
     an.check(model)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise ValueError(f"samples={samples}: give 1..{MAX_SAMPLES:,}")
     tower = model.family.primary
     options = Options(
         layers=None if layers is None else tuple(check_layers(model, tower, layers)),
