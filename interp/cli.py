@@ -309,7 +309,7 @@ def _export(args) -> int:
     if output is None and args.format == "parquet":
         output = f"{result.id}-{args.table}.parquet"
     result.export(output, args.format, args.table)
-    if output is not None:
+    if output not in (None, "-"):
         print(f"wrote {args.table} table of run {result.id} to {output}", file=sys.stderr)
     return 0
 
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
     p.add_argument("--table", choices=TABLES, default="heads")
     p.add_argument("--output", "-o", metavar="FILE",
-                   help="output file (default: stdout for csv / json, <run>-<table>.parquet for parquet)")
+                   help="output file, replaced atomically; '-' for stdout (default: stdout for csv / json, "
+                        "<run>-<table>.parquet for parquet). Refused: devices, FIFOs, symlinks, folders, the store")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.set_defaults(func=_export)
 

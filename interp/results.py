@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .store import CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table, write_parquet
+from .store import CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table, write_parquet, write_text
 
 EXPORT_FORMATS = ("csv", "parquet", "json")
 TABLES = ("heads", "samples")
@@ -86,26 +86,44 @@ class ScoreResult:
         return head_map(self.heads, score, title=f"{self.analysis}: {score} — {model}")
 
     def export(self, path: str | os.PathLike | None, format: str = "csv", table: str = "heads") -> None:
-        """Write the heads (or samples) table as csv, parquet or json (records); path None writes csv / json
-        to standard output."""
+        """Write the heads (or samples) table as csv, parquet or json (records). path None or "-": standard output
+        (parquet only when it is not a terminal). A file is replaced atomically; a path that exists and is not a
+        regular file (a device, a FIFO, a symlink, a folder), or that lies inside the run's store, is refused."""
         if format not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
         df = self.heads if table == "heads" else self.samples
-        if path is None:
+        if path is None or str(path) == "-":
             if format == "parquet":
-                raise ValueError("parquet is binary: give an output file")
+                if sys.stdout.isatty():
+                    raise ValueError("parquet is binary: give an output file, or redirect standard output")
+                sys.stdout.flush()
+                df.to_parquet(sys.stdout.buffer, index=False)
+                sys.stdout.buffer.flush()
+                return
             text = df.to_csv(index=False) if format == "csv" else df.to_json(orient="records", indent=1)
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
             return
-        path = Path(path).expanduser()
+        path = self._export_target(Path(path).expanduser())
         if format == "parquet":
             write_parquet(path, df)
         elif format == "csv":
-            df.to_csv(path, index=False)
+            write_text(path, df.to_csv(index=False))
         else:
-            df.to_json(path, orient="records", indent=1)
+            write_text(path, df.to_json(orient="records", indent=1) + "\n")
+
+    def _export_target(self, path: Path) -> Path:
+        """`path`, after refusing what an export must not replace."""
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(f"{path} is {kind}: export writes regular files only (or '-' for standard output)")
+        if self.path is not None:
+            store = Path(self.path).resolve().parent
+            if path.resolve().is_relative_to(store):
+                raise ValueError(f"{path} lies inside the store {store}: export elsewhere, a run's files are "
+                                 "written by interp only")
+        return path
 
 
 def list_runs(store: str | os.PathLike | Store | None = None) -> list[RunInfo]:

@@ -75,6 +75,10 @@ def write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: p.write_text(text))
+
+
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     _atomic_write(path, lambda p: df.to_parquet(p, index=False))
 

@@ -1,6 +1,7 @@
 """The `interp` CLI: score / runs / show / export / models, exit codes, JSON output, quiet when not a terminal."""
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -206,3 +207,29 @@ def test_score_circuits_from_the_command_line(capsys, tmp_path):
     code, _, err = run(capsys, "score", "stories260k", "--tasks", "ioi", "--out", str(tmp_path / "runs"))
     assert code == 2 and "--tasks applies to none of summary" in err
 
+
+
+def test_export_writes_regular_files_only_and_never_into_the_store(capsys, store, tmp_path):
+    info = interp.list_runs(store)[0]
+    meta = (info.path / "meta.json").read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = tmp_path / "elsewhere.csv"
+    target.write_text("keep me")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    for out, message in [(fifo, "not a regular file"), (link, "is a symlink"), (tmp_path, "is a folder"),
+                         (info.path / "meta.json", "inside the store"), (store / "new.csv", "inside the store")]:
+        code, _, err = run(capsys, "export", info.id, "--store", str(store), "-o", str(out))
+        assert code == 1 and message in err, (out, err)
+    assert fifo.is_fifo() and link.is_symlink() and target.read_text() == "keep me"
+    assert (info.path / "meta.json").read_bytes() == meta and not (store / "new.csv").exists()
+    code, _, _ = run(capsys, "export", info.id, "--store", str(store), "-o", str(target))
+    assert code == 0 and target.read_text().startswith("layer,head")  # a regular file is replaced
+    for fmt in ("csv", "json", "parquet"):  # '-': standard output, binary parquet included
+        out = subprocess.run([sys.executable, "-m", "interp.cli", "export", info.id, "--store", str(store),
+                              "--format", fmt, "-o", "-"], capture_output=True, timeout=120)
+        assert out.returncode == 0 and out.stderr == b"", out.stderr
+        table = pd.read_parquet(io.BytesIO(out.stdout)) if fmt == "parquet" else (
+            pd.read_csv(io.BytesIO(out.stdout)) if fmt == "csv" else pd.read_json(io.BytesIO(out.stdout)))
+        assert len(table) == len(interp.open_run(info.path).heads)
