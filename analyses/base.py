@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from interp.families import FAMILIES
+from interp.files import MB, read_text
 from interp.models import Model
 from interp.progress import Progress
 
@@ -115,11 +116,15 @@ class Analysis:
         return []
 
 
+USER_FILE_LIMIT = 256 * MB
+
+
 def read_user_file(path: str | Path, what: str) -> str:
-    """The text of a file the user named (prompts, haystack, needles), with a clear error when it cannot be read."""
+    """The text of a file the user named (prompts, haystack, needles), with a clear error when it cannot be read
+    (a FIFO, a device or a file over USER_FILE_LIMIT bytes included)."""
     path = Path(path).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        return read_text(path, USER_FILE_LIMIT)
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {what} from {path}: {getattr(e, 'strerror', None) or e}") from e
 

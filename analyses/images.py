@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from interp.files import check_regular
+
+from .base import USER_FILE_LIMIT
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_IMAGES = 16
 SIZE = 224
@@ -54,6 +58,7 @@ def load_image(source: str | int) -> Image.Image:
     if isinstance(source, int):
         return synthetic_image(source)
     try:
+        check_regular(source, USER_FILE_LIMIT)
         with Image.open(source) as img:
             return img.convert("RGB")
     except (OSError, ValueError) as e:

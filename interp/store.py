@@ -34,6 +34,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from .files import MB, check_regular, read_text
+
 FORMAT = 1
 STATUSES = ("complete", "incomplete", "running", "corrupt")
 _REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
@@ -84,8 +86,13 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
-    """Parquet through pyarrow: plain columns, nothing unpickled."""
+    """Parquet through pyarrow: plain columns, nothing unpickled; a regular file of at most TABLE_LIMIT bytes."""
+    check_regular(path, TABLE_LIMIT)
     return pq.read_table(path).to_pandas()
+
+
+META_LIMIT = 64 * MB
+TABLE_LIMIT = 8192 * MB
 
 
 def _now() -> str:
@@ -166,7 +173,7 @@ def read_meta(path: Path) -> dict:
     if not file.exists():
         raise CorruptRunError(f"run {path.name}: meta.json is missing ({path} is not a run, or its creation was cut off)")
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(read_text(file, META_LIMIT))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CorruptRunError(f"run {path.name}: meta.json cannot be read ({e})") from e
     if not isinstance(meta, dict):

@@ -205,3 +205,41 @@ def test_arrays_are_safetensors(tmp_path):
     t = torch.arange(12.0).reshape(3, 4)
     path = w.write_arrays("pooled", {"layer0": t})
     assert torch.equal(load_file(str(path))["layer0"], t)
+
+
+def test_fifos_and_devices_are_corrupt_runs_and_bad_inputs_never_hangs(stories, tmp_path):
+    """A FIFO or /dev/zero where a run's meta.json or a table should be: `interp runs` and `show` answer at once
+    (the run is corrupt, with the reason); the same as the user's prompts or image is a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    interp.score(stories, "summary", samples=1, max_tokens=16, store=runs)
+    interp.score(stories, "summary", samples=1, max_tokens=16, store=runs)
+    interp.score(stories, "summary", samples=1, max_tokens=16, store=runs)
+    fifo_run, zero_run, table_run = sorted(p for p in runs.iterdir())
+    (fifo_run / "meta.json").unlink()
+    os.mkfifo(fifo_run / "meta.json")
+    (zero_run / "meta.json").unlink()
+    (zero_run / "meta.json").symlink_to("/dev/zero")
+    (table_run / "heads.parquet").unlink()
+    os.mkfifo(table_run / "heads.parquet")
+    cli = lambda *argv: subprocess.run([sys.executable, "-m", "interp.cli", *argv, "--store", str(runs)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=60)
+    listing = cli("runs")
+    assert listing.returncode == 0 and listing.stdout.count("corrupt") == 2, listing.stdout
+    assert "not a regular file" in listing.stdout
+    shown = cli("show", table_run.name)
+    assert shown.returncode == 1 and "heads.parquet" in shown.stderr and "not a regular file" in shown.stderr
+    prompts = tmp_path / "prompts.txt"
+    os.mkfifo(prompts)
+    for source in (prompts, "/dev/zero"):
+        with pytest.raises(ValueError, match="cannot read prompts from .*not a regular file"):
+            interp.score(stories, "summary", prompts=str(source))
+    from interp.analyses.images import load_image
+
+    image = tmp_path / "image.png"
+    os.mkfifo(image)
+    with pytest.raises(ValueError, match="cannot read the image .*not a regular file"):
+        load_image(str(image))
