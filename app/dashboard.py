@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, ctx, dash_table, dcc, html
 
 from interp.compare import rank_correlation, top_overlap
+from interp.files import confined
 from interp.results import ScoreResult
 from interp.store import Store
 
@@ -399,7 +400,14 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         if "*" not in allowed and name not in allowed:
             return flask.Response(f"host {name!r} is not served here; start the app with --allow-host {name} to allow it",
                                   status=403, mimetype="text/plain")
+        flask.g.confinement = confined(board.catalog.store.root)  # a run's recorded paths: read only in the store
+        flask.g.confinement.__enter__()
         return None
+
+    @app.server.teardown_request
+    def _release(_error):
+        if "confinement" in flask.g:
+            flask.g.confinement.__exit__(None, None, None)
 
     app.layout = html.Div([
         dcc.Location(id="url"),

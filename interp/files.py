@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 MB = 1 << 20
@@ -14,9 +17,26 @@ class UnreadableFileError(OSError):
     """Not a regular file, or larger than the limit (the message says which)."""
 
 
+_confined_to: ContextVar[Path | None] = ContextVar("confined_to", default=None)
+
+
+@contextmanager
+def confined(root: str | os.PathLike) -> Iterator[None]:
+    """Within the block, files are read only below `root` (after following symlinks): what a run recorded (an
+    image path, a prompts file) cannot make the dashboard read anything else on the machine."""
+    token = _confined_to.set(Path(root).resolve())
+    try:
+        yield
+    finally:
+        _confined_to.reset(token)
+
+
 def check_regular(path: str | os.PathLike, limit: int) -> int:
     """The size of `path` in bytes, after refusing anything but a regular file (a FIFO or a device would hang or
-    never end) and anything larger than `limit` bytes."""
+    never end), anything larger than `limit` bytes, and, inside `confined(root)`, anything outside root."""
+    root = _confined_to.get()
+    if root is not None and not Path(path).resolve().is_relative_to(root):
+        raise UnreadableFileError(f"{path} lies outside the store {root}: a run's views read only the run's own files")
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise UnreadableFileError(f"{path} is not a regular file")

@@ -2,6 +2,7 @@
 and its safety (store confinement, broken runs, no pickle)."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -345,3 +346,41 @@ def test_requests_for_other_hosts_are_refused(app_store):
     assert client.post("/_dash-update-component", headers={"Host": "evil.example"}, json={}).status_code == 403
     assert make_app(app_store[0], hosts=["*"]).server.test_client().get(
         "/", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_a_planted_run_cannot_make_the_app_read_files_outside_the_store(app_store, tmp_path, monkeypatch):
+    """A run whose plan names an image outside the store (or through a symlink leaving it): serving its page opens
+    nothing outside the store; the same image copied into the store is drawn."""
+    import json
+    import shutil
+
+    import PIL.Image
+    from interp.analyses.images import synthetic_image
+
+    store = tmp_path / "store"
+    secret = tmp_path / "secret.png"
+    synthetic_image(0).save(secret)
+    source = interp.list_runs(app_store[0])
+    vit_run = next(i for i in source if i.meta and i.meta["analysis"] == "sinks" and i.meta["model"]["family"] == "vit")
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    inside = store / "inside.png"
+    for name, image in [("outside", secret), ("link", store / "link.png"), ("inside", inside)]:
+        run = store / f"{vit_run.id[:-6]}{name}"
+        shutil.copytree(vit_run.path, run)
+        meta = json.loads((run / "meta.json").read_text())
+        meta["id"] = run.name
+        for entry in meta["plan"]:
+            entry["image"] = str(image)
+        (run / "meta.json").write_text(json.dumps(meta))
+    (store / "link.png").symlink_to(secret)
+    shutil.copy(secret, inside)
+    client = make_app(store).server.test_client()
+    for run in sorted(p.name for p in store.iterdir() if p.is_dir()):
+        body = {"output": "page.children", "outputs": {"id": "page", "property": "children"},
+                "inputs": [{"id": "url", "property": "pathname", "value": f"/run/{run}"},
+                           {"id": "url", "property": "search", "value": ""}], "changedPropIds": ["url.pathname"]}
+        assert client.post("/_dash-update-component", json=body, headers={"Host": "127.0.0.1"}).status_code == 200
+    assert all(Path(p).resolve() != secret.resolve() for p in opened), opened
+    assert str(inside) in opened  # the store's own copy is drawn
