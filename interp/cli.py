@@ -192,7 +192,7 @@ def run_json(result: ScoreResult, top: int) -> dict:
         "analysis": result.analysis, "model": m["model"], "options": m["options"], "params": m["params"],
         "samples": len(m["plan"]), "samples_done": result.samples_done, "started": m.get("started"), "finished": m.get("finished"),
         "scores": m["scores"],
-        "top": {s: _ranked(result, s, top) for s in result.scores},
+        "top": {s: _ranked(result, s, top) for s in result.scores if s in result.heads.columns},
         "report": _analysis(result).report(result) if result.status == "complete" else [],
         "tables": {name: json.loads(t.to_json(orient="records")) for name, t in result.tables.items()},
     }
@@ -216,6 +216,9 @@ def print_tables(result: ScoreResult, top: int) -> None:
     print(f"{result.analysis} · {model['name']} ({model['family']}, {model['n_layers']} layers × {model['n_heads']} "
           f"heads, {model['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · {result.status}")
     for score, meaning in m["scores"].items():
+        if score not in result.heads.columns:  # an incomplete run: no finished sample gives this score yet
+            print(f"\n{score}: {meaning}\n  no finished sample gives it yet ({result.status} run)")
+            continue
         rows = _ranked(result, score, top)
         width = max(10, len(score))
         print(f"\ntop {len(rows)} heads by {score}: {meaning}")

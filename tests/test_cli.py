@@ -233,3 +233,27 @@ def test_export_writes_regular_files_only_and_never_into_the_store(capsys, store
         table = pd.read_parquet(io.BytesIO(out.stdout)) if fmt == "parquet" else (
             pd.read_csv(io.BytesIO(out.stdout)) if fmt == "csv" else pd.read_json(io.BytesIO(out.stdout)))
         assert len(table) == len(interp.open_run(info.path).heads)
+
+
+def test_show_displays_what_an_incomplete_run_has(capsys, tmp_path, monkeypatch):
+    """A sinks run cut after its first sample has no random-token score yet: `show` prints the others."""
+    from interp.analyses.sinks import Sinks
+
+    original, calls = Sinks.score_sample, []
+
+    def cut(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return original(self, *args)
+
+    monkeypatch.setattr(Sinks, "score_sample", cut)
+    code, _, err = run(capsys, "score", "stories260k", "--analysis", "sinks", "--out", str(tmp_path))
+    assert code == 1 and "power cut" in err
+    [info] = interp.list_runs(tmp_path)
+    code, out, err = run(capsys, "show", info.id, "--store", str(tmp_path))
+    assert code == 0, err
+    assert "top 10 heads by sink_rate" in out and "sink_rate_random: " in out and "no finished sample gives it" in out
+    code, out, _ = run(capsys, "show", info.id, "--store", str(tmp_path), "--json")
+    shown = json.loads(out)
+    assert code == 0 and "sink_rate" in shown["top"] and "sink_rate_random" not in shown["top"]
