@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from .families import FAMILIES
-from .models import ALIASES, DEFAULT_MODEL
-from .progress import Progress
-from .results import EXPORT_FORMATS, TABLES, ScoreResult, list_runs, open_run
-from .scoring import MAX_SAMPLES
-from .store import Store
+from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
+from .store import EXPORT_FORMATS, TABLES, Store
+
+if TYPE_CHECKING:
+    from .progress import Progress
+    from .results import ScoreResult
+
+# What every command needs is imported above; what only some need (torch, transformers, pandas) is imported by
+# the commands themselves, so that `runs`, `show`, `export` and `models` start fast.
 
 DEFAULT_TOP = 10
 
@@ -193,15 +197,20 @@ def run_json(result: ScoreResult, top: int) -> dict:
         "samples": len(m["plan"]), "samples_done": result.samples_done, "started": m.get("started"), "finished": m.get("finished"),
         "scores": m["scores"],
         "top": {s: _ranked(result, s, top) for s in result.scores if s in result.heads.columns},
-        "report": _analysis(result).report(result) if result.status == "complete" else [],
+        "report": _report(result),
         "tables": {name: json.loads(t.to_json(orient="records")) for name, t in result.tables.items()},
     }
 
 
-def _analysis(result: ScoreResult):
+def _report(result: ScoreResult) -> list[str]:
+    """A complete run's report: the lines it recorded, or (a run written before they were) its analysis's."""
+    if result.status != "complete":
+        return []
+    if "report" in result.meta:
+        return result.meta["report"]
     from interp.analyses import ANALYSES
 
-    return ANALYSES[result.analysis]
+    return ANALYSES[result.analysis].report(result)
 
 
 def _ranked(result: ScoreResult, score: str, top: int) -> list[dict]:
@@ -225,14 +234,13 @@ def print_tables(result: ScoreResult, top: int) -> None:
         print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {score:>{width}}")
         for r in rows:
             print(f"  {r['rank']:>4}  {r['layer']:>5}  {r['head']:>4}  {r['kv_head']:>7}  {r['value']:>{width}.4f}")
-    if result.status == "complete":
-        for line in _analysis(result).report(result):
-            print(line)
+    for line in _report(result):
+        print(line)
 
 
 def _score(args) -> int:
     from interp.analyses import ANALYSES, get_analysis
-    from interp.scoring import score
+    from interp.scoring import MAX_SAMPLES, score
 
     names = [n.strip() for n in args.analysis.split(",") if n.strip()]
     try:
@@ -245,6 +253,8 @@ def _score(args) -> int:
     for key in given:
         if not any(key in a.params for a in analyses):
             raise UsageError(f"--{key} applies to none of {', '.join(names)}")
+    if args.samples is not None and args.samples > MAX_SAMPLES:
+        raise UsageError(f"--samples {args.samples}: give at most {MAX_SAMPLES:,}")
     layers = _indices(args.layers, "layers") if args.layers is not None else None  # "" is refused, not "all"
     heads = _indices(args.heads, "heads") if args.heads is not None else None
     resume = args.resume if args.resume != "auto" else True
@@ -275,7 +285,7 @@ def _score(args) -> int:
 
 
 def _runs(args) -> int:
-    runs = list_runs(args.store)
+    runs = Store(args.store).runs()
     if args.json:
         print(json.dumps({"store": str(Store(args.store).root), "runs": [r.to_json() for r in runs]}, indent=2))
         return 0
@@ -294,6 +304,8 @@ def _runs(args) -> int:
 
 
 def _show(args) -> int:
+    from .results import open_run
+
     result = open_run(args.run, args.store)
     if args.json:
         print(json.dumps(run_json(result, args.top), indent=2))
@@ -307,6 +319,8 @@ def _show(args) -> int:
 
 
 def _export(args) -> int:
+    from .results import open_run
+
     result = open_run(args.run, args.store)
     output = args.output
     if output is None and args.format == "parquet":
@@ -318,6 +332,8 @@ def _export(args) -> int:
 
 
 def _progress(args) -> Progress:
+    from .progress import Progress
+
     bars = Progress(None if not args.json else False)
     if not bars.enabled:
         from transformers.utils import logging as hf_logging
@@ -345,14 +361,10 @@ def _app(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _score_arguments(p: argparse.ArgumentParser) -> None:
     from interp.analyses import ANALYSES
     from interp.hooks import BACKENDS
 
-    parser = argparse.ArgumentParser(prog="interp", description="Trace and score the attention heads of a model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("score", help="score every head of a model with one or more analyses, into the store")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"built-in alias, local folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--analysis", "-a", default="summary",
@@ -378,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
     p.set_defaults(func=_score)
+
+
+LIGHT_COMMANDS = ("runs", "show", "export", "models", "app")  # read the store or the catalog: start fast
+
+
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The CLI's parser. light: leave out the `score` options that need the analyses and backends imported (for
+    the commands that only read the store or the catalog; `score` is then listed but cannot be parsed)."""
+    parser = argparse.ArgumentParser(prog="interp", description="Trace and score the attention heads of a model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every head of a model with one or more analyses, into the store")
+    if not light:
+        _score_arguments(p)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
@@ -434,13 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(light=bool(argv) and argv[0] in LIGHT_COMMANDS)
     args = parser.parse_args(argv)
     for name in ("samples", "max_tokens", "top"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if getattr(args, "samples", None) is not None and args.samples > MAX_SAMPLES:
-        parser.error(f"--samples {args.samples}: give at most {MAX_SAMPLES:,}")
     try:
         return args.func(args)
     except UsageError as e:

@@ -14,135 +14,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
 
 import torch.nn as nn
 from transformers.models.auto import modeling_auto
 
-
-class UnsupportedFamilyError(ValueError):
-    """The model cannot be adapted: no table, and its attention does not go through the attention interface."""
-
-
-@dataclass(frozen=True)
-class Tower:
-    """A stack of attention layers inside a model.
-
-    name: "text" or "vision". layers: candidate dotted paths, from the loaded top module, to the ModuleList
-    of blocks (the first that exists is used, so `LlamaModel` and `LlamaForCausalLM` both work).
-    attention: candidate dotted paths from a block to the module whose forward calls the attention function.
-    causal: whether its attention is causal. hybrid: some blocks have no softmax attention (Mamba, linear
-    attention, convolutions); those layers are absent and the others keep the model's own indices.
-    """
-
-    name: str
-    layers: tuple[str, ...]
-    attention: tuple[str, ...]
-    causal: bool
-    hybrid: bool = False
-
-
-@dataclass(frozen=True)
-class Family:
-    """Declarative adapter for one model family.
-
-    kind: "llm" | "encoder" | "vit" | "lvlm". towers: the attention stacks, primary first; () to take them (and the
-    kind and context) from `discover`. context: config attribute (on the text config) giving the
-    longest input in tokens, or None when unbounded by the family. prefix: names of the special tokens that
-    precede the patches of a ViT image (CLS, distillation); registers: config attribute giving how many
-    register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
-    LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "pooled": Gemma 3's square
-    of average-pooled patches (`mm_tokens_per_image` per image); "tiles": a pixel-shuffled square per image tile
-    (InternVL, Idefics3); "tokens": a discovered LVLM, whose image tokens (the config's image token id) are marked
-    without a grid).
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    kind: str
-    towers: tuple[Tower, ...]
-    context: str | None = "max_position_embeddings"
-    prefix: tuple[str, ...] = ()
-    registers: str | None = None
-    image_layout: str | None = None
-    notes: str = field(default="", compare=False)
-
-    @property
-    def primary(self) -> Tower:
-        """The tower analyses use unless told otherwise: the text decoder of an LVLM, else the only one."""
-        return self.towers[0]
-
-    def tower(self, name: str | None) -> Tower:
-        if name is None:
-            return self.primary
-        for t in self.towers:
-            if t.name == name:
-                return t
-        raise ValueError(f"family {self.name!r} has no tower {name!r}; it has {[t.name for t in self.towers]}")
-
-
-_DECODER = ("model.layers", "layers")
-_SELF = ("self_attn",)
-_LVLM_TEXT = Tower("text", ("model.language_model.layers", "language_model.layers"), _SELF, True)
-_CLIP_VISION = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers",
-                "vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers")
-# Older transformers call the attention function from ViTSelfAttention (attention.attention); 5.23 folded it
-# into ViTAttention (attention). The more specific path first, so that older layouts do not hook the wrapper.
-_VIT_ATTENTION = ("attention.attention", "attention")
-_VISION_ENCODER = ("vision_model.encoder.layers", "encoder.layers")
-
-FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "llm", (Tower("text", ("transformer.h", "h"), ("attn",), True),), context="n_positions"),
-    Family("llama", ("llama", "mistral", "qwen2"), "llm", (Tower("text", _DECODER, _SELF, True),),
-           notes="Llama and kin (Mistral, Qwen2, SmolLM): GQA + RoPE, sliding windows where configured"),
-    Family("gemma", ("gemma2", "gemma3_text"), "llm", (Tower("text", _DECODER, _SELF, True),),
-           notes="soft-capping (Gemma 2) and interleaved sliding windows"),
-    # LVLMs whose towers are discovered: the tables add their image-token layouts only
-    Family("gemma3", ("gemma3",), "lvlm", (), image_layout="pooled",
-           notes="Gemma 3 (mm_tokens_per_image pooled cells per image)"),
-    Family("internvl", ("internvl",), "lvlm", (), image_layout="tiles",
-           notes="InternVL (a pixel-shuffled square per tile)"),
-    Family("idefics3", ("idefics3", "smolvlm"), "lvlm", (), image_layout="tiles",
-           notes="Idefics3 and SmolVLM (a pixel-shuffled square per tile)"),
-    Family("gpt_neox", ("gpt_neox",), "llm", (Tower("text", ("gpt_neox.layers", "layers"), ("attention",), True),)),
-    Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), ("attention.self",), False),)),
-    Family("vit", ("vit",), "vit",
-           (Tower("vision", ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
-           context=None, prefix=("cls",)),
-    Family("deit", ("deit",), "vit",
-           (Tower("vision", ("deit.layers", "layers", "deit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
-           context=None, prefix=("cls", "distillation")),
-    Family("clip", ("clip", "clip_vision_model"), "vit",
-           (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, True)),
-           context=None, prefix=("cls",), notes="vision tower (and the text tower of a full CLIPModel)"),
-    Family("siglip", ("siglip", "siglip_vision_model"), "vit",
-           (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, False)),
-           context=None, notes="vision tower (no CLS token)"),
-    Family("dinov2", ("dinov2", "dinov2_with_registers"), "vit",
-           (Tower("vision", ("dinov2.encoder.layer", "dinov2_with_registers.encoder.layer", "encoder.layer"),
-                  _VIT_ATTENTION, False),),
-           context=None, prefix=("cls",), registers="num_register_tokens", notes="with or without register tokens"),
-    Family("llava", ("llava", "llava_next", "llava_onevision"), "lvlm",
-           (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
-           image_layout="llava", notes="LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (anyres grids)"),
-    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "lvlm",
-           (_LVLM_TEXT, Tower("vision", ("model.visual.blocks", "visual.blocks"), ("attn",), False)),
-           image_layout="merged", notes="Qwen2-VL, Qwen2.5-VL and Qwen3-VL (M-RoPE, dynamic grids)"),
-)
-
-_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
-
-
-def supported_model_types() -> list[str]:
-    """The model types with a hand-written table (any other model whose attention goes through the attention
-    interface is adapted by `discover`)."""
-    return sorted(_BY_MODEL_TYPE)
-
-
-def table_for(config) -> Family | None:
-    """The hand-written table for an HF config (by `config.model_type`), or None."""
-    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+from .catalog import (FAMILIES, Family, Tower, UnsupportedFamilyError, supported_model_types,  # noqa: F401
+                      table_for)
 
 
 def family_for(model: nn.Module) -> Family:

