@@ -257,3 +257,16 @@ def test_show_displays_what_an_incomplete_run_has(capsys, tmp_path, monkeypatch)
     code, out, _ = run(capsys, "show", info.id, "--store", str(tmp_path), "--json")
     shown = json.loads(out)
     assert code == 0 and "sink_rate" in shown["top"] and "sink_rate_random" not in shown["top"]
+
+
+def test_everyday_commands_do_not_import_torch(store):
+    """`runs`, `show`, `export` and `models` read JSON, Parquet and the catalog only: they must start fast, so
+    neither torch nor transformers is imported (benchmarks/cli_speed.py times them)."""
+    [info] = [i for i in interp.list_runs(store) if i.status == "complete"][:1]
+    for argv in (["runs", "--store", str(store)], ["models"], ["show", info.id, "--store", str(store)],
+                 ["export", info.id, "--store", str(store)]):
+        code = ("import sys\nfrom interp.cli import main\nassert main(%r) == 0\n"
+                "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'nnsight'})\n"
+                "assert not heavy, heavy\n" % argv)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (argv, out.stderr[-500:])
