@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
@@ -459,6 +461,10 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(light=bool(argv) and argv[0] in LIGHT_COMMANDS)
@@ -466,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("samples", "max_tokens", "top"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # `kill` stops a run like Ctrl-C
     try:
         return args.func(args)
     except UsageError as e:
@@ -482,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # anything else (a device torch lacks, a library's own error): a message, not a traceback
         print(f"interp: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,10 @@ class Store:
             raise StoreError(f"cannot write runs to {self.root}: {e.strerror or e}") from e
 
     def runs(self) -> list[RunInfo]:
-        """Every run, newest first. Never raises for a broken run: it is listed with status "corrupt"."""
+        """Every run, newest first. Never raises for a broken run: it is listed with status "corrupt". A store
+        path that exists but is not a folder is an error (not an empty store)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is not a folder: give a store directory")
         if not self.root.is_dir():
             return []
         out = []

@@ -270,3 +270,24 @@ def test_everyday_commands_do_not_import_torch(store):
                 "assert not heavy, heavy\n" % argv)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (argv, out.stderr[-500:])
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_a_file_is_not_a_store(capsys, tmp_path):
+    """`kill` (SIGTERM) mid-run: the run is left incomplete with the reason recorded, resumable; a store path that
+    is a file is an error, not an empty store."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "score", "stories260k", "--analysis", "sinks",
+                             "--out", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/parts/sample-*.parquet")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted" in err
+    [info] = interp.list_runs(tmp_path / "runs")
+    assert info.status == "incomplete" and info.error.startswith("interrupted (after ")
+    (tmp_path / "file").write_text("x")
+    code, out, err = run(capsys, "runs", "--store", str(tmp_path / "file"))
+    assert code == 1 and "is not a folder" in err and "no runs" not in out
