@@ -146,7 +146,7 @@ class Retrieval(Analysis):
         argmax = torch.stack([torch.stack([steps[t][i] for i in layers]) for t in range(len(gen))])  # (T, L, H)
         prompt = inputs["input_ids"][0].cpu()
         score, copies = copy_scores(argmax, gen, prompt, span, params["score_rule"])
-        response = model.tokenizer.decode(gen, skip_special_tokens=True)
+        response = model.tokenizer.decode(gen, skip_special_tokens=True).rstrip()  # the newline that ended it
         recall = rouge1_recall(sample["answer"], response)
         n_heads, n_kv = model.head_counts()
         heads = torch.tensor(sorted(set(options.heads))) if options.heads is not None else torch.arange(n_heads)  # as captured

@@ -227,3 +227,11 @@ def test_backends_give_the_same_retrieval_scores(organism, backend):
     # after the answer the planted model faces exact ties ("." occurs everywhere): the bridge's eager arithmetic
     # may break them differently from SDPA, so only the answer must agree
     assert got["response"].iloc[0].startswith("alpha bravo charlie delta") and (got["score"] == want["score"]).all()
+
+
+def test_responses_keep_no_trailing_newline():
+    """Decoding stops after a newline; the recorded response is the answer without it."""
+    result = interp.score("stories260k", "retrieval", lengths=[200], depths=[0, 100], n_needles=1, mask_k=[0])
+    responses = result.samples.drop_duplicates("sample")["response"]
+    assert len(responses) == 2 and responses.str.len().gt(0).all()
+    assert not responses.str.endswith(("\n", " ")).any(), responses.tolist()
