@@ -8,11 +8,13 @@ import os
 import platform
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import pandas as pd
 import torch
 import transformers
 
+from .files import check_regular
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store
@@ -82,11 +84,14 @@ def score(
         an = get_analysis(writer.meta["analysis"])
     elif runs is not None and resume:
         writer = _reopen_matching(runs, an.name, identity, options, params)
+    if writer is not None:
+        _check_same_inputs(writer)
     if writer is None:
         torch.manual_seed(seed)
         plan = an.plan(model, options, params)
         meta = {"analysis": an.name, "scores": an.score_columns(model, params), "signed": bool(an.signed),
-                "model": identity, "options": options.to_json(), "params": params, "plan": plan, "versions": versions()}
+                "model": identity, "options": options.to_json(), "params": params, "inputs": input_digests(params),
+                "plan": plan, "versions": versions()}
         if runs is None:
             return _run(an, model, options, params, plan, bars, meta=meta)
         writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
@@ -148,6 +153,41 @@ def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params
         except (TypeError, StoreError):  # options of another version, or taken / finished meanwhile
             continue
     return None
+
+
+def input_digests(params: dict) -> dict[str, str]:
+    """{path: sha256} of every file (or folder: its files, by name) a parameter names, as "path" or "a,b": what a
+    resumed run must find unchanged."""
+    out = {}
+    for value in params.values():
+        for part in str(value).split(",") if isinstance(value, str) else ():
+            path = Path(part.strip()).expanduser()
+            if part.strip() and path.exists():
+                out[part.strip()] = _digest(path)
+    return out
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        check_regular(file, 1 << 40)  # a FIFO would never end
+        h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _check_same_inputs(writer: RunWriter) -> None:
+    """Refuse to resume a run whose input files changed since it started (it would mix two inputs)."""
+    for path, digest in writer.meta.get("inputs", {}).items():  # runs written before this was recorded: unchecked
+        now = _digest(Path(path).expanduser()) if Path(path).expanduser().exists() else None
+        if now != digest:
+            writer.unlock()
+            what = "is gone" if now is None else "changed"
+            raise StoreError(f"{path} {what} since run {writer.id} started: resuming would mix two inputs; restore "
+                             "it, or start a new run (without --resume)")
 
 
 def _check_same_model(writer: RunWriter, identity: dict) -> None:

@@ -243,3 +243,30 @@ def test_fifos_and_devices_are_corrupt_runs_and_bad_inputs_never_hangs(stories, 
     os.mkfifo(image)
     with pytest.raises(ValueError, match="cannot read the image .*not a regular file"):
         load_image(str(image))
+
+
+def test_resume_refuses_when_an_input_file_changed(stories, tmp_path, monkeypatch):
+    """A prompts file edited between a cut run and its resume: resuming would mix two inputs, so it is refused,
+    naming the file; unchanged, the run resumes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one upon a time\nthe cat sat\nLily went home\n")
+    original, calls = Summary.score_sample, []
+
+    def cut(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return original(self, *args)
+
+    monkeypatch.setattr(Summary, "score_sample", cut)
+    with pytest.raises(RuntimeError):
+        interp.score(stories, "summary", prompts=str(prompts), store=tmp_path / "runs")
+    monkeypatch.setattr(Summary, "score_sample", original)
+    [info] = interp.list_runs(tmp_path / "runs")
+    prompts.write_text("one upon a time\nthe dog sat\nLily went home\n")
+    for resume in (True, info.id):
+        with pytest.raises(StoreError, match=f"{prompts} changed since run {info.id} started"):
+            interp.score(stories, "summary", prompts=str(prompts), store=tmp_path / "runs", resume=resume)
+    prompts.write_text("one upon a time\nthe cat sat\nLily went home\n")
+    done = interp.score(stories, "summary", prompts=str(prompts), store=tmp_path / "runs", resume=True)
+    assert done.id == info.id and done.status == "complete"
