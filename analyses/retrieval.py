@@ -92,6 +92,7 @@ class Retrieval(Analysis):
         "score_rule": "code",   # "code": +1/|span| per copying step; "paper": distinct span positions copied
         "mask_k": None,         # head counts for the masking test (default: 5 % of the scored heads; [] or [0] skips it)
         "mask_mode": "uniform",  # "uniform" (the paper's masking) or "zero" (zero-ablation)
+        "mask_prefill": False,   # mask in the prompt's forward too (default: decode steps only, as the reference code)
     }
 
     def check(self, model: Model) -> None:
@@ -182,7 +183,9 @@ class Retrieval(Analysis):
         pairs = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
         excluded = min(100, n // 4)
         base = samples.drop_duplicates("sample")
-        rows = [{"condition": "none", "k": 0, "mode": params["mask_mode"], "niah_score": 100 * base["rouge1_recall"].mean(),
+        prefill = params.get("mask_prefill", True)  # runs recorded before the choice existed masked the prefill too
+        mode = params["mask_mode"] + (" (prefill too)" if prefill else "")
+        rows = [{"condition": "none", "k": 0, "mode": mode, "niah_score": 100 * base["rouge1_recall"].mean(),
                  "accuracy": base["accepted"].mean(), "heads": ""}]
         rng = random.Random(options.seed)
         tests = []
@@ -194,11 +197,11 @@ class Retrieval(Analysis):
             recalls = []
             for entry in (plan[i] for i in base["sample"]):
                 inputs, _ = niah_inputs(model, entry, params, options.seed)
-                with mask_heads(model, chosen, mode=params["mask_mode"]):
+                with mask_heads(model, chosen, mode=params["mask_mode"], decode_only=not prefill):
                     gen = greedy(model, inputs, params["max_new_tokens"])
                 recalls.append(rouge1_recall(entry["answer"], model.tokenizer.decode(gen, skip_special_tokens=True)))
             recalls = np.array(recalls)
-            rows.append({"condition": condition, "k": k, "mode": params["mask_mode"], "niah_score": 100 * recalls.mean(),
+            rows.append({"condition": condition, "k": k, "mode": mode, "niah_score": 100 * recalls.mean(),
                          "accuracy": float((recalls > ACCEPT_RECALL).mean()),
                          "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
         return {"masking": pd.DataFrame(rows)}

@@ -130,6 +130,8 @@ def _wrap(original: Callable | None) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         fn = original if original is not None else _eager_of(module)
         knockout = module.__dict__.get("_interp_knockout")
+        if knockout is not None and knockout.decode_only and query.shape[2] >= key.shape[2]:
+            knockout = None  # a prompt's forward (queries as many as keys): left alone
         if knockout is not None and knockout.mode == "uniform":
             query = query.clone()
             query[:, knockout.heads.to(query.device)] = 0
@@ -481,11 +483,12 @@ class _Knockout:
     mode: str
     values: Tensor | None = None  # (H', d) per knocked-out head, for "mean"
     factor: float = 1.0           # for "scale"
+    decode_only: bool = False     # only calls with fewer queries than keys (decode steps against the KV cache)
 
 
 @contextmanager
 def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None,
-               means: dict[tuple[int, int], Tensor] | None = None, factor: float = 1.0):
+               means: dict[tuple[int, int], Tensor] | None = None, factor: float = 1.0, decode_only: bool = False):
     """Knock out attention heads while the model runs (forward or generate; composes with `capture`).
 
     heads: (layer, query head) pairs. mode "uniform": the head's query is zeroed, so its attention is uniform
@@ -494,6 +497,8 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     means[(layer, head)], a (d,) vector (mean-ablation); "scale": that output is multiplied by `factor` (head
     reinforcement, e.g. VHR). Works through the AttentionInterface, with any attention implementation of the
     model, in a forward or every step of a generation (prefill and decode alike, so the KV cache stays consistent).
+    decode_only: only in decode steps (calls whose queries are fewer than their keys); the prompt's forward, and so
+    the KV cache it leaves, is the unmasked model's (Wu et al.'s reference code masks this way).
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"unknown knockout mode {mode!r}; choose from {', '.join(KNOCKOUT_MODES)}")
@@ -517,7 +522,8 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     try:
         for i in layers:
             values = None if mode != "mean" else torch.stack([by_head[(i, int(h))] for h in chosen[i]])
-            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values, float(factor))
+            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values, float(factor),
+                                                                bool(decode_only))
         yield
     finally:
         for i in layers:

@@ -55,6 +55,8 @@ PARAM_FLAGS = (
     ("--score-rule", "score_rule", str, "RULE", "retrieval: code (default) or paper"),
     ("--mask-k", "mask_k", _ints, "K,K", "retrieval: head counts for the masking test (default 5 %% of heads; 0 skips)"),
     ("--mask-mode", "mask_mode", str, "MODE", "retrieval: uniform (default) or zero"),
+    ("--mask-prefill", "mask_prefill", bool, None,
+     "retrieval: mask the heads in the prompt's forward too (default: in decode steps only, as the reference code)"),
     ("--preset", "preset", str, "NAME", "sinks: gu (T = 64, 100 sequences per input kind; default) or long"),
     ("--inputs", "inputs", str, "K,K", "sinks: natural,random,repeated (default all three for text models)"),
     ("--epsilon", "epsilon", float, "X", "sinks: Sink_eps threshold (default 0.3)"),

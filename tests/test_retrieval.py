@@ -235,3 +235,23 @@ def test_responses_keep_no_trailing_newline():
     responses = result.samples.drop_duplicates("sample")["response"]
     assert len(responses) == 2 and responses.str.len().gt(0).all()
     assert not responses.str.endswith(("\n", " ")).any(), responses.tolist()
+
+
+def test_masking_in_decode_steps_only_leaves_the_prompt_forward_alone():
+    """The reference code masks heads only while decoding: with decode_only the prompt's logits (and cache) are the
+    unmasked model's and the first decode step differs; without it the prompt's logits change too."""
+    model = interp.load_model("stories260k")
+    heads = [(layer, h) for layer in range(5) for h in range(8)]
+    ids = model.prepare("Once upon a time there was a little girl")
+    with torch.no_grad():
+        plain = model.hf(**ids, use_cache=True)
+        step = {"input_ids": plain.logits[:, -1:].argmax(-1), "past_key_values": plain.past_key_values}
+        plain_next = model.hf(**step).logits
+        with mask_heads(model, heads, decode_only=True):
+            prompt = model.hf(**ids, use_cache=True)
+            masked_next = model.hf(input_ids=step["input_ids"], past_key_values=prompt.past_key_values).logits
+        with mask_heads(model, heads):
+            both = model.hf(**ids).logits
+    assert torch.equal(prompt.logits, plain.logits)
+    assert not torch.allclose(masked_next, plain_next, atol=1e-3)
+    assert not torch.allclose(both, plain.logits, atol=1e-3)
