@@ -558,6 +558,8 @@ def _zoom(relayout: dict | None, region: dict | None) -> dict | None:
     new = {key: list(value) for key, value in (region or {}).items()}
     for axis, key in (("xaxis", "k"), ("yaxis", "q")):
         lo, hi = relayout.get(f"{axis}.range[0]"), relayout.get(f"{axis}.range[1]")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)):
+            continue  # absent, or not a finite number (a crafted request: NaN, Infinity, text)
         if lo is not None and hi is not None:  # token i spans [i − 0.5, i + 0.5]
             lo, hi = sorted((lo, hi))
             new[key] = [max(0, math.floor(lo + 0.5)), math.ceil(hi + 0.5)]

@@ -222,6 +222,9 @@ def test_attention_callback_zooms_from_pooled_to_exact(board, app_store):
     assert "exact per token" in status and region == zoom and np.array(fig.data[0].z).shape == (50, 51)
     assert _zoom({"xaxis.autorange": True, "yaxis.autorange": True}, zoom) is None
     assert _zoom({"autosize": True}, zoom) == zoom
+    for bad in (float("nan"), float("inf"), "1e999", None):  # a crafted relayoutData: the region is kept
+        assert _zoom({"xaxis.range[0]": bad, "xaxis.range[1]": 3, "yaxis.range[0]": 0, "yaxis.range[1]": 3},
+                     zoom) == {"q": [0, 4], "k": zoom["k"]}
 
 
 def test_analysis_views_and_compare(board, app_store):
