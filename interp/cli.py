@@ -165,10 +165,13 @@ def _generate(args) -> int:
         raise UsageError(f"--vhr {args.vhr}: give a factor > 0 (the paper uses 2)")
     _progress(args)  # loading bars only on a terminal without --json
     model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    if model.family.kind not in ("llm", "lvlm") or not hasattr(model.hf, "generate"):
+        raise ValueError(f"{model.name} is {'an' if model.family.kind == 'encoder' else 'a'} {model.family.kind}: it "
+                         "does not generate text; `interp generate` takes language or vision-language models")
     if args.image is not None and model.family.kind != "lvlm":
-        raise ValueError(f"{model.name} is a {model.family.kind}, not a vision-language model: drop --image")
-    if args.image is None and model.family.kind in ("lvlm", "vit"):
-        raise ValueError(f"{model.name} needs an image: give --image FILE")
+        raise ValueError(f"{model.name} is a language model, not a vision-language model: drop --image")
+    if args.image is None and model.family.kind == "lvlm":
+        raise ValueError(f"{model.name} is a vision-language model: give --image FILE")
     heads = None
     if args.vhr is not None:
         tokens, chosen = vhr_generate(model, args.prompt, load_image(args.image), alpha=args.vhr, layers=args.vhr_layers,

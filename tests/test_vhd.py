@@ -280,5 +280,11 @@ def test_cli_generate_with_vhr(tmp_path, capsys):
     assert vhr["vhr_alpha"] == 1.5 and len(vhr["reinforced_heads"]) > 0
     assert main(["generate", "stories260k", "--prompt", "x", "--image", str(tmp_path / "q.png")]) == 1
     assert "not a vision-language model" in capsys.readouterr().err
+    for name in ("minilm-l6", "organism-vit"):  # no text to generate: one clear message, not a circle or a traceback
+        for image in ([], ["--image", str(tmp_path / "q.png")]):
+            assert main(["generate", name, "--prompt", "x", *image]) == 1
+            assert "does not generate text" in capsys.readouterr().err
+    assert main(["generate", "organism-llava", "--prompt", "x"]) == 1
+    assert "is a vision-language model: give --image" in capsys.readouterr().err
     assert main(["generate", "organism-llava", "--prompt", "x", "--vhr", "2"]) == 2
     assert main(["generate", "organism-llava", "--prompt", "x", "--image", str(tmp_path / "q.png"), "--vhr", "0"]) == 2
