@@ -147,28 +147,35 @@ def _part_indices(path: Path) -> set[int]:
 
 def _take_lock(path: Path) -> int | None:
     """An open descriptor holding the run's exclusive lock (`flock`: the kernel drops it when the process dies),
-    or None when another process holds it."""
+    or None when another process holds it. A reader's probe (a shared lock, for an instant) is waited out."""
     fd = os.open(path / "lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.01 * (attempt < LOCK_ATTEMPTS - 1))
+    os.close(fd)
+    return None
+
+
+LOCK_ATTEMPTS = 20  # × 10 ms: longer than any reader's probe, far shorter than a writer holds the lock
 
 
 def _is_locked(path: Path) -> bool:
-    """Whether some process is writing the run now."""
-    if not (path / "lock").exists():
+    """Whether some process is writing the run now: a writer holds the exclusive lock, so a shared one cannot be
+    had. Readers probe with shared locks, which never conflict with each other (two listings at once do not
+    see each other as writers)."""
+    try:
+        fd = os.open(path / "lock", os.O_RDONLY)
+    except OSError:  # no lock file: nobody has written the run since it finished or was created
         return False
     try:
-        fd = _take_lock(path)
-    except OSError:
-        return False
-    if fd is None:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    finally:
+        os.close(fd)  # closing releases the probe
     return False
 
 

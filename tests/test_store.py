@@ -270,3 +270,24 @@ def test_resume_refuses_when_an_input_file_changed(stories, tmp_path, monkeypatc
     prompts.write_text("one upon a time\nthe cat sat\nLily went home\n")
     done = interp.score(stories, "summary", prompts=str(prompts), store=tmp_path / "runs", resume=True)
     assert done.id == info.id and done.status == "complete"
+
+
+def test_readers_never_look_like_writers(stories, tmp_path):
+    """A listing probes a run's lock with a shared lock: another reader's probe held at that moment is not a
+    writer, and a writer taking the run waits such a probe out."""
+    import fcntl
+    import os
+    import threading
+
+    from interp.store import _is_locked, _take_lock
+
+    run = interp.score(stories, "summary", samples=1, max_tokens=16, store=tmp_path)
+    (run.path / "lock").touch()
+    probe = os.open(run.path / "lock", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # another listing, at this very moment
+    assert not _is_locked(run.path)
+    threading.Timer(0.05, lambda: os.close(probe)).start()  # ... which ends 50 ms later
+    fd = _take_lock(run.path)
+    assert fd is not None and _is_locked(run.path)  # the writer got it, and now it is a writer
+    os.close(fd)
+    assert not _is_locked(run.path)
