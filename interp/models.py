@@ -64,9 +64,9 @@ def _smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written cache is never seen
-    except OSError:
+    except BaseException as e:  # a full disk raises from safetensors as well as from os; Ctrl-C too
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the race
+        if not isinstance(e, OSError) or not (target / "config.json").exists():  # another process may have won
             raise
     return target
 

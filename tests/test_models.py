@@ -149,3 +149,25 @@ def test_remote_code_runs_only_when_asked_and_nothing_is_asked_on_stdin(tmp_path
     assert out.stdout == ""  # no question on stdout, and nothing read from stdin
     run("--trust-remote-code")
     assert marker.exists()  # asked for explicitly: the checkpoint's code runs
+
+
+def test_a_failed_dequantisation_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """The disk fills up while the de-quantised SmolLM2 is written to the cache: the error surfaces and nothing
+    half-written stays behind (stand-ins for the GGUF loading keep this fast)."""
+    import transformers
+
+    from interp import models
+
+    monkeypatch.setenv("INTERP_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_package_dir", lambda package, alias: tmp_path)
+    stub = interp.load_model("stories260k")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("safetensors: No space left on device")
+
+    monkeypatch.setattr(stub.hf, "save_pretrained", full_disk)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: stub.hf)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: stub.tokenizer)
+    with pytest.raises(RuntimeError, match="No space left"):
+        models.alias_path("smollm2-135m")
+    assert list((tmp_path / "models").iterdir()) == []
