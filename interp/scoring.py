@@ -95,11 +95,14 @@ def score(
         if runs is None:
             return _run(an, model, options, params, plan, bars, meta=meta)
         writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
+        return _run(an, model, options, params, plan, bars, writer=writer, created=True)
     return _run(an, model, options, params, writer.meta["plan"], bars, writer=writer)
 
 
 def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progress, *,
-         writer: RunWriter | None = None, meta: dict | None = None) -> ScoreResult:
+         writer: RunWriter | None = None, meta: dict | None = None, created: bool = False) -> ScoreResult:
+    """Score the plan's samples (those not done yet), then aggregate and finalize. created: the run was created by
+    this call, so a failure before its first sample removes it (no empty incomplete run is left)."""
     frames, extra_frames = [], {}
     done = writer.done() if writer is not None else set()
     try:
@@ -129,7 +132,9 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
         writer.finish(heads, samples, tables, report)
         return ScoreResult(writer.meta, heads, samples, writer.path, tables)
     except BaseException as e:
-        if writer is not None:
+        if writer is not None and created and not writer.done():
+            writer.discard()  # it failed before any sample (a device it cannot run on, inputs it refuses)
+        elif writer is not None:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             writer.fail(f"{reason} (after {len(writer.done())} of {len(plan)} samples)")
         raise

@@ -390,6 +390,13 @@ class RunWriter:
         self.meta["error"] = error
         self.save_meta()
 
+    def discard(self) -> None:
+        """Remove a run that this process created and that holds no finished sample (nothing is lost)."""
+        if self.done():
+            raise StoreError(f"run {self.id} holds finished samples: it is kept")
+        self.unlock()
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def finish(self, heads: pd.DataFrame, samples: pd.DataFrame, tables: dict[str, pd.DataFrame],
                report: list[str]) -> None:
         """Write the final tables (and the analysis's extra ones as `<name>.parquet`) and the report's lines, then

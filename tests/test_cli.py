@@ -291,3 +291,10 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_a_file_is_not_a_store(capsys, tmp_p
     (tmp_path / "file").write_text("x")
     code, out, err = run(capsys, "runs", "--store", str(tmp_path / "file"))
     assert code == 1 and "is not a folder" in err and "no runs" not in out
+
+
+def test_a_run_failing_before_its_first_sample_leaves_nothing_behind(capsys, tmp_path):
+    """`--device meta` loads, then cannot compute: the run created for it is removed (no empty incomplete run)."""
+    code, _, err = run(capsys, "score", "stories260k", "--device", "meta", "--out", str(tmp_path))
+    assert code == 1 and "meta" in err
+    assert interp.list_runs(tmp_path) == []
