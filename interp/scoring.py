@@ -102,7 +102,8 @@ def score(
 def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progress, *,
          writer: RunWriter | None = None, meta: dict | None = None, created: bool = False) -> ScoreResult:
     """Score the plan's samples (those not done yet), then aggregate and finalize. created: the run was created by
-    this call, so a failure before its first sample removes it (no empty incomplete run is left)."""
+    this call, so an error before its first sample removes it (no empty incomplete run is left; an interruption
+    keeps it, resumable, as at any other time)."""
     frames, extra_frames = [], {}
     done = writer.done() if writer is not None else set()
     try:
@@ -132,8 +133,8 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
         writer.finish(heads, samples, tables, report)
         return ScoreResult(writer.meta, heads, samples, writer.path, tables)
     except BaseException as e:
-        if writer is not None and created and not writer.done():
-            writer.discard()  # it failed before any sample (a device it cannot run on, inputs it refuses)
+        if writer is not None and created and not writer.done() and not isinstance(e, KeyboardInterrupt):
+            writer.discard()  # an error before any sample (a device it cannot run on, inputs it refuses)
         elif writer is not None:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
             writer.fail(f"{reason} (after {len(writer.done())} of {len(plan)} samples)")
