@@ -215,9 +215,9 @@ def _report(result: ScoreResult) -> list[str]:
         return []
     if "report" in result.meta:
         return result.meta["report"]
-    from interp.analyses import ANALYSES
+    from interp.analyses import get_analysis
 
-    return ANALYSES[result.analysis].report(result)
+    return get_analysis(result.analysis).report(result)
 
 
 def _ranked(result: ScoreResult, score: str, top: int) -> list[dict]:

@@ -298,3 +298,21 @@ def test_a_run_failing_before_its_first_sample_leaves_nothing_behind(capsys, tmp
     code, _, err = run(capsys, "score", "stories260k", "--device", "meta", "--out", str(tmp_path))
     assert code == 1 and "meta" in err
     assert interp.list_runs(tmp_path) == []
+
+
+def test_unknown_analysis_or_missing_model_fields_are_clear_errors(capsys, store, tmp_path):
+    import shutil
+
+    source = next(i for i in interp.list_runs(store) if i.status == "complete")
+    for name, change in [("unknown", lambda m: m.update(analysis="nope", report=None) or m.pop("report")),
+                         ("fieldless", lambda m: m["model"].pop("family"))]:
+        run_dir = tmp_path / f"{source.id[:-6]}{name}"
+        shutil.copytree(source.path, run_dir)
+        meta = json.loads((run_dir / "meta.json").read_text())
+        change(meta)
+        meta["id"] = run_dir.name
+        (run_dir / "meta.json").write_text(json.dumps(meta))
+    code, out, _ = run(capsys, "runs", "--store", str(tmp_path))
+    assert code == 0 and "meta.json's model lacks or has malformed family" in out
+    code, _, err = run(capsys, "show", f"{source.id[:-6]}unknown", "--store", str(tmp_path))
+    assert code == 1 and "unknown analysis 'nope'" in err and "KeyError" not in err
