@@ -123,6 +123,9 @@ class Sinks(Analysis):
     # ---- the plan
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
+        if options.backend == "transformer-lens":  # checked before any work: the run would fail after a sample
+            raise ValueError("the sinks analysis reads the residual stream of the model itself, which the "
+                             "transformer-lens backend runs as a bridged copy: use --backend hf or nnsight")
         kinds = self.input_kinds(model, params)
         if model.family.kind in ("vit", "lvlm"):
             return self._image_plan(model, options, params)

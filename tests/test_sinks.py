@@ -288,3 +288,9 @@ def test_sinks_per_sample_tables_survive_an_interrupted_run(stories, tmp_path, m
     fresh = interp.score(stories, "sinks", samples=2, inputs="natural,random")
     pd.testing.assert_frame_equal(resumed.heads, fresh.heads)
     pd.testing.assert_frame_equal(resumed.tables["massive"], fresh.tables["massive"])
+
+
+def test_the_transformer_lens_backend_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="transformer-lens backend runs as a bridged copy: use --backend hf"):
+        interp.score("stories260k", "sinks", backend="transformer-lens", store=tmp_path)
+    assert interp.list_runs(tmp_path) == []
