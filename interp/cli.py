@@ -346,7 +346,19 @@ def _progress(args) -> Progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        _silence_tqdm()
     return bars
+
+
+def _silence_tqdm() -> None:
+    """Libraries' own tqdm bars too (transformers' GGUF de-quantisation draws one): off for this process."""
+    from functools import partialmethod
+
+    from tqdm import std
+
+    if not getattr(std.tqdm, "_interp_silenced", False):
+        std.tqdm.__init__ = partialmethod(std.tqdm.__init__, disable=True)
+        std.tqdm._interp_silenced = True
 
 
 def _app(args) -> int:

@@ -316,3 +316,20 @@ def test_unknown_analysis_or_missing_model_fields_are_clear_errors(capsys, store
     assert code == 0 and "meta.json's model lacks or has malformed family" in out
     code, _, err = run(capsys, "show", f"{source.id[:-6]}unknown", "--store", str(tmp_path))
     assert code == 1 and "unknown analysis 'nope'" in err and "KeyError" not in err
+
+
+def test_json_output_silences_libraries_progress_bars(monkeypatch):
+    """With --json (or no terminal) no bar is drawn, including tqdm bars libraries draw themselves (transformers'
+    GGUF de-quantisation on the first use of smollm2-135m)."""
+    from tqdm import std
+    from tqdm.auto import tqdm
+
+    from interp.cli import _progress, build_parser
+
+    monkeypatch.setattr(std.tqdm, "__init__", std.tqdm.__init__)  # both restored after the test
+    monkeypatch.setattr(std.tqdm, "_interp_silenced", False, raising=False)
+    _progress(build_parser().parse_args(["score", "--json"]))
+    drawn = io.StringIO()
+    for _ in tqdm(range(3), file=drawn, desc="Converting and de-quantizing GGUF tensors..."):
+        pass
+    assert drawn.getvalue() == ""
