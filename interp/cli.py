@@ -229,8 +229,9 @@ def print_tables(result: ScoreResult, top: int) -> None:
     """The ranked table of the top heads for each score."""
     m = result.meta
     model = m["model"]
-    print(f"{result.analysis} · {model['name']} ({model['family']}, {model['n_layers']} layers × {model['n_heads']} "
-          f"heads, {model['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · {result.status}")
+    size = {key: model.get(key, "?") for key in ("family", "n_layers", "n_heads", "n_kv_heads")}  # hand-made runs
+    print(f"{result.analysis} · {model['name']} ({size['family']}, {size['n_layers']} layers × {size['n_heads']} "
+          f"heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · {result.status}")
     for score, meaning in m["scores"].items():
         if score not in result.heads.columns:  # an incomplete run: no finished sample gives this score yet
             print(f"\n{score}: {meaning}\n  no finished sample gives it yet ({result.status} run)")

@@ -196,12 +196,8 @@ def read_meta(path: Path) -> dict:
     types = {"id": str, "status": str, "analysis": str, "model": dict, "options": dict, "params": dict, "plan": list,
              "started": str, "scores": dict, "tables": list}
     wrong = [k for k, t in types.items() if k in meta and not isinstance(meta[k], t)]
-    if wrong:
-        raise CorruptRunError(f"run {path.name}: meta.json has malformed {', '.join(wrong)}")
-    model_fields = {"name": str, "family": str, "n_layers": int, "n_heads": int, "n_kv_heads": int}
-    bad = [k for k, t in model_fields.items() if not isinstance(meta["model"].get(k), t)]
-    if bad:
-        raise CorruptRunError(f"run {path.name}: meta.json's model lacks or has malformed {', '.join(bad)}")
+    if wrong or not isinstance(meta["model"].get("name"), str):
+        raise CorruptRunError(f"run {path.name}: meta.json has malformed {', '.join(wrong) or 'model name'}")
     if any(not isinstance(t, str) or not t.isidentifier() for t in meta.get("tables", [])):
         raise CorruptRunError(f"run {path.name}: meta.json lists malformed table names")
     if meta["format"] != FORMAT:

@@ -39,3 +39,18 @@ def max_prob_error(rec: Recorder, reference: tuple, query_mask: torch.Tensor | N
             diff = diff * query_mask[:, None, -p.shape[2]:, None].to(diff.dtype)
         worst = max(worst, float(diff.max()))
     return worst
+
+
+def cut_after(monkeypatch, analysis_cls, n_done: int):
+    """Make `analysis_cls.score_sample` raise RuntimeError("power cut") once `n_done` samples are done; returns the
+    original method (to put back with monkeypatch.setattr)."""
+    original, calls = analysis_cls.score_sample, []
+
+    def cut(self, *args):
+        calls.append(1)
+        if len(calls) == n_done + 1:
+            raise RuntimeError("power cut")
+        return original(self, *args)
+
+    monkeypatch.setattr(analysis_cls, "score_sample", cut)
+    return original

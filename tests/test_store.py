@@ -250,15 +250,9 @@ def test_resume_refuses_when_an_input_file_changed(stories, tmp_path, monkeypatc
     naming the file; unchanged, the run resumes."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one upon a time\nthe cat sat\nLily went home\n")
-    original, calls = Summary.score_sample, []
+    from helpers import cut_after
 
-    def cut(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("power cut")
-        return original(self, *args)
-
-    monkeypatch.setattr(Summary, "score_sample", cut)
+    original = cut_after(monkeypatch, Summary, 1)
     with pytest.raises(RuntimeError):
         interp.score(stories, "summary", prompts=str(prompts), store=tmp_path / "runs")
     monkeypatch.setattr(Summary, "score_sample", original)
