@@ -2,9 +2,10 @@
 
 from .backends import BACKENDS, generate, trace
 from .capture import KNOCKOUT_MODES, AttentionCall, Probe, Recorder, capture, capture_residual, mask_heads
-from .patching import RunCache, activation_patch, cache_run, edge_attribution, patch_heads, path_patch
+from .patching import (RunCache, activation_patch, cache_run, edge_attribution, patch_heads, patching_effects,
+                       path_patch)
 from .var import VAR, phi, redistribute_visual_attention, sink_dimensions
 
 __all__ = ["BACKENDS", "KNOCKOUT_MODES", "VAR", "AttentionCall", "Probe", "Recorder", "RunCache", "activation_patch",
-           "cache_run", "capture", "capture_residual", "edge_attribution", "generate", "mask_heads", "patch_heads", "path_patch", "phi",
+           "cache_run", "capture", "capture_residual", "edge_attribution", "generate", "mask_heads", "patch_heads", "patching_effects", "path_patch", "phi",
            "redistribute_visual_attention", "sink_dimensions", "trace"]

@@ -250,6 +250,28 @@ def activation_patch(model: Model, clean: dict, corrupt_cache: RunCache, variant
     return torch.cat(out)
 
 
+def patching_effects(model: Model, clean: dict, corrupt: dict, heads: list[tuple[int, int]], metric, *,
+                     positions: int | None = None) -> Tensor:
+    """The common case of activation patching: each head's normalised effect (V,), one number per head.
+
+    effect = (metric patched − metric clean) / (metric corrupt − metric clean), each metric summed over the
+    prompts (a ratio of sums): 1 when patching the head alone moves the clean run all the way to the corrupted
+    one, 0 when it changes nothing. clean / corrupt: inputs with input_ids (B, N) of the same shape. heads:
+    (layer, head) pairs; positions: patch only that position (default all). metric: the prompts' last-position
+    logits (B, V) -> (B,), always called with the B prompts in order (e.g. each prompt's answer − foil logit),
+    whatever the batching of variants inside.
+    """
+    b = clean["input_ids"].shape[0]
+    per_prompt = lambda logits: torch.cat([metric(rows) for rows in logits.split(b)])  # noqa: E731  copies × B rows
+    corrupt_cache = cache_run(model, corrupt)
+    base = float(metric(last_logits(model, clean)).sum())
+    moved = float(metric(corrupt_cache.logits[:, -1]).sum()) - base
+    if moved == 0:
+        raise ValueError("the metric is the same on the clean and the corrupted prompts: no effect can be normalised")
+    variants = [(layer, head, positions) for layer, head in heads]
+    return (activation_patch(model, clean, corrupt_cache, variants, per_prompt).sum(1) - base) / moved
+
+
 def edge_attribution(model: Model, clean: dict, corrupt: dict, metric, *, clean_cache: RunCache,
                      corrupt_cache: RunCache, ig_steps: int | None = None) -> Tensor:
     """Edge attribution patching (Syed et al.): the linear estimate of each head's patching effect,

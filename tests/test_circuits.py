@@ -402,3 +402,27 @@ def test_bfloat16_models_and_degenerate_tasks(tmp_path):
                                 "foil": " alpha"}) + "\n")
     with pytest.raises(ValueError, match="the same token"):
         encode(planted.model(), jsonl_prompts(same), "same")
+
+
+def test_patching_effects_is_one_call_for_normalised_effects_per_head():
+    """The easy call: one normalised effect per head, (patched − clean) / (corrupt − clean) over the prompts; on
+    the planted circuit 1 for its two heads, 0 for the inert ones, and equal to activation_patch done by hand."""
+    from interp.hooks import patching_effects
+
+    model = planted.model()
+    prompts = [interp.analyses.tasks.TaskPrompt("alpha the sun rain sea", "bravo the sun rain sea", " alpha", " bravo"),
+               interp.analyses.tasks.TaskPrompt("delta sea hill a the", "echo sea hill a the", " delta", " echo")]
+    enc = encode(model, prompts, "first")
+    clean, corrupt = {"input_ids": torch.tensor(enc.clean)}, {"input_ids": torch.tensor(enc.corrupt)}
+    ld = lambda logits: logit_diff(logits, torch.tensor(enc.correct), torch.tensor(enc.foil))  # noqa: E731  (B, V)
+    heads = [(0, 0), planted.SENDER, planted.RECEIVER, (1, 3)]
+    effects = patching_effects(model, clean, corrupt, heads, ld)  # the metric sees the 2 prompts, nothing else
+    assert effects.shape == (4,) and effects.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.0], abs=1e-5)
+    rows = lambda logits: logit_diff(logits, torch.tensor(enc.correct).repeat(len(logits) // 2),  # noqa: E731
+                                     torch.tensor(enc.foil).repeat(len(logits) // 2))  # activation_patch: copies × B
+    cr = cache_run(model, corrupt)
+    base, moved = ld(cache_run(model, clean).logits[:, -1]).sum(), ld(cr.logits[:, -1]).sum()
+    by_hand = (activation_patch(model, clean, cr, [(*h, None) for h in heads], rows).sum(1) - base) / (moved - base)
+    torch.testing.assert_close(effects, by_hand)
+    with pytest.raises(ValueError, match="the same on the clean and the corrupted prompts"):
+        patching_effects(model, clean, clean, heads, ld)
