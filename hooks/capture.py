@@ -272,7 +272,8 @@ def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, m
     n_q = call.q.shape[2]
     if not isinstance(mask, Tensor) or mask.ndim != 4:
         return
-    key = (id(mask), mask.data_ptr(), call.window, call.causal)
+    key = (id(mask), mask.data_ptr(), tuple(mask.shape), mask.dtype, call.window, call.causal,
+           None if call.key_mask is None else call.key_mask.data_ptr())
     if key in _checked_masks:
         return
     compare = mask.shape[-2:] == (n_q, n_k)
