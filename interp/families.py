@@ -56,8 +56,11 @@ def check_supported_config(config) -> None:
 @lru_cache(maxsize=None)
 def calls_attention_interface(cls: type) -> bool:
     """Whether `cls.forward` calls transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`)."""
+    forward = getattr(cls, "forward", None)
+    if forward is None:  # not a module (a block without that attribute resolves to None)
+        return False
     try:
-        source = inspect.getsource(cls.forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source
@@ -128,7 +131,7 @@ def discover(model: nn.Module) -> Family:
             if name in used:
                 name = f"{stack}.{rel}"
             used.add(name)
-            present = sum(isinstance(resolve(b, rel), type(module)) for b in blocks_)
+            present = sum(calls_attention_interface(type(resolve(b, rel))) for b in blocks_)  # as attention_modules
             causal = getattr(module, "is_causal", None)
             towers.append(Tower(name, (stack,), (rel,), bool(causal) if isinstance(causal, bool) else name == "text",
                                 hybrid=present < len(blocks_)))
