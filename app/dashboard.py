@@ -24,7 +24,7 @@ from dash import Input, Output, State, ctx, dash_table, dcc, html
 from interp.compare import rank_correlation, top_overlap
 from interp.files import confined
 from interp.results import ScoreResult
-from interp.store import Store
+from interp.store import Store, with_kept_inputs
 
 from . import figures
 from .attention import AttentionSource
@@ -190,7 +190,7 @@ class Dashboard:
                        region: dict | None = None):
         """(attention map, grid view, grid style, status, region) for the chosen head and sample over a token
         region ({"q": [q0, q1], "k": [k0, k1]}; None: the whole input)."""
-        meta = self.catalog.result(run_id).meta
+        meta = self.catalog.replay_meta(run_id)
         q_range, k_range = (region["q"], region["k"]) if region else (None, None)
         view = self.attention.pattern(meta, sample, layer, head, q_range, k_range)
         fig = figures.attention_map(view.matrix, view.q_range, view.k_range, block=view.block, q_tokens=view.q_tokens,
@@ -301,7 +301,7 @@ class Dashboard:
         from interp.analyses.images import load_image
 
         out = []
-        plan = result.meta["plan"]
+        plan = with_kept_inputs(result.meta, result.path)["plan"] if result.path else result.meta["plan"]
         for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
             if table not in result.tables:
                 continue

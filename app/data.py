@@ -7,7 +7,7 @@ import os
 import threading
 
 from interp.results import ScoreResult, as_store, open_run
-from interp.store import CorruptRunError, RunInfo, RunNotFoundError, Store
+from interp.store import CorruptRunError, RunInfo, RunNotFoundError, Store, with_kept_inputs
 
 
 class RunCatalog:
@@ -30,6 +30,11 @@ class RunCatalog:
             if info.id == run_id:
                 return info
         raise RunNotFoundError(f"no run {run_id!r} in {self.store.root}")
+
+    def replay_meta(self, run_id: str) -> dict:
+        """The run's meta with its inputs read from the run's own copies (what the attention views replay)."""
+        result = self.result(run_id)
+        return with_kept_inputs(result.meta, result.path)
 
     def result(self, run_id: str) -> ScoreResult:
         """The run's tables (an incomplete run: the samples it has finished), re-read only when its files change.

@@ -95,6 +95,11 @@ def score(
         if runs is None:
             return _run(an, model, options, params, plan, bars, meta=meta)
         writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
+        try:
+            writer.keep_inputs(user_files(params, plan))
+        except BaseException:
+            writer.discard()
+            raise
         return _run(an, model, options, params, plan, bars, writer=writer, created=True)
     return _run(an, model, options, params, writer.meta["plan"], bars, writer=writer)
 
@@ -164,13 +169,23 @@ def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params
 def input_digests(params: dict) -> dict[str, str]:
     """{path: sha256} of every file (or folder: its files, by name) a parameter names, as "path" or "a,b": what a
     resumed run must find unchanged."""
-    out = {}
-    for value in params.values():
-        for part in str(value).split(",") if isinstance(value, str) else ():
-            path = Path(part.strip()).expanduser()
-            if part.strip() and path.exists():
-                out[part.strip()] = _digest(path)
-    return out
+    return {path: _digest(Path(path).expanduser()) for path in _named_paths(params)}
+
+
+def _named_paths(params: dict) -> list[str]:
+    """The existing files and folders the parameters name (a value "path", or a part of "a,b"), as written."""
+    parts = [part.strip() for value in params.values() if isinstance(value, str) for part in value.split(",")]
+    return [part for part in dict.fromkeys(parts) if part and Path(part).expanduser().exists()]
+
+
+def user_files(params: dict, plan: list[dict]) -> list[str]:
+    """The user's files a run reads, as recorded: those its parameters name (not folders) and the plan's images
+    (samples' "image" / "images" entries that are paths)."""
+    files = [path for path in _named_paths(params) if Path(path).expanduser().is_file()]
+    for sample in plan:
+        images = sample.get("image", sample.get("images"))
+        files += [i for i in (images if isinstance(images, list) else [images]) if isinstance(i, str)]
+    return files
 
 
 def _digest(path: Path) -> str:

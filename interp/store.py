@@ -10,6 +10,9 @@
                           sample-NNNNNN.parquet (its per-head rows, written last) and <name>-NNNNNN.parquet for
                           an analysis's per-sample tables
         arrays/*.safetensors  optional arrays (pooled maps, head outputs)
+        inputs/           copies of the user's input files (images, prompt and task files), listed in
+                          meta["kept_inputs"] as {recorded path: "inputs/NNNN-name"}: a run replays (the dashboard's
+                          attention views) from its own directory, without the originals
         lock              flock-ed by the process writing the run (its pid and host inside, for people)
 
 Every file is written to a temporary name and renamed into place, so a reader sees a whole file or none.
@@ -41,6 +44,7 @@ FORMAT = 1
 TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
 EXPORT_FORMATS = ("csv", "parquet", "json")
 STATUSES = ("complete", "incomplete", "running", "corrupt")
+KEPT_INPUT_LIMIT = 256 * MB  # per file: as large as any input file the analyses read
 _REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
 
 
@@ -205,6 +209,25 @@ def read_meta(path: Path) -> dict:
     if meta["status"] not in ("complete", "incomplete"):
         raise CorruptRunError(f"run {path.name}: unknown status {meta['status']!r}")
     return meta
+
+
+def with_kept_inputs(meta: dict, path: Path) -> dict:
+    """`meta` with every recorded input path in its plan and parameters (a value, or one part of an "a,b" value)
+    replaced by the run's own copy under `path` (see `RunWriter.keep_inputs`); paths it did not keep stay as they
+    are."""
+    kept = {recorded: str(Path(path) / name) for recorded, name in meta.get("kept_inputs", {}).items()
+            if isinstance(name, str) and name.startswith("inputs/") and "/" not in name[7:] and ".." not in name}
+
+    def local(value):
+        if isinstance(value, dict):
+            return {k: local(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [local(v) for v in value]
+        if isinstance(value, str) and kept:
+            return ",".join(kept.get(part.strip(), part) for part in value.split(","))
+        return value
+
+    return {**meta, "plan": local(meta["plan"]), "params": local(meta["params"])}
 
 
 def read_table(path: Path, name: str) -> pd.DataFrame:
@@ -384,6 +407,21 @@ class RunWriter:
         target = self.path / "arrays" / f"{name}.safetensors"
         _atomic_write(target, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
         return target
+
+    def keep_inputs(self, paths) -> None:
+        """Copy each named user file (a path as recorded in the plan or parameters) into `inputs/`, and record the
+        copies in meta["kept_inputs"]. Only regular files up to KEPT_INPUT_LIMIT bytes are read."""
+        kept = {}
+        for i, recorded in enumerate(dict.fromkeys(paths)):
+            source = Path(recorded).expanduser()
+            check_regular(source, KEPT_INPUT_LIMIT)
+            (self.path / "inputs").mkdir(exist_ok=True)
+            name = f"inputs/{i:04d}-{source.name[-80:]}"
+            _atomic_write(self.path / name, lambda p, source=source: shutil.copyfile(source, p))
+            kept[recorded] = name
+        if kept:
+            self.meta["kept_inputs"] = kept
+            self.save_meta()
 
     def fail(self, error: str) -> None:
         """Record why the run stopped; it stays "incomplete" and resumable."""

@@ -387,3 +387,37 @@ def test_a_planted_run_cannot_make_the_app_read_files_outside_the_store(app_stor
         assert client.post("/_dash-update-component", json=body, headers={"Host": "127.0.0.1"}).status_code == 200
     assert all(Path(p).resolve() != secret.resolve() for p in opened), opened
     assert str(inside) in opened  # the store's own copy is drawn
+
+
+def test_a_run_keeps_its_inputs_and_the_app_replays_them_without_the_originals(app_store, tmp_path):
+    """User images and a prompts file are copied into the run; with the originals deleted, the app still draws the
+    image under the grid view (as drawn from the original) and recomputes the attention of a prompt-file sample."""
+    import shutil
+
+    from interp.analyses.images import synthetic_image
+
+    originals = tmp_path / "mine"
+    originals.mkdir()
+    for i in range(2):
+        synthetic_image(10 + i).save(originals / f"scene {i}.png")
+    prompts = originals / "prompts.txt"
+    prompts.write_text("Once upon a time there was a cat.\nThe dog ran to the park and played.\n")
+    vit = next(m for m in app_store[2].values() if m.family.kind == "vit")
+    store = tmp_path / "store"
+    vit_run = interp.score(vit, "sinks", images=str(originals), samples=2, store=store)
+    text_run = interp.score("stories260k", "summary", prompts=str(prompts), samples=2, store=store)
+    kept = vit_run.meta["kept_inputs"]
+    assert sorted(Path(p).name for p in kept) == ["scene 0.png", "scene 1.png"]
+    for recorded, name in kept.items():
+        assert (vit_run.path / name).read_bytes() == Path(recorded).read_bytes()
+    assert list(text_run.meta["kept_inputs"]) == [str(prompts.resolve())]
+    _, expected = AttentionSource(models={vit.name: vit}).query_on_grid(vit_run.meta, 0, 1, 0, query=0)
+    shutil.rmtree(originals)
+
+    board = Dashboard(store, attention=AttentionSource(models={vit.name: vit}))
+    _, grid_fig, style, status, _ = board.show_attention(vit_run.id, 1, 0, 0, query=0)
+    assert style.get("display") != "none" and "exact per token" in status
+    np.testing.assert_array_equal(np.asarray(grid_fig.data[0].z), expected)
+    _, _, _, status, _ = board.show_attention(text_run.id, 1, 0, 1)
+    tokens = board.attention.layer(board.catalog.replay_meta(text_run.id), 1, 1).tokens
+    assert "exact per token" in status and "played" in "".join(tokens)
