@@ -1,4 +1,9 @@
-"""The one public API of the kernels: validation, defaults and dispatch (Triton on CUDA, the torch twin elsewhere)."""
+"""The one public API of the kernels: validation, defaults and dispatch.
+
+Backends: "triton" (CUDA kernels), "fused" (SDPA's fused attention ops with crafted value columns, any device:
+`fused_stats`), "torch" (the chunked twin, any device: the reference). "auto" takes Triton on CUDA, and elsewhere
+the fused path, except for soft-capped scores, which only the twin and Triton compute.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import torch_stats
+from . import fused_stats, torch_stats
 
 MAX_TOPK = 64
 STATS = ("lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count")
 DEFAULT_STATS = ("lse", "argmax", "max_prob", "entropy")
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "fused", "torch")
 
 
 @dataclass
@@ -130,14 +135,17 @@ def _segments(segments, n_segments, b: int, n_k: int, device) -> tuple[Tensor, i
     return seg.contiguous(), max(n, 1)
 
 
-def _backend(backend: str, q: Tensor) -> str:
+def _backend(backend: str, q: Tensor, softcap: float | None = None) -> str:
+    """The backend that runs: the one asked for, or auto's choice; "fused" with a soft-cap falls back to the twin."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "triton" and not (q.is_cuda or interpreted):
         raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
     if backend == "auto":
-        return "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda else "fused"
+    if backend == "fused" and not fused_stats.applies(softcap):
+        return "torch"
     return backend
 
 
@@ -170,7 +178,8 @@ def attention_stats(
     are over the keys; entropy is that of the whole row, the sink's share included.
     segments: (Nk,) or (B, Nk) segment id of each key, in [0, n_segments) (default: max id + 1).
     stats: any of STATS ("topk" needs topk > 0, "segment_mass" needs segments).
-    backend: "triton" (CUDA), "torch" (the chunked twin, any device), "auto".
+    backend: "triton" (CUDA), "fused" (SDPA's fused ops, any device; soft-capped scores go to the twin), "torch"
+    (the chunked twin, any device), "auto" (Triton on CUDA, else fused).
     """
     want = frozenset(stats)
     unknown = want - set(STATS)
@@ -194,8 +203,8 @@ def _stats(pr: _Problem, want: frozenset[str], backend: str, segments=None, n_se
         if segments is None:
             raise ValueError("'segment_mass' needs segments")
         seg, n_seg = _segments(segments, n_segments, q.shape[0], k.shape[2], q.device)
-    which = _backend(backend, q)
-    run = torch_stats.stats_torch
+    which = _backend(backend, q, pr.softcap)
+    run = fused_stats.stats_fused if which == "fused" else torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run
     out = run(q, k, segments=seg, n_segments=n_seg, topk=topk, want=want, sinks=pr.sinks, **pr.mask_kwargs())

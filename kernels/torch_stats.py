@@ -112,18 +112,12 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
         m = torch.full((*shape5, q1 - q0), float("-inf"), device=dev)
         total = torch.zeros_like(m)
         for k0, k1, s, _ in _blocks(q5, k, query_positions, q0, q1, **kw):
-            blk_max, blk_arg = s.max(dim=-1)
-            better = blk_max > best[..., q0:q1]
-            best[..., q0:q1] = torch.where(better, blk_max, best[..., q0:q1])
-            best_idx[..., q0:q1] = torch.where(better, blk_arg + k0, best_idx[..., q0:q1])
+            blk_max = _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :],
+                                 top_idx[..., q0:q1, :], s, k0, k1, k_top)
             new_m = torch.maximum(m, blk_max)
             safe = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
             total = total * torch.exp(m - safe) + torch.exp(s - safe[..., None]).sum(-1)
             m = new_m
-            if k_top:
-                idx = torch.arange(k0, k1, device=dev).expand_as(s)
-                top_val[..., q0:q1, :], top_idx[..., q0:q1, :] = _merge_topk(
-                    top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, idx, k_top)
         lse[..., q0:q1] = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
         if sink is not None:
             lse[..., q0:q1] = torch.logaddexp(lse[..., q0:q1], sink.expand_as(m))
@@ -145,20 +139,11 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
                 key_count[:, k0:k1] += vis.expand(b, 1, 1, *s.shape[-2:])[:, 0, 0].sum(-2).float()
     if sink is not None and "entropy" in want:  # the sink's own term of the row entropy
         p_dot_gap += torch.exp(sink - lse) * (lse - sink)
-    out: dict[str, Tensor] = {}
     seen = torch.isfinite(best)  # the row sees some key
-    flat = lambda t: t.reshape(b, h, *t.shape[4:]) if t.dim() > 4 else t.reshape(b, h, -1)  # noqa: E731
+    flat = lambda t: t.reshape(b, h, n_q, *t.shape[4:])  # noqa: E731
+    out = max_results(flat(best), flat(best_idx), flat(top_val), flat(top_idx), flat(lse), topk, want)
     if "lse" in want:
         out["lse"] = flat(lse)
-    if "argmax" in want:
-        out["argmax"] = flat(torch.where(seen, best_idx, -1))
-    if "max_prob" in want:
-        out["max_prob"] = flat(torch.where(seen, torch.exp(best - torch.where(seen, lse, 0.0)), 0.0))
-    if "topk" in want:  # always `topk` columns; missing entries −1 / 0
-        prob = torch.where(top_idx >= 0, torch.exp(top_val - torch.where(seen, lse, 0.0)[..., None]), 0.0)
-        pad = topk - k_top
-        out["topk_index"] = torch.nn.functional.pad(top_idx.reshape(b, h, n_q, k_top), (0, pad), value=-1)
-        out["topk_prob"] = torch.nn.functional.pad(prob.reshape(b, h, n_q, k_top), (0, pad))
     if "entropy" in want:
         out["entropy"] = flat(p_dot_gap)
     if "mean_distance" in want:
@@ -169,6 +154,73 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
         out["key_mass"] = key_mass.reshape(b, h, n_k)
     if key_count is not None:
         out["key_count"] = key_count
+    return out
+
+
+def _track_max(best: Tensor, best_idx: Tensor, top_val: Tensor, top_idx: Tensor, s: Tensor, k0: int, k1: int,
+               k_top: int) -> Tensor:
+    """Fold a score block s (…, Cq, k1 − k0) into the running row max, its first index, and the top k_top (views of
+    the running tensors, updated in place). Returns the block's row max."""
+    blk_max, blk_arg = s.max(dim=-1)
+    better = blk_max > best
+    best_idx.copy_(torch.where(better, blk_arg + k0, best_idx))
+    best.copy_(torch.where(better, blk_max, best))
+    if k_top:
+        idx = torch.arange(k0, k1, device=s.device).expand_as(s)
+        val, ind = _merge_topk(top_val, top_idx, s, idx, k_top)
+        top_val.copy_(val)
+        top_idx.copy_(ind)
+    return blk_max
+
+
+def row_max_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
+                  key_mask: Tensor | None, window: int | None, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The max pass alone, for scores without soft-cap: each row's max score (B, H, Nq) (−inf: it sees no key), its
+    first index (−1), and its top min(topk, Nk) scores and indices (B, H, Nq, k). No exponentials; each block of
+    rows meets all the keys it can see in one product, and the scale is applied to the maxima only."""
+    b, h, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    shape5 = (b, n_kv, h // n_kv, n_q)
+    best = torch.full(shape5, float("-inf"), device=q.device)
+    best_idx = torch.full(shape5, -1, dtype=torch.long, device=q.device)
+    k_top = min(topk, n_k)
+    top_val = torch.full((*shape5, k_top), float("-inf"), device=q.device)
+    top_idx = torch.full((*shape5, k_top), -1, dtype=torch.long, device=q.device)
+    q5, kf = _grouped(q, n_kv), k.float()
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
+    for q0 in range(0, n_q, rows):
+        q1 = min(q0 + rows, n_q)
+        pos = query_positions[q0:q1]
+        lo = max(0, int(pos.min()) - window + 1) if window is not None else 0
+        hi = min(n_k, int(pos.max()) + 1) if causal else n_k
+        if hi <= lo:
+            continue
+        s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], kf[:, :, lo:hi])
+        if key_mask is not None or (causal and hi - 1 > int(pos.min())) or window is not None:
+            s.masked_fill_(~_visible(pos, torch.arange(lo, hi, device=q.device),
+                                     None if key_mask is None else key_mask[:, lo:hi], causal, window), float("-inf"))
+        _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, lo,
+                   hi, k_top)
+    flat = lambda t: t.reshape(b, h, n_q, *t.shape[4:])  # noqa: E731
+    return flat(best * scale), flat(best_idx), flat(top_val * scale), flat(top_idx)
+
+
+def max_results(best: Tensor, best_idx: Tensor, top_val: Tensor, top_idx: Tensor, lse: Tensor, topk: int,
+                want: frozenset[str]) -> dict[str, Tensor]:
+    """argmax, max_prob and topk_index / topk_prob (always `topk` columns; missing entries −1 / 0), as asked in
+    `want`, from the max pass's results (B, H, Nq[, k]) and the row lse (B, H, Nq)."""
+    out: dict[str, Tensor] = {}
+    seen = torch.isfinite(best)
+    row = torch.where(seen, lse, 0.0)
+    if "argmax" in want:
+        out["argmax"] = torch.where(seen, best_idx, -1)
+    if "max_prob" in want:
+        out["max_prob"] = torch.where(seen, torch.exp(best - row), 0.0)
+    if "topk" in want:
+        prob = torch.where(top_idx >= 0, torch.exp(top_val - row[..., None]), 0.0)
+        pad = topk - top_idx.shape[-1]
+        out["topk_index"] = torch.nn.functional.pad(top_idx, (0, pad), value=-1)
+        out["topk_prob"] = torch.nn.functional.pad(prob, (0, pad))
     return out
 
 

@@ -1,0 +1,239 @@
+"""Attention statistics from fused attention calls: SDPA's own kernels do the QKᵀ passes (in C++ on CPU,
+multithreaded; on CUDA, its memory-efficient kernel), and every statistic linear in the probabilities comes out
+of one call with a crafted value matrix (REFERENCES.md §6, "V-trick"):
+
+- lse: the log-sum-exp the fused op returns with its output (SDPA's flash op on CPU, the memory-efficient op on
+  CUDA); sinks are folded in afterwards.
+- segment_mass: value columns one-hot in the key's segment. mean_distance: a value column holding the key's
+  position (for non-causal rows also a second call restricted to keys at or before the query: |i − j| splits
+  there). entropy: lse − scale · q · (P K), value columns = K.
+- key_mass: the log-sum-exp of the transposed problem (keys as queries, queries as keys) with −lse / scale
+  appended to each query and 1 to each key; both sequences reversed, so causality stays lower-triangular.
+- key_count, and which rows see no key: counted from the geometry (prefix sums), no scores at all.
+- argmax, max_prob, top-k: a max pass over score blocks (no exponentials), as in the twin.
+
+Where it applies: every option but `softcap` (a soft-capped score is not a dot product: the twin,
+`torch_stats`, serves it). Scores are formed in fp32 from q and k widened to fp32, like the twin's.
+Masking: a plain causal square (query i at position i of as many keys) or nothing masked runs as one call with
+no mask; decode offsets, padding and windows build an additive mask per block of query rows (at most
+CHUNK_ELEMENTS cells, with the keys cut to those the rows can see). Nothing N×N is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import torch_stats
+
+CHUNK_ELEMENTS = 1 << 24  # additive-mask cells per call (B · rows · keys): 64 MiB in fp32
+_NEVER = 1e4  # a stand-in lse for rows that see no key: exp(s − 1e4) underflows to 0, and no NaN appears
+
+
+def applies(softcap: float | None) -> bool:
+    """Whether the fused path computes these statistics (else the twin does)."""
+    return softcap is None
+
+
+class _Geometry:
+    """Which keys each query sees: key j from query i iff (not causal or j ≤ pos_i) and (window is None or
+    pos_i − j < window) and key_mask[b, j]."""
+
+    def __init__(self, n_k: int, causal: bool, positions: Tensor, key_mask: Tensor | None, window: int | None):
+        self.n_k, self.causal, self.pos, self.window = n_k, causal, positions, window
+        self.key_mask = None if key_mask is None or bool(key_mask.all()) else key_mask
+        n_q = positions.shape[0]
+        if key_mask is None and window is None and not causal:
+            self.plain = "all"  # every query sees every key
+        elif (self.key_mask is None and window is None and causal and n_q == n_k
+              and bool((positions == torch.arange(n_k, device=positions.device)).all())):
+            self.plain = "causal"  # the square lower triangle: SDPA's is_causal
+        else:
+            self.plain = None
+
+    def span(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """[lo, hi] of the keys queries at `pos` can see, before the key mask (hi < lo: none)."""
+        lo = (pos - self.window + 1).clamp_min(0) if self.window is not None else torch.zeros_like(pos)
+        hi = pos.clamp_max(self.n_k - 1) if self.causal else torch.full_like(pos, self.n_k - 1)
+        return lo, hi
+
+    def visible(self, pos: Tensor, k0: int, k1: int) -> Tensor:
+        """(B or 1, rows, k1 − k0) bool visibility of keys [k0, k1) from queries at `pos`."""
+        lo, hi = self.span(pos)
+        j = torch.arange(k0, k1, device=pos.device)
+        vis = ((j[None] >= lo[:, None]) & (j[None] <= hi[:, None]))[None]
+        return vis & self.key_mask[:, None, k0:k1] if self.key_mask is not None else vis
+
+    def row_counts(self, b: int) -> Tensor:
+        """(B, Nq) number of keys each query sees."""
+        lo, hi = self.span(self.pos)
+        keys = (self.key_mask if self.key_mask is not None else torch.ones(1, self.n_k, device=self.pos.device)).float()
+        cum = torch.nn.functional.pad(keys.cumsum(-1), (1, 0))
+        count = cum[:, (hi + 1).clamp_min(0)] - cum[:, lo.clamp_max(self.n_k)]
+        return torch.where(hi[None] >= lo[None], count, 0.0).expand(b, -1)
+
+    def key_counts(self, b: int) -> Tensor:
+        """(B, Nk) number of queries that see each key."""
+        lo, hi = self.span(self.pos)
+        ok = hi >= lo
+        edges = torch.zeros(self.n_k + 1, device=self.pos.device)
+        edges.index_add_(0, lo[ok], torch.ones(int(ok.sum()), device=edges.device))
+        edges.index_add_(0, hi[ok] + 1, -torch.ones(int(ok.sum()), device=edges.device))
+        count = edges.cumsum(0)[:-1].expand(b, -1)
+        return count * self.key_mask.float() if self.key_mask is not None else count.clone()
+
+    def row_blocks(self, n_q: int, b: int):
+        """Yield (q0, q1, k0, k1): blocks of query rows with the key range they can see, at most CHUNK_ELEMENTS
+        mask cells each."""
+        rows = max(1, CHUNK_ELEMENTS // max(1, b * self.n_k))
+        for q0 in range(0, n_q, rows):
+            q1 = min(q0 + rows, n_q)
+            lo, hi = self.span(self.pos[q0:q1])
+            k0, k1 = int(lo.min()), int(hi.max()) + 1
+            if k1 > k0:
+                yield q0, q1, k0, k1
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(output (B, H, Nq, c), lse (B, H, Nq)) of one fused attention call in fp32. q, k: (B, H, N, d); v: (B, H, Nk,
+    c); bias: additive (B or 1, 1, Nq, Nk) or None. Head dims are padded with zero columns to one common width
+    (the CPU flash op needs q, k and v alike; the CUDA op wants multiples of 8)."""
+    c = v.shape[-1]
+    width = max(q.shape[-1], c)
+    if q.is_cuda:
+        width = -(-width // 8) * 8
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1])) if t.shape[-1] != width else t  # noqa: E731
+    if q.is_cuda:
+        if bias is not None:  # the memory-efficient op wants the bias' rows 16-aligned in memory
+            n_k = bias.shape[-1]
+            aligned = bias.new_empty(*bias.shape[:-1], -(-n_k // 16) * 16)[..., :n_k]
+            bias = aligned.copy_(bias).expand(q.shape[0], q.shape[1], -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            pad(q), pad(k), pad(v), bias, True, 0.0, causal, scale=scale)[:2]
+        lse = lse[..., :q.shape[2]]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            pad(q), pad(k), pad(v), 0.0, causal, attn_mask=bias, scale=scale)
+    return out[..., :c], lse.float()
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float) -> tuple[Tensor, Tensor]:
+    """`_fused` over the geometry's visible keys: one unmasked call where it can, else row blocks with an additive
+    mask. Rows that see no key come out as zeros (their lse is fixed by the caller)."""
+    if geo.plain is not None:
+        return _fused(q, k, v, scale=scale, causal=geo.plain == "causal", bias=None)
+    b, h, n_q, _ = q.shape
+    out = q.new_zeros(b, h, n_q, v.shape[-1])
+    lse = q.new_full((b, h, n_q), float("-inf"))
+    for q0, q1, k0, k1 in geo.row_blocks(n_q, b):
+        vis = geo.visible(geo.pos[q0:q1], k0, k1)
+        bias = torch.zeros(vis.shape, device=q.device).masked_fill_(~vis, float("-inf"))[:, None]
+        out[:, :, q0:q1], lse[:, :, q0:q1] = _fused(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale=scale,
+                                                    causal=False, bias=bias)
+    return out, lse
+
+
+def _key_mass(q: Tensor, k: Tensor, lse: Tensor, geo: _Geometry, scale: float) -> Tensor:
+    """(B, H, Nk) Σ_i exp(s_ij − lse_i): the log-sum-exp of the transposed problem. q: (B, H, Nq, d); k: (B, H,
+    Nk, d) (GQA expanded); lse: (B, H, Nq) finite."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    ones = k.new_ones(*k.shape[:3], 1)
+    as_queries = torch.cat([k, ones], -1)                                 # keys j: [k_j, 1]
+    as_keys = torch.cat([q, (-lse / scale)[..., None]], -1)               # queries i: [q_i, −lse_i / scale]
+    if geo.plain is not None:
+        flip = geo.plain == "causal"  # i ≥ j, reversed: lower-triangular again
+        rev = (lambda t: t.flip(2)) if flip else (lambda t: t)  # noqa: E731
+        _, mass_lse = _fused(rev(as_queries), rev(as_keys), rev(as_keys[..., :1]), scale=scale, causal=flip,
+                             bias=None)
+        return torch.exp(rev(mass_lse))
+    b = q.shape[0]
+    mass_lse = q.new_full((b, q.shape[1], n_k), float("-inf"))
+    cols = max(1, CHUNK_ELEMENTS // max(1, b * n_q))
+    for j0 in range(0, n_k, cols):
+        j1 = min(j0 + cols, n_k)
+        vis = geo.visible(geo.pos, j0, j1).transpose(-1, -2)               # (B or 1, keys, queries)
+        if not bool(vis.any()):
+            continue
+        bias = torch.zeros(vis.shape, device=q.device).masked_fill_(~vis, float("-inf"))[:, None]
+        _, mass_lse[:, :, j0:j1] = _fused(as_queries[:, :, j0:j1], as_keys, as_keys[..., :1], scale=scale,
+                                          causal=False, bias=bias)
+    return torch.exp(mass_lse)
+
+
+def stats_fused(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
+                key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
+                n_segments: int, topk: int, want: frozenset[str], sinks: Tensor | None = None) -> dict[str, Tensor]:
+    """`interp.kernels.attention_stats` through fused attention calls (same arguments and results as
+    `torch_stats.stats_torch`). softcap must be None (see `applies`)."""
+    if not applies(softcap):
+        raise ValueError("the fused path does not take soft-capped scores: use the twin (backend='torch')")
+    b, h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    geo = _Geometry(n_k, causal, query_positions, key_mask, window)
+    qf = q.float()
+    kf = k.float().repeat_interleave(h // n_kv, dim=1)                    # (B, H, Nk, d)
+    seen = geo.row_counts(b)[:, None].expand(b, h, n_q) > 0               # (B, H, Nq)
+
+    # one call: lse, and the columns of every statistic linear in P (normalised over the keys alone)
+    columns = []
+    if "segment_mass" in want:
+        columns.append(torch.nn.functional.one_hot(segments, n_segments).float()[:, None].expand(b, h, -1, -1))
+    if "mean_distance" in want:
+        columns.append(torch.arange(n_k, device=q.device, dtype=torch.float32).view(1, 1, n_k, 1).expand(b, h, -1, -1))
+    if "entropy" in want:
+        columns.append(kf)
+    v = torch.cat(columns, -1) if columns else kf[..., :1]
+    out, key_lse = _attend(qf, kf, v, geo, scale)
+    key_lse = torch.where(seen, key_lse, float("-inf"))
+    lse = key_lse if sinks is None else torch.logaddexp(key_lse, sinks.to(q.device).view(1, h, 1).expand_as(key_lse))
+    keys_share = torch.where(seen, torch.exp(key_lse - torch.where(seen, lse, 0.0)), 0.0)  # 1 − the sink's share
+
+    result: dict[str, Tensor] = {}
+    if "lse" in want:
+        result["lse"] = lse
+    at = 0
+    if "segment_mass" in want:
+        result["segment_mass"] = out[..., at:at + n_segments] * keys_share[..., None]
+        at += n_segments
+    if "mean_distance" in want:
+        result["mean_distance"] = _mean_distance(qf, kf, out[..., at], key_lse, keys_share, geo, scale, seen)
+        at += 1
+    if "entropy" in want:
+        p_dot_s = scale * (qf * out[..., at:at + d]).sum(-1)               # Σ_j p_j s_j, p over the keys
+        entropy = torch.where(seen, keys_share * (lse - torch.where(seen, key_lse, 0.0) + (key_lse - p_dot_s)), 0.0)
+        if sinks is not None:  # the sink's own term of the row entropy
+            sink = sinks.to(q.device).view(1, h, 1)
+            entropy = entropy + torch.exp(sink - lse) * (lse - sink)
+        result["entropy"] = entropy
+    if "key_mass" in want:
+        finite_lse = torch.where(seen, lse, _NEVER)
+        result["key_mass"] = torch.where(geo.key_counts(b)[:, None] > 0, _key_mass(qf, kf, finite_lse, geo, scale), 0.0)
+    if "key_count" in want:
+        result["key_count"] = geo.key_counts(b)
+    if want & {"argmax", "max_prob", "topk"}:
+        best, best_idx, top_val, top_idx = torch_stats.row_max_torch(
+            q, k, scale=scale, causal=causal, query_positions=query_positions, key_mask=geo.key_mask, window=window,
+            topk=topk if "topk" in want else 0)
+        result.update(torch_stats.max_results(best, best_idx, top_val, top_idx, lse, topk, want))
+    return result
+
+
+def _mean_distance(q: Tensor, k: Tensor, mean_key: Tensor, key_lse: Tensor, keys_share: Tensor, geo: _Geometry,
+                   scale: float, seen: Tensor) -> Tensor:
+    """Σ_j p_j |pos_i − j| (B, H, Nq) from the probability-weighted key position E[j] (over the keys alone).
+    Causal rows see only j ≤ pos_i: pos_i − E[j]. Otherwise |i − j| splits at the query: E[j] − pos_i +
+    2 Σ_{j ≤ pos_i} p_j (pos_i − j), that sum from a second call over those keys, rescaled by its share of the row."""
+    pos = geo.pos.float()
+    if geo.causal:
+        dist = pos - mean_key
+    else:
+        before = _Geometry(geo.n_k, True, geo.pos, geo.key_mask, geo.window)
+        j = torch.arange(geo.n_k, device=q.device, dtype=torch.float32)
+        part, part_lse = _attend(q, k, torch.stack([torch.ones_like(j), j], -1).expand(*k.shape[:2], -1, -1),
+                                 before, scale)
+        some = (before.row_counts(q.shape[0])[:, None] > 0) & seen
+        share = torch.where(some, torch.exp(part_lse - torch.where(seen, key_lse, 0.0)), 0.0)
+        dist = mean_key - pos + 2 * share * (pos - part[..., 1])
+    return torch.where(seen, dist.clamp_min(0) * keys_share, 0.0)
