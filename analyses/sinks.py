@@ -218,10 +218,14 @@ class Sinks(Analysis):
         min_q = min(params["any_min_queries"], n)
         after_image = _after_image(layout) if kind == "lvlm" else None
 
+        wanted = ("key_mass", "key_count", "segment_mass")
+        request = None if kind == "lvlm" else dict(segments=layout.segments.to(model.device), n_segments=len(names),
+                                                  stats=wanted)  # the same for every layer: computed in the call
+
         def probe(call) -> None:
             seg = layer_segments.get(call.layer, layout.segments) if kind == "lvlm" else layout.segments
-            st = call_stats(call, segments=seg.to(call.q.device), n_segments=len(names),
-                            stats=("key_mass", "key_count", "segment_mass"))
+            st = call_stats(call, **(request or dict(segments=seg.to(call.q.device), n_segments=len(names),
+                                                     stats=wanted)))
             alpha = st.key_mean[0].float()                                       # (H, Nk)
             eligible = st.key_count[0] >= min_q
             top = alpha.masked_fill(~eligible, -1.0).max(-1)
@@ -249,7 +253,8 @@ class Sinks(Analysis):
 
         try:
             with capture_residual(model, residual):
-                trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads)
+                trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
+                      stats=request)
         finally:
             bar.close()
         tables["massive"] = pd.concat(massive, ignore_index=True)

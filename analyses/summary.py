@@ -89,9 +89,10 @@ class Summary(Analysis):
         layers = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers",
                               leave=False)
 
+        request = dict(segments=segments, n_segments=2, stats=("entropy", "max_prob", "mean_distance", "segment_mass"))
+
         def probe(call):
-            st = call_stats(call, segments=segments, n_segments=2,
-                            stats=("entropy", "max_prob", "mean_distance", "segment_mass"))
+            st = call_stats(call, **request)
             first = 1 if call.causal else 0
             take = lambda t: t[0, :, first:].float().mean(-1).cpu().numpy()  # noqa: E731  (H,) over queries
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_tokens=n, n_queries=n - first,
@@ -100,7 +101,8 @@ class Summary(Analysis):
             layers.update()
 
         try:
-            trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads)
+            trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
+                  stats=request)
         finally:
             layers.close()
         return pd.concat(rows, ignore_index=True)

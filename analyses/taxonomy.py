@@ -45,6 +45,8 @@ TIE = 0.01
 CLS_RULES = ("renormalize", "zero")
 DEFAULT_HALF = 128
 
+TEXT_STATS = dict(stats=("lse", "mean_distance"))  # what a text sample's probe asks of every call
+
 
 class Taxonomy(Analysis):
     name = "taxonomy"
@@ -132,7 +134,8 @@ class Taxonomy(Analysis):
             probe(call)
             bar.update()
         try:
-            trace(model, inputs, each, backend=options.backend, layers=options.layers, heads=options.heads)
+            trace(model, inputs, each, backend=options.backend, layers=options.layers, heads=options.heads,
+                  stats=None if "image" in sample else TEXT_STATS)
         finally:
             bar.close()
         return pd.concat(rows, ignore_index=True)
@@ -145,7 +148,7 @@ class Taxonomy(Analysis):
             keys = call.head_keys()
             mask = dict(scale=call.scale, causal=call.causal, query_positions=call.query_positions,
                         key_mask=call.key_mask, window=call.window, softcap=call.softcap)
-            st = call_stats(call, stats=("lse", "mean_distance"))
+            st = call_stats(call, **TEXT_STATS)
             diag = diagonal_attention(call.q, keys, [1, half - 1, half], lse=st.lse, **mask)[0]   # (H, N, 3)
             second = slice(start + half, start + 2 * half)
             first = 1 if call.causal else 0

@@ -1,6 +1,7 @@
 """Attention-sink scoring at long context: per-key attention received (α_k) for every head, from the kernels
-during the model's own SDPA forward ("sinks": the whole `sinks` sample, massive activations included), against
-the eager path (`output_attentions=True`, α from the stored N × N matrices of all layers) and a plain forward.
+during the model's own SDPA forward ("sinks": the whole `sinks` sample, massive activations included, with the
+kernels' default backend; "twin": the same with the chunked torch twin, `INTERP_KERNELS=torch`), against the
+eager path (`output_attentions=True`, α from the stored N × N matrices of all layers) and a plain forward.
 
 Each measurement runs in its own process with an address-space cap (--cap-gib), so a path that does not fit
 fails cleanly instead of taking the machine down, and its peak memory (RSS on CPU, CUDA peak on GPU) is its own.
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
 from _measure import measure
 
-PATHS = ("plain", "sinks", "eager")
+PATHS = ("plain", "sinks", "twin", "eager")
 
 
 def one(args) -> dict:
@@ -30,6 +32,8 @@ def one(args) -> dict:
     from interp.analyses.sinks import _inputs
     from interp.progress import QUIET
 
+    if args.one == "twin":
+        os.environ["INTERP_KERNELS"] = "torch"
     if args.device == "cpu":
         cap = int(args.cap_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -46,7 +50,7 @@ def one(args) -> dict:
         with torch.no_grad():
             if args.one == "plain":
                 return model.hf(**inputs)
-            if args.one == "sinks":
+            if args.one in ("sinks", "twin"):
                 return an.score_sample(model, sample, options, params, QUIET)
             out = model.hf(**inputs, output_attentions=True)
             n = inputs["input_ids"].shape[-1]
@@ -84,7 +88,7 @@ def main() -> None:
 
     print(f"# {args.model} on {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
           f"CPU runs capped at {args.cap_gib:g} GiB")
-    print(f"{'length':>7} {'path':>6} {'seconds':>9} {'peak GiB':>9} {'vs sinks':>9}")
+    print(f"{'length':>7} {'path':>6} {'seconds':>9} {'peak GiB':>9} {'÷ plain':>9}")
     for length in [int(x) for x in args.lengths.split(",")]:
         rows = {}
         for path in args.paths.split(","):
@@ -93,9 +97,9 @@ def main() -> None:
             result = measure(__file__, cmd, f"{length:>7} {path:>6}")
             if result is not None:
                 rows[path] = result
-        ours = rows.get("sinks", {}).get("seconds")
+        plain = rows.get("plain", {}).get("seconds")
         for path, r in rows.items():
-            ratio = f"{r['seconds'] / ours:.2f}x" if ours else "-"
+            ratio = f"{r['seconds'] / plain:.2f}x" if plain else "-"
             print(f"{r['length']:>7} {path:>6} {r['seconds']:>9.2f} {r['peak_gib']:>9.2f} {ratio:>9}")
 
 

@@ -40,13 +40,16 @@ def trace(
     layers: Iterable[int] | None = None,
     heads: Sequence[int] | None = None,
     keep: Iterable[str] = ("q", "k"),
+    stats: dict | None = None,
 ):
     """One forward pass of `model` on `inputs` (what the tokenizer / processor returned), streaming an
-    `AttentionCall` per captured layer to `probe`. Returns the model's output (with `.logits` for LMs)."""
+    `AttentionCall` per captured layer to `probe`. Returns the model's output (with `.logits` for LMs).
+    stats: the `call_stats` arguments the probe uses, computed inside the model's own SDPA calls where they can
+    be (backend "hf"; see `capture`)."""
     opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
     with torch.no_grad():
         if backend == "hf":
-            with capture(model, probe, **opts):
+            with capture(model, probe, **opts, stats=stats):
                 return model.hf(**inputs)
         _check_backend_tower(model, backend, tower)
         if backend == "nnsight":

@@ -10,6 +10,7 @@ through, the model's config is never touched, and logits are bit-identical with 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -18,9 +19,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
 from interp.families import Tower
+from interp.kernels import AttentionStats
+from interp.kernels.api import resolve_backend
+from interp.kernels.fused_stats import in_call_applies, stats_in_call
 from interp.models import Model
 
 KEEP_CHOICES = ("q", "k", "v", "z")
@@ -40,6 +45,8 @@ class AttentionCall:
     sinks: (H,) learned sink logits of the captured heads, one more term of each row's softmax denominator
     (GPT-OSS and kin pass them as `s_aux`), or None.
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
+    stats, stats_request: the statistics of the captured heads computed inside the model's own SDPA call, for the
+    `call_stats` arguments `stats_request` (see `capture(stats=)`); None where the call could not carry them.
     """
 
     tower: str
@@ -58,6 +65,8 @@ class AttentionCall:
     window: int | None
     softcap: float | None
     sinks: Tensor | None = None
+    stats: AttentionStats | None = None
+    stats_request: dict | None = None
 
     @property
     def n_kv_heads(self) -> int:
@@ -136,8 +145,14 @@ def _wrap(original: Callable | None) -> Callable:
             query = query.clone()
             query[:, knockout.heads.to(query.device)] = 0
         redistribute = module.__dict__.get("_interp_redistribute")
+        site = module.__dict__.get("_interp_site")
+        riding = None
         if redistribute is not None:  # an intervention that rewrites the probabilities (hooks.var)
             out, weights = redistribute(_eager_of(module), module, query, key, value, attention_mask, *args, **kwargs)
+        elif (site is not None and site.session.stats_request is not None and knockout is None and not args
+              and "_interp_patch" not in module.__dict__ and _can_ride(fn, module, query, key, value, attention_mask,
+                                                                     kwargs, site.session.stats_request)):
+            out, weights, riding = _sdpa_with_stats(module, query, key, value, kwargs, site.session.stats_request)
         else:
             out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
         if knockout is not None and knockout.mode in ("zero", "mean"):
@@ -149,13 +164,53 @@ def _wrap(original: Callable | None) -> Callable:
         patch = module.__dict__.get("_interp_patch")
         if patch is not None:  # activation / path patching (hooks.patching)
             out = patch(fn, module, query, key, value, attention_mask, args, kwargs, out)
-        site = module.__dict__.get("_interp_site")
         if site is not None:
-            site.session.emit(site, module, query, key, value, out, kwargs, attention_mask)
+            site.session.emit(site, module, query, key, value, out, kwargs, attention_mask, riding)
         return out, weights
 
     attention.__wrapped__ = original
     return attention
+
+
+def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: dict) -> bool:
+    """Whether the statistics can ride along this call: transformers' SDPA function with no mask, no dropout, no
+    bias, sinks, window or soft-cap, on a prompt (as many queries as keys), fp32 on CPU, segments (if any)
+    covering the keys, and the kernels' "auto" meaning the fused path (`$INTERP_KERNELS`)."""
+    segments = request.get("segments")
+    return (fn is sdpa_attention_forward and attention_mask is None and in_call_applies(query, key, value)
+            and resolve_backend("auto", query) == "fused"
+            and not (module.training and kwargs.get("dropout", 0.0))
+            and all(kwargs.get(name) is None for name in ("position_bias", "s_aux", "sliding_window", "softcap"))
+            and not kwargs.get("output_attentions") and not request.get("topk")
+            and (segments is None or tuple(segments.shape) == (query.shape[0], key.shape[2])))
+
+
+_rides_bit_identical: dict[tuple, bool] = {}  # per call shape: whether riding kept the output bit for bit
+
+
+def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
+    """(output, None, statistics of every head or None) in place of `sdpa_attention_forward`: its causality and
+    scale rules, its output layout (B, N, H, dv), and the output itself bit for bit (`stats_in_call`). The first
+    call of each head-dim / value-width / columns combination in a process is checked against the model's own
+    call; where the padded call's arithmetic differs (on AVX-512, head dim 8 does), the model's output is kept and
+    the statistics are left to `call_stats`."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(query.shape[2] > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+    scaling = kwargs.get("scaling")
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's own default
+    shape = (query.shape[-1], value.shape[-1], query.shape[1] // key.shape[1], is_causal, tuple(request["stats"]),
+             request.get("n_segments"))
+    if _rides_bit_identical.get(shape) is False:
+        return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
+    out, stats = stats_in_call(query, key, value, scale=scale, causal=is_causal, want=frozenset(request["stats"]),
+                               segments=request.get("segments"), n_segments=request.get("n_segments") or 1)
+    out = out.transpose(1, 2).contiguous()
+    if shape not in _rides_bit_identical:
+        own, weights = sdpa_attention_forward(module, query, key, value, None, **kwargs)
+        _rides_bit_identical[shape] = torch.equal(own, out)
+        if not _rides_bit_identical[shape]:
+            return own, weights, None
+    return out, None, stats
 
 
 def install() -> None:
@@ -193,9 +248,10 @@ def uninstall() -> None:
 
 class _Session:
     def __init__(self, model: Model, probe: Probe, tower: Tower, layers: list[int], heads: Tensor | None,
-                 keep: frozenset[str]):
+                 keep: frozenset[str], stats_request: dict | None = None):
         self.model, self.probe, self.tower = model, probe, tower
         self.layers, self.heads, self.keep = layers, heads, keep
+        self.stats_request = stats_request
         self.step = -1
         self.mask2d: Tensor | None = None
 
@@ -214,7 +270,8 @@ class _Session:
         n_past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.model.check_length(int(n_past) + n_new)
 
-    def emit(self, site: Site, module, query, key, value, out, kwargs, attention_mask=None) -> None:
+    def emit(self, site: Site, module, query, key, value, out, kwargs, attention_mask=None,
+             stats: dict[str, Tensor] | None = None) -> None:
         _check_no_bias(self.model, site, kwargs)
         n_heads = query.shape[1]
         heads = self.heads if self.heads is not None else torch.arange(n_heads)
@@ -246,6 +303,11 @@ class _Session:
             softcap=kwargs.get("softcap"),
             sinks=_sinks(kwargs.get("s_aux"), heads if select else None),
         )
+        if stats is not None:  # computed in the model's call for every head: keep the captured ones
+            pick = heads.to(dev)
+            call.stats = AttentionStats(**{name: t if name == "key_count" or not select else t[:, pick]
+                                           for name, t in stats.items()})
+            call.stats_request = self.stats_request
         _check_mask(self.model, site, call, n_k, attention_mask, self.mask2d)
         self.probe(call)
 
@@ -392,14 +454,15 @@ def heads_by_layer(model: Model, heads: Iterable[tuple[int, int]], tower: str | 
 
 @contextmanager
 def session(model: Model, probe: Probe, *, tower: str | None = None, layers: Iterable[int] | None = None,
-            heads: Sequence[int] | None = None, keep: Iterable[str] = ("q", "k"), root=None):
+            heads: Sequence[int] | None = None, keep: Iterable[str] = ("q", "k"), root=None,
+            stats: dict | None = None):
     """A validated capture session with its top-level pre-hook on `root` (default `model.hf`); for backends."""
     t = model.family.tower(tower)
     keep = frozenset(keep) | {"q"}
     unknown = keep - set(KEEP_CHOICES)
     if unknown:
         raise ValueError(f"unknown tensors to keep {sorted(unknown)}; choose from {KEEP_CHOICES}")
-    s = _Session(model, probe, t, check_layers(model, t, layers), check_heads(model, t, heads), keep)
+    s = _Session(model, probe, t, check_layers(model, t, layers), check_heads(model, t, heads), keep, stats)
     hook = (root if root is not None else model.hf).register_forward_pre_hook(s.before_forward, with_kwargs=True)
     try:
         yield s
@@ -416,6 +479,7 @@ def capture(
     layers: Iterable[int] | None = None,
     heads: Sequence[int] | None = None,
     keep: Iterable[str] = ("q", "k"),
+    stats: dict | None = None,
 ):
     """Stream what chosen attention layers see to `probe` while the model runs (forward or generate).
 
@@ -423,8 +487,12 @@ def capture(
     `AttentionCall` per layer per forward, in layer order, inside the layer's forward: it should keep only
     small results. keep: which of "q", "k", "v", "z" the calls carry (q always). tower: "text" / "vision"
     (default: the family's primary tower). layers / heads: which to capture (default all).
+    stats: the `call_stats` arguments the probe will use (`stats`, `segments` (B, Nk), `n_segments`): where the
+    model calls transformers' SDPA function on a prompt without a mask, in fp32 on CPU, they are computed inside
+    that very call (`kernels.fused_stats.stats_in_call`: the model's output is unchanged, bit for bit) and
+    `call_stats(call, **stats)` returns them; elsewhere `call_stats` computes them as usual.
     """
-    with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep) as s:
+    with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep, stats=stats) as s:
         modules = model.attention_modules(s.tower.name)
         _check_not_chunked(model, s.tower, s.layers)
         for i in s.layers:

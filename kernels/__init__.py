@@ -4,6 +4,8 @@ One API (`attention_stats`, `pooled_attention`, `attention_tile`, `diagonal_atte
 on CUDA and to a chunked pure-PyTorch twin elsewhere; `dense_attention` is the small-shape oracle for tests.
 """
 
+import torch
+
 from .api import (
     BACKENDS,
     DEFAULT_STATS,
@@ -20,11 +22,22 @@ from .reference import call_attention, dense_attention, dense_scores
 
 def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
     """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window, soft-cap, sinks).
-    last_query: only the call's last query (Nq = 1), e.g. the row that produces the next generated token."""
+    last_query: only the call's last query (Nq = 1), e.g. the row that produces the next generated token.
+    When the capture computed these very statistics inside the model's call (`capture(stats=kwargs)`), those."""
+    if call.stats is not None and not last_query and _same_request(call.stats_request, kwargs):
+        return call.stats
     q, positions = (call.q[:, :, -1:], call.query_positions[-1:]) if last_query else (call.q, call.query_positions)
     return attention_stats(q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=positions,
                            key_mask=call.key_mask, window=call.window, softcap=call.softcap, sinks=call.sinks,
                            **kwargs)
+
+
+def _same_request(a: dict, b: dict) -> bool:
+    """Whether two `call_stats` argument sets are the same (tensors by value)."""
+    if a.keys() != b.keys():
+        return False
+    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y  # noqa: E731
+    return all(same(a[name], b[name]) for name in a)
 
 
 __all__ = [

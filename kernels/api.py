@@ -2,7 +2,8 @@
 
 Backends: "triton" (CUDA kernels), "fused" (SDPA's fused attention ops with crafted value columns, any device:
 `fused_stats`), "torch" (the chunked twin, any device: the reference). "auto" takes Triton on CUDA, and elsewhere
-the fused path, except for soft-capped scores, which only the twin and Triton compute.
+the fused path, except for soft-capped scores, which only the twin and Triton compute. `$INTERP_KERNELS`
+(one of BACKENDS) overrides what "auto" means, e.g. `INTERP_KERNELS=torch` runs every analysis on the twin.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ MAX_TOPK = 64
 STATS = ("lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count")
 DEFAULT_STATS = ("lse", "argmax", "max_prob", "entropy")
 BACKENDS = ("auto", "triton", "fused", "torch")
+BACKEND_ENV = "INTERP_KERNELS"  # what "auto" means when set: every analysis's kernels then take that backend
 
 
 @dataclass
@@ -135,12 +137,15 @@ def _segments(segments, n_segments, b: int, n_k: int, device) -> tuple[Tensor, i
     return seg.contiguous(), max(n, 1)
 
 
-def _backend(backend: str, q: Tensor, softcap: float | None = None) -> str:
+def resolve_backend(backend: str, q: Tensor, softcap: float | None = None) -> str:
     """The backend that runs: the one asked for, or auto's choice; "fused" with a soft-cap falls back to the twin."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton" and not (q.is_cuda or interpreted):
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV}={backend!r}: choose from {', '.join(BACKENDS)}")
+    if backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU)")
     if backend == "auto":
         backend = "triton" if q.is_cuda else "fused"
@@ -203,7 +208,7 @@ def _stats(pr: _Problem, want: frozenset[str], backend: str, segments=None, n_se
         if segments is None:
             raise ValueError("'segment_mass' needs segments")
         seg, n_seg = _segments(segments, n_segments, q.shape[0], k.shape[2], q.device)
-    which = _backend(backend, q, pr.softcap)
+    which = resolve_backend(backend, q, pr.softcap)
     run = fused_stats.stats_fused if which == "fused" else torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run

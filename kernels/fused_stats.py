@@ -169,27 +169,69 @@ def stats_fused(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     `torch_stats.stats_torch`). softcap must be None (see `applies`)."""
     if not applies(softcap):
         raise ValueError("the fused path does not take soft-capped scores: use the twin (backend='torch')")
-    b, h, n_q, d = q.shape
-    n_kv, n_k = k.shape[1], k.shape[2]
+    h, n_kv, n_k = q.shape[1], k.shape[1], k.shape[2]
     geo = _Geometry(n_k, causal, query_positions, key_mask, window)
     qf = q.float()
     kf = k.float().repeat_interleave(h // n_kv, dim=1)                    # (B, H, Nk, d)
-    seen = geo.row_counts(b)[:, None].expand(b, h, n_q) > 0               # (B, H, Nq)
 
-    # one call: lse, and the columns of every statistic linear in P (normalised over the keys alone)
+    columns = value_columns(kf, want, segments, n_segments)
+    out, key_lse = _attend(qf, kf, kf[..., :1] if columns is None else columns, geo, scale)
+    return _finish(q, k, qf, kf, out, key_lse, geo, scale, want, n_segments, topk, sinks)
+
+
+def stats_in_call(query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, want: frozenset[str],
+                  segments: Tensor | None = None, n_segments: int = 1, topk: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model's own SDPA call with the statistics riding along: (its output (B, H, N, dv), exactly as
+    `F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale, enable_gqa=True)` computes it,
+    and the statistics of every query head, as `stats_fused` gives them).
+
+    The value columns are appended to the model's values, and query and key padded with zero columns to match: on
+    CPU the flash op then returns the model's output bit for bit (tests check the logits) and the columns and the
+    lse from the same pass, so the statistics linear in P cost no pass of their own. For the plain geometries only:
+    as many queries as keys, causal or nothing masked, no mask, fp32 on CPU (`in_call_applies`)."""
+    h, n_kv, n_k = query.shape[1], key.shape[1], key.shape[2]
+    geo = _Geometry(n_k, causal, torch.arange(n_k, device=query.device), None, None)
+    k_heads = key.repeat_interleave(h // n_kv, dim=1)
+    v_heads = value.repeat_interleave(h // n_kv, dim=1)
+    columns = value_columns(k_heads, want, segments, n_segments)
+    dv = v_heads.shape[-1]
+    out, key_lse = _fused(query, k_heads, v_heads if columns is None else torch.cat([v_heads, columns], -1),
+                          scale=scale, causal=geo.plain == "causal", bias=None)
+    return out[..., :dv], _finish(query, key, query, k_heads, out[..., dv:], key_lse, geo, scale, want, n_segments,
+                                  topk, None)
+
+
+def in_call_applies(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether `stats_in_call` can stand in for the model's SDPA call on these tensors (the mask and the call's
+    options are the caller's to check)."""
+    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+            and query.shape[2] == key.shape[2] and query.shape[1] % key.shape[1] == 0)
+
+
+def value_columns(k: Tensor, want: frozenset[str], segments: Tensor | None, n_segments: int) -> Tensor | None:
+    """(B, H, Nk, c) fp32: the value columns of the statistics in `want` that are linear in the probabilities —
+    one-hot segments (n_segments), the key position (1), the key itself (d, for the entropy) — in that order;
+    None when none is asked for. k: (B, H, Nk, d) fp32, one per query head."""
+    b, h, n_k, _ = k.shape
     columns = []
     if "segment_mass" in want:
         columns.append(torch.nn.functional.one_hot(segments, n_segments).float()[:, None].expand(b, h, -1, -1))
     if "mean_distance" in want:
-        columns.append(torch.arange(n_k, device=q.device, dtype=torch.float32).view(1, 1, n_k, 1).expand(b, h, -1, -1))
+        columns.append(torch.arange(n_k, device=k.device, dtype=torch.float32).view(1, 1, n_k, 1).expand(b, h, -1, -1))
     if "entropy" in want:
-        columns.append(kf)
-    v = torch.cat(columns, -1) if columns else kf[..., :1]
-    out, key_lse = _attend(qf, kf, v, geo, scale)
+        columns.append(k)
+    return torch.cat(columns, -1) if columns else None
+
+
+def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: Tensor, geo: _Geometry, scale: float,
+            want: frozenset[str], n_segments: int, topk: int, sinks: Tensor | None) -> dict[str, Tensor]:
+    """The statistics from the value columns' output `out` (B, H, Nq, c) and the lse over the keys (B, H, Nq) of one
+    fused call, plus the calls and passes the rest need. q, k as given; qf, kf: fp32, k one per query head."""
+    b, h, n_q, d = q.shape
+    seen = geo.row_counts(b)[:, None].expand(b, h, n_q) > 0               # (B, H, Nq)
     key_lse = torch.where(seen, key_lse, float("-inf"))
     lse = key_lse if sinks is None else torch.logaddexp(key_lse, sinks.to(q.device).view(1, h, 1).expand_as(key_lse))
     keys_share = torch.where(seen, torch.exp(key_lse - torch.where(seen, lse, 0.0)), 0.0)  # 1 − the sink's share
-
     result: dict[str, Tensor] = {}
     if "lse" in want:
         result["lse"] = lse
@@ -214,7 +256,7 @@ def stats_fused(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
         result["key_count"] = geo.key_counts(b)
     if want & {"argmax", "max_prob", "topk"}:
         best, best_idx, top_val, top_idx = torch_stats.row_max_torch(
-            q, k, scale=scale, causal=causal, query_positions=query_positions, key_mask=geo.key_mask, window=window,
+            q, k, scale=scale, causal=geo.causal, query_positions=geo.pos, key_mask=geo.key_mask, window=geo.window,
             topk=topk if "topk" in want else 0)
         result.update(torch_stats.max_results(best, best_idx, top_val, top_idx, lse, topk, want))
     return result

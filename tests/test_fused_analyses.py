@@ -1,0 +1,86 @@
+"""The fused kernels path gives every analysis the tables the chunked twin gives: the same runs with
+INTERP_KERNELS=torch and INTERP_KERNELS=fused, on real weights (stories260k, all-MiniLM-L6-v2, SmolLM2-135M) and
+the organisms (a ViT, an LLaVA)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import interp
+
+CASES = [
+    ("stories260k", "summary", dict(samples=2)),
+    ("stories260k", "sinks", dict(samples=2)),
+    ("stories260k", "taxonomy", dict(samples=2, half=48)),
+    ("stories260k", "retrieval", dict(lengths=[150], depths=[0, 100], n_needles=1, mask_k=[2])),
+    ("minilm-l6", "summary", dict(samples=2)),
+    ("minilm-l6", "sinks", dict(samples=2)),
+    ("minilm-l6", "taxonomy", dict(samples=2, half=32)),
+    ("organism-vit", "vit", dict(samples=1)),
+    ("organism-vit", "sinks", dict(samples=1)),
+    ("organism-llava", "sinks", dict(samples=1)),
+    pytest.param("smollm2-135m", "summary", dict(samples=1, max_tokens=256), marks=pytest.mark.slow),
+    pytest.param("smollm2-135m", "sinks", dict(samples=1, max_tokens=256), marks=pytest.mark.slow),
+    pytest.param("smollm2-135m", "taxonomy", dict(samples=1, half=64), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name, analysis, params", CASES)
+def test_every_table_is_the_twins(name, analysis, params, monkeypatch):
+    model = interp.load_model(name)
+    results = {}
+    for backend in ("torch", "fused"):
+        monkeypatch.setenv("INTERP_KERNELS", backend)
+        results[backend] = interp.score(model, analysis, **params)
+    twin, fused = results["torch"], results["fused"]
+    for table in ("heads", "samples", *sorted(twin.tables)):
+        a, b = (r.heads if table == "heads" else r.samples if table == "samples" else r.tables[table]
+                for r in (twin, fused))
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), table
+        for column in a.columns:
+            x, y = a[column], b[column]
+            if pd.api.types.is_numeric_dtype(x) and not pd.api.types.is_bool_dtype(x):
+                np.testing.assert_allclose(y.to_numpy(float), x.to_numpy(float), rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{name} {analysis}: {table}.{column}")
+            else:
+                assert x.astype(str).tolist() == y.astype(str).tolist(), f"{name} {analysis}: {table}.{column}"
+
+
+@pytest.mark.parametrize("name, rides", [("smollm2-135m", True), ("minilm-l6", True), ("stories260k", False)])
+def test_statistics_ride_the_models_own_sdpa_call(name, rides, monkeypatch):
+    """capture(stats=...): the statistics come out of the model's own SDPA call, the model's output stays bit for
+    bit what it is without capture, and they equal the twin's; where padding the call would change the output's
+    arithmetic (stories260k's head dim 8 on AVX-512), the model's own output is kept and `call_stats` computes them."""
+    import torch
+
+    from interp.hooks import trace
+    from interp.kernels import attention_stats
+
+    model = interp.load_model(name)
+    inputs = model.prepare("Once upon a time there was a little girl who liked to play in the park with her dog.")
+    n = inputs["input_ids"].shape[-1]
+    request = dict(segments=(torch.arange(n) % 3)[None], n_segments=3,
+                   stats=("lse", "entropy", "max_prob", "argmax", "mean_distance", "segment_mass", "key_mass",
+                          "key_count"))
+    seen = []
+
+    def probe(call):
+        st = interp.kernels.call_stats(call, **request)
+        twin = attention_stats(call.q, call.head_keys(), scale=call.scale, causal=call.causal,
+                               query_positions=call.query_positions, key_mask=call.key_mask, window=call.window,
+                               backend="torch", **request)
+        seen.append(call.stats is not None)
+        for stat, value in twin.to_dict().items():
+            tol = 1e-3 if stat == "mean_distance" else 2e-5
+            assert torch.allclose(getattr(st, stat).float(), value.float(), atol=tol, rtol=1e-5), (call.layer, stat)
+
+    with torch.no_grad():
+        plain = model.hf(**inputs)
+    out = trace(model, inputs, probe, stats=request)
+    field = "logits" if getattr(plain, "logits", None) is not None else "last_hidden_state"
+    assert torch.equal(getattr(out, field), getattr(plain, field))
+    assert all(seen) if rides else not any(seen)
+    monkeypatch.setenv("INTERP_KERNELS", "torch")  # the twin asked for: nothing rides
+    seen.clear()
+    trace(model, inputs, probe, stats=request)
+    assert seen and not any(seen)
