@@ -174,10 +174,12 @@ def _wrap(original: Callable | None) -> Callable:
 
 def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: dict) -> bool:
     """Whether the statistics can ride along this call: transformers' SDPA function with no mask, no dropout, no
-    bias, sinks, window or soft-cap, on a prompt (as many queries as keys), fp32 on CPU, segments (if any)
-    covering the keys, and the kernels' "auto" meaning the fused path (`$INTERP_KERNELS`)."""
+    bias, sinks, window or soft-cap, on a prompt (as many queries as keys), fp32 on CPU, narrow value columns
+    (`in_call_applies`), segments (if any) covering the keys, and the kernels' "auto" meaning the fused path
+    (`$INTERP_KERNELS`)."""
     segments = request.get("segments")
-    return (fn is sdpa_attention_forward and attention_mask is None and in_call_applies(query, key, value)
+    return (fn is sdpa_attention_forward and attention_mask is None
+            and in_call_applies(query, key, value, frozenset(request["stats"]), request.get("n_segments") or 1)
             and resolve_backend("auto", query) == "fused"
             and not (module.training and kwargs.get("dropout", 0.0))
             and all(kwargs.get(name) is None for name in ("position_bias", "s_aux", "sliding_window", "softcap"))

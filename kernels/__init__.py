@@ -1,7 +1,10 @@
 """Attention statistics recomputed from captured queries and keys, never building the N×N matrix.
 
-One API (`attention_stats`, `pooled_attention`, `attention_tile`, `diagonal_attention`, `grid_distance`) dispatching to Triton kernels
-on CUDA and to a chunked pure-PyTorch twin elsewhere; `dense_attention` is the small-shape oracle for tests.
+One API (`attention_stats`, `pooled_attention`, `attention_tile`, `diagonal_attention`, `grid_distance`) dispatching
+to Triton kernels on CUDA, to the fused path through SDPA's own attention ops elsewhere (`fused_stats`), and to a
+chunked pure-PyTorch twin (`torch_stats`: the reference, and the path for soft-capped scores); `dense_attention`
+is the small-shape oracle for tests. `call_stats` reads a captured call's options (and returns statistics the
+capture already computed inside the model's own SDPA call, `capture(stats=)`).
 """
 
 import torch

@@ -201,11 +201,18 @@ def stats_in_call(query: Tensor, key: Tensor, value: Tensor, *, scale: float, ca
                                   topk, None)
 
 
-def in_call_applies(query: Tensor, key: Tensor, value: Tensor) -> bool:
-    """Whether `stats_in_call` can stand in for the model's SDPA call on these tensors (the mask and the call's
-    options are the caller's to check)."""
+RIDE_SLACK = 16  # extra head-dim width a riding call may take: beyond it, a call of its own costs about the same
+
+
+def in_call_applies(query: Tensor, key: Tensor, value: Tensor, want: frozenset[str], n_segments: int) -> bool:
+    """Whether `stats_in_call` can stand in for the model's SDPA call on these tensors, and gains by it (the mask
+    and the call's options are the caller's to check): fp32 on CPU, as many queries as keys, and value columns
+    narrow enough that padding the call to carry them costs less than a call of their own — segment and position
+    columns ride; the entropy's key columns (as wide as the head) do not."""
+    columns = n_segments * ("segment_mass" in want) + ("mean_distance" in want) + query.shape[-1] * ("entropy" in want)
     return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
-            and query.shape[2] == key.shape[2] and query.shape[1] % key.shape[1] == 0)
+            and query.shape[2] == key.shape[2] and query.shape[1] % key.shape[1] == 0
+            and max(query.shape[-1], value.shape[-1] + columns) <= query.shape[-1] + RIDE_SLACK)
 
 
 def value_columns(k: Tensor, want: frozenset[str], segments: Tensor | None, n_segments: int) -> Tensor | None:
@@ -257,7 +264,7 @@ def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: 
     if want & {"argmax", "max_prob", "topk"}:
         best, best_idx, top_val, top_idx = torch_stats.row_max_torch(
             q, k, scale=scale, causal=geo.causal, query_positions=geo.pos, key_mask=geo.key_mask, window=geo.window,
-            topk=topk if "topk" in want else 0)
+            topk=topk if "topk" in want else 0, index="argmax" in want)
         result.update(torch_stats.max_results(best, best_idx, top_val, top_idx, lse, topk, want))
     return result
 

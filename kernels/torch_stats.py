@@ -174,10 +174,12 @@ def _track_max(best: Tensor, best_idx: Tensor, top_val: Tensor, top_idx: Tensor,
 
 
 def row_max_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
-                  key_mask: Tensor | None, window: int | None, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  key_mask: Tensor | None, window: int | None, topk: int,
+                  index: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The max pass alone, for scores without soft-cap: each row's max score (B, H, Nq) (−inf: it sees no key), its
-    first index (−1), and its top min(topk, Nk) scores and indices (B, H, Nq, k). No exponentials; each block of
-    rows meets all the keys it can see in one product, and the scale is applied to the maxima only."""
+    first index (−1; only with `index`), and its top min(topk, Nk) scores and indices (B, H, Nq, k). No
+    exponentials; each block of rows meets all the keys it can see in one product, only the keys some row of the
+    block cannot see are masked, and the scale is applied to the maxima only."""
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     shape5 = (b, n_kv, h // n_kv, n_q)
@@ -196,11 +198,19 @@ def row_max_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_pos
         if hi <= lo:
             continue
         s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], kf[:, :, lo:hi])
-        if key_mask is not None or (causal and hi - 1 > int(pos.min())) or window is not None:
-            s.masked_fill_(~_visible(pos, torch.arange(lo, hi, device=q.device),
-                                     None if key_mask is None else key_mask[:, lo:hi], causal, window), float("-inf"))
-        _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, lo,
-                   hi, k_top)
+        # only keys some row cannot see need masking: with no key mask, those past the first row's causal edge
+        # (and before the last row's window)
+        m0 = lo if key_mask is not None else (
+            max(lo, min(hi, int(pos.min()) + 1)) if causal else hi) if window is None else lo
+        if m0 < hi:
+            s[..., m0 - lo:].masked_fill_(~_visible(pos, torch.arange(m0, hi, device=q.device),
+                                                    None if key_mask is None else key_mask[:, m0:hi], causal, window),
+                                          float("-inf"))
+        if k_top or index:
+            _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, lo,
+                       hi, k_top)
+        else:
+            torch.maximum(best[..., q0:q1], s.amax(-1), out=best[..., q0:q1])
     flat = lambda t: t.reshape(b, h, n_q, *t.shape[4:])  # noqa: E731
     return flat(best * scale), flat(best_idx), flat(top_val * scale), flat(top_idx)
 
