@@ -1,16 +1,17 @@
-"""What per-head statistics cost on top of the model's own forward: every layer of SmolLM2-135M, every statistic
-(lse, entropy, max_prob, argmax, mean_distance, segment_mass over 2 segments, key_mass, key_count) for every
-head, against the plain forward of the same tokens.
+"""What per-head statistics cost on top of the model's own forward: every layer of SmolLM2-135M, every head,
+against the plain forward of the same tokens.
 
 Modes, each in its own process (best of --repeats):
 - `plain`: the forward alone.
-- `twin`: capture + `call_stats` on the chunked torch twin (`INTERP_KERNELS=torch`).
-- `fused`: capture + `call_stats` on the fused path (SDPA's flash op with crafted value columns), after the call.
-- `in-call`: capture with `stats=` — the value columns ride in the model's own SDPA call (its output unchanged,
-  bit for bit), and only key_mass and the max pass take passes of their own.
-- `summary`: capture with the `summary` analysis' request (entropy, max_prob, mean_distance, segment_mass), in-call.
+- `twin`: capture + `call_stats` of every statistic (lse, entropy, max_prob, argmax, mean_distance, segment_mass
+  over 2 segments, key_mass, key_count) on the chunked torch twin (`INTERP_KERNELS=torch`).
+- `fused`: the same on the fused path (SDPA's flash op with crafted value columns), after the model's call.
+- `narrow`: every statistic but the entropy, on the fused path, after the model's call.
+- `riding`: the same with `capture(stats=)`: the segment and position columns ride in the model's own SDPA call
+  (its output unchanged, bit for bit); key mass and the max pass take passes of their own. (The entropy's key
+  columns are as wide as the head, so they never ride: riding would cost what a call of their own costs.)
 
-    python benchmarks/stats_cost.py [--tokens 2048,4096] [--modes plain,twin,fused,in-call,summary]
+    python benchmarks/stats_cost.py [--tokens 2048,4096] [--modes plain,twin,fused,narrow,riding]
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import subprocess
 import sys
 import time
 
-MODES = ("plain", "twin", "fused", "in-call", "summary")
+MODES = ("plain", "twin", "fused", "narrow", "riding")
 ALL = ("lse", "entropy", "max_prob", "argmax", "mean_distance", "segment_mass", "key_mass", "key_count")
-SUMMARY = ("entropy", "max_prob", "mean_distance", "segment_mass")
+NARROW = tuple(s for s in ALL if s != "entropy")
 
 
 def measure(model_name: str, n_tokens: int, repeats: int, mode: str) -> dict:
@@ -41,7 +42,7 @@ def measure(model_name: str, n_tokens: int, repeats: int, mode: str) -> dict:
     model = interp.load_model(model_name, dtype="float32")
     ids = torch.randint(100, model.config.vocab_size, (1, n_tokens))
     request = dict(segments=(torch.arange(n_tokens) > 0).long()[None], n_segments=2,
-                   stats=SUMMARY if mode == "summary" else ALL)
+                   stats=NARROW if mode in ("narrow", "riding") else ALL)
     rode = []
 
     def probe(call):
@@ -53,7 +54,7 @@ def measure(model_name: str, n_tokens: int, repeats: int, mode: str) -> dict:
             if mode == "plain":
                 model.hf(input_ids=ids)
             else:
-                trace(model, {"input_ids": ids}, probe, stats=request if mode in ("in-call", "summary") else None)
+                trace(model, {"input_ids": ids}, probe, stats=request if mode == "riding" else None)
 
     run()  # warm-up
     times = []
@@ -79,7 +80,7 @@ def main() -> None:
 
     print(f"# {args.model}, fp32, CPU {platform.machine()} ({torch.get_num_threads()} threads), torch "
           f"{torch.__version__}; best of {args.repeats}; every layer, every head")
-    print(f"{'tokens':>7} {'mode':>8} {'seconds':>8} {'÷ plain':>8} {'calls in-call':>14}")
+    print(f"{'tokens':>7} {'mode':>8} {'seconds':>8} {'÷ plain':>8} {'calls ridden':>13}")
     for n in (int(x) for x in args.tokens.split(",")):
         plain = None
         for mode in args.modes.split(","):
