@@ -21,7 +21,7 @@ import torch
 import interp
 from interp.hooks import mask_heads
 from interp.organisms import llava as org
-from interp.organisms.llava import accuracy, vhd_per_head, vhr_effect
+from interp.analyses.vhd_organism import accuracy, vhd_per_head, vhr_effect
 
 
 def main():

@@ -231,23 +231,24 @@ def test_organism_llava_top_vhd_heads_carry_the_image():
     alpha 1.5 keeps the accuracy and makes the answers depend more on the image (benchmarks/vhd_organism.py)."""
     import random
 
+    from interp.analyses import vhd_organism as exp
     from interp.hooks import mask_heads
     from interp.organisms import llava as org
 
     model = interp.load_model("organism-llava")
     image_q = [q for q in org.test_set(120) if q["scene"] is not None]
-    vhd = org.vhd_per_head(model, image_q)
+    vhd = exp.vhd_per_head(model, image_q)
     top = [divmod(int(i), vhd.shape[1]) for i in vhd.flatten().topk(4).indices]
     rest = [(lay, h) for lay in range(vhd.shape[0]) for h in range(vhd.shape[1]) if (lay, h) not in top]
     with mask_heads(model, top, mode="zero"):
-        top_acc = org.accuracy(model, image_q)
+        top_acc = exp.accuracy(model, image_q)
     rng = random.Random(0)
     random_acc = []
     for _ in range(3):
         with mask_heads(model, rng.sample(rest, 4), mode="zero"):
-            random_acc.append(org.accuracy(model, image_q))
+            random_acc.append(exp.accuracy(model, image_q))
     assert top_acc < np.mean(random_acc) - 0.2, (top_acc, random_acc)
-    effect = org.vhr_effect(model, image_q[:40], alpha=1.5)
+    effect = exp.vhr_effect(model, image_q[:40], alpha=1.5)
     assert effect["vhr"]["accuracy"] >= effect["plain"]["accuracy"] - 0.03
     assert effect["vhr"]["tv_real_vs_blank"] > effect["plain"]["tv_real_vs_blank"]
 

@@ -209,56 +209,6 @@ def evaluate(model, processor, items: list[dict]) -> dict:
     return res
 
 
-# ----------------------------------------------------------------------------- VHD and VHR experiments
-def vhd_per_head(model, items) -> torch.Tensor:
-    """(L, H) mean VHD (an `interp.Model` of this organism) at the prompt's last position over image questions."""
-    from interp.analyses import Options
-    from interp.analyses.vhd import head_outputs
-
-    opts = Options()
-    total = 0
-    for q in items:
-        z_img = head_outputs(model, dict(encode(model.processor, [q], False)), torch.tensor([0]), opts)
-        z_no = head_outputs(model, dict(encode(model.processor, [q], False, no_image=True)), torch.tensor([0]), opts)
-        total = total + (z_img - z_no)[:, :, 0].norm(dim=-1)
-    return total / len(items)
-
-
-def accuracy(model, items) -> float:
-    """Greedy first-answer accuracy of an `interp.Model` of this organism on items."""
-    gold = torch.tensor([VOCAB[q["answer"]] for q in items])
-    return float((first_answer_ids(model.hf, model.processor, items) == gold).float().mean())
-
-
-def answer_probs(model, q, blank=False) -> torch.Tensor:
-    """(V,) distribution of the first answer token for one item (with a blank image when `blank`)."""
-    enc = encode(model.processor, [q], False, blank=blank)
-    with torch.no_grad():
-        return model.hf(**enc).logits[0, -1].softmax(-1)
-
-
-def vhr_effect(model, items, alpha: float) -> dict:
-    """Accuracy and image dependence (mean TV distance real vs blank image) with and without VHR."""
-    from interp.analyses.vhd import vhr_heads
-    from interp.hooks import mask_heads
-
-    out = {"plain": {"correct": 0, "tv": 0.0}, "vhr": {"correct": 0, "tv": 0.0}}
-    layers = list(range(model.n_layers()))
-    for q in items:
-        gold = VOCAB[q["answer"]]
-        with_image = dict(encode(model.processor, [q], False))
-        without = dict(encode(model.processor, [q], False, no_image=True))
-        chosen = vhr_heads(model, with_image, without, layers, alpha)
-        pairs = [(lay, h) for lay, hs in chosen.items() for h in hs]
-        for name, heads in (("plain", []), ("vhr", pairs)):
-            with mask_heads(model, heads, mode="scale", factor=alpha):
-                real, blank = answer_probs(model, q), answer_probs(model, q, blank=True)
-            out[name]["correct"] += int(real.argmax()) == gold
-            out[name]["tv"] += 0.5 * float((real - blank).abs().sum())
-    return {name: {"accuracy": v["correct"] / len(items), "tv_real_vs_blank": v["tv"] / len(items)}
-            for name, v in out.items()}
-
-
 # ----------------------------------------------------------------------------- training
 def train(out_dir, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
           warmup: int = 100, weight_decay: float = 0.01, n_test: int = 600, log_every: int = 500) -> dict:
