@@ -25,6 +25,7 @@ from interp.hooks import mask_heads, trace
 from interp.kernels import attention_tile
 from interp.layout import token_layout
 from interp.models import Model
+from interp.organisms.vit import dataset
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -202,8 +203,6 @@ def _classifier(model: Model) -> bool:
 def _images(sample: dict) -> tuple[list, torch.Tensor | None]:
     """The sample's images and labels (None: no labels, the model's own predictions stand in)."""
     if "organism" in sample:
-        from interp.organisms.vit import dataset
-
         return dataset(sample["size"], sample["organism"])
     return [load_image(s) for s in sample["images"]], None
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from interp.analyses import Options, get_analysis
+from interp.hooks import trace
 from interp.kernels import attention_tile, pooled_attention
 from interp.layout import TokenLayout, token_layout
 from interp.models import Model, load_model
+from interp.scoring import model_identity
 
 MAX_CELLS = 128      # a map is at most this many rows and columns; a region that fits is drawn per token
 CACHED_LAYERS = 4    # captured layers kept in memory (q and k of one layer, every head)
@@ -82,8 +85,6 @@ class AttentionSource:
 
     def model(self, meta: dict) -> Model:
         """The run's model: given, or loaded by the name it records; its config must be the run's."""
-        from interp.scoring import model_identity
-
         name = meta["model"]["name"]
         model = self.given.get(name) or self._loaded.get(name)
         if model is None:
@@ -115,9 +116,6 @@ class AttentionSource:
             return capture
 
     def _capture(self, meta: dict, sample: int, layer: int) -> LayerCapture:
-        from interp.analyses import Options, get_analysis
-        from interp.hooks import trace
-
         plan = meta["plan"]
         if not 0 <= sample < len(plan):
             raise ValueError(f"sample {sample} is outside the run's {len(plan)} samples")

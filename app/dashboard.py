@@ -21,6 +21,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, State, ctx, dash_table, dcc, html
 
+from interp.analyses.circuits import circuit_column, tasks_of
+from interp.analyses.images import load_image
+from interp.analyses.tasks import task_label
 from interp.compare import rank_correlation, top_overlap
 from interp.files import confined
 from interp.results import ScoreResult
@@ -266,9 +269,6 @@ class Dashboard:
     def _circuits_view(self, result: ScoreResult) -> list:
         """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
         how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
-        from interp.analyses.circuits import circuit_column, tasks_of
-        from interp.analyses.tasks import task_label
-
         t, params = result.tables, result.meta["params"]
         tasks = [task_label(task) for task in tasks_of(params)]
         out: list = []
@@ -298,8 +298,6 @@ class Dashboard:
 
     def _token_grids(self, result: ScoreResult) -> list[go.Figure]:
         """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
-        from interp.analyses.images import load_image
-
         out = []
         plan = with_kept_inputs(result.meta, result.path)["plan"] if result.path else result.meta["plan"]
         for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                image_size_to_num_patches, unpad_image)
+from transformers.vision_utils import get_vision_window_index
 
 from .families import image_token, table_for
 from .models import Model
@@ -235,7 +238,6 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
     if cfg.model_type == "llava":  # every image is `base` tokens: count them from input_ids
         n_images = -(-n_tokens // base)  # rounded up: a partial image then fails the caller's count check
         return [(base, [("image", side, side, extra, side)])] * n_images
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     sizes = inputs.get("image_sizes")
     if sizes is None:
@@ -304,7 +306,6 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
 
 def _llava_next_crops(model: Model, inputs: dict) -> int:
     """How many crops (base image + anyres tiles) of all images LLaVA-NeXT's vision tower encodes."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     sizes = inputs.get("image_sizes")
     if sizes is None:
@@ -337,9 +338,5 @@ def _qwen_vision_layout(inputs: dict, vc) -> TokenLayout:
 
 def _window_position(thw: Tensor, vc) -> Tensor:
     """(sum t*h*w/m²,) where Qwen2.5-VL's vision blocks see each merge block (block-major order in, window order out)."""
-    try:
-        from transformers.vision_utils import get_vision_window_index
-    except ImportError as e:  # older transformers kept it as a method of the vision tower
-        raise NotImplementedError("the Qwen2.5-VL vision layout needs transformers' get_vision_window_index") from e
     window_index, _ = get_vision_window_index(thw, vc.spatial_merge_size, vc.window_size, vc.patch_size)
     return torch.argsort(window_index)

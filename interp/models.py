@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
@@ -30,8 +31,6 @@ def cache_dir() -> Path:
     """Where de-quantised models are cached (`$INTERP_CACHE`, else the user cache directory)."""
     if os.environ.get("INTERP_CACHE"):
         return Path(os.environ["INTERP_CACHE"])
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("interp"))
 
 

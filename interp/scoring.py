@@ -14,6 +14,11 @@ import pandas as pd
 import torch
 import transformers
 
+from interp import __version__
+from interp.analyses import Options, get_analysis
+from interp.hooks import BACKENDS
+from interp.hooks.capture import check_heads, check_layers
+
 from .files import check_regular
 from .models import Model, load_model
 from .progress import QUIET, Progress
@@ -49,10 +54,6 @@ def score(
     parameters (a new run starts when there is none), or a run id to finish that run with its own settings.
     Finished samples are never redone. Returns a `ScoreResult`.
     """
-    from interp.analyses import Options, get_analysis
-    from interp.hooks import BACKENDS
-    from interp.hooks.capture import check_heads, check_layers
-
     an = get_analysis(analysis)
     bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
     runs = as_store(store) if store is not None and store is not False else None
@@ -151,8 +152,6 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
 
 def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:
     """The newest incomplete, unlocked run of the same analysis, model, options and parameters."""
-    from interp.analyses import Options
-
     for info in runs.runs():
         m = info.meta
         if info.status != "incomplete" or m["analysis"] != analysis or m["model"] != identity or m["params"] != params:
@@ -233,8 +232,6 @@ def model_identity(model: Model) -> dict:
 
 
 def versions() -> dict:
-    from interp import __version__
-
     return {"interp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 

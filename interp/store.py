@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+from platformdirs import user_data_dir
+
 from .files import MB, check_regular, read_text
 
 FORMAT = 1
@@ -65,8 +67,6 @@ def default_store() -> Path:
     env = os.environ.get("INTERP_STORE")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_data_dir
-
     return Path(user_data_dir("interp")) / "runs"
 
 

@@ -20,7 +20,7 @@ from .api import (
     grid_distance,
     pooled_attention,
 )
-from .reference import call_attention, dense_attention, dense_scores
+from .oracle import call_attention, dense_attention, dense_scores
 
 
 def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers as T
+from tokenizers import Tokenizer, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from interp.organisms.scenes import COLOURS, SHAPES, Scene, random_scene
 
@@ -51,10 +54,7 @@ IMAGE_TOKEN_ID = VOCAB["<image>"]
 def build_processor() -> T.LlavaProcessor:
     """LlavaProcessor: word-level tokenizer (adds <s>, right padding with <pad>) + PIL CLIP image processor
     (32 px, CLIP mean/std; no torchvision needed)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tk = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    tk = Tokenizer(tokenizer_models.WordLevel(VOCAB, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB["<s>"])])
     tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",

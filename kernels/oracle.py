@@ -1,4 +1,5 @@
-"""Dense attention in plain PyTorch: the oracle that captured statistics are checked against (small shapes only)."""
+"""The dense oracle: attention built densely in plain PyTorch, which captured statistics and every kernel backend are
+checked against (small shapes only)."""
 
 from __future__ import annotations
 
