@@ -42,6 +42,8 @@ TOP_K = 20
 REFRESH_MS = 10_000  # the runs page re-reads the store this often (runs in progress move on)
 PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
 ROW = {"display": "flex", "gap": "16px", "flexWrap": "wrap", "alignItems": "flex-start"}
+ATTENTION_PLACEHOLDER = "this head's attention on the sample appears here: press the button above"
+GRID = {"display": "grid", "gridTemplateColumns": "repeat(auto-fill, minmax(560px, 1fr))", "gap": "12px"}
 ERROR = {"color": "#a61b1b", "background": "#fdecea", "padding": "8px 12px", "borderRadius": "4px"}
 
 
@@ -141,13 +143,14 @@ class Dashboard:
                     html.Span(" query token (image inputs; −1: the last) "),
                     dcc.Input(id="query", type="number", value=-1, debounce=True, style={"width": "80px"}),
                     html.Div(id="attention-status", style={"margin": "6px 0"}),
-                    dcc.Loading(html.Div([dcc.Graph(id="attention", style={"width": "640px", "height": "600px"}),
+                    dcc.Loading(html.Div([dcc.Graph(id="attention", style={"width": "640px", "height": "600px"},
+                                                    figure=figures.placeholder_figure(ATTENTION_PLACEHOLDER)),
                                           dcc.Graph(id="grid-view", style={"width": "520px", "height": "480px",
                                                                            "display": "none"})])),
                 ])], style=ROW),
             dcc.Store(id="live", data=False), dcc.Store(id="region", data=None)])
         tabs = dcc.Tabs([dcc.Tab(heads_tab, label="Heads", value="heads"),
-                         dcc.Tab(html.Div(self.analysis_view(result), id="analysis-view"),
+                         dcc.Tab(html.Div(self.analysis_view(result), id="analysis-view", style=GRID),
                                  label=f"{m['analysis']} view", value="analysis")], value="heads")
         return html.Div([dcc.Store(id="run-id", data=run_id), header, tabs])
 
@@ -261,10 +264,10 @@ class Dashboard:
             if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit", "vhd", "circuits"):
                 graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
-            return [html.Div(f"this view cannot be drawn: {e}", style=ERROR)] + [dcc.Graph(figure=g) for g in graphs
+            return [html.Div(f"this view cannot be drawn: {e}", style={**ERROR, "gridColumn": "1 / -1"})] + [dcc.Graph(figure=g) for g in graphs
                                                                                   if isinstance(g, go.Figure)]
-        return [dcc.Graph(figure=g, style={"width": "760px", "height": "480px", "display": "inline-block"})
-                if isinstance(g, go.Figure) else g for g in graphs]
+        return [dcc.Graph(figure=g, style={"height": "440px"}) if isinstance(g, go.Figure) else _full_width(g)
+                for g in graphs]
 
     def _circuits_view(self, result: ScoreResult) -> list:
         """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
@@ -502,6 +505,12 @@ def _choices(board: Dashboard, run_id: str | None, current: str | None = None) -
         return board.score_choices(run_id, current)
     except Exception:  # noqa: BLE001  (an unreadable run offers no score; the overlap says why)
         return [], None
+
+
+def _full_width(component):
+    """A text or link of a view, across every column of the view's grid of figures."""
+    component.style = {**(getattr(component, "style", None) or {}), "gridColumn": "1 / -1"}
+    return component
 
 
 def error_figure(message: str) -> go.Figure:

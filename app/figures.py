@@ -192,12 +192,29 @@ def masking_bars(masking: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def index_axis(values) -> dict:
+    """A layer or head axis: integer ticks only, at most about 25 of them."""
+    values = [int(v) for v in values]
+    span = max(values) - min(values) + 1 if values else 1
+    return {"tickmode": "linear", "tick0": 0, "dtick": max(1, -(-span // 25)), "tickformat": "d"}
+
+
+def placeholder_figure(message: str) -> go.Figure:
+    """A figure with no axes that says what will appear there (a view before it has data)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"color": "#666"})
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, template=TEMPLATE)
+    return fig
+
+
 def score_by_layer(heads: pd.DataFrame, score: str) -> go.Figure:
     """Mean and maximum over each layer's heads of one score (e.g. first-token mass per layer)."""
     g = heads.groupby("layer")[score]
     fig = go.Figure([go.Scatter(x=g.mean().index, y=g.mean(), mode="lines+markers", name="mean over heads"),
                      go.Scatter(x=g.max().index, y=g.max(), mode="lines+markers", name="max over heads")])
-    fig.update_layout(title=f"{score} per layer", xaxis_title="layer", yaxis_title=score, template=TEMPLATE)
+    fig.update_layout(title=f"{score} per layer", xaxis_title="layer", yaxis_title=score, template=TEMPLATE,
+                      xaxis=index_axis(heads["layer"]))
     return fig
 
 
@@ -211,7 +228,7 @@ def sink_rates_by_layer(rates: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=part["layer"], y=part["any_token"], mode="lines", line={"dash": "dot"},
                                  name=f"{kind}, any token"))
     fig.update_layout(title="attention-sink rate per layer (Sink_ε, % of heads × samples)", xaxis_title="layer",
-                      yaxis_title="%", template=TEMPLATE)
+                      yaxis_title="%", template=TEMPLATE, xaxis=index_axis(per_layer["layer"]))
     return fig
 
 
@@ -225,7 +242,7 @@ def massive_activations(layers: pd.DataFrame) -> go.Figure:
         go.Scatter(x=layers["layer"], y=layers["median"].abs(), mode="lines+markers", name="median |x|"),
     ])
     fig.update_layout(title="massive activations per layer", xaxis_title="layer", yaxis_title="|activation|",
-                      yaxis_type="log", template=TEMPLATE)
+                      yaxis_type="log", template=TEMPLATE, xaxis=index_axis(layers["layer"]))
     return fig
 
 
@@ -247,7 +264,7 @@ def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
                            "image_tokens"]].to_numpy(), hovertemplate="layer %{x}: %{y:.1f}% (%{customdata[0]} of "
                                                                       "%{customdata[1]} image tokens)<extra></extra>"))
     fig.update_layout(title="visual sink tokens per layer", xaxis_title="layer", yaxis_title="% of image tokens",
-                      template=TEMPLATE)
+                      template=TEMPLATE, xaxis=index_axis(table["layer"]))
     return fig
 
 
@@ -257,7 +274,7 @@ def distance_by_layer(heads: pd.DataFrame, column: str = "distance") -> go.Figur
                                marker={"size": 8, "opacity": 0.7},
                                hovertemplate="head %{x}-%{customdata[0]}<br>" + column + " %{y:.3g}<extra></extra>"))
     fig.update_layout(title=f"mean attention distance of every head ({column})", xaxis_title="layer",
-                      yaxis_title=column, template=TEMPLATE, xaxis={"dtick": 1})
+                      yaxis_title=column, template=TEMPLATE, xaxis=index_axis(heads["layer"]))
     return fig
 
 

@@ -421,3 +421,33 @@ def test_a_run_keeps_its_inputs_and_the_app_replays_them_without_the_originals(a
     _, _, _, status, _ = board.show_attention(text_run.id, 1, 0, 1)
     tokens = board.attention.layer(board.catalog.replay_meta(text_run.id), 1, 1).tokens
     assert "exact per token" in status and "played" in "".join(tokens)
+
+
+def test_views_read_well(board, app_store):
+    """Every layer axis of the analysis views has integer ticks only; the views sit in a responsive grid; the
+    attention panel shows no empty axes before "Compute attention"."""
+    _, ids, _ = app_store
+    layer_axes = 0
+    for kind in ("sinks", "vit", "summary"):
+        for graph in board.analysis_view(board.catalog.result(ids[kind])):
+            axis = graph.figure.layout.xaxis
+            if axis.title.text == "layer":
+                layer_axes += 1
+                assert axis.tickmode == "linear" and axis.tick0 == 0 and axis.tickformat == "d", graph.figure.layout.title
+                assert axis.dtick == int(axis.dtick) >= 1
+    assert layer_axes >= 4
+    page = board.page(f"/run/{ids['sinks']}", "")
+    found = {}
+
+    def walk(node):
+        if getattr(node, "id", None) in ("analysis-view", "attention"):
+            found[node.id] = node
+        children = getattr(node, "children", None)
+        for child in children if isinstance(children, (list, tuple)) else [children] if children is not None else []:
+            walk(child)
+
+    walk(page)
+    assert found["analysis-view"].style["display"] == "grid"
+    attention = found["attention"].figure
+    assert attention.layout.xaxis.visible is False and attention.layout.yaxis.visible is False
+    assert "press the button" in attention.layout.annotations[0].text
