@@ -1,18 +1,18 @@
 """Per-head capture through transformers' AttentionInterface, keeping the model's own attention.
 
-While a `capture` is active, every registered attention implementation ("sdpa", "eager", "flash_attention_2",
-...) is wrapped by a function that first calls the original implementation, unchanged, and then hands what
-the layer saw (post-RoPE queries, keys after the KV-cache update, values, per-head outputs before the output
-projection) to a probe, inside the layer's forward. Modules that are not being captured pass straight
-through, the model's config is never touched, and logits are bit-identical with capture on and off.
+While a `capture` is active, each captured attention module carries a `Site` (an intervention of
+`hooks.interventions`, which wraps every registered attention implementation — "sdpa", "eager",
+"flash_attention_2", ...): the model's own attention runs unchanged, and then what the layer saw (post-RoPE
+queries, keys after the KV-cache update, values, per-head outputs before the output projection) goes to a probe,
+inside the layer's forward. Modules that are not being captured pass straight through, the model's config is
+never touched, and logits are bit-identical with capture on and off. Head knock-outs (`mask_heads`) are
+interventions of the same pipeline.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import sys
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_utils import AttentionInterface
 
 from interp.families import Tower
 from interp.kernels import AttentionStats
 from interp.kernels.api import resolve_backend
 from interp.kernels.fused_stats import in_call_applies, stats_in_call
 from interp.models import Model
+
+from .interventions import Intervention, Invocation, intervene
 
 KEEP_CHOICES = ("q", "k", "v", "z")
 
@@ -113,63 +114,31 @@ class Recorder:
 # The wrapped attention implementations
 
 
-@dataclass
-class Site:
-    """A captured attention module: where it sits and which session receives its calls."""
+@dataclass(eq=False)
+class Site(Intervention):
+    """A captured attention module: where it sits and which session receives its calls. It observes each call
+    (stage 4 of `interventions`), and where the session asked for statistics and nothing else intervenes on the
+    call, it makes the model's SDPA call itself with the statistics riding along (stage 2)."""
 
     session: "_Session"
     tower: Tower
     layer: int
+    kind = "a capture"
+    order = 40
 
-
-_lock = threading.Lock()
-_installed: dict[str, Callable | None] = {}  # implementation name -> original (None: the modeling file's eager)
-_depth = 0
-
-
-def _eager_of(module) -> Callable:
-    """The eager attention function of the modeling file that defines `module`."""
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__name__}: its modeling file has no eager_attention_forward to call")
-    return fn
-
-
-def _wrap(original: Callable | None) -> Callable:
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        fn = original if original is not None else _eager_of(module)
-        knockout = module.__dict__.get("_interp_knockout")
-        if knockout is not None and knockout.decode_only and query.shape[2] >= key.shape[2]:
-            knockout = None  # a prompt's forward (queries as many as keys): left alone
-        if knockout is not None and knockout.mode == "uniform":
-            query = query.clone()
-            query[:, knockout.heads.to(query.device)] = 0
-        redistribute = module.__dict__.get("_interp_redistribute")
-        site = module.__dict__.get("_interp_site")
-        riding = None
-        if redistribute is not None:  # an intervention that rewrites the probabilities (hooks.var)
-            out, weights = redistribute(_eager_of(module), module, query, key, value, attention_mask, *args, **kwargs)
-        elif (site is not None and site.session.stats_request is not None and knockout is None and not args
-              and "_interp_patch" not in module.__dict__ and _can_ride(fn, module, query, key, value, attention_mask,
-                                                                     kwargs, site.session.stats_request)):
-            out, weights, riding = _sdpa_with_stats(module, query, key, value, kwargs, site.session.stats_request)
-        else:
-            out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
-        if knockout is not None and knockout.mode in ("zero", "mean"):
-            out = out.clone()
-            out[:, :, knockout.heads.to(out.device)] = 0 if knockout.values is None else knockout.values.to(out)
-        elif knockout is not None and knockout.mode == "scale":
-            out = out.clone()
-            out[:, :, knockout.heads.to(out.device)] *= knockout.factor
-        patch = module.__dict__.get("_interp_patch")
-        if patch is not None:  # activation / path patching (hooks.patching)
-            out = patch(fn, module, query, key, value, attention_mask, args, kwargs, out)
-        if site is not None:
-            site.session.emit(site, module, query, key, value, out, kwargs, attention_mask, riding)
+    def replace(self, call: Invocation):
+        request = self.session.stats_request
+        if (request is None or call.interventions != [self] or call.args
+                or not _can_ride(call.fn, call.module, call.query, call.key, call.value, call.mask, call.kwargs,
+                                 request)):
+            return None
+        out, weights, call.riding = _sdpa_with_stats(call.module, call.query, call.key, call.value, call.kwargs,
+                                                     request)
         return out, weights
 
-    attention.__wrapped__ = original
-    return attention
+    def observe(self, call: Invocation, out: Tensor) -> None:
+        self.session.emit(self, call.module, call.query, call.key, call.value, out, call.kwargs, call.mask,
+                          call.riding)
 
 
 def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: dict) -> bool:
@@ -213,35 +182,6 @@ def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
         if not _rides_bit_identical[shape]:
             return own, weights, None
     return out, None, stats
-
-
-def install() -> None:
-    """Wrap every registered attention implementation (nested: counted, undone by the matching `uninstall`)."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            mapping = AttentionInterface._global_mapping
-            originals = {name: fn for name, fn in mapping.items() if name != "paged|eager"}
-            originals.setdefault("eager", None)
-            for name, fn in originals.items():
-                mapping[name] = _wrap(fn)
-            _installed.update(originals)
-        _depth += 1
-
-
-def uninstall() -> None:
-    """Undo one `install`; the originals come back when the last one is undone."""
-    global _depth
-    with _lock:
-        _depth -= 1
-        if _depth == 0:
-            mapping = AttentionInterface._global_mapping
-            for name, fn in _installed.items():
-                if fn is None:
-                    mapping.pop(name, None)
-                else:
-                    mapping[name] = fn
-            _installed.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,18 +437,8 @@ def capture(
     with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep, stats=stats) as s:
         modules = model.attention_modules(s.tower.name)
         _check_not_chunked(model, s.tower, s.layers)
-        for i in s.layers:
-            if "_interp_site" in modules[i].__dict__:
-                raise RuntimeError(f"{s.tower.name} layer {i} of {model.name} is already being captured")
-        install()
-        try:
-            for i in s.layers:
-                modules[i].__dict__["_interp_site"] = Site(s, s.tower, i)
+        with intervene(modules, {i: Site(s, s.tower, i) for i in s.layers}, where=f"{model.name}: {s.tower.name}"):
             yield s
-        finally:
-            for i in s.layers:
-                modules[i].__dict__.pop("_interp_site", None)
-            uninstall()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,13 +478,37 @@ def capture_residual(model: Model, probe: ResidualProbe, *, tower: str | None = 
 KNOCKOUT_MODES = ("uniform", "zero", "mean", "scale")
 
 
-@dataclass
-class _Knockout:
+@dataclass(eq=False)
+class _Knockout(Intervention):
+    """Heads knocked out in one layer: "uniform" zeroes their queries (stage 1), "zero" / "mean" / "scale" rewrite
+    their outputs (stage 3)."""
+
     heads: Tensor
     mode: str
     values: Tensor | None = None  # (H', d) per knocked-out head, for "mean"
     factor: float = 1.0           # for "scale"
     decode_only: bool = False     # only calls with fewer queries than keys (decode steps against the KV cache)
+    kind = "heads knocked out"
+    order = 10
+
+    def active(self, call: Invocation) -> bool:
+        return not (self.decode_only and call.query.shape[2] >= call.key.shape[2])  # a prompt's forward: left alone
+
+    def pre_softmax(self, call: Invocation) -> Tensor | None:
+        if self.mode != "uniform":
+            return None
+        query = call.query.clone()
+        query[:, self.heads.to(query.device)] = 0
+        return query
+
+    def post_output(self, call: Invocation, out: Tensor) -> Tensor:
+        if self.mode in ("zero", "mean"):
+            out = out.clone()
+            out[:, :, self.heads.to(out.device)] = 0 if self.values is None else self.values.to(out)
+        elif self.mode == "scale":
+            out = out.clone()
+            out[:, :, self.heads.to(out.device)] *= self.factor
+        return out
 
 
 @contextmanager
@@ -586,17 +540,8 @@ def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "u
     chosen = {i: check_heads(model, t, merged[i]) for i in layers}
     modules = model.attention_modules(t.name)
     by_head = {(layer % n, head): v for (layer, head), v in (means or {}).items()}
-    for i in layers:
-        if "_interp_knockout" in modules[i].__dict__:
-            raise RuntimeError(f"{t.name} layer {i} of {model.name} already has heads knocked out")
-    install()
-    try:
-        for i in layers:
-            values = None if mode != "mean" else torch.stack([by_head[(i, int(h))] for h in chosen[i]])
-            modules[i].__dict__["_interp_knockout"] = _Knockout(chosen[i], mode, values, float(factor),
-                                                                bool(decode_only))
+    knockouts = {i: _Knockout(chosen[i], mode, None if mode != "mean" else
+                              torch.stack([by_head[(i, int(h))] for h in chosen[i]]), float(factor), bool(decode_only))
+                 for i in layers}
+    with intervene(modules, knockouts, where=f"{model.name}: {t.name}"):
         yield
-    finally:
-        for i in layers:
-            modules[i].__dict__.pop("_interp_knockout", None)
-        uninstall()

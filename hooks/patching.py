@@ -19,14 +19,15 @@ from torch import Tensor
 from interp.families import resolve
 from interp.models import Model
 
-from .capture import capture, heads_by_layer, install, uninstall
+from .capture import capture, heads_by_layer
+from .interventions import Intervention, Invocation, intervene
 
 Head = tuple[int, int]
 Receiver = tuple[int, int, str]  # (layer, query head, which of its inputs read the patched run: "q", "k", "v", "qkv"…)
 
 
-@dataclass
-class _LayerPatch:
+@dataclass(eq=False)
+class _LayerPatch(Intervention):
     """What one layer's attention output becomes.
 
     values: query head -> (its new output, broadcastable to (B, N, d); where: bool, broadcastable to (B, N), the
@@ -39,7 +40,10 @@ class _LayerPatch:
     recompute: dict[str, list[int]] = field(default_factory=dict)
     clean: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def __call__(self, fn, module, query, key, value, attention_mask, args, kwargs, out: Tensor) -> Tensor:
+    kind = "a patch"
+    order = 30
+
+    def post_output(self, call: Invocation, out: Tensor) -> Tensor:
         out = out.clone()
         for head, (v, where) in self.values.items():
             v = v.to(out)
@@ -49,8 +53,8 @@ class _LayerPatch:
                 out[:, :, head] = torch.where(where.to(out.device)[..., None], v, out[:, :, head])
         for inputs, heads in self.recompute.items():
             q, k, v = (mine if name in inputs else theirs.to(mine)
-                       for name, mine, theirs in zip("qkv", (query, key, value), self.clean))
-            mixed, _ = fn(module, q, k, v, attention_mask, *args, **kwargs)
+                       for name, mine, theirs in zip("qkv", (call.query, call.key, call.value), self.clean))
+            mixed, _ = call.run(q, k, v)
             idx = torch.tensor(heads, device=out.device)
             out[:, :, idx] = mixed[:, :, idx]
         return out
@@ -58,19 +62,8 @@ class _LayerPatch:
 
 @contextmanager
 def _patched(model: Model, patches: dict[int, _LayerPatch], tower: str | None = None):
-    modules = model.attention_modules(tower)
-    for i in patches:
-        if "_interp_patch" in modules[i].__dict__:
-            raise RuntimeError(f"layer {i} of {model.name} is already being patched")
-    install()
-    try:
-        for i, patch in patches.items():
-            modules[i].__dict__["_interp_patch"] = patch
+    with intervene(model.attention_modules(tower), patches, where=model.name):
         yield
-    finally:
-        for i in patches:
-            modules[i].__dict__.pop("_interp_patch", None)
-        uninstall()
 
 
 @contextmanager

@@ -26,7 +26,8 @@ from torch import Tensor
 from interp.layout import token_layout
 from interp.models import Model
 
-from .capture import capture_residual, install, uninstall
+from .capture import capture_residual
+from .interventions import Intervention, Invocation, eager_of, intervene
 
 RMS_EPS = 1e-6
 RULES = ("code", "paper")
@@ -158,16 +159,19 @@ def redistribute_visual_attention(model: Model, inputs: dict, var: VAR = VAR()):
     state = _Redistribution(var, torch.tensor(list(dims), dtype=torch.long), image, last + 1)
     modules = model.attention_modules("text")
     layers = range(len(modules) - 1 if var.skip_last else len(modules))
-    for i in layers:
-        if "_interp_redistribute" in modules[i].__dict__:
-            raise RuntimeError(f"text layer {i} of {model.name} already has an attention redistribution")
-    install()
-    try:
-        with capture_residual(model, state.note_stream, tower="text"):
-            for i in layers:
-                modules[i].__dict__["_interp_redistribute"] = (lambda layer: lambda *a, **k: state.rows(layer, *a, **k))(i)
-            yield state
-    finally:
-        for i in layers:
-            modules[i].__dict__.pop("_interp_redistribute", None)
-        uninstall()
+    with capture_residual(model, state.note_stream, tower="text"), \
+            intervene(modules, {i: _Redistribute(state, i) for i in layers}, where=f"{model.name}: text"):
+        yield state
+
+
+@dataclass(eq=False)
+class _Redistribute(Intervention):
+    """VAR on one layer: its eager attention, with the rows rewritten (stage 2 of `interventions`)."""
+
+    state: _Redistribution
+    layer: int
+    kind = "an attention redistribution"
+    order = 20
+
+    def replace(self, call: Invocation):
+        return call.run(fn=lambda *a, **k: self.state.rows(self.layer, eager_of(call.module), *a, **k))
