@@ -171,98 +171,23 @@ class Sinks(Analysis):
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
         inputs, tokens = _inputs(model, sample, params)
-        layout = token_layout(model, inputs)
-        kind = model.family.kind
-        if kind in ("llm", "encoder"):
-            _add_delimiters(layout, tokens)
-        n = layout.segments.shape[1]
-        n_layers = len(options.layers) if options.layers else len(model.layers())
-        tables: dict[str, pd.DataFrame] = {}
-        massive, norms, phis = [], [], []
-        layer_segments: dict[int, torch.Tensor] = {}
-        dims = torch.tensor(params["sink_dims"] or [], dtype=torch.long)
-
-        if kind == "vit":
-            fit = sample["high_norm"]
-            final = _final_norms(model, inputs)
-            patches = layout.mask("image")[0]
-            if fit["threshold"] is not None:
-                layout.add_positions("high_norm", patches.cpu() & (final > fit["threshold"]))
-        if kind == "lvlm" and params["sink_dims"] is None:
-            dims = _sink_dims_and_massive(model, inputs, params, tokens, massive)
-
-        visual_id = len(layout.names)
-
-        def residual(layer: int, hidden: torch.Tensor) -> None:
-            if kind != "lvlm" or params["sink_dims"] is not None:
-                massive.append(_massive_rows(layer, hidden, params, tokens, sample["input"]))
-            if kind == "vit":
-                norms.append(pd.DataFrame({"layer": layer, "position": np.arange(n),
-                                           "segment": [layout.names[i] for i in layout.segments[0].tolist()],
-                                           "norm": hidden[0].float().norm(dim=-1).cpu().numpy()}))
-            if kind == "lvlm" and layer + 1 >= FIRST_SINK_LAYER and layer + 1 < model.n_layers():
-                f = phi(hidden, dims)[0].cpu()
-                image = layout.mask("image")[0].cpu()
-                seg = layout.segments.clone()
-                seg[0, (image & (f > params["tau"])).to(seg.device)] = visual_id
-                layer_segments[layer + 1] = seg
-                phis.append(pd.DataFrame({"layer": layer + 1, "position": np.arange(n),
-                                          "segment": [layout.names[i] for i in layout.segments[0].tolist()],
-                                          "phi": f.numpy()}))
-
-        rows = []
-        bar = progress.bar(total=n_layers, desc="layers", leave=False)
-        names = layout.names + (["visual_sink"] if kind == "lvlm" else [])
-        cols = [c.removesuffix("_mass") for c in self.score_columns(model, params) if c.endswith("_mass")
-                and c != "first_token_mass"]
-        min_q = min(params["any_min_queries"], n)
-        after_image = _after_image(layout) if kind == "lvlm" else None
-
-        wanted = ("key_mass", "key_count", "segment_mass")
-        request = None if kind == "lvlm" else dict(segments=layout.segments.to(model.device), n_segments=len(names),
-                                                  stats=wanted)  # the same for every layer: computed in the call
+        columns = [c.removesuffix("_mass") for c in self.score_columns(model, params) if c.endswith("_mass")
+                   and c != "first_token_mass"]
+        recorder = RECORDERS[model.family.kind](model, sample, params, inputs, tokens, columns)
+        bar = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers",
+                           leave=False)
 
         def probe(call) -> None:
-            seg = layer_segments.get(call.layer, layout.segments) if kind == "lvlm" else layout.segments
-            st = call_stats(call, **(request or dict(segments=seg.to(call.q.device), n_segments=len(names),
-                                                     stats=wanted)))
-            alpha = st.key_mean[0].float()                                       # (H, Nk)
-            eligible = st.key_count[0] >= min_q
-            top = alpha.masked_fill(~eligible, -1.0).max(-1)
-            q0 = 1 if call.causal else 0
-            queries = slice(q0, None) if kind != "lvlm" else after_image
-            mass = st.segment_mass[0, :, queries].float()                     # (H, Nq', S)
-            per_seg = {}
-            for c in cols:
-                ids = [names.index(s) for s in ((c, "visual_sink") if c == "image" else (c,)) if s in names]
-                per_seg[f"{c}_mass"] = (mass[..., ids].sum(-1).mean(-1) if ids else torch.zeros(alpha.shape[0])).cpu().numpy()
-            extra = {}
-            if kind == "lvlm":
-                on_image = mass[..., [names.index("image"), names.index("visual_sink")]].sum(-1)
-                n_image = int(layout.mask("image").sum())  # the reference code adds 1e-6 per image token
-                portion = mass[..., names.index("visual_sink")] / (on_image + 1e-6 * n_image)
-                centric = image_centric(portion, on_image, params["rho"], params["min_image_attention"],
-                                        params["image_centric_rule"])
-                has_sinks = bool((seg == names.index("visual_sink")).any())
-                extra = {"visual_sink_portion": portion.mean(-1).cpu().numpy(),
-                         "image_centric_rate": 100 * (centric & has_sinks).float().mean(-1).cpu().numpy()}
-            rows.append(head_rows(call.layer, call.heads, call.kv_heads, input=sample["input"], n_tokens=n,
-                                  first_token_mass=alpha[:, 0].cpu().numpy(), top_key=top.indices.cpu().numpy(),
-                                  top_key_mass=top.values.cpu().numpy(), **per_seg, **extra))
+            recorder.probe(call)
             bar.update()
 
         try:
-            with capture_residual(model, residual):
+            with capture_residual(model, recorder.residual):
                 trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
-                      stats=request)
+                      stats=recorder.stats_request)
         finally:
             bar.close()
-        tables["massive"] = pd.concat(massive, ignore_index=True)
-        if norms:
-            tables["norms"] = pd.concat(norms, ignore_index=True)
-        if phis:
-            tables["phi"] = pd.concat(phis, ignore_index=True).assign(dims=",".join(map(str, dims.tolist())))
-        return {"samples": pd.concat(rows, ignore_index=True), **tables}
+        return {"samples": pd.concat(recorder.rows, ignore_index=True), **recorder.tables()}
 
     # ---- the run
 
@@ -409,6 +334,157 @@ def lvlm_prompt(model: Model, prompt: str, image: bool = True) -> str:
         return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     token = getattr(proc, "image_token", None) or "<image>"
     return f"{token}\n{prompt}" if image else prompt
+
+
+WANTED = ("key_mass", "key_count", "segment_mass")  # what every layer's probe asks of the kernels
+
+
+class _Recorder:
+    """One sample of an LLM or an encoder, layer by layer: per head the attention received per key (α), the
+    first-token and top-key mass, the mass on each segment; per layer the massive-activation rows. The ViT and
+    LVLM recorders below add what their kind has."""
+
+    extra_segments: tuple[str, ...] = ()  # segment ids the recorder adds beyond the layout's
+
+    def __init__(self, model: Model, sample: dict, params: dict, inputs: dict, tokens: list[str],
+                 columns: list[str]):
+        self.model, self.sample, self.params, self.tokens, self.columns = model, sample, params, tokens, columns
+        self.layout = token_layout(model, inputs)
+        self.prepare(inputs)
+        self.n = self.layout.segments.shape[1]
+        self.names = list(self.layout.names) + list(self.extra_segments)
+        self.min_queries = min(params["any_min_queries"], self.n)
+        self.dims = torch.tensor(params["sink_dims"] or [], dtype=torch.long)
+        self.massive: list[pd.DataFrame] = []
+        self.rows: list[pd.DataFrame] = []
+        self.stats_request = self.request()
+
+    def prepare(self, inputs: dict) -> None:
+        """Name what the kind's layout lacks (here: the delimiter tokens)."""
+        _add_delimiters(self.layout, self.tokens)
+
+    def request(self) -> dict | None:
+        """The `call_stats` arguments of every layer, computed inside the model's call where they can be."""
+        return dict(segments=self.layout.segments.to(self.model.device), n_segments=len(self.names), stats=WANTED)
+
+    def segments(self, layer: int) -> torch.Tensor:
+        return self.layout.segments
+
+    def queries(self, call) -> slice:
+        """The queries whose masses count: every one that can see more than the first token."""
+        return slice(1 if call.causal else 0, None)
+
+    def extra(self, mass: torch.Tensor, segments: torch.Tensor) -> dict:
+        return {}
+
+    def residual(self, layer: int, hidden: torch.Tensor) -> None:
+        self.massive.append(_massive_rows(layer, hidden, self.params, self.tokens, self.sample["input"]))
+
+    def probe(self, call) -> None:
+        segments = self.segments(call.layer)
+        request = self.stats_request or dict(segments=segments.to(call.q.device), n_segments=len(self.names),
+                                             stats=WANTED)
+        st = call_stats(call, **request)
+        alpha = st.key_mean[0].float()                                       # (H, Nk)
+        top = alpha.masked_fill(~(st.key_count[0] >= self.min_queries), -1.0).max(-1)
+        mass = st.segment_mass[0, :, self.queries(call)].float()            # (H, Nq', S)
+        per_segment = {}
+        for c in self.columns:
+            ids = [self.names.index(s) for s in ((c, "visual_sink") if c == "image" else (c,)) if s in self.names]
+            per_segment[f"{c}_mass"] = (mass[..., ids].sum(-1).mean(-1) if ids
+                                        else torch.zeros(alpha.shape[0])).cpu().numpy()
+        self.rows.append(head_rows(call.layer, call.heads, call.kv_heads, input=self.sample["input"], n_tokens=self.n,
+                                   first_token_mass=alpha[:, 0].cpu().numpy(), top_key=top.indices.cpu().numpy(),
+                                   top_key_mass=top.values.cpu().numpy(), **per_segment,
+                                   **self.extra(mass, segments)))
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"massive": pd.concat(self.massive, ignore_index=True)}
+
+
+class _ViTRecorder(_Recorder):
+    """A ViT: also the high-norm tokens (Darcet et al.) and every layer's token norms."""
+
+    def prepare(self, inputs: dict) -> None:
+        fit = self.sample["high_norm"]
+        patches = self.layout.mask("image")[0]
+        if fit["threshold"] is not None:
+            final = _final_norms(self.model, inputs)
+            self.layout.add_positions("high_norm", patches.cpu() & (final > fit["threshold"]))
+        self.norms: list[pd.DataFrame] = []
+
+    def residual(self, layer: int, hidden: torch.Tensor) -> None:
+        super().residual(layer, hidden)
+        self.norms.append(pd.DataFrame({"layer": layer, "position": np.arange(self.n),
+                                        "segment": [self.layout.names[i] for i in self.layout.segments[0].tolist()],
+                                        "norm": hidden[0].float().norm(dim=-1).cpu().numpy()}))
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {**super().tables(), "norms": pd.concat(self.norms, ignore_index=True)}
+
+
+class _LVLMRecorder(_Recorder):
+    """A vision-language model: also the visual sink tokens of each layer (φ > τ on the sink dimensions, Kang et
+    al.), which change the segments layer by layer, and the text queries' portion of image attention on them."""
+
+    extra_segments = ("visual_sink",)
+
+    def prepare(self, inputs: dict) -> None:
+        self.visual_id = len(self.layout.names)
+        self.after_image = _after_image(self.layout)
+        self.layer_segments: dict[int, torch.Tensor] = {}
+        self.phis: list[pd.DataFrame] = []
+        self.own_massive: list[pd.DataFrame] = []
+        self.found_dims = (_sink_dims_and_massive(self.model, inputs, self.params, self.tokens, self.own_massive)
+                           if self.params["sink_dims"] is None else None)
+
+    def request(self) -> dict | None:
+        return None  # the segments change from layer to layer: asked for by each probe
+
+    def segments(self, layer: int) -> torch.Tensor:
+        return self.layer_segments.get(layer, self.layout.segments)
+
+    def queries(self, call) -> slice:
+        return self.after_image  # the text after the image
+
+    def residual(self, layer: int, hidden: torch.Tensor) -> None:
+        if self.params["sink_dims"] is not None:
+            super().residual(layer, hidden)
+        if FIRST_SINK_LAYER <= layer + 1 < self.model.n_layers():
+            f = phi(hidden, self.sink_dims)[0].cpu()
+            image = self.layout.mask("image")[0].cpu()
+            seg = self.layout.segments.clone()
+            seg[0, (image & (f > self.params["tau"])).to(seg.device)] = self.visual_id
+            self.layer_segments[layer + 1] = seg
+            self.phis.append(pd.DataFrame({"layer": layer + 1, "position": np.arange(self.n),
+                                           "segment": [self.layout.names[i] for i in self.layout.segments[0].tolist()],
+                                           "phi": f.numpy()}))
+
+    @property
+    def sink_dims(self) -> torch.Tensor:
+        return self.found_dims if self.found_dims is not None else self.dims
+
+    def extra(self, mass: torch.Tensor, segments: torch.Tensor) -> dict:
+        image, sink = self.names.index("image"), self.names.index("visual_sink")
+        on_image = mass[..., [image, sink]].sum(-1)
+        n_image = int(self.layout.mask("image").sum())  # the reference code adds 1e-6 per image token
+        portion = mass[..., sink] / (on_image + 1e-6 * n_image)
+        centric = image_centric(portion, on_image, self.params["rho"], self.params["min_image_attention"],
+                                self.params["image_centric_rule"])
+        has_sinks = bool((segments == sink).any())
+        return {"visual_sink_portion": portion.mean(-1).cpu().numpy(),
+                "image_centric_rate": 100 * (centric & has_sinks).float().mean(-1).cpu().numpy()}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        massive = self.own_massive + self.massive
+        tables = {"massive": pd.concat(massive, ignore_index=True)}
+        if self.phis:
+            tables["phi"] = pd.concat(self.phis, ignore_index=True).assign(
+                dims=",".join(map(str, self.sink_dims.tolist())))
+        return tables
+
+
+RECORDERS = {"llm": _Recorder, "encoder": _Recorder, "vit": _ViTRecorder, "lvlm": _LVLMRecorder}
 
 
 def _add_delimiters(layout: TokenLayout, tokens: list[str]) -> None:
