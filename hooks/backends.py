@@ -9,7 +9,8 @@
   and the numbers equal the eager model's.
 
 The nnsight and TransformerLens backends capture the primary (text / encoder) tower with one attention call
-per layer per forward; the vision towers of LVLMs go through "hf".
+per layer per forward; the vision towers of LVLMs go through "hf". Each is a `Backend` object in BACKENDS (name →
+backend, with `forward` and `generate`); `trace` and `generate` look the name up there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,80 @@ from interp.models import Model
 from .capture import Probe, Site, capture, session
 from .var import VAR, redistribute_visual_attention
 
-BACKENDS = ("hf", "transformer-lens", "nnsight")
+class Backend:
+    """A way to run a model while streaming its attention calls to a probe. opts: tower, layers, heads, keep."""
+
+    name = ""
+    primary_tower_only = True  # captures the family's primary tower alone
+
+    def forward(self, model: Model, inputs: dict, probe: Probe, opts: dict, stats: dict | None):
+        """One forward pass; returns the model's output. stats: requested in-call statistics (where supported)."""
+        raise NotImplementedError
+
+    def generate(self, model: Model, inputs: dict, probe: Probe, opts: dict, kwargs: dict, var: VAR | None):
+        """`model.hf.generate(**inputs, **kwargs)` with one call per layer per step; returns the token ids."""
+        raise NotImplementedError
+
+    def check(self, model: Model, tower: str | None, var: VAR | None) -> None:
+        if var is not None:
+            raise ValueError(f"VAR runs through backend 'hf', not {self.name!r}")
+        if self.primary_tower_only and model.family.tower(tower) is not model.family.primary:
+            raise ValueError(f"the {self.name} backend captures the {model.family.primary.name} tower only; use "
+                             "backend 'hf'")
+
+
+class _AttentionInterface(Backend):
+    """transformers' AttentionInterface: the model's own attention function, wrapped (`capture`)."""
+
+    name = "hf"
+    primary_tower_only = False
+
+    def check(self, model: Model, tower: str | None, var: VAR | None) -> None:
+        pass
+
+    def forward(self, model, inputs, probe, opts, stats):
+        with capture(model, probe, **opts, stats=stats):
+            return model.hf(**inputs)
+
+    def generate(self, model, inputs, probe, opts, kwargs, var):
+        with ExitStack() as stack:
+            if var is not None:
+                stack.enter_context(redistribute_visual_attention(model, inputs, var))
+            stack.enter_context(capture(model, probe, **opts))
+            return model.hf.generate(**inputs, **kwargs)
+
+
+class _NNsight(Backend):
+    """nnsight's `.source` tracing of each attention module's `attention_interface(...)` call."""
+
+    name = "nnsight"
+
+    def forward(self, model, inputs, probe, opts, stats):
+        return _nnsight_forward(model, inputs, probe, opts)
+
+    def generate(self, model, inputs, probe, opts, kwargs, var):
+        return _nnsight_forward(model, inputs, probe, opts, generate=kwargs)
+
+
+class _TransformerLens(Backend):
+    """TransformerLens's TransformerBridge hooks, on a deep copy of the model."""
+
+    name = "transformer-lens"
+
+    def forward(self, model, inputs, probe, opts, stats):
+        return _bridge_forward(model, inputs, probe, opts, generate=None)
+
+    def generate(self, model, inputs, probe, opts, kwargs, var):
+        return _bridge_forward(model, inputs, probe, opts, generate=kwargs)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (_AttentionInterface(), _TransformerLens(), _NNsight())}
+
+
+def _backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[name]
 
 
 def trace(
@@ -44,17 +118,12 @@ def trace(
 ):
     """One forward pass of `model` on `inputs` (what the tokenizer / processor returned), streaming an
     `AttentionCall` per captured layer to `probe`. Returns the model's output (with `.logits` for LMs).
-    stats: the `call_stats` arguments the probe uses, computed inside the model's own SDPA calls where they can
-    be (backend "hf"; see `capture`)."""
-    opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
+    backend: a name in BACKENDS. stats: the `call_stats` arguments the probe uses, computed inside the model's own
+    SDPA calls where they can be (backend "hf"; see `capture`)."""
+    runner = _backend(backend)
+    runner.check(model, tower, None)
     with torch.no_grad():
-        if backend == "hf":
-            with capture(model, probe, **opts, stats=stats):
-                return model.hf(**inputs)
-        _check_backend_tower(model, backend, tower)
-        if backend == "nnsight":
-            return _nnsight_forward(model, inputs, probe, opts)
-        return _bridge_forward(model, inputs, probe, opts, generate=None)
+        return runner.forward(model, inputs, probe, dict(tower=tower, layers=layers, heads=heads, keep=keep), stats)
 
 
 def generate(
@@ -76,28 +145,12 @@ def generate(
     var: Visual Attention Redistribution settings (`interp.hooks.VAR`, vision-language models, backend "hf")."""
     n_prompt = inputs["input_ids"].shape[-1]
     model.check_length(n_prompt + max_new_tokens)
-    opts = dict(tower=tower, layers=layers, heads=heads, keep=keep)
+    runner = _backend(backend)
+    runner.check(model, tower, var)
     kwargs = {"do_sample": False, **generate_kwargs, "max_new_tokens": max_new_tokens}
-    if var is not None and backend != "hf":
-        raise ValueError(f"VAR runs through backend 'hf', not {backend!r}")
     with torch.no_grad():
-        if backend == "hf":
-            with ExitStack() as stack:
-                if var is not None:
-                    stack.enter_context(redistribute_visual_attention(model, inputs, var))
-                stack.enter_context(capture(model, probe, **opts))
-                return model.hf.generate(**inputs, **kwargs)
-        _check_backend_tower(model, backend, tower)
-        if backend == "nnsight":
-            return _nnsight_forward(model, inputs, probe, opts, generate=kwargs)
-        return _bridge_forward(model, inputs, probe, opts, generate=kwargs)
-
-
-def _check_backend_tower(model: Model, backend: str, tower: str | None) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if model.family.tower(tower) is not model.family.primary:
-        raise ValueError(f"the {backend} backend captures the {model.family.primary.name} tower only; use backend 'hf'")
+        return runner.generate(model, inputs, probe, dict(tower=tower, layers=layers, heads=heads, keep=keep), kwargs,
+                               var)
 
 
 def _module_paths(root: torch.nn.Module, modules: list) -> list[str]:
