@@ -147,12 +147,18 @@ def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: di
     (`in_call_applies`), segments (if any) covering the keys, and the kernels' "auto" meaning the fused path
     (`$INTERP_KERNELS`)."""
     segments = request.get("segments")
+    stats = request.get("stats")
+    if (not set(request) <= {"stats", "segments", "n_segments"} or not stats  # a backend, top-k...: after the call
+            or ("segment_mass" in stats and (segments is None or request.get("n_segments") is None
+                                             or segments.dtype != torch.long
+                                             or int(segments.max()) >= request["n_segments"]))):
+        return False
     return (fn is sdpa_attention_forward and attention_mask is None
             and in_call_applies(query, key, value, frozenset(request["stats"]), request.get("n_segments") or 1)
             and resolve_backend("auto", query) == "fused"
             and not (module.training and kwargs.get("dropout", 0.0))
             and all(kwargs.get(name) is None for name in ("position_bias", "s_aux", "sliding_window", "softcap"))
-            and not kwargs.get("output_attentions") and not request.get("topk")
+            and not kwargs.get("output_attentions")
             and (segments is None or tuple(segments.shape) == (query.shape[0], key.shape[2])))
 
 

@@ -113,7 +113,7 @@ def _wrap(original: Callable | None) -> Callable:
     return attention
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # guards the wrapping and every module's list of interventions
 _installed: dict[str, Callable | None] = {}  # implementation name -> original (None: the modeling file's eager)
 _depth = 0
 
@@ -151,19 +151,21 @@ def _uninstall() -> None:
 def intervene(modules, by_layer: Mapping[int, Intervention], *, where: str):
     """Attach `by_layer` (layer index in `modules` → intervention) while the block runs. A module refuses a second
     intervention of the same class ("<where> layer i already has …"); different kinds compose, in `order`."""
-    for i, iv in by_layer.items():
-        if any(type(other) is type(iv) for other in modules[i].__dict__.get(SLOT, ())):
-            raise RuntimeError(f"{where} layer {i} already has {iv.kind}")
-    _install()
-    try:
+    with _lock:
+        for i, iv in by_layer.items():
+            if any(type(other) is type(iv) for other in modules[i].__dict__.get(SLOT, ())):
+                raise RuntimeError(f"{where} layer {i} already has {iv.kind}")
+        _install()
         for i, iv in by_layer.items():
             modules[i].__dict__[SLOT] = sorted([*modules[i].__dict__.get(SLOT, ()), iv], key=lambda x: x.order)
+    try:
         yield
     finally:
-        for i, iv in by_layer.items():
-            rest = [other for other in modules[i].__dict__.get(SLOT, ()) if other is not iv]
-            if rest:
-                modules[i].__dict__[SLOT] = rest
-            else:
-                modules[i].__dict__.pop(SLOT, None)
-        _uninstall()
+        with _lock:
+            for i, iv in by_layer.items():
+                rest = [other for other in modules[i].__dict__.get(SLOT, ()) if other is not iv]
+                if rest:
+                    modules[i].__dict__[SLOT] = rest
+                else:
+                    modules[i].__dict__.pop(SLOT, None)
+            _uninstall()

@@ -174,7 +174,7 @@ def input_digests(params: dict) -> dict[str, str]:
 def _named_paths(params: dict) -> list[str]:
     """The existing files and folders the parameters name (a value "path", or a part of "a,b"), as written."""
     parts = [part.strip() for value in params.values() if isinstance(value, str) for part in value.split(",")]
-    return [part for part in dict.fromkeys(parts) if part and Path(part).expanduser().exists()]
+    return [part for part in dict.fromkeys(parts) if part and os.path.exists(os.path.expanduser(part))]  # no OSError
 
 
 def user_files(params: dict, plan: list[dict]) -> list[str]:

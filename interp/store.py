@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 from platformdirs import user_data_dir
 
-from .files import MB, check_regular, read_text
+from .files import MB, check_regular, read_bytes, read_text
 
 FORMAT = 1
 TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
@@ -216,7 +216,8 @@ def with_kept_inputs(meta: dict, path: Path) -> dict:
     replaced by the run's own copy under `path` (see `RunWriter.keep_inputs`); paths it did not keep stay as they
     are."""
     kept = {recorded: str(Path(path) / name) for recorded, name in meta.get("kept_inputs", {}).items()
-            if isinstance(name, str) and name.startswith("inputs/") and "/" not in name[7:] and ".." not in name}
+            if isinstance(name, str) and name.startswith("inputs/") and "/" not in name[7:]
+            and name[7:] not in ("", ".", "..")}
 
     def local(value):
         if isinstance(value, dict):
@@ -224,6 +225,8 @@ def with_kept_inputs(meta: dict, path: Path) -> dict:
         if isinstance(value, list):
             return [local(v) for v in value]
         if isinstance(value, str) and kept:
+            if value in kept:  # a whole path (an image's may hold commas)
+                return kept[value]
             return ",".join(kept.get(part.strip(), part) for part in value.split(","))
         return value
 
@@ -414,10 +417,10 @@ class RunWriter:
         kept = {}
         for i, recorded in enumerate(dict.fromkeys(paths)):
             source = Path(recorded).expanduser()
-            check_regular(source, KEPT_INPUT_LIMIT)
+            data = read_bytes(source, KEPT_INPUT_LIMIT)  # bounded even if the file grows or is swapped meanwhile
             (self.path / "inputs").mkdir(exist_ok=True)
             name = f"inputs/{i:04d}-{source.name[-80:]}"
-            _atomic_write(self.path / name, lambda p, source=source: shutil.copyfile(source, p))
+            _atomic_write(self.path / name, lambda p, data=data: p.write_bytes(data))
             kept[recorded] = name
         if kept:
             self.meta["kept_inputs"] = kept

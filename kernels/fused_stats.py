@@ -21,7 +21,6 @@ CHUNK_ELEMENTS cells, with the keys cut to those the rows can see). Nothing N×N
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -45,7 +44,7 @@ class _Geometry:
         self.n_k, self.causal, self.pos, self.window = n_k, causal, positions, window
         self.key_mask = None if key_mask is None or bool(key_mask.all()) else key_mask
         n_q = positions.shape[0]
-        if key_mask is None and window is None and not causal:
+        if self.key_mask is None and window is None and not causal:
             self.plain = "all"  # every query sees every key
         elif (self.key_mask is None and window is None and causal and n_q == n_k
               and bool((positions == torch.arange(n_k, device=positions.device)).all())):

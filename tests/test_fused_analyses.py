@@ -89,3 +89,21 @@ def test_statistics_ride_the_models_own_sdpa_call(name, rides, monkeypatch):
     seen.clear()
     trace(model, inputs, probe, stats=request)
     assert seen and not any(seen)
+
+
+def test_an_incomplete_request_does_not_ride_nor_break_the_forward():
+    """capture(stats=) with arguments call_stats fills in itself (no n_segments, a backend, top-k): the model's
+    call runs as is, and call_stats computes them after it."""
+    import torch
+
+    from interp.hooks import trace
+
+    model = interp.load_model("minilm-l6")
+    inputs = model.prepare("The dog ran to the park.")
+    n = inputs["input_ids"].shape[-1]
+    for request in (dict(segments=(torch.arange(n) % 3)[None], stats=("segment_mass",)),
+                    dict(stats=("lse",), backend="torch"), dict(stats=("topk",), topk=2)):
+        rode = []
+        trace(model, inputs, lambda call: rode.append(call.stats is not None)
+              or interp.kernels.call_stats(call, **request), stats=request)
+        assert rode and not any(rode), request

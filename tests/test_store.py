@@ -285,3 +285,18 @@ def test_readers_never_look_like_writers(stories, tmp_path):
     assert fd is not None and _is_locked(run.path)  # the writer got it, and now it is a writer
     os.close(fd)
     assert not _is_locked(run.path)
+
+
+def test_kept_inputs_are_found_whatever_their_names():
+    """A kept copy is used for a whole recorded path (commas in an image's name included), for a part of an "a,b"
+    value, and for names with dots; names that leave inputs/ are ignored."""
+    from interp.scoring import input_digests
+    from interp.store import with_kept_inputs
+
+    meta = {"plan": [{"image": "/in/a,b.png"}, {"image": "/in/c.png"}], "params": {"p": "/in/t.txt, /in/u.txt"},
+            "kept_inputs": {"/in/a,b.png": "inputs/0000-a,b.png", "/in/t.txt": "inputs/0001-t..txt",
+                            "/in/c.png": "inputs/..", "/in/u.txt": "inputs/../../u.txt"}}
+    local = with_kept_inputs(meta, "/run")
+    assert local["plan"] == [{"image": "/run/inputs/0000-a,b.png"}, {"image": "/in/c.png"}]
+    assert local["params"]["p"] == "/run/inputs/0001-t..txt, /in/u.txt"
+    assert input_digests({"prompt": "a" * 400}) == {}  # a long text parameter is not a path (no OSError)
