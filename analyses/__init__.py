@@ -1,16 +1,31 @@
-"""Analyses: one module per method, each a registered `Analysis` that `interp.score` drives."""
+"""Analyses: one module per method, each an `Analysis` that `interp.score` drives.
+
+Every `Analysis` subclass with a `name` defined in a module of this package is registered, by name: adding an
+analysis is adding its module (README, "Adding an analysis").
+"""
+
+import importlib
+import pkgutil
 
 from .base import Analysis, NotApplicableError, Options
-from .circuits import Circuits
-from .retrieval import Retrieval
-from .sinks import Sinks
-from .summary import Summary
-from .taxonomy import Taxonomy
-from .vhd import VHD
-from .vit import VitHeads
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (Summary(), Retrieval(), Sinks(), Taxonomy(), VitHeads(), VHD(),
-                                                Circuits())}
+
+def _registered() -> dict[str, Analysis]:
+    """One instance of every named Analysis subclass in this package's modules, by name (sorted)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    found, todo = {}, list(Analysis.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "name" in vars(cls):
+            if cls.name in found:
+                raise RuntimeError(f"two analyses are called {cls.name!r}")
+            found[cls.name] = cls()
+    return dict(sorted(found.items()))
+
+
+ANALYSES: dict[str, Analysis] = _registered()
 
 
 def get_analysis(name: str) -> Analysis:

@@ -14,9 +14,11 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from interp.app.figures import score_by_layer
 from interp.families import FAMILIES
 from interp.files import MB, read_text
 from interp.models import Model
+from interp.params import Params
 from interp.progress import Progress
 
 
@@ -60,9 +62,11 @@ class Analysis:
     description: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]         # family kinds it applies to: "llm", "encoder", "vit", "lvlm"
     scores: ClassVar[dict[str, str]]         # score column -> what it means (the heads table's columns, in order)
-    params: ClassVar[dict[str, Any]] = {}    # analysis-specific parameters -> defaults (JSON values)
+    Params: ClassVar[type[Params]] = Params  # the analysis's own parameters (a dataclass of `param` fields)
     sample_tables: ClassVar[tuple[str, ...]] = ()  # names of the per-sample tables score_sample may return
     signed: ClassVar[bool] = False           # scores are signed effects, ranked by magnitude
+    sample_columns: ClassVar[dict[str, str]] = {}  # score -> the samples-table column behind it, where names differ
+    describe: ClassVar[tuple[str, ...]] = ()  # samples-table columns that say what a sample is (dashboard hover)
 
     def check(self, model: Model) -> None:
         """Raise NotApplicableError when the model's family is not one this analysis supports."""
@@ -72,13 +76,15 @@ class Analysis:
                 f"analysis {self.name!r} does not apply to {model.name} (family {model.family.name}, a "
                 f"{model.family.kind}); it supports the {'/'.join(self.kinds)} families: {fams}")
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The analysis's parameters and their defaults (JSON values)."""
+        return self.Params.defaults()
+
     def resolve(self, params: dict) -> dict:
-        """The full parameter set: defaults overridden by `params`, unknown names refused."""
-        unknown = set(params) - set(self.params)
-        if unknown:
-            known = ", ".join(self.params) or "none"
-            raise ValueError(f"analysis {self.name!r} has no parameter {', '.join(sorted(unknown))} (it has: {known})")
-        return {**self.params, **params}
+        """The full, checked parameter set (JSON values): defaults overridden by `params`; unknown names, values
+        of the wrong type, outside their choices or bounds refused with a ValueError naming the parameter."""
+        return self.Params.resolve(params)
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         """The heads table's score columns for this model and parameters (default: all of `scores`)."""
@@ -110,6 +116,15 @@ class Analysis:
         `<name>.parquet` beside the per-sample tables (`extras`, all samples concatenated, stored as they are).
         Redone as a whole when a run resumes."""
         return {}
+
+    def sample_column(self, score: str) -> str:
+        """The samples-table column that shows a heads-table `score` sample by sample (recorded in the run)."""
+        return self.sample_columns.get(score, score)
+
+    def view(self, result) -> list:
+        """The dashboard's analysis tab for a run (a `ScoreResult`; user inputs at `result.kept_plan`): plotly
+        figures and `Note`s, laid out in a grid. Default: the first score per layer."""
+        return [score_by_layer(result.heads, result.scores[0])]
 
     def report(self, result) -> list[str]:
         """Lines the CLI prints under the ranked tables (a `ScoreResult`'s headline numbers)."""

@@ -17,19 +17,23 @@ shared heads, Jaccard, overlap of the smaller, and Spearman's ρ of the full |ef
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
+from interp.app.figures import DIVERGING, TEMPLATE, Note
 from interp.compare import overlap_of, rank_correlation
 from interp.hooks.patching import activation_patch, cache_run, edge_attribution, last_logits, patch_heads, path_patch
 from interp.models import Model
+from interp.params import BATCH, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
-from .tasks import BUILTIN_TASKS, TaskPrompt, encode, task_label, task_prompts
+from .tasks import BUILTIN_TASKS, IOI_CORRUPTIONS, TaskPrompt, encode, task_label, task_prompts
 
 METHODS = ("patching", "eap", "eap-ig", "path")
 METHOD_TEXT = {
@@ -108,24 +112,46 @@ class TaskBatch:
         return logit_diff(logits, self.correct.repeat(copies), self.foil.repeat(copies))
 
 
+@dataclass(frozen=True)
+class CircuitsParams(Params):
+    analysis = "circuits"
+    tasks: str = param("ioi,colored-objects", f"tasks, comma-separated: {', '.join(BUILTIN_TASKS)} and/or .jsonl "
+                       "files of prompts", metavar="T,T")
+    methods: str = param("patching,eap", f"methods, comma-separated, of {', '.join(METHODS)}", metavar="M,M")
+    ioi_corruption: str = param("abc", "abc (three other names) or swap (the IO name at S2)", metavar="HOW",
+                                choices=IOI_CORRUPTIONS)
+    batch: int = param(16, BATCH)
+    circuit_percent: float | None = param(2.0, "the circuit is the top P % of heads by |effect|", metavar="P")
+    circuit_threshold: float | None = param(None, "the circuit is every head with |effect| >= X (instead of "
+                                            "circuit_percent)", metavar="X", low=0, was="threshold")
+    circuit_by: str | None = param(None, "the method whose effect chooses the circuit (default: patching when "
+                                   "computed)", metavar="M")
+    ig_steps: int = param(5, "EAP-IG interpolation steps", metavar="N", low=1)
+    per_position: bool = param(False, "also patch each head at each position")
+    faithfulness_percents: str = param("1,2,5,10,20,50", "circuit sizes (% of heads), comma-separated, whose "
+                                       "faithfulness is measured too", metavar="P,P")
+
+    def __post_init__(self):
+        params = self.__dict__
+        for task in tasks_of(params):
+            circuit_column(params, task)  # a circuit_by among the methods
+        _percents(params)
+        if self.circuit_percent is not None and not 0 < self.circuit_percent <= 100:
+            raise ValueError(f"circuit_percent must be in (0, 100], got {self.circuit_percent}")
+
+
 class Circuits(Analysis):
     name = "circuits"
     description = ("task circuits (IOI, Colored Objects, a JSONL task): per-head activation patching, path patching "
                    "and edge attribution patching of the logit difference; circuits, faithfulness and overlap")
     kinds = ("llm",)
     scores: ClassVar[dict[str, str]] = {}
-    params = {
-        "tasks": "ioi,colored-objects",  # built-in tasks and/or .jsonl files
-        "methods": "patching,eap",       # of patching, eap, eap-ig, path
-        "ioi_corruption": "abc",         # abc (three other names) or swap (the IO name at S2)
-        "batch": 16,                     # prompts per sample (one forward)
-        "circuit_percent": 2.0,          # the circuit: the top P % of heads by |effect| ...
-        "threshold": None,               # ... or every head with |effect| >= X
-        "circuit_by": None,              # which method's effect chooses the circuit (default: patching)
-        "ig_steps": 5,                   # EAP-IG's interpolation steps
-        "per_position": False,           # also activation-patch each head at each position
-        "faithfulness_percents": "1,2,5,10,20,50",  # circuit sizes whose faithfulness is measured too
-    }
+    Params = CircuitsParams
+    describe = ("task", "n", "clean_ld", "corrupt_ld")
+
+    def sample_column(self, score: str) -> str:
+        """`ioi_patching` -> `patching`: the per-sample change of the logit difference by that method."""
+        return next((m for m in ("eap_ig", "patching", "eap", "path") if score.endswith("_" + m)), score)
     sample_tables = ("prompts", "positions")
     signed = True
 
@@ -137,15 +163,6 @@ class Circuits(Analysis):
         if options.backend != "hf":
             raise ValueError("circuits patches heads through the 'hf' backend (the attention interface); "
                              f"backend {options.backend!r} cannot patch")
-        for task in tasks_of(params):
-            circuit_column(params, task)  # a circuit_by among the methods
-        _percents(params)
-        if params["circuit_percent"] is not None and not 0 < float(params["circuit_percent"]) <= 100:
-            raise ValueError(f"circuit_percent must be in (0, 100], got {params['circuit_percent']}")
-        if int(params["ig_steps"]) < 1:
-            raise ValueError(f"ig_steps must be ≥ 1, got {params['ig_steps']}")
-        if int(params["batch"]) < 1:
-            raise ValueError(f"batch must be ≥ 1, got {params['batch']}")
         plan = []
         for task in tasks_of(params):
             prompts = task_prompts(model, task, options.samples or DEFAULT_PROMPTS, options.seed,
@@ -285,6 +302,36 @@ class Circuits(Analysis):
                          f"top-{r.k} shared {r.shared}")
         return lines
 
+    def view(self, result) -> list:
+        """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
+        how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
+        t, params = result.tables, result.meta["params"]
+        tasks = [task_label(task) for task in tasks_of(params)]
+        out: list = []
+        for task in tasks:
+            heads = t["circuit"][t["circuit"]["task"] == task]
+            text = ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()) or "none"
+            out.append(Note(f"{task}: circuit of {len(heads)} heads by {circuit_column(params, task)}: {text}"))
+        for r in t.get("overlap", pd.DataFrame()).itertuples():
+            link = (f"/compare?a={result.id}&b={result.id}&sa={circuit_column(params, r.task_a)}"
+                    f"&sb={circuit_column(params, r.task_b)}&k={max(r.heads_a, r.heads_b)}&abs=1")
+            out.append(Note(f"overlap {r.task_a} / {r.task_b}: {r.shared} heads shared ({r.shared_heads or 'none'}) · "
+                            f"Jaccard {r.jaccard:.2f} · of the smaller {r.of_smaller:.2f} · Spearman ρ of all heads "
+                            f"{r.rank_correlation:.2f} · ", link=("compare them", link)))
+        for r in t.get("agreement", pd.DataFrame()).itertuples():
+            out.append(Note(f"{r.task}: {r.method} vs {r.reference}: Spearman ρ {r.rank_correlation:.2f} of |effect|, "
+                            f"{r.shared} of the top {r.k} shared"))
+        if "faithfulness" in t:
+            out.append(faithfulness_curves(t["faithfulness"]))
+        if "positions" in t:
+            for task in tasks:
+                heads = t["circuit"][t["circuit"]["task"] == task]
+                first = t["positions"][t["positions"]["task"] == task]["sample"].min()
+                if len(heads) and pd.notna(first):
+                    out.append(position_effects(t["positions"], int(first), list(zip(heads["layer"], heads["head"]))))
+        return out
+
+
 
 def _importance(heads: pd.DataFrame, col: str) -> pd.DataFrame:
     return heads[["layer", "head"]].assign(importance=heads[col].abs())
@@ -294,8 +341,8 @@ def circuit_heads(heads: pd.DataFrame, col: str, params: dict) -> list[tuple[int
     """A task's circuit, most important first: heads with |effect| ≥ threshold, else the top circuit_percent %
     (at least one head)."""
     ranked = _importance(heads, col).dropna().sort_values("importance", ascending=False, kind="stable")
-    if params.get("threshold") is not None:
-        ranked = ranked[ranked["importance"] >= float(params["threshold"])]
+    if params.get("circuit_threshold") is not None:
+        ranked = ranked[ranked["importance"] >= float(params["circuit_threshold"])]
     else:
         ranked = ranked.head(max(1, round(float(params["circuit_percent"]) / 100 * len(heads))))
     return [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
@@ -396,3 +443,47 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
                      "normalised": (mean - ablated) / (clean_ld - ablated) if clean_ld != ablated else float("nan"),
                      "top1": top1[k] / n_total})
     return pd.DataFrame(rows)
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def faithfulness_curves(faith: pd.DataFrame) -> go.Figure:
+    """Logit difference kept (% of the clean model's) against circuit size, per task, with every head outside the
+    circuit mean-ablated (the `faithfulness` table of a circuits run); the chosen circuit marked."""
+    fig = go.Figure()
+    for task, part in faith.groupby("task", sort=False):
+        part = part.sort_values("heads")
+        fig.add_trace(go.Scatter(x=part["heads"], y=100 * part["recovered"], mode="lines+markers", name=str(task),
+                                 customdata=part[["percent", "ld", "top1"]].to_numpy(),
+                                 hovertemplate="%{x} heads (%{customdata[0]:.1f} %)<br>kept %{y:.1f} %<br>logit diff "
+                                               "%{customdata[1]:.3f}<br>top-1 %{customdata[2]:.2f}<extra></extra>"))
+        chosen = part[part["circuit"]]
+        fig.add_trace(go.Scatter(x=chosen["heads"], y=100 * chosen["recovered"], mode="markers", showlegend=False,
+                                 marker={"size": 14, "symbol": "star", "color": "#e4572e"},
+                                 hovertemplate=f"{task}: the circuit<extra></extra>"))
+    fig.add_hline(y=100, line={"dash": "dot", "color": "#888"})
+    fig.update_layout(title="faithfulness: logit difference kept with only the top heads (the rest mean-ablated)",
+                      xaxis_title="heads kept (by |effect|)", yaxis_title="% of the clean logit difference",
+                      xaxis={"type": "log"}, template=TEMPLATE)
+    return fig
+
+
+def position_effects(positions: pd.DataFrame, sample: int, heads: list[tuple[int, int]], value: str = "eap") -> go.Figure:
+    """Each chosen head's effect at each position of one sample's first prompt (the `positions` table of a circuits
+    run: `eap` always, `patching` with per_position), heads × tokens, diverging around 0."""
+    part = positions[positions["sample"] == sample]
+    if part.empty:
+        raise ValueError(f"no positions for sample {sample}")
+    tokens = part.drop_duplicates("position").sort_values("position")["token"].tolist()
+    z = np.array([part[(part["layer"] == layer) & (part["head"] == head)].sort_values("position")[value].to_numpy(float)
+                  for layer, head in heads])
+    labels = [f"{layer}.{head}" for layer, head in heads]
+    bound = float(np.nanmax(np.abs(z))) if z.size else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{i}: {t}" for i, t in enumerate(tokens)], y=labels, colorscale=DIVERGING,
+                               zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": value},
+                               hovertemplate="head %{y}<br>token %{x}<br>" + value + " %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=f"sample {sample}: {value} of each head at each position (Δ logit difference)",
+                      xaxis_title="position: token (first prompt)", yaxis_title="head",
+                      yaxis={"autorange": "reversed", "type": "category"}, template=TEMPLATE)
+    return fig

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from interp.app.figures import TEMPLATE
 from interp.hooks import generate, mask_heads
 from interp.kernels import call_stats
 from interp.models import Model
+from interp.params import MAX_NEW_TOKENS, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -75,40 +79,45 @@ def greedy(model: Model, inputs: dict, max_new_tokens: int, probe=None, *, backe
     return out[0, n:].cpu()
 
 
+@dataclass(frozen=True)
+class RetrievalParams(Params):
+    analysis = "retrieval"
+    lengths: list[int] | None = param(None, "context lengths in tokens, e.g. 1000,2000,4000 (default: max_tokens / 4, "
+                                      "/ 2 and max_tokens)", metavar="N,N", low=1)
+    depths: list[float] = param((0, 25, 50, 75, 100), "needle depths, percent of the haystack", metavar="P,P", low=0,
+                                high=100)
+    needles: str | None = param(None, "JSONL file of {\"needle\", \"question\", \"answer\"} (default: the 3 built-in)",
+                                metavar="FILE", path=True)
+    n_needles: int | None = param(None, "use the first N needles (default all)", metavar="N", low=1)
+    haystack: str | None = param(None, "text file for the haystack (default: generated filler, seeded)",
+                                 metavar="FILE", path=True)
+    template: str | None = param(None, "prompt with {context} and {question} (default: the chat template, else a "
+                                 "base prompt)", metavar="TEXT")
+    max_new_tokens: int = param(50, MAX_NEW_TOKENS)
+    threshold: float = param(0.1, "a retrieval head scores above X", metavar="X")
+    score_rule: str = param("code", "code (+1/|span| per copying step, the reference code) or paper (distinct span "
+                            "positions copied)", metavar="RULE", choices=SCORE_RULES)
+    mask_k: list[int] | None = param(None, "head counts for the masking test (default 5 % of the scored heads; 0 "
+                                     "skips it)", metavar="K,K", low=0)
+    mask_mode: str = param("uniform", "uniform (the paper's masking) or zero (zero-ablation)", metavar="MODE",
+                           choices=("uniform", "zero"))
+    mask_prefill: bool = param(False, "mask the heads in the prompt's forward too (default: in decode steps only, as "
+                               "the reference code)")
+
+
 class Retrieval(Analysis):
     name = "retrieval"
     description = "retrieval heads (Wu et al. 2024) on needle-in-a-haystack samples, with the masking test"
     kinds = ("llm",)
     scores = {"retrieval_score": "mean copy-paste score over accepted NIAH samples (retrieval head: > threshold)"}
-    params = {
-        "lengths": None,        # context lengths in tokens (default: max_tokens / 4, / 2, and max_tokens)
-        "depths": [0, 25, 50, 75, 100],  # needle depths, percent of the haystack
-        "needles": None,        # JSONL file of {"needle", "question", "answer"} (default: the 3 built-in)
-        "n_needles": None,      # use the first n needles (default all)
-        "haystack": None,       # text file for the haystack (default: generated filler, seeded)
-        "template": None,       # prompt with {context} and {question} (default: chat template, else a base prompt)
-        "max_new_tokens": 50,
-        "threshold": 0.1,
-        "score_rule": "code",   # "code": +1/|span| per copying step; "paper": distinct span positions copied
-        "mask_k": None,         # head counts for the masking test (default: 5 % of the scored heads; [] or [0] skips it)
-        "mask_mode": "uniform",  # "uniform" (the paper's masking) or "zero" (zero-ablation)
-        "mask_prefill": False,   # mask in the prompt's forward too (default: decode steps only, as the reference code)
-    }
+    Params = RetrievalParams
+    sample_columns = {"retrieval_score": "score"}
+    describe = ("length", "depth", "accepted", "rouge1_recall", "n_tokens", "response")
 
     def check(self, model: Model) -> None:
         super().check(model)
         if model.tokenizer is None:
             raise ValueError(f"{model.name} has no tokenizer: retrieval builds text prompts")
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["score_rule"] not in SCORE_RULES:
-            raise ValueError(f"score_rule {p['score_rule']!r}: choose from {', '.join(SCORE_RULES)}")
-        if p["mask_mode"] not in ("uniform", "zero"):
-            raise ValueError(f"mask_mode {p['mask_mode']!r}: choose from uniform, zero")
-        if any(not 0 <= d <= 100 for d in p["depths"]):
-            raise ValueError(f"depths {p['depths']}: give percentages in 0..100")
-        return p
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         needles = read_needles(params["needles"]) if params["needles"] else list(NEEDLES)
@@ -233,6 +242,14 @@ class Retrieval(Analysis):
                 for r in masking.itertuples()))
         return lines
 
+    def view(self, result) -> list:
+        """NIAH accuracy and ROUGE-1 recall by depth × length, and the masking test."""
+        out = [retrieval_grid(result.samples), retrieval_grid(result.samples, "rouge1_recall")]
+        if "masking" in result.tables:
+            out.append(masking_bars(result.tables["masking"]))
+        return out
+
+
 
 def niah_inputs(model: Model, sample: dict, params: dict, seed: int) -> tuple[dict, tuple[int, int]]:
     """(model inputs, answer span (start, end) in the prompt's tokens) of one NIAH sample."""
@@ -296,3 +313,33 @@ def paper_scores(eager: Model, inputs: dict, span: tuple[int, int], max_new_toke
             if ends_line(eager.tokenizer, int(inp)) or int(inp) in eos:
                 break
     return score, torch.tensor(out)
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def retrieval_grid(samples: pd.DataFrame, value: str = "accepted") -> go.Figure:
+    """NIAH accuracy (or mean `value`) per needle depth × context length, one value per sample."""
+    per = samples.drop_duplicates("sample")
+    grid = per.groupby(["depth", "length"])[value].mean().unstack("length").sort_index()
+    z = grid.to_numpy(float) * (100 if value == "accepted" else 1)
+    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in grid.columns], y=[f"{d:g}%" for d in grid.index],
+                               colorscale="RdYlGn", zmin=0, zmax=100 if value == "accepted" else None,
+                               text=np.round(z, 1), texttemplate="%{text}",
+                               colorbar={"title": "% accepted" if value == "accepted" else value},
+                               hovertemplate="depth %{y}, length %{x}<br>%{z:.1f}<extra></extra>"))
+    fig.update_layout(title="needle retrieval by depth × length" + ("" if value == "accepted" else f" ({value})"),
+                      xaxis_title="context length (tokens)", yaxis_title="needle depth", template=TEMPLATE,
+                      xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"})
+    return fig
+
+
+def masking_bars(masking: pd.DataFrame) -> go.Figure:
+    """The masking test: NIAH score with the top-k retrieval heads knocked out against k random heads."""
+    fig = go.Figure()
+    for condition, part in masking.groupby("condition", sort=False):
+        fig.add_trace(go.Bar(x=[str(k) for k in part["k"]], y=part["niah_score"], name=str(condition)))
+    mode = masking["mode"].iloc[0] if "mode" in masking else ""
+    fig.update_layout(title=f"masking test ({mode})", xaxis_title="heads masked (k)", yaxis_title="NIAH score",
+                      barmode="group", template=TEMPLATE)
+    return fig

@@ -28,18 +28,21 @@ queries after the image, the share of image attention on visual sinks and the ra
 from __future__ import annotations
 
 import random
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
+from interp.app.figures import TEMPLATE, grid_overlay, index_axis, score_by_layer
 from interp.hooks import trace
 from interp.hooks.capture import capture_residual
 from interp.hooks.var import FIRST_SINK_LAYER, RULES, image_centric, massive_entries, phi
 from interp.kernels import call_stats
 from interp.layout import TokenLayout, token_layout
 from interp.models import Model
+from interp.params import IMAGES, PROMPT, PROMPTS, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -62,6 +65,36 @@ SEGMENT_COLUMNS = {
 }
 
 
+@dataclass(frozen=True)
+class SinksParams(Params):
+    analysis = "sinks"
+    preset: str = param("gu", "gu (T = 64, 100 sequences per input kind) or long (T = min(8192, context), 4 natural "
+                        "sequences)", metavar="NAME", choices=tuple(PRESETS))
+    inputs: list[str] | None = param(None, "input kinds, comma-separated (default all three for text models)",
+                                     metavar="K,K", choices=INPUT_KINDS)
+    epsilon: float = param(0.3, "Sink_eps threshold on α_first", metavar="X", low=0)
+    any_min_queries: int = param(16, "any-token sinks count keys seen by at least N queries", metavar="N", low=1)
+    prompts: str | None = param(None, PROMPTS)
+    images: str | None = param(None, IMAGES)
+    prompt: str = param(DEFAULT_PROMPT, PROMPT)
+    top_activations: int = param(8, "largest residual entries kept per layer", metavar="N", low=1)
+    massive_min: float = param(100.0, "massive activations exceed X", metavar="X", low=0)
+    massive_ratio: float = param(1000.0, "... and X times the layer median", metavar="X", low=0)
+    norm_threshold: float | None = param(None, "ViT high-norm threshold (default: fitted at the valley)", metavar="X")
+    sink_dims: list[int] | None = param(None, "LVLM sink dimensions (default: the first token's massive dims)",
+                                        metavar="D,D", low=0)
+    tau: float = param(20.0, "phi threshold for visual sink tokens", metavar="X")
+    rho: float = param(0.5, "image-centric visual-sink share threshold", metavar="X", low=0, high=1)
+    min_image_attention: float = param(0.2, "image-centric heads' attention to the image", metavar="X", low=0, high=1)
+    image_centric_rule: str = param("code", "code (portion <= rho) or paper", metavar="RULE", choices=RULES)
+
+    def __post_init__(self):
+        if self.inputs == []:
+            raise ValueError(f"sinks parameter inputs: give some of {', '.join(INPUT_KINDS)}")
+        if self.sink_dims is not None:
+            object.__setattr__(self, "sink_dims", sorted(set(self.sink_dims)))
+
+
 class Sinks(Analysis):
     name = "sinks"
     description = "attention sinks: per-key attention received, Sink_ε, massive activations, visual sinks"
@@ -76,31 +109,13 @@ class Sinks(Analysis):
         "visual_sink_portion": "share of the image attention on visual sink tokens (text queries after the image)",
         "image_centric_rate": "% of text queries after the image for which the head is image-centric (Kang et al.)",
     }
-    params = {"preset": "gu", "inputs": None, "epsilon": 0.3, "any_min_queries": 16, "prompts": None,
-              "images": None, "prompt": DEFAULT_PROMPT, "top_activations": 8, "massive_min": 100.0,
-              "massive_ratio": 1000.0, "norm_threshold": None, "sink_dims": None, "tau": 20.0, "rho": 0.5,
-              "min_image_attention": 0.2, "image_centric_rule": "code"}
+    Params = SinksParams
+    sample_columns = {"sink_rate": "first_token_mass", "any_sink_rate": "top_key_mass",
+                      "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
+    describe = ("input", "n_tokens")
     sample_tables = ("massive", "norms", "phi")
 
     # ---- parameters and columns
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["preset"] not in PRESETS:
-            raise ValueError(f"unknown sinks preset {p['preset']!r}; choose from {', '.join(PRESETS)}")
-        if p["image_centric_rule"] not in RULES:
-            raise ValueError(f"unknown image-centric rule {p['image_centric_rule']!r}; choose from {', '.join(RULES)}")
-        if isinstance(p["inputs"], str):
-            p["inputs"] = [s.strip() for s in p["inputs"].split(",") if s.strip()]
-        bad = [k for k in p["inputs"] or [] if k not in INPUT_KINDS]
-        if bad or p["inputs"] == []:
-            raise ValueError(f"unknown sinks inputs {bad or '[]'}; choose from {', '.join(INPUT_KINDS)}")
-        for key in ("prompts", "images"):
-            if p[key]:
-                p[key] = str(Path(p[key]).expanduser().resolve())
-        if p["sink_dims"] is not None:
-            p["sink_dims"] = sorted({int(d) for d in p["sink_dims"]})
-        return p
 
     def input_kinds(self, model: Model, params: dict) -> list[str]:
         if model.family.kind in ("vit", "lvlm"):
@@ -251,6 +266,23 @@ class Sinks(Analysis):
                          f"{vs['percent_of_image'].mean():.1f} % of image tokens on average over layers "
                          f"{int(vs.layer.min())}–{int(vs.layer.max())}")
         return lines
+
+    def view(self, result) -> list:
+        """Sink rates and first-token mass per layer, massive activations, ViT token norms, visual sinks per layer,
+        and the high-norm / visual sink tokens of the first sample over its image."""
+        t, out = result.tables, []
+        if "sink_rates" in t:
+            out.append(sink_rates_by_layer(t["sink_rates"]))
+        out.append(score_by_layer(result.heads, "first_token_mass"))
+        if "massive_layers" in t:
+            out.append(massive_activations(t["massive_layers"]))
+        if "norm_histogram" in t:
+            fit = t.get("high_norm_fit")
+            out.append(norm_histogram_figure(t["norm_histogram"], None if fit is None else fit["threshold"].iloc[0]))
+        if "visual_sinks" in t:
+            out.append(visual_sinks_by_layer(t["visual_sinks"]))
+        return out + _token_grids(result)
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -661,3 +693,87 @@ def visual_sinks(phis: pd.DataFrame, tau: float) -> pd.DataFrame:
     out["percent_of_image"] = 100.0 * out["visual_sinks"] / out["image_tokens"].clip(lower=1)
     out["dims"] = phis["dims"].iloc[0] if len(phis) else ""
     return out
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def sink_rates_by_layer(rates: pd.DataFrame) -> go.Figure:
+    """Sink_ε per layer for each input kind (the `sink_rates` table of a sinks run)."""
+    per_layer = rates[rates["layer"] >= 0]
+    fig = go.Figure()
+    for kind, part in per_layer.groupby("input", sort=False):
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["first_token"], mode="lines+markers",
+                                 name=f"{kind}, first token"))
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["any_token"], mode="lines", line={"dash": "dot"},
+                                 name=f"{kind}, any token"))
+    fig.update_layout(title="attention-sink rate per layer (Sink_ε, % of heads × samples)", xaxis_title="layer",
+                      yaxis_title="%", template=TEMPLATE, xaxis=index_axis(per_layer["layer"]))
+    return fig
+
+
+def massive_activations(layers: pd.DataFrame) -> go.Figure:
+    """The largest |activation| of each layer's output against the layer median (log scale), with the
+    dimension and token that hold it (the `massive_layers` table of a sinks run)."""
+    hover = "layer %{x}<br>|x| %{y:.4g}<br>dim %{customdata[0]}, token “%{customdata[1]}”<extra></extra>"
+    fig = go.Figure([
+        go.Bar(x=layers["layer"], y=layers["top_abs"], name="largest |x|", hovertemplate=hover,
+               customdata=layers[["top_dim", "top_token"]].to_numpy()),
+        go.Scatter(x=layers["layer"], y=layers["median"].abs(), mode="lines+markers", name="median |x|"),
+    ])
+    fig.update_layout(title="massive activations per layer", xaxis_title="layer", yaxis_title="|activation|",
+                      yaxis_type="log", template=TEMPLATE, xaxis=index_axis(layers["layer"]))
+    return fig
+
+
+def norm_histogram_figure(hist: pd.DataFrame, threshold: float | None = None) -> go.Figure:
+    """The last layer's token norms of a ViT (from the `norm_histogram` table), with the high-norm threshold."""
+    last = hist[hist["layer"] == hist["layer"].max()]
+    fig = go.Figure(go.Bar(x=(last["low"] + last["high"]) / 2, y=last["count"], name="tokens",
+                           width=(last["high"] - last["low"]).to_numpy()))
+    if threshold is not None:
+        fig.add_vline(x=threshold, line={"color": "#e4572e", "dash": "dash"}, annotation_text="high-norm threshold")
+    fig.update_layout(title=f"output token norms, layer {int(last['layer'].iloc[0])}", xaxis_title="‖x‖",
+                      yaxis_title="tokens", template=TEMPLATE)
+    return fig
+
+
+def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
+    """Share of image tokens that are visual sinks (φ > τ) per layer (the `visual_sinks` table)."""
+    fig = go.Figure(go.Bar(x=table["layer"], y=table["percent_of_image"], customdata=table[["visual_sinks",
+                           "image_tokens"]].to_numpy(), hovertemplate="layer %{x}: %{y:.1f}% (%{customdata[0]} of "
+                                                                      "%{customdata[1]} image tokens)<extra></extra>"))
+    fig.update_layout(title="visual sink tokens per layer", xaxis_title="layer", yaxis_title="% of image tokens",
+                      template=TEMPLATE, xaxis=index_axis(table["layer"]))
+    return fig
+
+
+def _token_grids(result) -> list[go.Figure]:
+    """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
+    out = []
+    for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
+        if table not in result.tables:
+            continue
+        d = result.tables[table]
+        layer = d["layer"].max() if table == "norms" else _busiest_layer(d, result.meta["params"]["tau"])
+        rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
+                 d["segment"].isin(["image", "high_norm", "visual_sink"])].sort_values("position")
+        side = int(round(len(rows) ** 0.5))
+        if side * side != len(rows) or not side:
+            continue  # not a square grid: drawn only as the per-layer counts
+        sample = int(d["sample"].min())
+        try:
+            image = np.asarray(load_image(result.kept_plan[sample]["image"]).convert("RGB"))
+        except (ValueError, KeyError):
+            image = None
+        what = "high-norm tokens" if table == "norms" else f"visual sink tokens (φ > τ) at layer {layer}"
+        out.append(grid_overlay(rows[value].to_numpy(float).reshape(side, side), image,
+                                title=f"sample {sample}: {what}", label=label, colorscale="Magma"))
+    return out
+
+
+def _busiest_layer(phi: pd.DataFrame, tau: float) -> int:
+    """The layer with the most image tokens above τ."""
+    image = phi[phi["segment"] == "image"]
+    counts = (image["phi"] > tau).groupby(image["layer"]).sum()
+    return int(counts.idxmax()) if len(counts) else int(phi["layer"].min())

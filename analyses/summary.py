@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,7 @@ import torch
 from interp.hooks import trace
 from interp.kernels import call_stats
 from interp.models import Model
+from interp.params import PROMPTS, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows, read_user_file
@@ -47,6 +49,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class SummaryParams(Params):
+    analysis = "summary"
+    prompts: str | None = param(None, PROMPTS)
+
+
 class Summary(Analysis):
     name = "summary"
     description = "per-head mean entropy, max-probability, attention distance and first-token mass over texts"
@@ -57,13 +65,8 @@ class Summary(Analysis):
         "distance": "mean attention distance |query − key| in tokens: high = global, low = local",
         "first_token_mass": "mean attention mass on the first token (sink-heavy heads)",
     }
-    params = {"prompts": None}
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["prompts"]:  # absolute, so that a run resumed from another directory matches
-            p["prompts"] = str(Path(p["prompts"]).expanduser().resolve())
-        return p
+    Params = SummaryParams
+    describe = ("n_tokens",)
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         if options.max_tokens is not None and not 2 <= options.max_tokens <= (model.max_tokens or options.max_tokens):

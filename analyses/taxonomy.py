@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
+from interp.app.figures import TEMPLATE, score_by_layer
 from interp.hooks import mask_heads, trace
 from interp.kernels import attention_tile, call_stats, diagonal_attention, grid_distance
 from interp.layout import token_layout
 from interp.models import Model
+from interp.params import CLS_RULE, IMAGES, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -46,6 +50,30 @@ CLS_RULES = ("renormalize", "zero")
 DEFAULT_HALF = 128
 
 TEXT_STATS = dict(stats=("lse", "mean_distance"))  # what a text sample's probe asks of every call
+
+
+@dataclass(frozen=True)
+class TaxonomyParams(Params):
+    analysis = "taxonomy"
+    half: int | None = param(None, f"length T of the repeated random sequence (default {DEFAULT_HALF}, or what fits)",
+                             metavar="T", low=2)
+    images: str | None = param(None, IMAGES)
+    cls_rule: str = param("renormalize", CLS_RULE)
+    last_queries: int = param(64, "queries whose attention decides the sparse pattern", metavar="N", low=1)
+    budget: float = param(0.1, "keys kept per query by each sparse pattern, a fraction of the context in (0, 1]",
+                          metavar="F", low=0, high=1)
+    block: int = param(64, "block-sparse block size in keys", metavar="N", low=1)
+    dense_below: float = param(0.8, "a head is dense when no pattern keeps this fraction of its mass, in (0, 1]",
+                               metavar="F", low=0, high=1)
+    ablate_k: int | None = param(None, "induction heads ablated in the loss test (default 5 % of the heads; 0 skips "
+                                 "it)", metavar="K", low=0)
+    ablate_mode: str = param("zero", "zero or uniform (see interp.hooks.mask_heads)", metavar="MODE",
+                             choices=("zero", "uniform"))
+    ablate_draws: int = param(3, "random-head controls in the loss test", metavar="N", low=0)
+
+    def __post_init__(self):
+        if self.budget == 0 or self.dense_below == 0:
+            raise ValueError("taxonomy parameters budget and dense_below are fractions in (0, 1]")
 
 
 class Taxonomy(Analysis):
@@ -62,28 +90,8 @@ class Taxonomy(Analysis):
         "vertical_slash_recall": "attention mass kept by the best vertical columns + slash diagonals of the budget",
         "block_sparse_recall": "attention mass kept by the best key blocks of the budget",
     }
-    params = {
-        "half": None,             # T, the length of the random sequence that is repeated (default 128, or what fits)
-        "images": None,           # ViTs: an image file or folder (default: the built-in scenes)
-        "cls_rule": "renormalize",
-        "last_queries": 64,
-        "budget": 0.1,            # keys kept per query by each sparse pattern, as a fraction of the context
-        "block": 64,
-        "dense_below": 0.8,
-        "ablate_k": None,         # induction heads ablated in the test (default 5 % of the heads; 0 skips it)
-        "ablate_mode": "zero",    # "zero" or "uniform" (see interp.hooks.mask_heads)
-        "ablate_draws": 3,        # random-head controls
-    }
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["cls_rule"] not in CLS_RULES:
-            raise ValueError(f"cls_rule {p['cls_rule']!r}: choose from {', '.join(CLS_RULES)}")
-        if not 0 < p["budget"] <= 1 or not 0 < p["dense_below"] <= 1:
-            raise ValueError("budget and dense_below are fractions in (0, 1]")
-        if p["ablate_mode"] not in ("zero", "uniform"):
-            raise ValueError(f"ablate_mode {p['ablate_mode']!r}: choose zero or uniform")
-        return p
+    Params = TaxonomyParams
+    describe = ("input", "n_tokens")
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         if model.family.kind == "vit":
@@ -237,6 +245,14 @@ class Taxonomy(Analysis):
                 for r in ablation.itertuples()))
         return lines
 
+    def view(self, result) -> list:
+        """Each score per layer, and the induction heads' ablation test."""
+        out = [score_by_layer(result.heads, s) for s in result.scores if s != "distance_px"]
+        if "ablation" in result.tables:
+            out.append(ablation_bars(result.tables["ablation"]))
+        return out
+
+
 
 def _causal(model: Model) -> bool:
     return model.family.kind in ("llm", "lvlm")
@@ -309,3 +325,16 @@ def recalls_of(p: torch.Tensor, pos: torch.Tensor, params: dict) -> dict[str, to
     recall = lambda keep: (p * keep).sum(-1).mean(-1)  # noqa: E731
     return {"a_shape_recall": recall(a_shape[None]), "vertical_slash_recall": recall(keep_vs),
             "block_sparse_recall": recall(keep_bs)}
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def ablation_bars(ablation: pd.DataFrame) -> go.Figure:
+    """Loss on the repeated half with heads ablated (the taxonomy's `ablation` table)."""
+    fig = go.Figure([go.Bar(x=ablation["condition"], y=ablation[col], name=name)
+                     for col, name in (("loss_first", "first copy"), ("loss_repeated", "repeated copy"))])
+    mode = ablation["mode"].iloc[0] if "mode" in ablation else ""
+    fig.update_layout(title=f"next-token loss with heads ablated ({mode})", xaxis_title="heads ablated",
+                      yaxis_title="loss (nats)", barmode="group", template=TEMPLATE)
+    return fig

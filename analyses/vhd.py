@@ -16,13 +16,18 @@ of each layer's top-k VHD (k = `topk`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from PIL import Image
 
+from interp.app.figures import TEMPLATE, score_by_layer
 from interp.hooks import mask_heads, trace
 from interp.models import Model
+from interp.params import IMAGES, MAX_NEW_TOKENS, PROMPT, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -34,6 +39,18 @@ NO_IMAGE = ("drop", "blank", "mean")
 DEFAULT_PROMPT = "Describe the image."
 
 
+@dataclass(frozen=True)
+class VHDParams(Params):
+    analysis = "vhd"
+    images: str | None = param(None, IMAGES)
+    prompt: str = param(DEFAULT_PROMPT, PROMPT)
+    max_new_tokens: int = param(16, MAX_NEW_TOKENS)
+    no_image: str = param("drop", "the image-free input: drop (leave the image tokens out), blank or mean",
+                          metavar="HOW", choices=NO_IMAGE)
+    squared: bool = param(False, "VHD as the squared norm of the difference (the paper's code: the norm)")
+    topk: int = param(5, "heads per layer summed into T-VHD", metavar="K", low=1)
+
+
 class VHD(Analysis):
     name = "vhd"
     description = "vision-aware head divergence: how much each head's output changes without the image"
@@ -42,17 +59,8 @@ class VHD(Analysis):
         "vhd": "mean over answer steps of ‖head output with the image − without‖ (before the output projection)",
         "vhd_prompt": "the same at the prompt's last position (the step that produces the first answer token)",
     }
-    params = {"images": None, "prompt": DEFAULT_PROMPT, "max_new_tokens": 16, "no_image": "drop", "squared": False,
-              "topk": 5}
+    Params = VHDParams
     sample_tables = ("steps",)
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["no_image"] not in NO_IMAGE:
-            raise ValueError(f"no_image {p['no_image']!r}: choose from {', '.join(NO_IMAGE)}")
-        if p["max_new_tokens"] < 1 or p["topk"] < 1:
-            raise ValueError("max_new_tokens and topk must be ≥ 1")
-        return p
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))
@@ -102,6 +110,15 @@ class VHD(Analysis):
         top = result.top("vhd", k=5)
         return [f"construction without the image: {result.meta['params']['no_image']}",
                 "highest VHD: " + ", ".join(f"{r.layer}-{r.head} ({r.vhd:.3g})" for r in top.itertuples())]
+
+    def view(self, result) -> list:
+        """VHD per layer, and T-VHD along the generated text of the first samples."""
+        out = [score_by_layer(result.heads, "vhd")]
+        if "tvhd" in result.tables:
+            tvhd = result.tables["tvhd"]
+            out += [tvhd_along_text(tvhd, int(s)) for s in sorted(tvhd["sample"].unique())[:4]]
+        return out
+
 
 
 def image_free_inputs(model: Model, prompt: str, image, how: str) -> dict:
@@ -204,3 +221,16 @@ def vhr_generate(model: Model, prompt: str, image, *, alpha: float = 2.0, layers
     with mask_heads(model, [(lay, h) for lay, hs in chosen.items() for h in hs], mode="scale", factor=alpha):
         tokens = greedy(model, with_image, max_new_tokens)
     return tokens, chosen
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def tvhd_along_text(tvhd: pd.DataFrame, sample: int) -> go.Figure:
+    """T-VHD of each generated token of one sample (the `tvhd` table of a vhd run), in generation order."""
+    part = tvhd[tvhd["sample"] == sample].sort_values("step")
+    fig = go.Figure(go.Bar(x=[f"{s}: {t}" for s, t in zip(part["step"], part["token"])], y=part["tvhd"],
+                           hovertemplate="%{x}<br>T-VHD %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=f"T-VHD along the generated text, sample {sample}", xaxis_title="generated token",
+                      yaxis_title="T-VHD", template=TEMPLATE)
+    return fig

@@ -16,16 +16,21 @@ The run ends with pruning curves (`pruning` table): accuracy and loss when the k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
+from interp.app.figures import TEMPLATE, index_axis
 from interp.hooks import mask_heads, trace
 from interp.kernels import attention_tile
 from interp.layout import token_layout
 from interp.models import Model
 from interp.organisms.vit import dataset
+from interp.params import BATCH, CLS_RULE, IMAGES, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
@@ -33,6 +38,15 @@ from .images import BUILTIN_IMAGES, image_files, load_image
 
 ORGANISM = "organism-vit"
 EVAL_SEED = 2_000_003  # organism-vit's evaluation scenes: distinct from its training and test seeds
+
+
+@dataclass(frozen=True)
+class VitParams(Params):
+    analysis = "vit"
+    images: str | None = param(None, IMAGES)
+    cls_rule: str = param("renormalize", CLS_RULE)
+    batch: int = param(64, BATCH)
+    importance: bool = param(True, "measure each head's importance by pruning (classifiers)")
 
 
 class VitHeads(Analysis):
@@ -47,16 +61,8 @@ class VitHeads(Analysis):
         "accuracy_drop_mean": "accuracy lost (percentage points) with the head's output mean-ablated",
         "loss_rise_mean": "loss gained with the head's output mean-ablated",
     }
-    params = {"images": None, "cls_rule": "renormalize", "batch": 64, "importance": True}
+    Params = VitParams
     sample_tables = ("strength",)
-
-    def resolve(self, params: dict) -> dict:
-        p = super().resolve(params)
-        if p["cls_rule"] not in ("renormalize", "zero"):
-            raise ValueError(f"cls_rule {p['cls_rule']!r}: choose renormalize or zero")
-        if p["batch"] < 1:
-            raise ValueError("batch must be ≥ 1")
-        return p
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         cols = list(self.scores) if _classifier(model) and params["importance"] else ["distance", "distance_px"]
@@ -194,6 +200,17 @@ class VitHeads(Analysis):
                          f"(none pruned: {pruning[pruning['k'] == 0]['accuracy'].iloc[0]:.1f} %)")
         return lines
 
+    def view(self, result) -> list:
+        """Every head's attention distance by layer, the pruning curves, and attention strength against distance."""
+        t = result.tables
+        out = [distance_by_layer(result.heads)]
+        if "pruning" in t:
+            out.append(pruning_curves(t["pruning"]))
+        if "strength" in t:
+            out += [strength_by_distance(t["strength"], layer) for layer in sorted(t["strength"]["layer"].unique())]
+        return out
+
+
 
 def _classifier(model: Model) -> bool:
     """An image classifier with labels (its logits are class scores)."""
@@ -215,3 +232,41 @@ def _logits(model: Model, inputs: dict) -> torch.Tensor:
 def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of logits (B, C) against labels (B,)."""
     return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+
+
+# ---- figures of this analysis's view (also for notebooks)
+
+
+def distance_by_layer(heads: pd.DataFrame, column: str = "distance") -> go.Figure:
+    """Each head's mean attention distance at its layer (the ViT paper's Figure 11): one point per head."""
+    fig = go.Figure(go.Scatter(x=heads["layer"], y=heads[column], mode="markers", customdata=heads[["head"]],
+                               marker={"size": 8, "opacity": 0.7},
+                               hovertemplate="head %{x}-%{customdata[0]}<br>" + column + " %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=f"mean attention distance of every head ({column})", xaxis_title="layer",
+                      yaxis_title=column, template=TEMPLATE, xaxis=index_axis(heads["layer"]))
+    return fig
+
+
+def pruning_curves(pruning: pd.DataFrame) -> go.Figure:
+    """Accuracy as the k most (or least) important heads are pruned together (the `pruning` table)."""
+    fig = go.Figure()
+    for order, part in pruning.groupby("order", sort=False):
+        fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], mode="lines+markers", name=f"{order} important first",
+                                 customdata=part[["loss"]], hovertemplate="%{x} heads pruned<br>accuracy %{y:.1f} %"
+                                                                          "<br>loss %{customdata[0]:.3f}<extra></extra>"))
+    fig.update_layout(title="accuracy as heads are pruned", xaxis_title="heads pruned (k)", yaxis_title="accuracy (%)",
+                      template=TEMPLATE)
+    return fig
+
+
+def strength_by_distance(strength: pd.DataFrame, layer: int) -> go.Figure:
+    """Mean attention per key against grid distance for each head of one layer (the `strength` table)."""
+    rows = strength[strength["layer"] == layer]
+    w = rows["n_images"] if "n_images" in rows else pd.Series(1.0, index=rows.index)
+    part = rows.assign(wv=rows["per_key"] * w, w=w).groupby(["head", "distance"], as_index=False)[["wv", "w"]].sum()
+    part["per_key"] = part["wv"] / part["w"]  # weighted by each batch's images
+    fig = go.Figure([go.Scatter(x=g["distance"], y=g["per_key"], mode="lines+markers", name=f"head {head}")
+                     for head, g in part.groupby("head")])
+    fig.update_layout(title=f"attention strength against distance, layer {layer}", xaxis_title="distance (patches)",
+                      yaxis_title="mean attention per key", template=TEMPLATE)
+    return fig

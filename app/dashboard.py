@@ -16,28 +16,18 @@ from urllib.parse import parse_qs
 
 import dash
 import flask
-import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, State, ctx, dash_table, dcc, html
 
-from interp.analyses.circuits import circuit_column, tasks_of
-from interp.analyses.images import load_image
-from interp.analyses.tasks import task_label
 from interp.compare import rank_correlation, top_overlap
 from interp.files import confined
 from interp.results import ScoreResult
-from interp.store import Store, with_kept_inputs
+from interp.store import Store
 
 from . import figures
 from .attention import AttentionSource
 from .data import RunCatalog
 
-# The per-sample column that shows a heads-table score sample by sample, where the names differ.
-SAMPLE_SCORE = {"retrieval_score": "score", "sink_rate": "first_token_mass", "any_sink_rate": "top_key_mass",
-                "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
-DESCRIBE = ("input", "length", "depth", "accepted", "rouge1_recall", "n_tokens", "response", "task", "n", "clean_ld",
-            "corrupt_ld")
 TOP_K = 20
 REFRESH_MS = 10_000  # the runs page re-reads the store this often (runs in progress move on)
 PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
@@ -179,9 +169,9 @@ class Dashboard:
         result = self.catalog.result(run_id)
         hmap = figures.head_map(result.heads, score, title=f"{score} — {result.meta['model']['name']}",
                                 selected=(layer, head))
-        per_sample = _per_sample(score, result.samples.columns)
         try:
-            bars = figures.sample_scores(result.samples, layer, head, per_sample, selected=sample, describe=DESCRIBE)
+            bars = figures.sample_scores(result.samples, layer, head, result.sample_column(score), selected=sample,
+                                         describe=result.describe)
         except ValueError as e:
             bars = error_figure(str(e))
         row = result.heads[(result.heads["layer"] == layer) & (result.heads["head"] == head)]
@@ -220,108 +210,14 @@ class Dashboard:
     # ---- the analysis's own view
 
     def analysis_view(self, result: ScoreResult) -> list:
-        """Figures particular to the run's analysis (retrieval grid and masking; sinks per layer, massive
-        activations, high-norm and visual sink tokens; taxonomy scores per layer and the ablation test; ViT
-        distances, pruning curves and strength against distance; VHD per layer and T-VHD along the generated text);
-        the layer profile of the first score otherwise."""
-        graphs = []
-        t = result.tables
+        """The analysis's own view of the run (`ScoreResult.view`: its figures and notes), in the tab's grid."""
         try:
-            if result.analysis == "retrieval":
-                graphs += [figures.retrieval_grid(result.samples), figures.retrieval_grid(result.samples, "rouge1_recall")]
-                if "masking" in t:
-                    graphs.append(figures.masking_bars(t["masking"]))
-            if result.analysis == "sinks":
-                if "sink_rates" in t:
-                    graphs.append(figures.sink_rates_by_layer(t["sink_rates"]))
-                graphs.append(figures.score_by_layer(result.heads, "first_token_mass"))
-                if "massive_layers" in t:
-                    graphs.append(figures.massive_activations(t["massive_layers"]))
-                if "norm_histogram" in t:
-                    fit = t.get("high_norm_fit")
-                    graphs.append(figures.norm_histogram(t["norm_histogram"], None if fit is None else
-                                                         fit["threshold"].iloc[0]))
-                if "visual_sinks" in t:
-                    graphs.append(figures.visual_sinks_by_layer(t["visual_sinks"]))
-                graphs += self._token_grids(result)
-            if result.analysis == "taxonomy":
-                graphs += [figures.score_by_layer(result.heads, s) for s in result.scores if s != "distance_px"]
-                if "ablation" in t:
-                    graphs.append(figures.ablation_bars(t["ablation"]))
-            if result.analysis == "vit":
-                graphs.append(figures.distance_by_layer(result.heads))
-                if "pruning" in t:
-                    graphs.append(figures.pruning_curves(t["pruning"]))
-                if "strength" in t:
-                    graphs += [figures.strength_by_distance(t["strength"], layer)
-                               for layer in sorted(t["strength"]["layer"].unique())]
-            if result.analysis == "vhd":
-                graphs.append(figures.score_by_layer(result.heads, "vhd"))
-                if "tvhd" in t:
-                    graphs += [figures.tvhd_along_text(t["tvhd"], int(s)) for s in sorted(t["tvhd"]["sample"].unique())[:4]]
-            if result.analysis == "circuits":
-                graphs += self._circuits_view(result)
-            if result.analysis not in ("retrieval", "sinks", "taxonomy", "vit", "vhd", "circuits"):
-                graphs.append(figures.score_by_layer(result.heads, result.scores[0]))
+            items = result.view()
         except Exception as e:  # noqa: BLE001  (one bad table does not hide the rest of the run)
-            return [html.Div(f"this view cannot be drawn: {e}", style={**ERROR, "gridColumn": "1 / -1"})] + [dcc.Graph(figure=g) for g in graphs
-                                                                                  if isinstance(g, go.Figure)]
-        return [dcc.Graph(figure=g, style={"height": "440px"}) if isinstance(g, go.Figure) else _full_width(g)
-                for g in graphs]
-
-    def _circuits_view(self, result: ScoreResult) -> list:
-        """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
-        how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
-        t, params = result.tables, result.meta["params"]
-        tasks = [task_label(task) for task in tasks_of(params)]
-        out: list = []
-        for task in tasks:
-            heads = t["circuit"][t["circuit"]["task"] == task]
-            text = ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()) or "none"
-            out.append(html.P(f"{task}: circuit of {len(heads)} heads by {circuit_column(params, task)}: {text}"))
-        for r in t.get("overlap", pd.DataFrame()).itertuples():
-            link = (f"/compare?a={result.id}&b={result.id}&sa={circuit_column(params, r.task_a)}"
-                    f"&sb={circuit_column(params, r.task_b)}&k={max(r.heads_a, r.heads_b)}&abs=1")
-            out.append(html.P([f"overlap {r.task_a} / {r.task_b}: {r.shared} heads shared ({r.shared_heads or 'none'}) · "
-                               f"Jaccard {r.jaccard:.2f} · of the smaller {r.of_smaller:.2f} · Spearman ρ of all heads "
-                               f"{r.rank_correlation:.2f} · ", html.A("compare them", href=link)]))
-        for r in t.get("agreement", pd.DataFrame()).itertuples():
-            out.append(html.P(f"{r.task}: {r.method} vs {r.reference}: Spearman ρ {r.rank_correlation:.2f} of |effect|, "
-                              f"{r.shared} of the top {r.k} shared"))
-        if "faithfulness" in t:
-            out.append(figures.faithfulness_curves(t["faithfulness"]))
-        if "positions" in t:
-            for task in tasks:
-                heads = t["circuit"][t["circuit"]["task"] == task]
-                first = t["positions"][t["positions"]["task"] == task]["sample"].min()
-                if len(heads) and pd.notna(first):
-                    out.append(figures.position_effects(t["positions"], int(first),
-                                                        list(zip(heads["layer"], heads["head"]))))
-        return out
-
-    def _token_grids(self, result: ScoreResult) -> list[go.Figure]:
-        """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
-        out = []
-        plan = with_kept_inputs(result.meta, result.path)["plan"] if result.path else result.meta["plan"]
-        for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
-            if table not in result.tables:
-                continue
-            d = result.tables[table]
-            layer = d["layer"].max() if table == "norms" else _busiest_layer(d, result.meta["params"]["tau"])
-            rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
-                     d["segment"].isin(["image", "high_norm", "visual_sink"])].sort_values("position")
-            side = int(round(len(rows) ** 0.5))
-            if side * side != len(rows) or not side:
-                continue  # not a square grid: drawn only as the per-layer counts
-            sample = int(d["sample"].min())
-            try:
-                image = np.asarray(load_image(plan[sample]["image"]).convert("RGB"))
-            except (ValueError, KeyError):
-                image = None
-            what = "high-norm tokens" if table == "norms" else f"visual sink tokens (φ > τ) at layer {layer}"
-            out.append(figures.grid_overlay(rows[value].to_numpy(float).reshape(side, side), image,
-                                            title=f"sample {sample}: {what}", label=label, colorscale="Magma"))
-        return out
+            return [_full_width(html.Div(f"this view cannot be drawn: {e}", style=ERROR))]
+        return [dcc.Graph(figure=item, style={"height": "440px"}) if isinstance(item, go.Figure) else
+                _full_width(html.P([item.text, *([html.A(item.link[0], href=item.link[1])] if item.link else [])]))
+                for item in items]
 
     # ---- compare
 
@@ -536,23 +432,6 @@ def _sample_label(i: int, entry: dict) -> str:
     parts = [f"{k} {v}" for k, v in entry.items()
              if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 20)]
     return f"{i}: " + ", ".join(parts[:5])
-
-
-def _per_sample(score: str, columns) -> str:
-    """The samples-table column behind a heads-table score: itself, a known stand-in, or the method a circuits
-    score ends with (`ioi_patching` -> `patching`: the per-sample change of the logit difference)."""
-    if score in columns:
-        return score
-    if score in SAMPLE_SCORE:
-        return SAMPLE_SCORE[score]
-    return next((c for c in sorted(columns, key=len, reverse=True) if score.endswith("_" + c)), score)
-
-
-def _busiest_layer(phi: pd.DataFrame, tau: float) -> int:
-    """The layer with the most image tokens above τ."""
-    image = phi[phi["segment"] == "image"]
-    counts = (image["phi"] > tau).groupby(image["layer"]).sum()
-    return int(counts.idxmax()) if len(counts) else int(phi["layer"].min())
 
 
 def _zoom(relayout: dict | None, region: dict | None) -> dict | None:

@@ -1,10 +1,13 @@
-"""Plotly figure builders, shared by the dashboard and the notebooks (and `ScoreResult.plot`).
+"""The generic plotly figure builders (head map, attention map, grid overlay, per-layer profile, comparison),
+shared by the dashboard, the analyses' own views and the notebooks (and `ScoreResult.plot`).
 
 Every builder takes tables (pandas) or small arrays and returns a `plotly.graph_objects.Figure`; none reads
 the store or touches a model, so a notebook draws exactly what the dashboard shows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -165,31 +168,8 @@ def compare_scatter(a: pd.DataFrame, score_a: str, b: pd.DataFrame, score_b: str
     return fig
 
 
-def retrieval_grid(samples: pd.DataFrame, value: str = "accepted") -> go.Figure:
-    """NIAH accuracy (or mean `value`) per needle depth × context length, one value per sample."""
-    per = samples.drop_duplicates("sample")
-    grid = per.groupby(["depth", "length"])[value].mean().unstack("length").sort_index()
-    z = grid.to_numpy(float) * (100 if value == "accepted" else 1)
-    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in grid.columns], y=[f"{d:g}%" for d in grid.index],
-                               colorscale="RdYlGn", zmin=0, zmax=100 if value == "accepted" else None,
-                               text=np.round(z, 1), texttemplate="%{text}",
-                               colorbar={"title": "% accepted" if value == "accepted" else value},
-                               hovertemplate="depth %{y}, length %{x}<br>%{z:.1f}<extra></extra>"))
-    fig.update_layout(title="needle retrieval by depth × length" + ("" if value == "accepted" else f" ({value})"),
-                      xaxis_title="context length (tokens)", yaxis_title="needle depth", template=TEMPLATE,
-                      xaxis={"type": "category"}, yaxis={"type": "category", "autorange": "reversed"})
-    return fig
 
 
-def masking_bars(masking: pd.DataFrame) -> go.Figure:
-    """The masking test: NIAH score with the top-k retrieval heads knocked out against k random heads."""
-    fig = go.Figure()
-    for condition, part in masking.groupby("condition", sort=False):
-        fig.add_trace(go.Bar(x=[str(k) for k in part["k"]], y=part["niah_score"], name=str(condition)))
-    mode = masking["mode"].iloc[0] if "mode" in masking else ""
-    fig.update_layout(title=f"masking test ({mode})", xaxis_title="heads masked (k)", yaxis_title="NIAH score",
-                      barmode="group", template=TEMPLATE)
-    return fig
 
 
 def index_axis(values) -> dict:
@@ -218,147 +198,9 @@ def score_by_layer(heads: pd.DataFrame, score: str) -> go.Figure:
     return fig
 
 
-def sink_rates_by_layer(rates: pd.DataFrame) -> go.Figure:
-    """Sink_ε per layer for each input kind (the `sink_rates` table of a sinks run)."""
-    per_layer = rates[rates["layer"] >= 0]
-    fig = go.Figure()
-    for kind, part in per_layer.groupby("input", sort=False):
-        fig.add_trace(go.Scatter(x=part["layer"], y=part["first_token"], mode="lines+markers",
-                                 name=f"{kind}, first token"))
-        fig.add_trace(go.Scatter(x=part["layer"], y=part["any_token"], mode="lines", line={"dash": "dot"},
-                                 name=f"{kind}, any token"))
-    fig.update_layout(title="attention-sink rate per layer (Sink_ε, % of heads × samples)", xaxis_title="layer",
-                      yaxis_title="%", template=TEMPLATE, xaxis=index_axis(per_layer["layer"]))
-    return fig
+@dataclass(frozen=True)
+class Note:
+    """A line of text in an analysis's view, with an optional link (label, href); drawn across the view."""
 
-
-def massive_activations(layers: pd.DataFrame) -> go.Figure:
-    """The largest |activation| of each layer's output against the layer median (log scale), with the
-    dimension and token that hold it (the `massive_layers` table of a sinks run)."""
-    hover = "layer %{x}<br>|x| %{y:.4g}<br>dim %{customdata[0]}, token “%{customdata[1]}”<extra></extra>"
-    fig = go.Figure([
-        go.Bar(x=layers["layer"], y=layers["top_abs"], name="largest |x|", hovertemplate=hover,
-               customdata=layers[["top_dim", "top_token"]].to_numpy()),
-        go.Scatter(x=layers["layer"], y=layers["median"].abs(), mode="lines+markers", name="median |x|"),
-    ])
-    fig.update_layout(title="massive activations per layer", xaxis_title="layer", yaxis_title="|activation|",
-                      yaxis_type="log", template=TEMPLATE, xaxis=index_axis(layers["layer"]))
-    return fig
-
-
-def norm_histogram(hist: pd.DataFrame, threshold: float | None = None) -> go.Figure:
-    """The last layer's token norms of a ViT (from the `norm_histogram` table), with the high-norm threshold."""
-    last = hist[hist["layer"] == hist["layer"].max()]
-    fig = go.Figure(go.Bar(x=(last["low"] + last["high"]) / 2, y=last["count"], name="tokens",
-                           width=(last["high"] - last["low"]).to_numpy()))
-    if threshold is not None:
-        fig.add_vline(x=threshold, line={"color": "#e4572e", "dash": "dash"}, annotation_text="high-norm threshold")
-    fig.update_layout(title=f"output token norms, layer {int(last['layer'].iloc[0])}", xaxis_title="‖x‖",
-                      yaxis_title="tokens", template=TEMPLATE)
-    return fig
-
-
-def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
-    """Share of image tokens that are visual sinks (φ > τ) per layer (the `visual_sinks` table)."""
-    fig = go.Figure(go.Bar(x=table["layer"], y=table["percent_of_image"], customdata=table[["visual_sinks",
-                           "image_tokens"]].to_numpy(), hovertemplate="layer %{x}: %{y:.1f}% (%{customdata[0]} of "
-                                                                      "%{customdata[1]} image tokens)<extra></extra>"))
-    fig.update_layout(title="visual sink tokens per layer", xaxis_title="layer", yaxis_title="% of image tokens",
-                      template=TEMPLATE, xaxis=index_axis(table["layer"]))
-    return fig
-
-
-def distance_by_layer(heads: pd.DataFrame, column: str = "distance") -> go.Figure:
-    """Each head's mean attention distance at its layer (the ViT paper's Figure 11): one point per head."""
-    fig = go.Figure(go.Scatter(x=heads["layer"], y=heads[column], mode="markers", customdata=heads[["head"]],
-                               marker={"size": 8, "opacity": 0.7},
-                               hovertemplate="head %{x}-%{customdata[0]}<br>" + column + " %{y:.3g}<extra></extra>"))
-    fig.update_layout(title=f"mean attention distance of every head ({column})", xaxis_title="layer",
-                      yaxis_title=column, template=TEMPLATE, xaxis=index_axis(heads["layer"]))
-    return fig
-
-
-def pruning_curves(pruning: pd.DataFrame) -> go.Figure:
-    """Accuracy as the k most (or least) important heads are pruned together (the `pruning` table)."""
-    fig = go.Figure()
-    for order, part in pruning.groupby("order", sort=False):
-        fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], mode="lines+markers", name=f"{order} important first",
-                                 customdata=part[["loss"]], hovertemplate="%{x} heads pruned<br>accuracy %{y:.1f} %"
-                                                                          "<br>loss %{customdata[0]:.3f}<extra></extra>"))
-    fig.update_layout(title="accuracy as heads are pruned", xaxis_title="heads pruned (k)", yaxis_title="accuracy (%)",
-                      template=TEMPLATE)
-    return fig
-
-
-def strength_by_distance(strength: pd.DataFrame, layer: int) -> go.Figure:
-    """Mean attention per key against grid distance for each head of one layer (the `strength` table)."""
-    rows = strength[strength["layer"] == layer]
-    w = rows["n_images"] if "n_images" in rows else pd.Series(1.0, index=rows.index)
-    part = rows.assign(wv=rows["per_key"] * w, w=w).groupby(["head", "distance"], as_index=False)[["wv", "w"]].sum()
-    part["per_key"] = part["wv"] / part["w"]  # weighted by each batch's images
-    fig = go.Figure([go.Scatter(x=g["distance"], y=g["per_key"], mode="lines+markers", name=f"head {head}")
-                     for head, g in part.groupby("head")])
-    fig.update_layout(title=f"attention strength against distance, layer {layer}", xaxis_title="distance (patches)",
-                      yaxis_title="mean attention per key", template=TEMPLATE)
-    return fig
-
-
-def ablation_bars(ablation: pd.DataFrame) -> go.Figure:
-    """Loss on the repeated half with heads ablated (the taxonomy's `ablation` table)."""
-    fig = go.Figure([go.Bar(x=ablation["condition"], y=ablation[col], name=name)
-                     for col, name in (("loss_first", "first copy"), ("loss_repeated", "repeated copy"))])
-    mode = ablation["mode"].iloc[0] if "mode" in ablation else ""
-    fig.update_layout(title=f"next-token loss with heads ablated ({mode})", xaxis_title="heads ablated",
-                      yaxis_title="loss (nats)", barmode="group", template=TEMPLATE)
-    return fig
-
-
-def tvhd_along_text(tvhd: pd.DataFrame, sample: int) -> go.Figure:
-    """T-VHD of each generated token of one sample (the `tvhd` table of a vhd run), in generation order."""
-    part = tvhd[tvhd["sample"] == sample].sort_values("step")
-    fig = go.Figure(go.Bar(x=[f"{s}: {t}" for s, t in zip(part["step"], part["token"])], y=part["tvhd"],
-                           hovertemplate="%{x}<br>T-VHD %{y:.4g}<extra></extra>"))
-    fig.update_layout(title=f"T-VHD along the generated text, sample {sample}", xaxis_title="generated token",
-                      yaxis_title="T-VHD", template=TEMPLATE)
-    return fig
-
-
-def faithfulness_curves(faith: pd.DataFrame) -> go.Figure:
-    """Logit difference kept (% of the clean model's) against circuit size, per task, with every head outside the
-    circuit mean-ablated (the `faithfulness` table of a circuits run); the chosen circuit marked."""
-    fig = go.Figure()
-    for task, part in faith.groupby("task", sort=False):
-        part = part.sort_values("heads")
-        fig.add_trace(go.Scatter(x=part["heads"], y=100 * part["recovered"], mode="lines+markers", name=str(task),
-                                 customdata=part[["percent", "ld", "top1"]].to_numpy(),
-                                 hovertemplate="%{x} heads (%{customdata[0]:.1f} %)<br>kept %{y:.1f} %<br>logit diff "
-                                               "%{customdata[1]:.3f}<br>top-1 %{customdata[2]:.2f}<extra></extra>"))
-        chosen = part[part["circuit"]]
-        fig.add_trace(go.Scatter(x=chosen["heads"], y=100 * chosen["recovered"], mode="markers", showlegend=False,
-                                 marker={"size": 14, "symbol": "star", "color": "#e4572e"},
-                                 hovertemplate=f"{task}: the circuit<extra></extra>"))
-    fig.add_hline(y=100, line={"dash": "dot", "color": "#888"})
-    fig.update_layout(title="faithfulness: logit difference kept with only the top heads (the rest mean-ablated)",
-                      xaxis_title="heads kept (by |effect|)", yaxis_title="% of the clean logit difference",
-                      xaxis={"type": "log"}, template=TEMPLATE)
-    return fig
-
-
-def position_effects(positions: pd.DataFrame, sample: int, heads: list[tuple[int, int]], value: str = "eap") -> go.Figure:
-    """Each chosen head's effect at each position of one sample's first prompt (the `positions` table of a circuits
-    run: `eap` always, `patching` with per_position), heads × tokens, diverging around 0."""
-    part = positions[positions["sample"] == sample]
-    if part.empty:
-        raise ValueError(f"no positions for sample {sample}")
-    tokens = part.drop_duplicates("position").sort_values("position")["token"].tolist()
-    z = np.array([part[(part["layer"] == layer) & (part["head"] == head)].sort_values("position")[value].to_numpy(float)
-                  for layer, head in heads])
-    labels = [f"{layer}.{head}" for layer, head in heads]
-    bound = float(np.nanmax(np.abs(z))) if z.size else 1.0
-    fig = go.Figure(go.Heatmap(z=z, x=[f"{i}: {t}" for i, t in enumerate(tokens)], y=labels, colorscale=DIVERGING,
-                               zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": value},
-                               hovertemplate="head %{y}<br>token %{x}<br>" + value + " %{z:.4g}<extra></extra>"))
-    fig.update_layout(title=f"sample {sample}: {value} of each head at each position (Δ logit difference)",
-                      xaxis_title="position: token (first prompt)", yaxis_title="head",
-                      yaxis={"autorange": "reversed", "type": "category"}, template=TEMPLATE)
-    return fig
+    text: str
+    link: tuple[str, str] | None = None

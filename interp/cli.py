@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
+from .params import base_type, cli_flag, help_text, parse
 from .store import EXPORT_FORMATS, TABLES, Store
 
 if TYPE_CHECKING:
@@ -25,76 +26,6 @@ if TYPE_CHECKING:
 # the commands themselves, so that `runs`, `show`, `export` and `models` start fast.
 
 DEFAULT_TOP = 10
-
-
-def _list_of(kind):
-    """An argparse type for comma-separated values of `kind`."""
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated {kind.__name__} values") from None
-    return parse
-
-
-_ints, _floats = _list_of(int), _list_of(float)
-
-
-# Analysis parameters settable from the command line: (flag, parameter, type, metavar, help).
-PARAM_FLAGS = (
-    ("--prompts", "prompts", str, "FILE", "summary, sinks: prompts file, one per line (or .jsonl with \"text\")"),
-    ("--lengths", "lengths", _ints, "N,N", "retrieval: context lengths in tokens, e.g. 1000,2000,4000"),
-    ("--depths", "depths", _floats, "P,P", "retrieval: needle depths in percent (default 0,25,50,75,100)"),
-    ("--needles", "needles", str, "FILE", "retrieval: JSONL file of {\"needle\", \"question\", \"answer\"}"),
-    ("--n-needles", "n_needles", int, "N", "retrieval: use the first N needles"),
-    ("--haystack", "haystack", str, "FILE", "retrieval: text file for the haystack (default: generated filler)"),
-    ("--template", "template", str, "TEXT", "retrieval: prompt with {context} and {question} (default: chat template)"),
-    ("--max-new-tokens", "max_new_tokens", int, "N", "retrieval, vhd: longest answer (default 50; vhd 16)"),
-    ("--threshold", "threshold", float, "X", "retrieval: retrieval-head threshold (default 0.1); circuits: a circuit is "
-     "every head with |effect| >= X (instead of --circuit-percent)"),
-    ("--score-rule", "score_rule", str, "RULE", "retrieval: code (default) or paper"),
-    ("--mask-k", "mask_k", _ints, "K,K", "retrieval: head counts for the masking test (default 5 %% of heads; 0 skips)"),
-    ("--mask-mode", "mask_mode", str, "MODE", "retrieval: uniform (default) or zero"),
-    ("--mask-prefill", "mask_prefill", bool, None,
-     "retrieval: mask the heads in the prompt's forward too (default: in decode steps only, as the reference code)"),
-    ("--preset", "preset", str, "NAME", "sinks: gu (T = 64, 100 sequences per input kind; default) or long"),
-    ("--inputs", "inputs", str, "K,K", "sinks: natural,random,repeated (default all three for text models)"),
-    ("--epsilon", "epsilon", float, "X", "sinks: Sink_eps threshold (default 0.3)"),
-    ("--any-min-queries", "any_min_queries", int, "N", "sinks: any-token sinks count keys seen by >= N queries (16)"),
-    ("--images", "images", str, "PATH", "sinks, taxonomy, vit: an image file or folder (default: built-in scenes)"),
-    ("--prompt", "prompt", str, "TEXT", "sinks, vhd: the question asked about each image (vision-language models)"),
-    ("--top-activations", "top_activations", int, "N", "sinks: largest residual entries kept per layer (8)"),
-    ("--massive-min", "massive_min", float, "X", "sinks: massive activations exceed X (default 100)"),
-    ("--massive-ratio", "massive_ratio", float, "X", "sinks: ... and X times the layer median (default 1000)"),
-    ("--norm-threshold", "norm_threshold", float, "X", "sinks: ViT high-norm threshold (default: fitted valley)"),
-    ("--sink-dims", "sink_dims", _ints, "D,D", "sinks: sink dimensions (default: the first token's massive dims)"),
-    ("--half", "half", int, "T", "taxonomy: length of the repeated random sequence (default 128, or what fits)"),
-    ("--cls-rule", "cls_rule", str, "RULE", "taxonomy, vit: renormalize (default, the ViT paper) or zero"),
-    ("--last-queries", "last_queries", int, "N", "taxonomy: queries whose attention decides the sparse pattern (64)"),
-    ("--budget", "budget", float, "F", "taxonomy: keys kept per query by each sparse pattern, fraction (0.1)"),
-    ("--block", "block", int, "N", "taxonomy: block-sparse block size in keys (64)"),
-    ("--dense-below", "dense_below", float, "F", "taxonomy: a head is dense when no pattern keeps F of the mass (0.8)"),
-    ("--ablate-k", "ablate_k", int, "K", "taxonomy: induction heads ablated in the loss test (default 5 %% of heads)"),
-    ("--ablate-mode", "ablate_mode", str, "MODE", "taxonomy: zero (default) or uniform"),
-    ("--ablate-draws", "ablate_draws", int, "N", "taxonomy: random-head controls in the loss test (3)"),
-    ("--batch", "batch", int, "N", "vit: images per sample (batch) of the evaluation set (64); circuits: prompts per "
-     "sample (16)"),
-    ("--no-image", "no_image", str, "HOW", "vhd: the image-free input: drop (default: leave the image tokens out), blank or mean"),
-    ("--topk", "topk", int, "K", "vhd: heads per layer summed into T-VHD (5)"),
-    ("--tasks", "tasks", str, "T,T", "circuits: ioi, colored-objects and/or .jsonl task files (default both built-ins)"),
-    ("--methods", "methods", str, "M,M", "circuits: patching, eap, eap-ig, path (default patching,eap)"),
-    ("--ioi-corruption", "ioi_corruption", str, "HOW", "circuits: abc (three other names; default) or swap (IO at S2)"),
-    ("--circuit-percent", "circuit_percent", float, "P", "circuits: the circuit is the top P %% of heads (default 2)"),
-    ("--circuit-by", "circuit_by", str, "M", "circuits: the method whose effect chooses the circuit (default patching)"),
-    ("--ig-steps", "ig_steps", int, "N", "circuits: EAP-IG interpolation steps (default 5)"),
-    ("--per-position", "per_position", bool, None, "circuits: also patch each head at each position"),
-    ("--faithfulness-percents", "faithfulness_percents", str, "P,P",
-     "circuits: circuit sizes (%% of heads) whose faithfulness is measured too (default 1,2,5,10,20,50)"),
-    ("--tau", "tau", float, "X", "sinks: phi threshold for sink tokens (default 20)"),
-    ("--rho", "rho", float, "X", "sinks: image-centric visual-sink share threshold (default 0.5)"),
-    ("--min-image-attention", "min_image_attention", float, "X", "sinks: image-centric heads' image attention (0.2)"),
-    ("--image-centric-rule", "image_centric_rule", str, "RULE", "sinks: code (portion <= rho; default) or paper"),
-)
 
 
 class UsageError(ValueError):
@@ -257,10 +188,11 @@ def _score(args) -> int:
         raise UsageError(str(e)) from None
     if not analyses:
         raise UsageError(f"--analysis: name at least one of {', '.join(ANALYSES)}")
-    given = {param: getattr(args, param) for _, param, *_ in PARAM_FLAGS if getattr(args, param) is not None}
+    given = {name: getattr(args, name) for a in ANALYSES.values() for name in a.params
+             if getattr(args, name) is not None}
     for key in given:
         if not any(key in a.params for a in analyses):
-            raise UsageError(f"--{key} applies to none of {', '.join(names)}")
+            raise UsageError(f"--{key.replace('_', '-')} applies to none of {', '.join(names)}")
     if args.samples is not None and args.samples > MAX_SAMPLES:
         raise UsageError(f"--samples {args.samples}: give at most {MAX_SAMPLES:,}")
     layers = _indices(args.layers, "layers") if args.layers is not None else None  # "" is refused, not "all"
@@ -402,14 +334,46 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="finish the newest incomplete run with the same settings, or the run RUN")
-    for flag, param, kind, metavar, text in PARAM_FLAGS:
-        if kind is bool:
-            p.add_argument(flag, dest=param, action="store_const", const=True, help=text)
-        else:
-            p.add_argument(flag, dest=param, type=kind, metavar=metavar, help=text)
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
+    _parameter_flags(p, ANALYSES)
     p.set_defaults(func=_score)
+
+
+def _parameter_flags(p: argparse.ArgumentParser, analyses: dict) -> None:
+    """The analyses' parameters as flags, built from their parameter dataclasses: one group per analysis, and one
+    for the names several analyses declare. Such a name is one flag with one meaning (its spec is the same in
+    each; only the defaults differ) and it feeds every selected analysis that takes it."""
+    declared: dict[str, list] = {}
+    for a in analyses.values():
+        for name, (spec, kind, default) in a.Params.specs().items():
+            declared.setdefault(name, []).append((a.name, spec, kind, default))
+    groups = {a: p.add_argument_group(f"{a} parameters") for a in analyses}
+    shared = p.add_argument_group("parameters of several analyses")
+    for name, entries in declared.items():
+        owners = [owner for owner, *_ in entries]
+        _, spec, kind, _ = entries[0]
+        text = help_text(spec, {owner: default for owner, _, _, default in entries})
+        group = groups[owners[0]] if len(owners) == 1 else shared
+        if len(owners) > 1:
+            text = f"{', '.join(owners)}: {text}"
+        if base_type(kind)[0] is bool:
+            group.add_argument(cli_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        else:
+            group.add_argument(cli_flag(name), dest=name, type=_parameter_type(name, kind), metavar=spec.metavar,
+                               help=text)
+
+
+def _parameter_type(name: str, kind):
+    """An argparse type parsing a flag's text as the parameter's annotation asks (a malformed value: exit 2)."""
+    def convert(text: str):
+        try:
+            return parse(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    convert.__name__ = name
+    return convert
 
 
 LIGHT_COMMANDS = ("runs", "show", "export", "models", "app")  # read the store or the catalog: start fast
@@ -464,7 +428,7 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--image", help="an image file (vision-language models)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default 32)")
     p.add_argument("--vhr", type=float, metavar="ALPHA", help="reinforce vision-aware heads by ALPHA (the paper: 2)")
-    p.add_argument("--vhr-layers", type=_ints, metavar="L,L", help="layers VHR may reinforce (default 1 and the last 14)")
+    p.add_argument("--vhr-layers", type=_parameter_type("vhr_layers", list[int]), metavar="L,L", help="layers VHR may reinforce (default 1 and the last 14)")
     p.add_argument("--no-image", choices=("drop", "blank", "mean"), default="drop",
                    help="VHR's image-free input (default drop)")
     p.add_argument("--device", help="cpu, cuda, … (default cpu)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from .store import (EXPORT_FORMATS, TABLES, CorruptRunError, RunInfo, Store, read_meta, read_parts, read_table,  # noqa: F401
-                    write_parquet, write_text)
+                    with_kept_inputs, write_parquet, write_text)
 
 
 
@@ -77,6 +77,37 @@ class ScoreResult:
         ranked = self.heads.dropna(subset=[score]).sort_values(score, ascending=ascending, kind="stable",
                                                                key=abs if signed else None)
         return ranked[cols].head(k).reset_index(drop=True)
+
+    def sample_column(self, score: str) -> str:
+        """The samples-table column that shows `score` sample by sample (as the run recorded it; for a run written
+        before runs recorded it, as its analysis says)."""
+        recorded = self.meta.get("sample_columns")
+        if recorded is None:
+            from interp.analyses import ANALYSES
+
+            analysis = ANALYSES.get(self.analysis)
+            return analysis.sample_column(score) if analysis else score
+        return recorded.get(score, score)
+
+    @property
+    def describe(self) -> list[str]:
+        """The samples-table columns that say what a sample is (recorded by the run, else its analysis's)."""
+        if "describe" in self.meta:
+            return list(self.meta["describe"])
+        from interp.analyses import ANALYSES
+
+        return list(getattr(ANALYSES.get(self.analysis), "describe", ()))
+
+    @property
+    def kept_plan(self) -> list[dict]:
+        """The plan with every user input (an image, a prompts file) at the run's own copy, where it kept one."""
+        return (with_kept_inputs(self.meta, self.path) if self.path is not None else self.meta)["plan"]
+
+    def view(self) -> list:
+        """The analysis's own figures and `Note`s for this run (the dashboard's analysis tab)."""
+        from interp.analyses import get_analysis
+
+        return get_analysis(self.analysis).view(self)
 
     def plot(self, score: str | None = None):
         """A layer × head heatmap of `score` (plotly Figure), the same figure the dashboard shows."""
@@ -150,7 +181,7 @@ def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = N
         heads = pd.DataFrame(columns=["layer", "head", "kv_head", *meta["scores"]])
         samples = pd.DataFrame(columns=["sample", "layer", "head", "kv_head"])
     else:
-        heads = analysis.aggregate(samples, meta["params"])
+        heads = analysis.aggregate(samples, analysis.Params.upgrade(meta["params"]))
     return ScoreResult(meta, heads, samples, path)
 
 

@@ -81,8 +81,8 @@ def score(
     if runs is not None and isinstance(resume, str):
         writer = runs.reopen(resume)
         _check_same_model(writer, identity)
-        options, params = Options.from_json(writer.meta["options"]), writer.meta["params"]
         an = get_analysis(writer.meta["analysis"])
+        options, params = Options.from_json(writer.meta["options"]), an.Params.upgrade(writer.meta["params"])
     elif runs is not None and resume:
         writer = _reopen_matching(runs, an.name, identity, options, params)
     if writer is not None:
@@ -90,7 +90,9 @@ def score(
     if writer is None:
         torch.manual_seed(seed)
         plan = an.plan(model, options, params)
-        meta = {"analysis": an.name, "scores": an.score_columns(model, params), "signed": bool(an.signed),
+        scores = an.score_columns(model, params)
+        meta = {"analysis": an.name, "scores": scores, "signed": bool(an.signed),
+                "sample_columns": {s: an.sample_column(s) for s in scores}, "describe": list(an.describe),
                 "model": identity, "options": options.to_json(), "params": params, "inputs": input_digests(params),
                 "plan": plan, "versions": versions()}
         if runs is None:

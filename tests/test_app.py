@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import interp
+from interp.analyses.retrieval import masking_bars, retrieval_grid
+from interp.analyses.taxonomy import ablation_bars
+from interp.analyses.vit import distance_by_layer, pruning_curves, strength_by_distance
 from interp.app import figures
 from interp.app.attention import AttentionSource
 from interp.app.dashboard import Dashboard, _zoom, make_app
@@ -61,7 +64,7 @@ def test_sample_scores_are_the_heads_rows():
 def test_retrieval_grid_is_the_share_of_accepted_samples():
     samples = pd.DataFrame({"sample": [0, 0, 1, 2, 3], "length": [100, 100, 100, 200, 100],
                             "depth": [0.0, 0.0, 0.0, 50.0, 50.0], "accepted": [True, True, False, True, False]})
-    fig = figures.retrieval_grid(samples)
+    fig = retrieval_grid(samples)
     z = np.array(fig.data[0].z, dtype=float)  # rows: depth 0, 50; columns: length 100, 200
     assert z[0, 0] == 50 and z[1, 0] == 0 and z[1, 1] == 100 and np.isnan(z[0, 1])
 
@@ -69,7 +72,7 @@ def test_retrieval_grid_is_the_share_of_accepted_samples():
 def test_masking_bars_group_conditions_by_k():
     masking = pd.DataFrame({"condition": ["none", "top", "random", "top", "random"], "k": [0, 2, 2, 4, 4],
                             "mode": "uniform", "niah_score": [90.0, 40.0, 85.0, 10.0, 80.0]})
-    fig = figures.masking_bars(masking)
+    fig = masking_bars(masking)
     bars = {t.name: (list(t.x), list(t.y)) for t in fig.data}
     assert bars == {"none": (["0"], [90.0]), "top": (["2", "4"], [40.0, 10.0]), "random": (["2", "4"], [85.0, 80.0])}
 
@@ -325,17 +328,17 @@ def test_vision_views_paint_tokens_over_the_image(tmp_path):
 def test_taxonomy_and_vit_figures():
     pruning = pd.DataFrame({"order": ["most", "least", "most", "least"], "k": [0, 0, 1, 1],
                             "accuracy": [90.0, 90.0, 40.0, 89.0], "loss": [0.3, 0.3, 1.5, 0.31]})
-    fig = figures.pruning_curves(pruning)
+    fig = pruning_curves(pruning)
     assert {t.name: list(t.y) for t in fig.data} == {"most important first": [90.0, 40.0],
                                                       "least important first": [90.0, 89.0]}
     strength = pd.DataFrame({"sample": [0, 1, 0, 1], "layer": 0, "head": 0, "distance": [0, 0, 1, 1],
                              "mass": 0.5, "per_key": [0.2, 0.4, 0.1, 0.3]})
-    assert list(figures.strength_by_distance(strength, 0).data[0].y) == pytest.approx([0.3, 0.2])
+    assert list(strength_by_distance(strength, 0).data[0].y) == pytest.approx([0.3, 0.2])
     ablation = pd.DataFrame({"condition": ["none", "induction"], "k": [0, 2], "mode": "zero",
                              "loss_first": [6.0, 6.1], "loss_repeated": [1.0, 5.0]})
-    assert list(figures.ablation_bars(ablation).data[1].y) == [1.0, 5.0]
+    assert list(ablation_bars(ablation).data[1].y) == [1.0, 5.0]
     heads = _heads(np.arange(12.0))
-    assert list(figures.distance_by_layer(heads, "s").data[0].y) == list(np.arange(12.0))
+    assert list(distance_by_layer(heads, "s").data[0].y) == list(np.arange(12.0))
 
 
 def test_requests_for_other_hosts_are_refused(app_store):
