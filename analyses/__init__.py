@@ -9,9 +9,12 @@ import pkgutil
 
 from .base import Analysis, NotApplicableError, Options
 
+# How the analyses are listed (`--help`, errors, the dashboard): these first, every other one after them by name.
+LISTED_FIRST = ("summary", "retrieval", "sinks", "taxonomy", "vit", "vhd", "circuits")
+
 
 def _registered() -> dict[str, Analysis]:
-    """One instance of every named Analysis subclass in this package's modules, by name (sorted)."""
+    """One instance of every named Analysis subclass in this package's modules, by name (in listing order)."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     found, todo = {}, list(Analysis.__subclasses__())
@@ -22,7 +25,8 @@ def _registered() -> dict[str, Analysis]:
             if cls.name in found:
                 raise RuntimeError(f"two analyses are called {cls.name!r}")
             found[cls.name] = cls()
-    return dict(sorted(found.items()))
+    rank = {name: i for i, name in enumerate(LISTED_FIRST)}
+    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
 ANALYSES: dict[str, Analysis] = _registered()

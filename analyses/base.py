@@ -9,14 +9,12 @@ per score).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 
 from interp.app.figures import score_by_layer
 from interp.families import FAMILIES
-from interp.files import MB, read_text
 from interp.models import Model
 from interp.params import Params
 from interp.progress import Progress
@@ -129,19 +127,6 @@ class Analysis:
     def report(self, result) -> list[str]:
         """Lines the CLI prints under the ranked tables (a `ScoreResult`'s headline numbers)."""
         return []
-
-
-USER_FILE_LIMIT = 256 * MB
-
-
-def read_user_file(path: str | Path, what: str) -> str:
-    """The text of a file the user named (prompts, haystack, needles), with a clear error when it cannot be read
-    (a FIFO, a device or a file over USER_FILE_LIMIT bytes included)."""
-    path = Path(path).expanduser()
-    try:
-        return read_text(path, USER_FILE_LIMIT)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {what} from {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def head_rows(layer: int, heads, kv_heads, **columns) -> pd.DataFrame:

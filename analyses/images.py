@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from interp.files import check_regular
 
-from .base import USER_FILE_LIMIT
+from .inputs import USER_FILE_LIMIT
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_IMAGES = 16

@@ -19,7 +19,7 @@ from interp.params import Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
-from .texts import TEXTS
+from .inputs import TEXTS
 
 
 @dataclass(frozen=True)

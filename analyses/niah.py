@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .base import read_user_file
+from .inputs import BASE_TEMPLATE, CHAT_MESSAGE, DATA, builtin_data, read_user_file
 
 
 @dataclass(frozen=True)
@@ -25,42 +25,14 @@ class Needle:
     answer: str
 
 
-NEEDLES = (
-    Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
-           "What is the best thing to do in San Francisco?", "eat a sandwich and sit in Dolores Park on a sunny day"),
-    Needle("The secret ingredient in grandmother's famous soup is a spoonful of smoked paprika.",
-           "What is the secret ingredient in grandmother's famous soup?", "a spoonful of smoked paprika"),
-    Needle("The name of the ship's cat was Admiral Biscuit, and he slept on the captain's map table.",
-           "What was the name of the ship's cat?", "Admiral Biscuit"),
-)
-
-# The prompt for models without a chat template (the reference code's wording, without its special tokens).
-BASE_TEMPLATE = ("This is a very long story book: <book> {context} </book>.\n"
-                 "Based on the content of the book, Question: {question}\nAnswer:")
-CHAT_MESSAGE = "This is a very long story book: <book> {context} </book>.\nBased on the content of the book, answer the question: {question}"
-
-_SUBJECTS = ("the old farmer", "a young painter", "the quiet librarian", "my neighbour", "the baker", "a tired student",
-             "the ship's cook", "an old fisherman", "the village teacher", "a travelling musician", "the gardener",
-             "her brother", "the night guard", "a curious child", "the mayor", "the postman")
-_VERBS = ("carried", "found", "repaired", "painted", "sold", "borrowed", "described", "remembered", "cleaned",
-          "forgot", "wrapped", "counted", "measured", "opened", "polished", "studied")
-_OBJECTS = ("a basket of apples", "the broken clock", "an empty bottle", "the wooden chair", "a pile of letters",
-            "the red umbrella", "a map of the coast", "the iron gate", "a box of candles", "the small boat",
-            "a bundle of firewood", "the blue notebook", "a jar of honey", "the garden fence", "an old photograph",
-            "the kitchen window")
-_WHEN = ("in the morning", "after lunch", "before the storm", "on a cold evening", "during the market",
-         "late at night", "at the end of summer", "while it was raining", "on Sunday", "before sunrise",
-         "after the long winter", "in the afternoon")
-_WHERE = ("near the harbour", "behind the church", "in the village square", "at the edge of the forest",
-          "by the river", "in the small shop", "on the hill", "under the bridge", "next to the mill",
-          "in the old barn", "at the station", "beside the lake")
+_FILLER = builtin_data("filler.json")  # subjects, verbs, objects, where, when
 
 
 def filler_sentences(seed: int):
     """An endless, reproducible stream of plain filler sentences (no download)."""
     rng = random.Random(seed)
     while True:
-        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_WHERE)} {rng.choice(_WHEN)}."
+        s = " ".join(rng.choice(_FILLER[part]) for part in ("subjects", "verbs", "objects", "where", "when")) + "."
         yield s[0].upper() + s[1:]
 
 
@@ -89,6 +61,9 @@ def read_needles(path: str | Path) -> list[Needle]:
     if not out:
         raise ValueError(f"{path} holds no needles")
     return out
+
+
+NEEDLES = tuple(read_needles(DATA / "needles.jsonl"))  # the built-in needles
 
 
 def rouge1_recall(reference: str, response: str) -> float:

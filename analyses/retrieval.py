@@ -25,58 +25,21 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from interp.app.figures import TEMPLATE
-from interp.hooks import generate, mask_heads
+from interp.hooks import mask_heads
 from interp.kernels import call_stats
 from interp.models import Model
 from interp.params import MAX_NEW_TOKENS, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
+from .inputs import ends_line, eos_ids, greedy
 from .niah import NEEDLES, Needle, build_prompt, file_sentences, filler_sentences, locate_answer, read_needles, rouge1_recall
 
 ACCEPT_RECALL = 0.5
 DEFAULT_MAX_TOKENS = 2048
 SCORE_RULES = ("code", "paper")
-
-
-class _StopAtNewline(StoppingCriteria):
-    """Stops greedy decoding once the last generated token contains a newline (batch of one)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.tensor([ends_line(self.tokenizer, int(input_ids[0, -1]))], device=input_ids.device)
-
-
-def ends_line(tokenizer, token: int) -> bool:
-    return "\n" in tokenizer.decode([token])
-
-
-def _eos_ids(model: Model) -> set[int]:
-    eos = getattr(model.hf.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-
-
-def greedy(model: Model, inputs: dict, max_new_tokens: int, probe=None, *, backend: str = "hf",
-           layers=None, heads=None) -> torch.Tensor:
-    """The generated token ids (T,), greedy with a KV cache, stopping after a newline or end of sequence; with a
-    probe, each step's attention calls stream to it (step t produces generated token t)."""
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList(
-        [_StopAtNewline(model.tokenizer)]), pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id)
-    n = inputs["input_ids"].shape[-1]
-    if probe is None:
-        model.check_length(n + max_new_tokens)
-        with torch.no_grad():
-            out = model.hf.generate(**inputs, **kwargs)
-    else:
-        out = generate(model, inputs, probe, backend=backend, layers=layers, heads=heads, **kwargs)
-    return out[0, n:].cpu()
 
 
 @dataclass(frozen=True)
@@ -250,7 +213,6 @@ class Retrieval(Analysis):
         return out
 
 
-
 def niah_inputs(model: Model, sample: dict, params: dict, seed: int) -> tuple[dict, tuple[int, int]]:
     """(model inputs, answer span (start, end) in the prompt's tokens) of one NIAH sample."""
     needle = Needle(sample["needle"], sample["question"], sample["answer"])
@@ -291,7 +253,7 @@ def paper_scores(eager: Model, inputs: dict, span: tuple[int, int], max_new_toke
     ids = inputs["input_ids"]
     prompt = ids[0]
     start, end = span
-    eos = _eos_ids(eager)
+    eos = eos_ids(eager)
     n_layers, (n_heads, _) = eager.n_layers(), eager.head_counts()
     score = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     out = []

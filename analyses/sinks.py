@@ -47,8 +47,7 @@ from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
-from .summary import read_prompts
-from .texts import TEXTS
+from .inputs import TEXTS, lvlm_prompt, plain_token_pool, read_prompts, special_tokens
 
 INPUT_KINDS = ("natural", "random", "repeated")
 PRESETS = {"gu": (64, 100), "long": (8192, 4)}  # (tokens, samples per input kind)
@@ -284,7 +283,6 @@ class Sinks(Analysis):
         return out + _token_grids(result)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -299,22 +297,6 @@ def _sizes(model: Model, options: Options, params: dict) -> tuple[int, int]:
     if n < 1:
         raise ValueError(f"--samples {n}: give at least 1")
     return tokens, n
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a text (BOS; [CLS] … [SEP])."""
-    plain = tokenizer("a b c", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a b c")["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return full[:i], full[i + len(plain):]
-    return [], []
-
-
-def plain_token_pool(tokenizer) -> list[int]:
-    """Every token id that is not a special token (for random-token inputs)."""
-    special = set(tokenizer.all_special_ids)
-    return [i for i in range(len(tokenizer)) if i not in special]
 
 
 _streams: dict[tuple, list[int]] = {}
@@ -356,16 +338,6 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
         inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
     ids = inputs["input_ids"][0].tolist()
     return inputs, [model.tokenizer.decode([i]) for i in ids]
-
-
-def lvlm_prompt(model: Model, prompt: str, image: bool = True) -> str:
-    """The prompt with one image (or none), through the processor's chat template when it has one."""
-    proc = model.processor
-    if getattr(proc, "chat_template", None):
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
-        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    token = getattr(proc, "image_token", None) or "<image>"
-    return f"{token}\n{prompt}" if image else prompt
 
 
 WANTED = ("key_mass", "key_count", "segment_mass")  # what every layer's probe asks of the kernels

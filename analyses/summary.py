@@ -8,10 +8,8 @@ itself, so its statistics say nothing about the head. Everything comes from the 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -22,31 +20,10 @@ from interp.models import Model
 from interp.params import PROMPTS, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows, read_user_file
-from .texts import TEXTS
+from .base import Analysis, Options, head_rows
+from .inputs import TEXTS, read_prompts
 
 DEFAULT_MAX_TOKENS = 512
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: JSON lines with a "text" field (`.jsonl`), else one prompt per non-empty line."""
-    path = Path(path).expanduser()
-    lines = [line for line in read_user_file(path, "prompts").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(lines, 1):
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
-            text = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}, line {n}: expected an object with a non-empty \"text\" string")
-            texts.append(text)
-        lines = texts
-    if not lines:
-        raise ValueError(f"{path} holds no prompts")
-    return lines
 
 
 @dataclass(frozen=True)

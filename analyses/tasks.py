@@ -19,35 +19,15 @@ from pathlib import Path
 
 from interp.models import Model
 
+from .inputs import builtin_data
+
 BUILTIN_TASKS = ("ioi", "colored-objects")
 IOI_CORRUPTIONS = ("abc", "swap")
 
-NAMES = (
-    "Mary", "John", "Alice", "Bob", "Sarah", "Michael", "James", "Emma", "David", "Anna", "Tom", "Lisa", "Paul",
-    "Laura", "Peter", "Kate", "Mark", "Rachel", "Daniel", "Jessica", "Robert", "Emily", "Steven", "Linda", "Kevin",
-    "Amy", "Brian", "Helen", "Eric", "Susan", "Jack", "Jane", "Adam", "Rose", "Simon", "Grace", "George", "Ruth",
-    "Frank", "Julia", "Henry", "Claire", "Chris", "Diana", "Sam", "Nancy", "Joe", "Alex", "Ben", "Lucy",
-)
-PLACES = ("store", "park", "school", "station", "garden", "market", "library", "beach", "office", "hospital",
-          "restaurant", "house")
-THINGS = ("drink", "book", "ring", "letter", "bag", "ball", "key", "gift", "pen", "card", "hat", "bottle")
-# {A} and {B} are the two names of the first clause (in either order); {S} is the subject who gives; the IO is the
-# name of {A}, {B} that is not {S}. The answer completes the prompt. Every name follows a space (one token).
-IOI_TEMPLATES = (
-    "When {A} and {B} went to the {place}, {S} gave a {thing} to",
-    "Then, {A} and {B} had a long day at the {place}. {S} gave a {thing} to",
-    "After {A} and {B} went to the {place}, {S} handed a {thing} to",
-    "While {A} and {B} were working at the {place}, {S} gave a {thing} to",
-    "Friends {A} and {B} found a {thing} at the {place}. {S} gave it to",
-    "Later, {A} and {B} went to the {place}. {S} passed a {thing} to",
-    "The {place} was busy when {A} and {B} arrived. {S} gave a {thing} to",
-    "Then, {A} and {B} were at the {place}. {S} decided to give a {thing} to",
-)
-
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "silver")
-OBJECTS = ("pen", "cup", "book", "key", "mug", "ball", "hat", "box", "lamp", "phone", "bag", "plate", "bowl",
-           "clock", "shoe", "card", "coin", "toy", "sock", "spoon")
-SURFACES = ("table", "desk", "floor", "shelf", "bed", "counter", "chair", "couch")
+_WORDS = builtin_data("tasks.json")
+NAMES, PLACES, THINGS = _WORDS["names"], _WORDS["places"], _WORDS["things"]
+IOI_TEMPLATES = _WORDS["ioi_templates"]  # {A}, {B}: the first clause's names; {S}: who gives; the IO: the other one
+COLORS, OBJECTS, SURFACES = _WORDS["colors"], _WORDS["objects"], _WORDS["surfaces"]
 
 
 @dataclass(frozen=True)

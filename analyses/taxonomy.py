@@ -42,7 +42,7 @@ from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
-from .sinks import plain_token_pool, special_tokens
+from .inputs import plain_token_pool, special_tokens
 
 PATTERNS = ("a_shape", "block_sparse", "vertical_slash")  # simplest first: a tie goes to the simpler pattern
 TIE = 0.01

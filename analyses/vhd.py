@@ -32,8 +32,7 @@ from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
-from .retrieval import greedy
-from .sinks import lvlm_prompt
+from .inputs import greedy, lvlm_prompt
 
 NO_IMAGE = ("drop", "blank", "mean")
 DEFAULT_PROMPT = "Describe the image."

@@ -47,7 +47,8 @@ def one(args) -> dict:
 
     from interp.analyses import get_analysis
     from interp.analyses.base import Options
-    from interp.analyses.retrieval import greedy, niah_inputs, paper_scores
+    from interp.analyses.inputs import greedy
+    from interp.analyses.retrieval import niah_inputs, paper_scores
     from interp.progress import QUIET
 
     path, length = args.one, args.length

@@ -109,8 +109,7 @@ def _generate(args) -> int:
                                       no_image=args.no_image, max_new_tokens=args.max_new_tokens)
         heads = [f"{layer}-{h}" for layer, hs in chosen.items() for h in hs]
     else:  # the same greedy decoding as VHR's, so that the two answers compare
-        from interp.analyses.retrieval import greedy
-        from interp.analyses.sinks import lvlm_prompt
+        from interp.analyses.inputs import greedy, lvlm_prompt
 
         inputs = (model.prepare(lvlm_prompt(model, args.prompt), images=[load_image(args.image)]) if args.image
                   else model.prepare(args.prompt))

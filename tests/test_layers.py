@@ -35,8 +35,8 @@ def test_no_module_imports_a_higher_layer(tmp_path):
 # Imports a function may make, each with its reason; any other import sits at the top of its module.
 DEFERRED = {
     # the CLI loads a command's modules only when it runs: runs / show / export / models start in 0.1–0.6 s
-    "interp/cli.py": {"interp.analyses", "interp.analyses.images", "interp.analyses.vhd", "interp.analyses.retrieval",
-                      "interp.analyses.sinks", "interp.scoring", "interp.models", "interp.hooks", "interp.app.attention",
+    "interp/cli.py": {"interp.analyses", "interp.analyses.images", "interp.analyses.vhd", "interp.analyses.inputs",
+                      "interp.scoring", "interp.models", "interp.hooks", "interp.app.attention",
                       "interp.app.dashboard", "results", "progress", "transformers.utils", "functools", "tqdm"},
     # listing runs reads JSON only: Parquet, pandas and safetensors load when a table or array is read or written
     "interp/store.py": {"pyarrow.parquet", "pandas", "safetensors.torch"},

@@ -6,7 +6,7 @@ import torch
 
 import interp
 from helpers import eager_attentions
-from interp.analyses.texts import TEXTS
+from interp.analyses.inputs import TEXTS
 
 
 @pytest.mark.parametrize("offset", [0, 1])

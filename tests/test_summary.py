@@ -7,8 +7,7 @@ import torch
 
 import interp
 from helpers import eager_attentions
-from interp.analyses.summary import read_prompts
-from interp.analyses.texts import TEXTS
+from interp.analyses.inputs import TEXTS, read_prompts
 
 SCORES = ["entropy", "max_prob", "distance", "first_token_mass"]
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import interp
 from interp.analyses.images import load_image
-from interp.analyses.sinks import lvlm_prompt
+from interp.analyses.inputs import lvlm_prompt
 from tiny_models import llava_with_processor
 
 PROMPT = "w5 w9 w11"
@@ -191,7 +191,7 @@ def test_vhr_chooses_heads_above_the_median_and_reinforces_them(llava):
     """VHR: alpha = 1 changes nothing; the first layer's heads are those above its median VHD at the prompt's last
     position; generation with the chosen heads scaled equals scaling them by hand at the output projection."""
     from interp.analyses.vhd import head_outputs, vhr_generate, vhr_heads
-    from interp.analyses.retrieval import greedy
+    from interp.analyses.inputs import greedy
 
     image = load_image(3)
     with_image = llava.prepare(lvlm_prompt(llava, PROMPT), images=[image])
