@@ -149,7 +149,7 @@ def _check(analysis: str, name: str, spec: Spec, kind: Any, value: Any) -> Any:
     items = value if isinstance(value, list) else [value]
     for v in items:
         if spec.choices and v not in spec.choices:
-            raise ValueError(f"{analysis} parameter {name}: {v!r} is not one of {', '.join(map(str, spec.choices))}")
+            raise ValueError(f"unknown {analysis} {name} {v!r}; choose from {', '.join(map(str, spec.choices))}")
         if spec.low is not None and v < spec.low or spec.high is not None and v > spec.high:
             bounds = f"{spec.low if spec.low is not None else '-∞'}..{spec.high if spec.high is not None else '∞'}"
             raise ValueError(f"{analysis} parameter {name}: {v} is outside {bounds}")
