@@ -246,8 +246,8 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
                            "or run the driver on a machine of the cluster and give the head's HOST:PORT")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
-        if local:
-            ray.init(include_dashboard=False, **quiet)
+        if local:  # "local": a new cluster, never one `ray start` left on this machine
+            ray.init(address="local", include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:

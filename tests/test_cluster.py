@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def env() -> dict:
 @pytest.fixture(scope="module")
 def head():
     """This process's local Ray cluster: its GCS address (what other drivers connect to)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -151,17 +152,20 @@ def test_a_head_started_as_a_separate_process_by_address(head, stories, tmp_path
     ray_bin = str(Path(sys.executable).parent / "ray")
     # --block keeps `ray start` in the foreground: stopping its process group stops this head only (`ray stop` would
     # stop every Ray process of the user, the module's cluster included)
+    # and its own session folder (short: Ray's sockets live there), so that no later `ray.init()` finds it
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                                "--num-cpus=2", "--include-dashboard=false", "--block"],
+                                "--num-cpus=2", "--include-dashboard=false", "--block", f"--temp-dir={temp}"],
                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         done = subprocess.run([sys.executable, "-m", "interp.cli", "score", "stories260k", "--samples", "3",
-                               "--out", str(tmp_path / "store"), "--cluster", f"127.0.0.1:{port}", "--workers", "2",
+                               "--out", str(tmp_path / "store"), "--cluster", f"127.0.0.1:{port}", "--workers", "1",
                                "--json"], env=env(), capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         os.killpg(started.pid, signal.SIGTERM)
         started.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
     [run] = json.loads(done.stdout)["runs"]
     same_tables(interp.score(stories, "summary", samples=3), interp.open_run(run["id"], tmp_path / "store"))
 
