@@ -1,6 +1,6 @@
 """Runs spread over Ray workers give the same tables as one process: summary and sinks on stories260k, retrieval on
-the planted copying model, circuits on the planted circuit; a worker killed mid-run, a driver killed mid-run and
-resumed, a head started as a separate process, and sweeps. One local Ray cluster (2 CPUs, 127.0.0.1) serves the
+the planted copying model, circuits on the planted circuit; a worker killed mid-run; a driver killed mid-run on a head
+started as a separate process and resumed there by address; sweeps. One local Ray cluster (2 CPUs, 127.0.0.1) serves the
 module; each test stops the workers it starts."""
 
 import json
@@ -34,8 +34,8 @@ TWO = Cluster(workers=2)
 
 
 def env() -> dict:
-    """A child's environment: this one's, read now (ray.init set RAY_AUTH_MODE=token: the head's token is needed)."""
-    return {**os.environ, "TQDM_DISABLE": "1"}
+    """A child's environment: a driver joining a head by address sends the token Ray 2.60's heads ask for."""
+    return {"RAY_AUTH_MODE": "token", **os.environ, "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -122,52 +122,46 @@ def test_a_worker_killed_mid_run_changes_nothing(head, stories, tmp_path):
     assert spread.status == "complete" and len(spread.samples) == len(one.samples)
 
 
-def test_a_driver_killed_mid_run_resumes_on_the_cluster(head, stories, tmp_path):
-    file, store = prompts(tmp_path), tmp_path / "store"
-    driver = subprocess.Popen([sys.executable, "-m", "interp.cli", "score", "stories260k", "--prompts", file,
-                               "--out", str(store), "--cluster", head, "--workers", "2", "--json"],
-                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while len(list(store.glob("*/parts/sample-*.parquet"))) < 3:
-        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "the driver scored nothing in 120 s"
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    [run] = Store(store).runs()
-    assert run.status == "incomplete" and 3 <= run.progress[0] < 16
-    resumed = interp.score(stories, "summary", prompts=file, store=store, resume=True, cluster=TWO)
-    assert resumed.id == run.id and resumed.status == "complete"
-    same_tables(interp.score(stories, "summary", prompts=file), resumed)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_a_head_started_as_a_separate_process_by_address(head, stories, tmp_path):
-    port = free_port()
+def test_a_driver_killed_mid_run_resumes_on_a_head_started_apart(stories, tmp_path):
+    """`ray start --head` as a separate process, joined by address: a driver killed mid-run leaves an incomplete run
+    that `interp score --resume --cluster HOST:PORT` finishes, equal to a single-process run."""
+    port, file, store = free_port(), prompts(tmp_path), tmp_path / "store"
     ray_bin = str(Path(sys.executable).parent / "ray")
     # --block keeps `ray start` in the foreground: stopping its process group stops this head only (`ray stop` would
-    # stop every Ray process of the user, the module's cluster included)
-    # and its own session folder (short: Ray's sockets live there), so that no later `ray.init()` finds it
+    # stop every Ray process of the user, the module's cluster included); its own session folder (short: Ray's
+    # sockets live there) keeps any later `ray.init()` from finding it
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                                 "--num-cpus=2", "--include-dashboard=false", "--block", f"--temp-dir={temp}"],
                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [sys.executable, "-m", "interp.cli", "score", "stories260k", "--prompts", file, "--out", str(store),
+               "--cluster", f"127.0.0.1:{port}", "--workers", "2", "--json"]
     try:
-        done = subprocess.run([sys.executable, "-m", "interp.cli", "score", "stories260k", "--samples", "3",
-                               "--out", str(tmp_path / "store"), "--cluster", f"127.0.0.1:{port}", "--workers", "1",
-                               "--json"], env=env(), capture_output=True, text=True, timeout=180)
+        driver = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 150
+        while len(list(store.glob("*/parts/sample-*.parquet"))) < 3:
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the driver scored nothing in 150 s"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        [run] = Store(store).runs()
+        assert run.status == "incomplete" and 3 <= run.progress[0] < 16
+        done = subprocess.run([*command, "--resume"], env=env(), capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         os.killpg(started.pid, signal.SIGTERM)
         started.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
-    [run] = json.loads(done.stdout)["runs"]
-    same_tables(interp.score(stories, "summary", samples=3), interp.open_run(run["id"], tmp_path / "store"))
+    [resumed] = json.loads(done.stdout)["runs"]
+    assert resumed["id"] == run.id and resumed["status"] == "complete"
+    same_tables(interp.score(stories, "summary", prompts=file), interp.open_run(run.id, store))
 
 
 def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
