@@ -129,8 +129,13 @@ def run_sweep(sweep: Sweep, store: Store | str | os.PathLike | None = None, *, c
     store.check_writable()
     rows = []
     for name, runs in itertools.groupby(sweep.combinations(), key=lambda c: c[0]):
-        with progress.status(f"loading {name}"):
-            model = cluster.driver_model(name) if cluster is not None else load_model(name)
+        try:
+            with progress.status(f"loading {name}"):
+                model = cluster.driver_model(name) if cluster is not None else load_model(name)
+        except (ValueError, OSError) as e:  # a model that cannot be loaded fails its combinations, not the sweep
+            rows += [{"model": name, "analysis": analysis, "params": params, "status": "failed", "run": None,
+                      "samples": None, "seconds": 0.0, "error": f"{type(e).__name__}: {e}"} for _, analysis, params in runs]
+            continue
         workers = Workers(replace(cluster, model=name), model) if cluster is not None else None  # started when used
         try:
             for _, analysis, params in runs:

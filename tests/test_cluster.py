@@ -201,8 +201,10 @@ def test_sweep_grids_and_bad_files(tmp_path):
     (tmp_path / "s.txt").write_text("")
     with pytest.raises(ValueError, match=".toml or .yaml"):
         read_sweep(tmp_path / "s.txt")
-    rows = run_sweep(check_sweep({"models": ["stories260k"], "analyses": ["vhd"]}), tmp_path / "store")
-    assert rows[0]["status"] == "failed" and "does not apply" in rows[0]["error"]
+    rows = run_sweep(check_sweep({"models": [str(tmp_path / "missing"), "stories260k"], "analyses": ["vhd"]}),
+                     tmp_path / "store")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "no model folder" in rows[0]["error"] and "does not apply" in rows[1]["error"]
 
 
 def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):
