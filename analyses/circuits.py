@@ -9,7 +9,7 @@ run, normalised as (patched − clean) / (corrupt − clean) (1: the head carrie
 - `path`: path patching from the head to the logits (its direct effect; every other head frozen to the clean run,
   MLPs recomputed).
 Ratios of means: sums over all prompts, divided once. The circuit is the top `circuit_percent` % of heads by
-|effect| (or |effect| ≥ `threshold`); faithfulness is the logit difference left when every head outside it is
+|effect| (or |effect| ≥ `circuit_threshold`); faithfulness is the logit difference left when every head outside it is
 mean-ablated (means of the task's corrupted prompts at each position, as Wang et al.). Overlap of two tasks' circuits:
 shared heads, Jaccard, overlap of the smaller, and Spearman's ρ of the full |effect| vectors.
 """
@@ -27,6 +27,7 @@ import torch
 
 from interp.app.figures import DIVERGING, TEMPLATE, Note
 from interp.compare import overlap_of, rank_correlation
+from interp.fanout import fan_out
 from interp.hooks.patching import activation_patch, cache_run, edge_attribution, last_logits, patch_heads, path_patch
 from interp.models import Model
 from interp.params import BATCH, Params, param
@@ -408,31 +409,24 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
 
     sums: dict[str, dict] = {}
     counts: dict[str, int] = defaultdict(int)
-    for sample in plan:  # the corrupted prompts' mean output of every head at each position, per group
-        batch = TaskBatch(model, sample)
-        z = cache_run(model, batch.corrupt).z
+    # the corrupted prompts' mean output of every head at each position, per group (samples spread over a cluster)
+    for sample, (z, n) in zip(plan, fan_out(corrupt_outputs, model, plan, progress, f"means for {col}")):
         group = sums.setdefault(sample["group"], {})
-        for layer, zl in z.items():  # summed in at least float32: (N, H, d)
-            group[layer] = group.get(layer, 0) + zl.to(torch.promote_types(zl.dtype, torch.float32)).sum(0)
-        counts[sample["group"]] += len(batch.correct)
+        for layer, zl in z.items():
+            group[layer] = group.get(layer, 0) + zl
+        counts[sample["group"]] += n
 
+    jobs = [(sample, {layer: s / counts[sample["group"]] for layer, s in sums[sample["group"]].items()}, ranked,
+             list(sizes), all_heads) for sample in plan]
     ld = defaultdict(float)
     top1 = defaultdict(float)
     n_total = 0
-    for sample in progress.bar(plan, desc=f"faithfulness of {col}", leave=False):
-        batch = TaskBatch(model, sample)
-        means = {layer: s / counts[sample["group"]] for layer, s in sums[sample["group"]].items()}
-        with torch.no_grad():
-            clean_ld = batch.metric(last_logits(model, batch.clean))
-        ld["clean"] += float(clean_ld.sum())
-        for k in sizes:
-            keep = set(ranked[:k])
-            values = {(layer, h): means[layer][:, h] for layer, h in all_heads if (layer, h) not in keep}
-            with torch.no_grad(), patch_heads(model, values):
-                logits = last_logits(model, batch.clean)
-            ld[k] += float(batch.metric(logits).sum())
-            top1[k] += float((logits.argmax(-1) == batch.correct).sum())
-        n_total += len(batch.correct)
+    for clean_ld, by_size, n in fan_out(ablated_logit_differences, model, jobs, progress, f"faithfulness of {col}"):
+        ld["clean"] += clean_ld
+        for k, (k_ld, k_top1) in by_size.items():
+            ld[k] += k_ld
+            top1[k] += k_top1
+        n_total += n
     clean_ld, ablated = ld["clean"] / n_total, ld[0] / n_total
     rows = []
     for k, is_circuit in sorted(sizes.items()):
@@ -443,6 +437,34 @@ def faithfulness(model: Model, task: str, plan: list[dict], heads: pd.DataFrame,
                      "normalised": (mean - ablated) / (clean_ld - ablated) if clean_ld != ablated else float("nan"),
                      "top1": top1[k] / n_total})
     return pd.DataFrame(rows)
+
+
+def corrupt_outputs(model: Model, sample: dict) -> tuple[dict, int]:
+    """({layer: each head's output on the sample's corrupted prompts, summed over prompts in at least float32:
+    (N, H, d), on the CPU}, number of prompts)."""
+    batch = TaskBatch(model, sample)
+    z = cache_run(model, batch.corrupt).z
+    return ({layer: zl.to(torch.promote_types(zl.dtype, torch.float32)).sum(0).cpu() for layer, zl in z.items()},
+            len(batch.correct))  # on the CPU: a worker's GPU tensors could not be read back by a driver without one
+
+
+def ablated_logit_differences(model: Model, job: tuple) -> tuple[float, dict, int]:
+    """One sample of the faithfulness curve: (clean logit difference summed over its prompts, {k: (summed logit
+    difference, top-1 count) with every head but the top k of `ranked` mean-ablated}, number of prompts).
+    job: (planned sample, {layer: mean head outputs (N, H, d)}, ranked heads, sizes k, every head)."""
+    sample, means, ranked, sizes, all_heads = job
+    means = {layer: m.to(model.device) for layer, m in means.items()}
+    batch = TaskBatch(model, sample)
+    with torch.no_grad():
+        clean_ld = float(batch.metric(last_logits(model, batch.clean)).sum())
+    by_size = {}
+    for k in sizes:
+        keep = set(ranked[:k])
+        values = {(layer, h): means[layer][:, h] for layer, h in all_heads if (layer, h) not in keep}
+        with torch.no_grad(), patch_heads(model, values):
+            logits = last_logits(model, batch.clean)
+        by_size[k] = float(batch.metric(logits).sum()), float((logits.argmax(-1) == batch.correct).sum())
+    return clean_ld, by_size, len(batch.correct)
 
 
 # ---- figures of this analysis's view (also for notebooks)

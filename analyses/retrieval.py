@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from interp.app.figures import TEMPLATE
+from interp.fanout import fan_out
 from interp.hooks import mask_heads
 from interp.kernels import call_stats
 from interp.models import Model
@@ -165,14 +166,11 @@ class Retrieval(Analysis):
             if k > n - excluded:
                 raise ValueError(f"mask_k {k}: only {n - excluded} heads lie outside the top {excluded} for the random control")
             tests += [("top", k, pairs[:k]), ("random", k, rng.sample(pairs[excluded:], k))]
-        for condition, k, chosen in progress.bar(tests, desc="masking", leave=False):
-            recalls = []
-            for entry in (plan[i] for i in base["sample"]):
-                inputs, _ = niah_inputs(model, entry, params, options.seed)
-                with mask_heads(model, chosen, mode=params["mask_mode"], decode_only=not prefill):
-                    gen = greedy(model, inputs, params["max_new_tokens"])
-                recalls.append(rouge1_recall(entry["answer"], model.tokenizer.decode(gen, skip_special_tokens=True)))
-            recalls = np.array(recalls)
+        entries = [plan[i] for i in base["sample"]]
+        jobs = [(entry, chosen, params, options.seed, prefill) for _, _, chosen in tests for entry in entries]
+        recall = fan_out(masked_recall, model, jobs, progress, "masking")  # independent: spread over a cluster's workers
+        for t, (condition, k, chosen) in enumerate(tests):
+            recalls = np.array(recall[t * len(entries):(t + 1) * len(entries)])
             rows.append({"condition": condition, "k": k, "mode": mode, "niah_score": 100 * recalls.mean(),
                          "accuracy": float((recalls > ACCEPT_RECALL).mean()),
                          "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
@@ -211,6 +209,16 @@ class Retrieval(Analysis):
         if "masking" in result.tables:
             out.append(masking_bars(result.tables["masking"]))
         return out
+
+
+def masked_recall(model: Model, job: tuple) -> float:
+    """One sample of the masking test: ROUGE-1 recall of the answer generated with the chosen heads knocked out.
+    job: (planned sample, [(layer, head)], params, seed, mask the prefill too)."""
+    entry, chosen, params, seed, prefill = job
+    inputs, _ = niah_inputs(model, entry, params, seed)
+    with mask_heads(model, chosen, mode=params["mask_mode"], decode_only=not prefill):
+        gen = greedy(model, inputs, params["max_new_tokens"])
+    return rouge1_recall(entry["answer"], model.tokenizer.decode(gen, skip_special_tokens=True))
 
 
 def niah_inputs(model: Model, sample: dict, params: dict, seed: int) -> tuple[dict, tuple[int, int]]:

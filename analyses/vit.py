@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.app.figures import TEMPLATE, index_axis
+from interp.fanout import fan_out
 from interp.hooks import mask_heads, trace
 from interp.kernels import attention_tile
 from interp.layout import token_layout
@@ -168,18 +169,12 @@ class VitHeads(Analysis):
             return {}
         ranked = heads.sort_values(["accuracy_drop_zero", "loss_rise_zero"], ascending=False, kind="stable")
         order = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
-        batches = []
-        for sample in plan:
-            images, labels = _images(sample)
-            inputs = model.prepare(images=images)
-            logits = _logits(model, inputs)
-            batches.append((inputs, logits.argmax(-1) if labels is None else labels.to(logits.device)))
         rows = []
         steps = [(name, k) for k in range(len(order) + 1) for name in ("most", "least")]
-        for name, k in progress.bar(steps, desc="pruning curves", leave=False):
-            chosen = order[:k] if name == "most" else order[len(order) - k:]
-            with mask_heads(model, chosen, mode="zero"):
-                results = [(_metrics(_logits(model, inputs), labels), len(labels)) for inputs, labels in batches]
+        pruned = [order[:k] if name == "most" else order[len(order) - k:] for name, k in steps]
+        per_sample = fan_out(pruned_metrics, model, [(sample, pruned) for sample in plan], progress, "pruning curves")
+        for t, ((name, k), chosen) in enumerate(zip(steps, pruned)):
+            results = [metrics[t] for metrics in per_sample]  # the samples' batches, in the plan's order
             n = sum(size for _, size in results)
             rows.append({"order": name, "k": k, "accuracy": 100 * sum(m[0] * s for m, s in results) / n,
                          "loss": sum(m[1] * s for m, s in results) / n,
@@ -222,6 +217,21 @@ def _images(sample: dict) -> tuple[list, torch.Tensor | None]:
     if "organism" in sample:
         return dataset(sample["size"], sample["organism"])
     return [load_image(s) for s in sample["images"]], None
+
+
+def pruned_metrics(model: Model, job: tuple) -> list[tuple[tuple[float, float], int]]:
+    """One sample's batch under each pruning: [((accuracy, loss), batch size)] for each head list in `pruned`,
+    labels from the dataset or else the unpruned model's predictions. job: (planned sample, [[(layer, head)]])."""
+    sample, pruned = job
+    images, labels = _images(sample)
+    inputs = model.prepare(images=images)
+    logits = _logits(model, inputs)
+    labels = logits.argmax(-1) if labels is None else labels.to(logits.device)
+    out = []
+    for chosen in pruned:
+        with mask_heads(model, chosen, mode="zero"):
+            out.append((_metrics(_logits(model, inputs), labels), len(labels)))
+    return out
 
 
 def _logits(model: Model, inputs: dict) -> torch.Tensor:

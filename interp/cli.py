@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
@@ -200,27 +201,83 @@ def _score(args) -> int:
     if isinstance(resume, str) and len(analyses) > 1:
         raise UsageError("--resume RUN finishes one run: give one analysis (or --resume alone)")
 
+    cluster = _cluster_of(args)
     bars = _progress(args)
     store = Store(args.out)
     store.check_writable()  # before loading anything
     with bars.status(f"loading {args.model}"):
         from interp.models import load_model
 
-        model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        model = (cluster.driver_model(args.model) if cluster is not None else  # the workers load it where they run
+                 load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code))
     for a in analyses:  # every analysis applies before any starts
         a.check(model)
     results = []
-    for a in analyses:
-        result = score(model, a.name, layers=layers, heads=heads, samples=args.samples, max_tokens=args.max_tokens,
-                       backend=args.backend, seed=args.seed, store=store, resume=resume, progress=bars,
-                       **{k: v for k, v in given.items() if k in a.params})
-        results.append(result)
-        if not args.json:
-            print_tables(result, args.top)
-            print(f"\nrun {result.id}\n    {result.path}\n")
+    with _workers(cluster, model) as workers:  # None without --cluster; else started on the first sample, for all
+        for a in analyses:
+            result = score(model, a.name, layers=layers, heads=heads, samples=args.samples, max_tokens=args.max_tokens,
+                           backend=args.backend, seed=args.seed, store=store, resume=resume, progress=bars,
+                           cluster=workers, **{k: v for k, v in given.items() if k in a.params})
+            results.append(result)
+            if not args.json:
+                print_tables(result, args.top)
+                print(f"\nrun {result.id}\n    {result.path}\n")
     if args.json:
         print(json.dumps({"runs": [run_json(r, args.top) for r in results]}, indent=2))
     return 0
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """`--cluster` and the workers' resources (score, sweep)."""
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="score on Ray workers: ray (a local cluster started for the run), auto (the cluster `ray start` "
+                        "began on this machine), HOST:PORT or ray://HOST:PORT (an existing cluster's head)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="--cluster: workers, each holding the model (default: as many as the cluster's CPUs or GPUs hold)")
+    p.add_argument("--cpus-per-worker", type=float, metavar="N", help="--cluster: CPUs (torch threads) per worker (1)")
+    p.add_argument("--gpus-per-worker", type=float, metavar="N",
+                   help="--cluster: GPUs per worker (default 0; with GPUs a worker loads the model on cuda)")
+    p.add_argument("--device-map", metavar="MAP",
+                   help="--cluster: accelerate's device map inside each worker, e.g. auto (a model larger than one GPU)")
+
+
+def _cluster_of(args):
+    """The `Cluster` the flags ask for (the workers load args.model), or None without --cluster."""
+    extra = [f for f in ("workers", "cpus_per_worker", "gpus_per_worker", "device_map") if getattr(args, f) is not None]
+    if args.cluster is None:
+        if extra:
+            raise UsageError(f"--{extra[0].replace('_', '-')} sets up cluster workers: give --cluster too")
+        return None
+    from interp.cluster import Cluster
+
+    try:
+        return Cluster(args.cluster, workers=args.workers, cpus_per_worker=args.cpus_per_worker or 1,
+                       gpus_per_worker=args.gpus_per_worker or 0, model=getattr(args, "model", None), dtype=args.dtype,
+                       device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _workers(cluster, model):
+    """A context holding the Workers of `cluster` (stopped on leaving it), or None."""
+    if cluster is None:
+        return nullcontext(None)
+    from interp.cluster import Workers
+
+    return Workers(cluster, model)
+
+
+def _sweep(args) -> int:
+    from interp.sweep import read_sweep, run_sweep, summary_lines
+
+    sweep = read_sweep(args.file)
+    cluster = _cluster_of(args)
+    rows = run_sweep(sweep, Store(args.out), cluster=cluster, progress=_progress(args))
+    if args.json:
+        print(json.dumps({"store": str(Store(args.out).root), "runs": rows}, indent=2))
+    else:
+        print("\n".join(summary_lines(rows)))
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 def _runs(args) -> int:
@@ -336,6 +393,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="print the runs as JSON on stdout (no progress bars)")
     _parameter_flags(p, ANALYSES)
+    _cluster_arguments(p)
     p.set_defaults(func=_score)
 
 
@@ -375,6 +433,18 @@ def _parameter_type(name: str, kind):
     return convert
 
 
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="sweep file (.toml or .yaml): models, analyses, [options], [params.ANALYSIS] grids")
+    p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: checkpoint's)")
+    p.add_argument("--device", help="--cluster: the workers' device (default cpu, cuda with --gpus-per-worker)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped with the checkpoints (off by default; never asked on stdin)")
+    p.add_argument("--json", action="store_true", help="print one JSON row per combination on stdout")
+    _cluster_arguments(p)
+    p.set_defaults(func=_sweep)
+
+
 LIGHT_COMMANDS = ("runs", "show", "export", "models", "app")  # read the store or the catalog: start fast
 
 
@@ -387,6 +457,10 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score every head of a model with one or more analyses, into the store")
     if not light:
         _score_arguments(p)
+
+    p = sub.add_parser("sweep", help="one run per model × analysis × parameter combination of a sweep file, "
+                                     "skipping those complete in the store; optionally on a Ray cluster")
+    _sweep_arguments(p)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")

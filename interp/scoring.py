@@ -8,6 +8,7 @@ import os
 import platform
 import re
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,11 +20,13 @@ from interp.analyses import Options, get_analysis
 from interp.hooks import BACKENDS
 from interp.hooks.capture import check_heads, check_layers
 
+from .cluster import Cluster, Workers, as_cluster
+from .fanout import LOCAL, Executor, spread_over
 from .files import check_regular
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store
-from .store import RunWriter, Store, StoreError
+from .store import RunInfo, RunWriter, Store, StoreError
 
 
 MAX_SAMPLES = 1_000_000  # far beyond any protocol; a plan is built in memory before any sample runs
@@ -42,6 +45,7 @@ def score(
     store: Store | str | os.PathLike | bool | None = None,
     resume: bool | str = False,
     progress: bool | Progress = False,
+    cluster: str | Cluster | Workers | None = None,
     **params,
 ) -> ScoreResult:
     """Score every head of `model` with one analysis (see `interp.analyses.ANALYSES`).
@@ -52,7 +56,10 @@ def score(
     store: a store directory (True: the default store) to write the run to; None keeps the result in memory.
     resume: True to finish the newest incomplete run in `store` with the same model, analysis, options and
     parameters (a new run starts when there is none), or a run id to finish that run with its own settings.
-    Finished samples are never redone. Returns a `ScoreResult`.
+    Finished samples are never redone. cluster: score the samples (and finalize's heavy loops) on Ray workers —
+    an address ("ray": a local cluster started for the run, "auto", HOST:PORT), an `interp.cluster.Cluster`
+    (workers, their resources, what they load) or started `Workers`; this process still writes the run. Returns a
+    `ScoreResult`.
     """
     an = get_analysis(analysis)
     bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
@@ -61,21 +68,11 @@ def score(
         raise ValueError("resume needs a store to resume from: give store=")
     if runs is not None:
         runs.check_writable()  # before any work
+    cluster = as_cluster(cluster, model)
     if not isinstance(model, Model):
         with bars.status(f"loading {model}"):
-            model = load_model(model)
-    an.check(model)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
-        raise ValueError(f"samples={samples}: give 1..{MAX_SAMPLES:,}")
-    tower = model.family.primary
-    options = Options(
-        layers=None if layers is None else tuple(check_layers(model, tower, layers)),
-        heads=None if heads is None else tuple(int(h) for h in check_heads(model, tower, heads)),
-        samples=samples, max_tokens=max_tokens, backend=backend, seed=seed)
-    params = an.resolve(params)
-    identity = model_identity(model)
+            model = cluster.driver_model(model) if isinstance(cluster, Cluster) else load_model(model)
+    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params)
 
     writer: RunWriter | None = None
     if runs is not None and isinstance(resume, str):
@@ -87,6 +84,7 @@ def score(
         writer = _reopen_matching(runs, an.name, identity, options, params)
     if writer is not None:
         _check_same_inputs(writer)
+    meta, created = None, False
     if writer is None:
         torch.manual_seed(seed)
         plan = an.plan(model, options, params)
@@ -95,45 +93,60 @@ def score(
                 "sample_columns": {s: an.sample_column(s) for s in scores}, "describe": list(an.describe),
                 "model": identity, "options": options.to_json(), "params": params, "inputs": input_digests(params),
                 "plan": plan, "versions": versions()}
-        if runs is None:
-            return _run(an, model, options, params, plan, bars, meta=meta)
-        writer = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}")
-        try:
-            writer.keep_inputs(user_files(params, plan))
-        except BaseException:
-            writer.discard()
-            raise
-        return _run(an, model, options, params, plan, bars, writer=writer, created=True)
-    return _run(an, model, options, params, writer.meta["plan"], bars, writer=writer)
+        if runs is not None:
+            writer, created = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}"), True
+            try:
+                writer.keep_inputs(user_files(params, plan))
+            except BaseException:
+                writer.discard()
+                raise
+    else:
+        plan = writer.meta["plan"]
+    with _executor(cluster, model) as executor:
+        return _run(an, model, options, params, plan, bars, writer=writer, meta=meta, created=created,
+                    executor=executor)
+
+
+@contextmanager
+def _executor(cluster: Cluster | Workers | None, model: Model):
+    """Where a run's samples are scored: this process, given Workers, or Workers started (on first use) for it."""
+    if cluster is None or isinstance(cluster, Workers):
+        yield cluster or LOCAL
+        return
+    with Workers(cluster, model) as workers:
+        yield workers
 
 
 def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progress, *,
-         writer: RunWriter | None = None, meta: dict | None = None, created: bool = False) -> ScoreResult:
+         writer: RunWriter | None = None, meta: dict | None = None, created: bool = False,
+         executor: Executor = LOCAL) -> ScoreResult:
     """Score the plan's samples (those not done yet), then aggregate and finalize. created: the run was created by
     this call, so an error before its first sample removes it (no empty incomplete run is left; an interruption
-    keeps it, resumable, as at any other time)."""
-    frames, extra_frames = [], {}
+    keeps it, resumable, as at any other time). executor: where samples and finalize's fanned-out work run (this
+    process, or a cluster's workers); whatever runs them, this process alone writes the run, sample by sample."""
+    scored: dict[int, tuple] = {}
     done = writer.done() if writer is not None else set()
+    todo = [i for i in range(len(plan)) if i not in done]
+    inner = bars if executor is LOCAL else QUIET  # a worker's own bars would go to its log, not this terminal
+    jobs = [(an.name, plan[i], i, options, params, inner) for i in todo]
     try:
-        for i in bars.bar(range(len(plan)), desc=f"{an.name}: samples", total=len(plan), leave=False):
-            if i in done:
-                continue
-            torch.manual_seed(options.seed + i)
-            rows = an.score_sample(model, plan[i], options, params, bars)
-            rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
-            for table in (rows, *extras.values()):
-                table.insert(0, "sample", i)
+        with spread_over(executor), bars.bar(total=len(plan), desc=f"{an.name}: samples", leave=False) as bar:
+            bar.update(len(done))
+            for j, (rows, extras) in executor.map(score_one, model, jobs):
+                if writer is None:
+                    scored[todo[j]] = rows, extras
+                else:
+                    writer.write_sample(todo[j], rows, extras)
+                bar.update(1)
             if writer is None:
-                frames.append(rows)
-                for name, table in extras.items():
-                    extra_frames.setdefault(name, []).append(table)
+                ordered = [scored[i] for i in sorted(scored)]  # a cluster returns them as they finish
+                samples = pd.concat([rows for rows, _ in ordered], ignore_index=True)
+                extras = {name: pd.concat([e[name] for _, e in ordered if name in e], ignore_index=True)
+                          for name in dict.fromkeys(n for _, e in ordered for n in e)}
             else:
-                writer.write_sample(i, rows, extras)
-        samples = pd.concat(frames, ignore_index=True) if writer is None else writer.samples()
-        extras = ({name: pd.concat(f, ignore_index=True) for name, f in extra_frames.items()} if writer is None
-                  else writer.sample_tables(an.sample_tables))
-        heads = an.aggregate(samples, params)
-        tables = {**extras, **an.finalize(model, plan, samples, heads, options, params, bars, extras)}
+                samples, extras = writer.samples(), writer.sample_tables(an.sample_tables)
+            heads = an.aggregate(samples, params)
+            tables = {**extras, **an.finalize(model, plan, samples, heads, options, params, bars, extras)}
         done_meta = {**(meta if writer is None else writer.meta), "status": "complete", "tables": sorted(tables)}
         report = an.report(ScoreResult(done_meta, heads, samples, None, tables))  # kept: reading needs no analysis
         if writer is None:
@@ -152,17 +165,62 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
             writer.unlock()
 
 
-def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:
-    """The newest incomplete, unlocked run of the same analysis, model, options and parameters."""
+def score_one(model: Model, job: tuple) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """One planned sample, scored as every run scores it (here or on a cluster's worker): seeded with seed + its
+    index, its per-head rows and per-sample tables tagged with the index. job: (analysis name, planned sample,
+    index, Options, params, Progress)."""
+    name, sample, i, options, params, progress = job
+    torch.manual_seed(options.seed + i)
+    rows = get_analysis(name).score_sample(model, sample, options, params, progress)
+    rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
+    for table in (rows, *extras.values()):
+        table.insert(0, "sample", i)
+    return rows, extras
+
+
+def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, seed, params) -> tuple[Options, dict, dict]:
+    """(Options, the full parameters, the model's identity) of a run, checked: what a run records and is matched by."""
+    an.check(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise ValueError(f"samples={samples}: give 1..{MAX_SAMPLES:,}")
+    tower = model.family.primary
+    options = Options(
+        layers=None if layers is None else tuple(check_layers(model, tower, layers)),
+        heads=None if heads is None else tuple(int(h) for h in check_heads(model, tower, heads)),
+        samples=samples, max_tokens=max_tokens, backend=backend, seed=seed)
+    return options, an.resolve(params), model_identity(model)
+
+
+def completed_run(model: Model, analysis: str, store: Store | str | os.PathLike, *, layers=None, heads=None,
+                  samples=None, max_tokens=None, backend: str = "hf", seed: int = 0, **params) -> RunInfo | None:
+    """The newest complete run in `store` that `score` with these arguments would repeat (same model, analysis,
+    options and parameters), or None."""
+    an = get_analysis(analysis)
+    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params)
+    return next(_matching(as_store(store), "complete", an.name, identity, options, params), None)
+
+
+def _matching(runs: Store, status: str, analysis: str, identity: dict, options, params: dict):
+    """The runs with this status and the same analysis, model, options and parameters, newest first."""
     for info in runs.runs():
         m = info.meta
-        if info.status != "incomplete" or m["analysis"] != analysis or m["model"] != identity or m["params"] != params:
+        if info.status != status or m["analysis"] != analysis or m["model"] != identity or m["params"] != params:
             continue
         try:
-            if Options.from_json(m["options"]) != options:
-                continue
+            if Options.from_json(m["options"]) == options:
+                yield info
+        except TypeError:  # options of another version
+            continue
+
+
+def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:
+    """The newest incomplete, unlocked run of the same analysis, model, options and parameters."""
+    for info in _matching(runs, "incomplete", analysis, identity, options, params):
+        try:
             return runs.reopen(info.id)
-        except (TypeError, StoreError):  # options of another version, or taken / finished meanwhile
+        except StoreError:  # taken / finished meanwhile
             continue
     return None
 

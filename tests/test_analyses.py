@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import plotly.graph_objects as go
+import pytest
 
 from interp.analyses import ANALYSES
 from interp.app.figures import Note
@@ -51,3 +52,22 @@ def test_every_analysis_view_draws_a_real_run(app_store):
             assert fig.data, f"{kind}: an empty figure in the view"
         drawn.add(result.analysis)
     assert {"summary", "retrieval", "sinks", "circuits"} <= drawn
+
+
+def test_a_renamed_parameter_reads_under_its_old_name():
+    """circuits' `threshold` is `circuit_threshold` now: old runs' stored parameters and old calls still work."""
+    circuits = ANALYSES["circuits"]
+    assert circuits.resolve({"threshold": 0.5})["circuit_threshold"] == 0.5
+    old = {**circuits.params, "threshold": 0.25}
+    del old["circuit_threshold"]
+    assert circuits.Params.upgrade(old) == {**circuits.params, "circuit_threshold": 0.25}
+
+
+def test_parameters_are_checked_where_they_are_declared():
+    retrieval = ANALYSES["retrieval"]
+    assert retrieval.resolve({"lengths": "100,200", "depths": [25]})["lengths"] == [100, 200]
+    for bad, message in (({"depths": [150]}, "outside 0..100"), ({"lengths": "a,b"}, "not an integer|invalid literal"),
+                         ({"score_rule": "x"}, "unknown retrieval score_rule"), ({"mask_prefill": "yes"}, "true or false"),
+                         ({"nope": 1}, "has no parameter nope")):
+        with pytest.raises(ValueError, match=message):
+            retrieval.resolve(bad)

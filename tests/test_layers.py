@@ -37,7 +37,12 @@ DEFERRED = {
     # the CLI loads a command's modules only when it runs: runs / show / export / models start in 0.1–0.6 s
     "interp/cli.py": {"interp.analyses", "interp.analyses.images", "interp.analyses.vhd", "interp.analyses.inputs",
                       "interp.scoring", "interp.models", "interp.hooks", "interp.app.attention",
-                      "interp.app.dashboard", "results", "progress", "transformers.utils", "functools", "tqdm"},
+                      "interp.app.dashboard", "results", "progress", "transformers.utils", "functools", "tqdm",
+                      "interp.cluster", "interp.sweep"},
+    # ray is the optional `cluster` extra: imported when a run asks for a cluster
+    "interp/cluster.py": {"ray"},
+    # PyYAML (installed with ray) only for YAML sweep files
+    "interp/sweep.py": {"yaml"},
     # listing runs reads JSON only: Parquet, pandas and safetensors load when a table or array is read or written
     "interp/store.py": {"pyarrow.parquet", "pandas", "safetensors.torch"},
     # `show` / `export` read tables without torch: an incomplete run's analysis (to aggregate its samples) and the

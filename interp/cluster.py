@@ -1,0 +1,257 @@
+"""Runs spread over Ray: worker actors that each load the model once, fed one item at a time by the driver.
+
+The driver (the process that called `interp.score`) keeps the plan and the store; `Workers.map` hands the next item
+(a sample to score, a piece of a finalize step: see `interp.fanout`) to whichever worker is free and yields each
+result as it arrives, so the driver writes every finished sample exactly as a single-process run does. A worker that
+dies (killed, out of memory) is replaced and its item re-run on the replacement; a worker that cannot load the model
+fails the run with its error. `ray` is an optional dependency (the `cluster` extra), imported when a cluster is used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import secrets
+import socket
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .models import Model, load_model
+
+LOCAL = "ray"          # a local Ray cluster started for the run (or the one this process is already connected to)
+ITEM_ATTEMPTS = 3      # an item whose workers die this many times fails the run (it is what kills them)
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this work: Ray missing or unreachable, too few resources, a worker that cannot load
+    the model, an item that keeps killing its workers."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where and how a run's workers start.
+
+    address: "ray" (a local Ray cluster started for the run, on 127.0.0.1; or the one this process is already
+    connected to), "auto" (the cluster started on this machine with `ray start`), "HOST:PORT" (a head's address,
+    from `ray start --head`) or "ray://HOST:PORT" (Ray Client). workers: how many (default: as many as the cluster's
+    CPUs, or GPUs with gpus_per_worker, hold). cpus_per_worker / gpus_per_worker: each worker's Ray resources (its
+    torch threads follow its CPUs; a GPU worker loads the model on "cuda" unless device says otherwise).
+    model: what each worker loads (an alias, folder or hub id) with dtype / device / device_map ("auto": a model
+    larger than one GPU) / trust_remote_code; None: the `Model` given to `score` is shipped to the workers (fine
+    for small models; give a name for large ones).
+    """
+
+    address: str = LOCAL
+    workers: int | None = None
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    device_map: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.address, str) or not self.address.strip():
+            raise ValueError(f"cluster address {self.address!r}: give 'ray', 'auto', HOST:PORT or ray://HOST:PORT")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"workers={self.workers!r}: give a whole number >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: give a number > 0")
+        if not self.gpus_per_worker >= 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: give a number >= 0")
+
+    def load_options(self) -> dict:
+        """What `load_model` takes on each worker."""
+        device = self.device or ("cuda" if self.gpus_per_worker > 0 and self.device_map is None else None)
+        return {"dtype": self.dtype, "device": device, "device_map": self.device_map,
+                "trust_remote_code": self.trust_remote_code}
+
+    def driver_model(self, name: str) -> Model:
+        """The driver's own copy of the model, for the plan, tokenizer and config: on its CPU, in the workers' dtype."""
+        return load_model(name, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+
+
+def as_cluster(cluster, model) -> Cluster | Workers | None:
+    """`score`'s cluster= argument as a Cluster (an address alone: a str) or started Workers, or None; a model given
+    by name is what the workers load."""
+    if cluster is None or isinstance(cluster, Workers):
+        return cluster
+    if isinstance(cluster, str):
+        cluster = Cluster(cluster)
+    if not isinstance(cluster, Cluster):
+        raise TypeError(f"cluster= takes an address ('ray', 'auto', HOST:PORT), an interp.cluster.Cluster or "
+                        f"Workers, not {type(cluster).__name__}")
+    if cluster.model is None and isinstance(model, (str, os.PathLike)):
+        cluster = replace(cluster, model=str(model))
+    return cluster
+
+
+class Worker:
+    """A Ray actor's body: loads the model once (`ready`), then runs `fn(model, item)` for the driver."""
+
+    def __init__(self, source: str | Model, options: dict, threads: int):
+        self.source, self.options, self.threads = source, options, threads
+        self.model: Model | None = None
+
+    def ready(self) -> str:
+        """Load the model (an error here is the run's error); returns where this worker runs."""
+        torch.set_num_threads(self.threads)
+        self.model = self.source if isinstance(self.source, Model) else load_model(self.source, **self.options)
+        return f"{socket.gethostname()} (pid {os.getpid()}, {self.model.device})"
+
+    def run(self, fn: Callable, item):
+        return fn(self.model, item)
+
+
+class Workers:
+    """Ray actors holding one model: an executor for `interp.fanout` (`map`). They start on the first `map` (so a
+    run that has nothing left to score starts none) and stop on `close` (or leaving a `with` block); one Workers
+    serves several runs of the same model (a sweep)."""
+
+    def __init__(self, cluster: Cluster, model: Model | None = None):
+        if cluster.model is None and not isinstance(model, Model):
+            raise ValueError("Workers need a model: Cluster(model=NAME) for the workers to load, or a Model to ship")
+        self.cluster, self.model = cluster, model
+        self.actors: list = []   # the live actors, for a caller (a test) that wants to see or kill one
+        self.where: list[str] = []
+        self.replaced = 0        # workers that died and were replaced
+        self._ray = None
+        self._started_ray = False
+        self._source = None
+        self._token = secrets.token_hex(3)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Connect to (or start) the cluster and start the workers, each loading the model; raise ClusterError with a
+        worker's own error when one cannot."""
+        if self.actors:
+            return
+        ray, started = _connect(self.cluster)
+        self._ray, self._started_ray = ray, self._started_ray or started
+        c = self.cluster
+        total = ray.cluster_resources()
+        fit = int(total.get("GPU", 0) // c.gpus_per_worker) if c.gpus_per_worker else int(total.get("CPU", 0) // c.cpus_per_worker)
+        n = c.workers or max(fit, 1)
+        if fit < n:
+            have = f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
+            raise ClusterError(f"the cluster at {c.address!r} has {have}: it holds {fit} worker(s) of "
+                               f"{c.cpus_per_worker:g} CPU(s) and {c.gpus_per_worker:g} GPU(s), not {n}; ask for fewer "
+                               "workers or smaller ones (--workers, --cpus-per-worker, --gpus-per-worker)")
+        self._source = ray.put(self.model) if c.model is None else c.model
+        actors = [self._actor(k) for k in range(n)]
+        self.where = [self._ready(a) for a in actors]
+        self.actors = actors
+        log.info("%d workers: %s", n, "; ".join(self.where))
+
+    def _actor(self, k: int):
+        c = self.cluster
+        cls = self._ray.remote(Worker).options(
+            name=f"interp-{self._token}-{k}", num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)
+        return cls.remote(self._source, c.load_options(), max(1, int(c.cpus_per_worker)))
+
+    def _ready(self, actor) -> str:
+        ray = self._ray
+        try:
+            return ray.get(actor.ready.remote())
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause
+            what = self.cluster.model or getattr(self.model, "name", "the model")
+            raise ClusterError(f"a worker could not load {what}: {type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayActorError as e:
+            raise ClusterError(f"a worker died while loading the model: {e}") from None
+
+    def map(self, fn: Callable, model, items: Sequence) -> Iterator[tuple[int, Any]]:
+        """(j, fn(model_on_a_worker, items[j])) for every item as each finishes; the next item goes to the first free
+        worker. A worker that dies is replaced and its item re-run (each item's result is yielded once)."""
+        if not items:
+            return
+        self.start()
+        ray = self._ray
+        pending = deque(range(len(items)))
+        idle = list(self.actors)
+        running: dict = {}  # ObjectRef -> (actor, j)
+        deaths: dict[int, int] = {}
+        try:
+            while pending or running:
+                while pending and idle:
+                    actor, j = idle.pop(0), pending.popleft()
+                    running[actor.run.remote(fn, items[j])] = actor, j
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, j = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise e.cause from None  # the analysis's own error, as in a single process
+                except ray.exceptions.RayActorError as e:
+                    deaths[j] = deaths.get(j, 0) + 1
+                    if deaths[j] >= ITEM_ATTEMPTS:
+                        raise ClusterError(f"item {j} of {fn.__name__} killed {deaths[j]} workers; last: {e}") from None
+                    idle.append(self._replace(actor))
+                    pending.appendleft(j)
+                    log.warning("a worker died (%s): item %d of %s goes to a new worker", type(e).__name__, j,
+                                fn.__name__)
+                    continue
+                idle.append(actor)
+                yield j, result
+        finally:
+            for ref in running:  # an error or an interruption: what is still running is not waited for
+                ray.cancel(ref)
+
+    def _replace(self, dead):
+        """A new worker, started and loaded, in place of a dead one."""
+        self._ray.kill(dead, no_restart=True)
+        self.replaced += 1
+        actor = self._actor(len(self.actors) + self.replaced)
+        self.where.append(self._ready(actor))
+        self.actors[self.actors.index(dead)] = actor
+        return actor
+
+    def close(self) -> None:
+        """Stop the workers (and the local Ray cluster, if this started it)."""
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._started_ray and self._ray is not None and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._started_ray = False
+
+
+def _connect(cluster: Cluster) -> tuple[Any, bool]:
+    """(the `ray` module, connected; whether this call connected it): to this process's cluster if it has one, else
+    as `cluster.address` says."""
+    local = cluster.address == LOCAL
+    if local:  # bind the local cluster's servers to 127.0.0.1 (Ray reads this when imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray  # the optional `cluster` extra
+    except ImportError:
+        raise ClusterError("--cluster needs Ray: pip install 'interp[cluster]'") from None
+    if ray.is_initialized():
+        return ray, False
+    address = cluster.address
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise ClusterError(f"{address}: ray:// addresses go through Ray Client, which needs pip install 'ray[client]'; "
+                           "or run the driver on a machine of the cluster and give the head's HOST:PORT")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if local:  # "local": a new cluster, never one `ray start` left on this machine
+            ray.init(address="local", include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token here, and its "
+                "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if "RAY_AUTH_MODE" not in os.environ else "")
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}{hint}") from None
+    return ray, True

@@ -1,0 +1,216 @@
+"""Runs spread over Ray workers give the same tables as one process: summary and sinks on stories260k, retrieval on
+the planted copying model, circuits on the planted circuit; a worker killed mid-run; a driver killed mid-run on a head
+started as a separate process and resumed there by address; sweeps. One local Ray cluster (2 CPUs, 127.0.0.1) serves the
+module; each test stops the workers it starts."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's servers on 127.0.0.1 (read at import)
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+import interp  # noqa: E402
+import planted  # noqa: E402
+import planted_circuit  # noqa: E402
+from interp.cli import main  # noqa: E402
+from interp.cluster import Cluster, ClusterError, Workers  # noqa: E402
+from interp.store import Store  # noqa: E402
+from interp.sweep import check_sweep, read_sweep, run_sweep  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+TWO = Cluster(workers=2)
+
+
+def env() -> dict:
+    """A child's environment: a driver joining a head by address sends the token Ray 2.60's heads ask for."""
+    return {"RAY_AUTH_MODE": "token", **os.environ, "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def head():
+    """This process's local Ray cluster: its GCS address (what other drivers connect to)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return interp.load_model("stories260k")
+
+
+def same_tables(a, b):
+    pd.testing.assert_frame_equal(a.heads, b.heads)
+    pd.testing.assert_frame_equal(a.samples, b.samples)
+    assert sorted(a.tables) == sorted(b.tables)
+    for name in a.tables:
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name], obj=name)
+
+
+def test_summary_and_sinks_equal_one_process(head, stories):
+    with Workers(TWO, stories) as workers:  # the Model is shipped to the workers; both runs use them
+        for analysis in ("summary", "sinks"):
+            one = interp.score(stories, analysis, samples=4)
+            spread = interp.score(stories, analysis, samples=4, cluster=workers)
+            same_tables(one, spread)
+        assert len(workers.where) == 2 and workers.replaced == 0
+
+
+def test_retrieval_on_the_planted_model_equals_one_process(head, tmp_path):
+    model = planted.model()
+    rng = random.Random(0)
+    (tmp_path / "hay.txt").write_text(" ".join(" ".join(rng.choice(planted.FILLER) for _ in range(6)) + " ."
+                                               for _ in range(100)))
+    (tmp_path / "needles.jsonl").write_text(json.dumps({
+        "needle": "the secret code is alpha bravo charlie delta .", "question": "the secret code is",
+        "answer": "alpha bravo charlie delta"}) + "\n")
+    params = {"haystack": str(tmp_path / "hay.txt"), "needles": str(tmp_path / "needles.jsonl"),
+              "template": "{context} {question}", "max_new_tokens": 8, "lengths": [120], "depths": [0, 50, 100],
+              "mask_k": [2]}
+    one = interp.score(model, "retrieval", **params)
+    spread = interp.score(model, "retrieval", cluster=TWO, **params)
+    same_tables(one, spread)
+    assert spread.tables["masking"].set_index("condition").loc["top", "heads"] == "1-1,1-3"  # the masking test ran
+
+
+def test_circuits_on_the_planted_circuit_equal_one_process(head, tmp_path):
+    model = planted_circuit.model()
+    path = tmp_path / "first.jsonl"
+    planted_circuit.write_task(path, n=8)
+    params = {"tasks": str(path), "methods": "patching,eap", "circuit_percent": 25, "batch": 2}
+    one = interp.score(model, "circuits", **params)
+    spread = interp.score(model, "circuits", cluster=TWO, **params)
+    same_tables(one, spread)
+    assert len(spread.tables["faithfulness"]) > 1
+
+
+def prompts(tmp_path, n=16) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Once upon a time, a little fox number {i} found a red ball in the garden." for i in range(n)))
+    return str(path)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(head, stories, tmp_path):
+    file = prompts(tmp_path)
+    one = interp.score(stories, "summary", prompts=file)
+    with Workers(TWO, stories) as workers:
+        original, killed = workers.map, []
+
+        def killing(fn, model, items):  # kill worker 0 through Ray once the first sample is back
+            for j, result in original(fn, model, items):
+                if not killed:
+                    killed.append(workers.actors[0])
+                    ray.kill(workers.actors[0], no_restart=True)
+                yield j, result
+
+        workers.map = killing
+        spread = interp.score(stories, "summary", prompts=file, cluster=workers, store=tmp_path / "store")
+        assert workers.replaced == 1 and killed[0] not in workers.actors
+    same_tables(one, spread)  # every sample once: the killed worker's sample was re-run, not counted twice
+    assert spread.status == "complete" and len(spread.samples) == len(one.samples)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_driver_killed_mid_run_resumes_on_a_head_started_apart(stories, tmp_path):
+    """`ray start --head` as a separate process, joined by address: a driver killed mid-run leaves an incomplete run
+    that `interp score --resume --cluster HOST:PORT` finishes, equal to a single-process run."""
+    port, file, store = free_port(), prompts(tmp_path), tmp_path / "store"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # --block keeps `ray start` in the foreground: stopping its process group stops this head only (`ray stop` would
+    # stop every Ray process of the user, the module's cluster included); its own session folder (short: Ray's
+    # sockets live there) keeps any later `ray.init()` from finding it
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    started = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                                "--num-cpus=2", "--include-dashboard=false", "--block", f"--temp-dir={temp}"],
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [sys.executable, "-m", "interp.cli", "score", "stories260k", "--prompts", file, "--out", str(store),
+               "--cluster", f"127.0.0.1:{port}", "--workers", "2", "--json"]
+    try:
+        driver = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 150
+        while len(list(store.glob("*/parts/sample-*.parquet"))) < 3:
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the driver scored nothing in 150 s"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        [run] = Store(store).runs()
+        assert run.status == "incomplete" and 3 <= run.progress[0] < 16
+        done = subprocess.run([*command, "--resume"], env=env(), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        os.killpg(started.pid, signal.SIGTERM)
+        started.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    [resumed] = json.loads(done.stdout)["runs"]
+    assert resumed["id"] == run.id and resumed["status"] == "complete"
+    same_tables(interp.score(stories, "summary", prompts=file), interp.open_run(run.id, store))
+
+
+def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
+    copy = tmp_path / "stories-copy"
+    shutil.copytree(Path(interp.models.alias_path("stories260k")), copy)
+    file = tmp_path / "sweep.toml"
+    file.write_text(f'models = ["stories260k", "{copy}"]\nanalyses = ["summary", "sinks"]\n'
+                    '[options]\nsamples = 2\n')
+    store = tmp_path / "store"
+    assert main(["sweep", str(file), "--out", str(store), "--cluster", "ray", "--workers", "2"]) == 0
+    first = capsys.readouterr().out
+    assert "4 combinations: 4 scored, 0 complete already, 0 failed" in first, first
+    runs = Store(store).runs()
+    assert len(runs) == 4 and {r.status for r in runs} == {"complete"}
+    assert main(["sweep", str(file), "--out", str(store), "--cluster", "ray"]) == 0
+    assert "4 combinations: 0 scored, 4 complete already, 0 failed" in capsys.readouterr().out
+    assert len(Store(store).runs()) == 4
+    result = interp.open_run(next(r.id for r in runs if r.meta["analysis"] == "sinks"
+                                  and r.meta["model"]["name"] == "stories260k"), store)
+    same_tables(interp.score("stories260k", "sinks", samples=2), result)
+
+
+def test_sweep_grids_and_bad_files(tmp_path):
+    sweep = check_sweep({"models": ["m"], "analyses": ["retrieval", "summary"],
+                         "params": {"retrieval": {"lengths": [[100, 200]], "n_needles": [1, 2]}}})
+    assert sweep.combinations() == [("m", "retrieval", {"lengths": [100, 200], "n_needles": 1}),
+                                    ("m", "retrieval", {"lengths": [100, 200], "n_needles": 2}),
+                                    ("m", "summary", {})]
+    with pytest.raises(ValueError, match="no parameter lenghts"):
+        check_sweep({"models": ["m"], "analyses": ["retrieval"], "params": {"retrieval": {"lenghts": [[1]]}}})
+    with pytest.raises(ValueError, match="does not run"):
+        check_sweep({"models": ["m"], "analyses": ["summary"], "params": {"sinks": {"epsilon": [0.3]}}})
+    with pytest.raises(ValueError, match="models must be"):
+        check_sweep({"analyses": ["summary"]})
+    (tmp_path / "s.yaml").write_text("models: [stories260k]\nanalyses: [summary]\noptions: {samples: 1}\n")
+    assert read_sweep(tmp_path / "s.yaml").options == {"samples": 1}
+    (tmp_path / "s.txt").write_text("")
+    with pytest.raises(ValueError, match=".toml or .yaml"):
+        read_sweep(tmp_path / "s.txt")
+    rows = run_sweep(check_sweep({"models": [str(tmp_path / "missing"), "stories260k"], "analyses": ["vhd"]}),
+                     tmp_path / "store")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "no model folder" in rows[0]["error"] and "does not apply" in rows[1]["error"]
+
+
+def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):
+    with pytest.raises(ClusterError, match="could not load .*no model folder"):
+        interp.score("stories260k", "summary", samples=2,
+                     cluster=Cluster(workers=1, model=str(tmp_path / "missing")))
+    with pytest.raises(ClusterError, match="holds 2 worker"):
+        interp.score("stories260k", "summary", samples=2, cluster=Cluster(workers=3))
+    assert main(["score", "stories260k", "--workers", "2"]) == 2  # cluster flags without --cluster
