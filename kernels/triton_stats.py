@@ -9,8 +9,7 @@ see at all (blocks wholly hidden by causality or the sliding window are skipped 
   of p (key mass).
 
 Scores are kept in base 2 (s·log2 e) so the exponentials are exp2. Every statistic is a `tl.constexpr` flag, so an
-unused one costs nothing. Counts of queries per key need no scores and are computed on the host from sorted query
-positions. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
+unused one costs nothing. Counts of queries per key need no scores and come from the geometry on the host. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
 to fp32 inside the kernel (the interpreter's bf16 dot is wrong; the widening is exact).
 """
 
@@ -20,12 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .geometry import AttentionGeometry
+
 __all__ = ["stats_triton"]
 
-STATS = frozenset(
-    {"lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count"}
-)
-MAX_TOPK = 64
 SEGMENT_CHUNK = 64  # segments accumulated per launch (one-hot tile width); more segments → extra launches
 INTERPRET_BLOCK = 32  # block sizes under the interpreter (small, so that small test shapes span several blocks)
 
@@ -280,42 +277,20 @@ def _config(d_pad: int, elem: int, n_q: int, k_pad: int, interpret: bool):
     return bm, bn, warps, stages
 
 
-def _key_count(query_positions, key_mask, causal, window, b, n_k, device):
-    """Number of queries that see each key: a range count over sorted query positions, no (Nq, Nk) tensor."""
-    qp = torch.sort(query_positions.to(device=device, dtype=torch.int64)).values
-    j = torch.arange(n_k, device=device, dtype=torch.int64)
-    n_q = qp.numel()
-    lo = torch.searchsorted(qp, j) if causal else torch.zeros_like(j)  # first query with pos ≥ j
-    hi = torch.searchsorted(qp, j + int(window)) if window is not None else torch.full_like(j, n_q)  # pos < j + w
-    count = (hi - lo).clamp_min(0).to(torch.float32)
-    count = count[None].expand(b, n_k)
-    if key_mask is not None:
-        count = count * key_mask.to(device=device, dtype=torch.bool).to(torch.float32)
-    return count.contiguous()
-
-
-def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask, window, softcap,
-                 segments, n_segments: int, topk: int, want: frozenset[str], sinks=None) -> dict[str, torch.Tensor]:
-    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d); see the module docstring.
-    sinks: (H,) float32 sink logits or None."""
-    want = frozenset(want)
-    unknown = want - STATS
-    if unknown:
-        raise ValueError(f"unknown statistics: {sorted(unknown)}")
+def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, segments: torch.Tensor | None,
+                 n_segments: int, topk: int, want: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d) with a resolved geometry; the
+    arguments and results of `torch_stats.stats_torch` (checked by `interp.kernels.attention_stats`)."""
     b, n_h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     device = q.device
     group = n_h // n_kv
     topk = int(topk) if "topk" in want else 0
-    if topk > MAX_TOPK:
-        raise ValueError(f"topk={topk} exceeds {MAX_TOPK}")
-    if "segment_mass" in want and segments is None:
-        raise ValueError("segment_mass needs segments")
     f32 = dict(device=device, dtype=torch.float32)
 
     out: dict[str, torch.Tensor] = {}
     if "key_count" in want:
-        out["key_count"] = _key_count(query_positions, key_mask, causal, window, b, n_k, device)
+        out["key_count"] = geo.key_counts(b, n_k)
 
     w_lse = "lse" in want
     w_arg = "argmax" in want
@@ -356,10 +331,9 @@ def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask,
     s_pad = max(16, _pow2(min(n_segments, SEGMENT_CHUNK))) if w_seg else 16
     bm, bn, warps, stages = _config(block_d, elem, n_q, k_pad, interpret)
 
-    qpos = query_positions.to(device=device, dtype=torch.int64).contiguous()
-    if key_mask is not None:
-        kmask = key_mask.to(device=device)
-        kmask = kmask.view(torch.uint8) if kmask.dtype == torch.bool else (kmask != 0).to(torch.uint8)
+    qpos = geo.query_positions.contiguous()
+    if geo.key_mask is not None:
+        kmask = geo.key_mask.view(torch.uint8)
         smb, smn = kmask.stride()
     else:
         kmask, smb, smn = qpos, 0, 0
@@ -375,22 +349,23 @@ def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask,
     def buf(name):
         return out.get(name, dummy)
 
-    cap = float(softcap) if softcap is not None else 0.0
+    softcap, window = geo.softcap, geo.window
+    cap = softcap if softcap is not None else 0.0
     scalars = dict(
-        window=int(window) if window is not None else 0,
-        qk_scale=float(scale) * _LOG2E,
-        cap_in=float(scale) / cap if softcap is not None else 0.0,
+        window=window if window is not None else 0,
+        qk_scale=geo.scale * _LOG2E,
+        cap_in=geo.scale / cap if softcap is not None else 0.0,
         cap_out=cap * _LOG2E,
         n_segments=int(n_segments),
     )
     flags = dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None,
-        SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None, PREC=prec, UPCAST=interpret,
+        CAUSAL=geo.causal, HAS_WINDOW=window is not None, HAS_KMASK=geo.key_mask is not None,
+        SOFTCAP=softcap is not None, HAS_SINKS=geo.sinks is not None, PREC=prec, UPCAST=interpret,
         K_PAD=k_pad, S_PAD=s_pad, num_warps=warps, num_stages=stages,
     )
     grid = (triton.cdiv(n_q, bm), b * n_h)
-    common = (q, k, qpos, kmask, seg, dummy if sinks is None else sinks.to(**f32).contiguous())
+    common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous())
     shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
     need_exp = w_lse or w_maxp or topk > 0 or w_ent or w_dist or w_seg or w_km
     _stats_kernel[grid](
