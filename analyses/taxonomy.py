@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from interp.app.figures import TEMPLATE, score_by_layer
 from interp.hooks import mask_heads, trace
-from interp.kernels import attention_tile, call_stats, diagonal_attention, grid_distance
+from interp.kernels import AttentionGeometry, attention_tile, call_stats, diagonal_attention, grid_distance
 from interp.layout import token_layout
 from interp.models import Model
 from interp.params import CLS_RULE, IMAGES, Params, param
@@ -153,18 +153,16 @@ class Taxonomy(Analysis):
         start = len(_specials(model)[0])  # first token of the first copy
 
         def probe(call) -> None:
-            keys = call.head_keys()
-            mask = dict(scale=call.scale, causal=call.causal, query_positions=call.query_positions,
-                        key_mask=call.key_mask, window=call.window, softcap=call.softcap)
+            keys, geometry = call.head_keys(), call.geometry
             st = call_stats(call, **TEXT_STATS)
-            diag = diagonal_attention(call.q, keys, [1, half - 1, half], lse=st.lse, **mask)[0]   # (H, N, 3)
+            diag = diagonal_attention(call.q, keys, [1, half - 1, half], lse=st.lse, geometry=geometry)[0]  # (H, N, 3)
             second = slice(start + half, start + 2 * half)
             first = 1 if call.causal else 0
             cols = {"induction": diag[:, second, 1].mean(-1), "previous_token": diag[:, 1:, 0].mean(-1),
                     "duplicate_token": diag[:, second, 2].mean(-1),
                     "distance": st.mean_distance[0, :, first:].float().mean(-1)}
             if call.causal:
-                cols.update(pattern_recalls(call.q, keys, st.lse, mask, params))
+                cols.update(pattern_recalls(call.q, keys, st.lse, geometry, params))
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, half=half,
                                   **{k: v.cpu().numpy() for k, v in cols.items()}))
         return probe
@@ -182,8 +180,8 @@ class Taxonomy(Analysis):
         def probe(call) -> None:
             d = grid_distance(call.q, call.head_keys(), query_coords=coords.to(call.q.device),
                               key_coords=coords.to(call.q.device), special_keys=special,
-                              renormalize=params["cls_rule"] == "renormalize", scale=call.scale,
-                              causal=call.causal)[0][:, ~special.to(call.q.device)].mean(-1)    # (H,)
+                              renormalize=params["cls_rule"] == "renormalize",
+                              geometry=call.geometry)[0][:, ~special.to(call.q.device)].mean(-1)    # (H,)
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, distance=d.cpu().numpy(),
                                   distance_px=(d * patch).cpu().numpy()))
         return probe
@@ -289,15 +287,15 @@ def repeat_losses(model: Model, inputs: dict, sample: dict) -> tuple[float, floa
     return float(first), float(repeated)
 
 
-def pattern_recalls(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, mask: dict, params: dict
-                    ) -> dict[str, torch.Tensor]:
+def pattern_recalls(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, geometry: AttentionGeometry,
+                    params: dict) -> dict[str, torch.Tensor]:
     """Per head, the attention mass kept by each sparse pattern on the last queries: {"<pattern>_recall": (H,)}.
 
     q: (1, H, N, d); keys: (1, H, N, d) (one per query head); lse: (1, H, N)."""
     n = q.shape[2]
     m = min(params["last_queries"], n)
-    p = attention_tile(q, keys, (n - m, n), (0, n), lse=lse, **mask)[0].float()   # (H, m, N)
-    return recalls_of(p, mask["query_positions"][n - m:].to(p.device), params)
+    p = attention_tile(q, keys, (n - m, n), (0, n), lse=lse, geometry=geometry)[0].float()   # (H, m, N)
+    return recalls_of(p, geometry.query_positions[n - m:].to(p.device), params)
 
 
 def recalls_of(p: torch.Tensor, pos: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:

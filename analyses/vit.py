@@ -103,9 +103,8 @@ class VitHeads(Analysis):
             d = torch.zeros(call.q.shape[1], device=call.q.device)
             mass = torch.zeros(call.q.shape[1], len(patches), n_bins, device=call.q.device)
             for b in range(call.q.shape[0]):  # one image at a time: (H, N, N) at most
-                p = attention_tile(call.q[b:b + 1], keys[b:b + 1], (0, n_tok), (0, n_tok), scale=call.scale,
-                                   causal=call.causal, key_mask=None if call.key_mask is None else
-                                   call.key_mask[b:b + 1])[0]
+                p = attention_tile(call.q[b:b + 1], keys[b:b + 1], (0, n_tok), (0, n_tok),
+                                   geometry=call.geometry.select(batch=slice(b, b + 1)))[0]
                 pp = p[:, patches][:, :, patches].float()                         # patch queries × patch keys
                 if params["cls_rule"] == "renormalize":
                     pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-30)

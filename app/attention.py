@@ -18,7 +18,7 @@ from torch import Tensor
 
 from interp.analyses import Options, get_analysis
 from interp.hooks import trace
-from interp.kernels import attention_tile, pooled_attention
+from interp.kernels import AttentionGeometry, attention_tile, pooled_attention
 from interp.layout import TokenLayout, token_layout
 from interp.models import Model, load_model
 from interp.scoring import model_identity
@@ -31,12 +31,12 @@ LOADED_MODELS = 2    # models loaded for views kept in memory
 @dataclass
 class LayerCapture:
     """One layer's attention inputs on one sample, on the model's device. q: (1, H, N, d); k: (1, H_kv, N, d), fp32.
-    mask: scale / causal / query_positions / key_mask / window / softcap as the kernels take them.
+    geometry: the call's, as the kernels take it.
     tokens: text of each position; layout: its segments and image grids; image: (H, W, 3) uint8 or None."""
 
     q: Tensor
     k: Tensor
-    mask: dict
+    geometry: AttentionGeometry
     tokens: list[str]
     layout: TokenLayout
     image: np.ndarray | None
@@ -45,13 +45,13 @@ class LayerCapture:
     def n_tokens(self) -> int:
         return self.q.shape[2]
 
-    def head(self, head: int) -> tuple[Tensor, Tensor]:
-        """(q, k) of one query head and its KV head: (1, 1, N, d) each."""
+    def head(self, head: int) -> tuple[Tensor, Tensor, AttentionGeometry]:
+        """(q, k, geometry) of one query head and its KV head: (1, 1, N, d) each."""
         n_heads, n_kv = self.q.shape[1], self.k.shape[1]
         if not 0 <= head < n_heads:
             raise ValueError(f"head {head} is outside this layer's {n_heads} heads")
         kv = head // (n_heads // n_kv)
-        return self.q[:, head:head + 1], self.k[:, kv:kv + 1]
+        return self.q[:, head:head + 1], self.k[:, kv:kv + 1], self.geometry.select(heads=slice(head, head + 1))
 
 
 @dataclass
@@ -128,10 +128,8 @@ class AttentionSource:
         trace(model, inputs, calls.append, layers=[layer], keep=("q", "k"))
         call = calls[0]
         q, k = call.q.float(), call.k.float()  # kept on the model's device: the views run there
-        mask = dict(scale=call.scale, causal=call.causal, query_positions=call.query_positions,
-                    key_mask=call.key_mask, window=call.window, softcap=call.softcap)
         layout = token_layout(model, inputs)
-        return LayerCapture(q, k, mask, _token_texts(model, inputs, layout), layout, _image(model, inputs))
+        return LayerCapture(q, k, call.geometry, _token_texts(model, inputs, layout), layout, _image(model, inputs))
 
     def pattern(self, meta: dict, sample: int, layer: int, head: int, q_range: tuple[int, int] | None = None,
                 k_range: tuple[int, int] | None = None, max_cells: int = MAX_CELLS) -> AttentionView:
@@ -149,8 +147,8 @@ class AttentionSource:
             raise ValueError(f"query {query} is outside the input's {cap.n_tokens} tokens")
         if not 0 <= grid < len(cap.layout.grids):
             raise ValueError(f"image grid {grid} is outside the sample's {len(cap.layout.grids)} grids")
-        q, k = cap.head(head)
-        row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), **cap.mask)[0, 0, 0]
+        q, k, geometry = cap.head(head)
+        row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), geometry=geometry)[0, 0, 0]
         positions = cap.layout.grids[grid].positions.to(row.device)
         return row[positions].cpu().numpy(), cap.image
 
@@ -159,14 +157,14 @@ def attention_view(cap: LayerCapture, head: int, q_range: tuple[int, int] | None
                    k_range: tuple[int, int] | None = None, max_cells: int = MAX_CELLS) -> AttentionView:
     """One head's attention over queries q_range × keys k_range (default: the whole input), pooled by the kernels
     into at most max_cells × max_cells blocks; exact per token once the region fits."""
-    q, k = cap.head(head)
+    q, k, geometry = cap.head(head)
     n = cap.n_tokens
     (q0, q1), (k0, k1) = _clip(q_range, n), _clip(k_range, n)
     bq, bk = -(-(q1 - q0) // max_cells), -(-(k1 - k0) // max_cells)
     if bq == 1 and bk == 1:
-        m = attention_tile(q, k, (q0, q1), (k0, k1), **cap.mask)
+        m = attention_tile(q, k, (q0, q1), (k0, k1), geometry=geometry)
         return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), (1, 1), cap.tokens[q0:q1], cap.tokens[k0:k1])
-    m = pooled_attention(q, k, block_q=bq, block_k=bk, q_range=(q0, q1), k_range=(k0, k1), **cap.mask)
+    m = pooled_attention(q, k, block_q=bq, block_k=bk, q_range=(q0, q1), k_range=(k0, k1), geometry=geometry)
     return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), (bq, bk), None, None)
 
 

@@ -56,19 +56,18 @@ def time_pooled_view(n: int, device: str, repeats: int) -> dict:
     import torch
 
     from interp.app.attention import LayerCapture, attention_view
+    from interp.kernels import AttentionGeometry
     from interp.layout import TokenLayout
 
     g = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(1, 9, n, 64, generator=g).to(device)
     k = torch.randn(1, 3, n, 64, generator=g).to(device)
-    mask = dict(scale=64 ** -0.5, causal=True, query_positions=torch.arange(n, device=device), key_mask=None,
-                window=None, softcap=None)
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    cap = LayerCapture(q, k, mask, [""] * n, TokenLayout(["text"], torch.zeros(1, n, dtype=torch.long)), None)
+    cap = LayerCapture(q, k, AttentionGeometry(), [""] * n, TokenLayout(["text"], torch.zeros(1, n, dtype=torch.long)), None)
 
     def best(fn):
         out = []

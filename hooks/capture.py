@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from interp.families import Tower
-from interp.kernels import AttentionStats
+from interp.kernels import AttentionGeometry, AttentionStats
 from interp.kernels.api import resolve_backend
 from interp.kernels.fused_stats import in_call_applies, stats_in_call
 from interp.models import Model
@@ -40,11 +41,9 @@ class AttentionCall:
     k, v: (B, H_kv, Nk, d) every key / value the queries attend over (cached ones included); v may be None.
     z: (B, Nq, H, d) per-head outputs before the output projection, captured heads only; may be None.
     heads: (H,) query-head index of each captured head; n_heads: query heads in the layer.
-    query_positions: (Nq,) index, among the keys, of each query's own position (decode: Nk - 1).
-    key_mask: (B, Nk) bool, False for padding keys; None when every key is valid.
-    window: sliding window W (key j visible from query i iff i - j < W) or None; softcap: logit soft-cap or None.
-    sinks: (H,) learned sink logits of the captured heads, one more term of each row's softmax denominator
-    (GPT-OSS and kin pass them as `s_aux`), or None.
+    scale, causal, query_positions (Nq,), key_mask (B, Nk) (None: every key valid), window, softcap, sinks (H,)
+    (the captured heads'; GPT-OSS and kin pass them as `s_aux`): the call's attention geometry, as
+    `interp.kernels.AttentionGeometry` describes it (`geometry`); decode: query_positions = Nk − 1.
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
     stats, stats_request: the statistics of the captured heads computed inside the model's own SDPA call, for the
     `call_stats` arguments `stats_request` (see `capture(stats=)`); None where the call could not carry them.
@@ -53,21 +52,27 @@ class AttentionCall:
     tower: str
     layer: int
     step: int
-    q: Tensor
-    k: Tensor | None
-    v: Tensor | None
-    z: Tensor | None
-    heads: Tensor
+    q: Float[Tensor, "batch heads queries dim"]
+    k: Float[Tensor, "batch kv_heads keys dim"] | None
+    v: Float[Tensor, "batch kv_heads keys dim_v"] | None
+    z: Float[Tensor, "batch queries heads dim_v"] | None
+    heads: Int[Tensor, "heads"]
     n_heads: int
     scale: float
     causal: bool
-    query_positions: Tensor
-    key_mask: Tensor | None
+    query_positions: Int[Tensor, "queries"]
+    key_mask: Bool[Tensor, "batch keys"] | None
     window: int | None
     softcap: float | None
-    sinks: Tensor | None = None
+    sinks: Float[Tensor, "heads"] | None = None
     stats: AttentionStats | None = None
     stats_request: dict | None = None
+
+    @property
+    def geometry(self) -> AttentionGeometry:
+        """The call's attention geometry, for the kernels (`interp.kernels`, `geometry=`)."""
+        return AttentionGeometry(scale=self.scale, causal=self.causal, query_positions=self.query_positions,
+                                 key_mask=self.key_mask, window=self.window, softcap=self.softcap, sinks=self.sinks)
 
     @property
     def n_kv_heads(self) -> int:
@@ -75,14 +80,14 @@ class AttentionCall:
             raise ValueError("this call kept no keys: capture with keep including 'k'")
         return self.k.shape[1]
 
-    def head_keys(self) -> Tensor:
+    def head_keys(self) -> Float[Tensor, "batch heads_or_kv_heads keys dim"]:
         """Keys for the captured heads: k itself when every head is captured, else (B, H, Nk, d) per query head."""
         if self.q.shape[1] == self.n_heads:
             return self.k
         return self.k[:, self.kv_heads.to(self.k.device)]
 
     @property
-    def kv_heads(self) -> Tensor:
+    def kv_heads(self) -> Int[Tensor, "heads"]:
         """(H,) KV head of each captured query head."""
         return self.heads // (self.n_heads // self.n_kv_heads)
 
@@ -288,7 +293,7 @@ def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, m
         return
     compare = mask.shape[-2:] == (n_q, n_k)
     real = mask2d[:, -n_q:].bool().to(mask.device) if mask2d is not None and mask2d.shape[1] >= n_q else None
-    j = torch.arange(mask.shape[-1], device=mask.device)[None, :]
+    geometry = call.geometry
     biased = differs = False
     for q0 in range(0, mask.shape[-2], MASK_CHECK_ROWS):
         rows = mask[:, :, q0:q0 + MASK_CHECK_ROWS]
@@ -297,11 +302,8 @@ def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, m
             biased = biased or bool((allowed & (rows != 0)).any())
         if not compare:
             continue
-        i = call.query_positions[q0:q0 + MASK_CHECK_ROWS, None].to(mask.device)
-        ours = (j <= i) if call.causal else torch.ones(i.shape[0], n_k, dtype=torch.bool, device=mask.device)
-        if call.window is not None:
-            ours = ours & (i - j < call.window)
-        ours = ours[None, None] if call.key_mask is None else ours & call.key_mask.to(mask.device)[:, None, None, :]
+        rows = geometry.rows(q0, q0 + MASK_CHECK_ROWS)
+        ours = rows.visible(0, n_k).to(mask.device)[:, None]  # (B or 1, 1, rows, Nk)
         wrong = allowed != ours
         if real is not None:  # padding queries: models unmask them freely
             wrong = wrong & real[:, None, q0:q0 + MASK_CHECK_ROWS, None]
@@ -376,7 +378,7 @@ def _check_not_chunked(model: Model, tower: Tower, layers: list[int]) -> None:
                          f"(layers={others})")
 
 
-def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Tensor | None:
+def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Int[Tensor, "heads"] | None:
     if heads is None:
         return None
     n, _ = model.head_counts(tower.name)
@@ -451,7 +453,7 @@ def capture(
 # The residual stream
 
 
-ResidualProbe = Callable[[int, Tensor], None]
+ResidualProbe = Callable[[int, Float[Tensor, "batch tokens hidden"]], None]
 
 
 @contextmanager
@@ -519,7 +521,8 @@ class _Knockout(Intervention):
 
 @contextmanager
 def mask_heads(model: Model, heads: Iterable[tuple[int, int]], *, mode: str = "uniform", tower: str | None = None,
-               means: dict[tuple[int, int], Tensor] | None = None, factor: float = 1.0, decode_only: bool = False):
+               means: dict[tuple[int, int], Float[Tensor, "dim"]] | None = None, factor: float = 1.0,
+               decode_only: bool = False):
     """Knock out attention heads while the model runs (forward or generate; composes with `capture`).
 
     heads: (layer, query head) pairs. mode "uniform": the head's query is zeroed, so its attention is uniform

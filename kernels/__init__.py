@@ -3,9 +3,12 @@
 One API (`attention_stats`, `pooled_attention`, `attention_tile`, `diagonal_attention`, `grid_distance`) dispatching
 to Triton kernels on CUDA, to the fused path through SDPA's own attention ops elsewhere (`fused_stats`), and to a
 chunked pure-PyTorch twin (`torch_stats`: the reference, and the path for soft-capped scores); `dense_attention`
-is the small-shape oracle for tests. `call_stats` reads a captured call's options (and returns statistics the
-capture already computed inside the model's own SDPA call, `capture(stats=)`).
+is the small-shape oracle for tests. Every one takes the call's `AttentionGeometry` (scale, causal mask, query
+positions, padding, window, soft-cap, sinks). `call_stats` reads a captured call's geometry (and returns statistics
+the capture already computed inside the model's own SDPA call, `capture(stats=)`).
 """
+
+from __future__ import annotations
 
 import torch
 
@@ -20,19 +23,22 @@ from .api import (
     grid_distance,
     pooled_attention,
 )
+from .geometry import AttentionGeometry
 from .oracle import call_attention, dense_attention, dense_scores
 
 
 def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
-    """`attention_stats` of a captured `interp.hooks.AttentionCall` (its scale, mask, window, soft-cap, sinks).
-    last_query: only the call's last query (Nq = 1), e.g. the row that produces the next generated token.
-    When the capture computed these very statistics inside the model's call (`capture(stats=kwargs)`), those."""
+    """`attention_stats` of a captured `interp.hooks.AttentionCall` with its geometry; kwargs: the other arguments
+    of `attention_stats`. last_query: only the call's last query (Nq = 1), e.g. the row that produces the next
+    generated token. When the capture computed these very statistics inside the model's call
+    (`capture(stats=kwargs)`), those."""
     if call.stats is not None and not last_query and _same_request(call.stats_request, kwargs):
         return call.stats
-    q, positions = (call.q[:, :, -1:], call.query_positions[-1:]) if last_query else (call.q, call.query_positions)
-    return attention_stats(q, call.head_keys(), scale=call.scale, causal=call.causal, query_positions=positions,
-                           key_mask=call.key_mask, window=call.window, softcap=call.softcap, sinks=call.sinks,
-                           **kwargs)
+    q, geometry = call.q, call.geometry
+    if last_query:
+        n = q.shape[2]
+        q, geometry = q[:, :, -1:], geometry.rows(n - 1, n)
+    return attention_stats(q, call.head_keys(), geometry=geometry, **kwargs)
 
 
 def _same_request(a: dict, b: dict) -> bool:
@@ -44,6 +50,6 @@ def _same_request(a: dict, b: dict) -> bool:
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_STATS", "STATS", "AttentionStats", "attention_stats", "attention_tile", "call_attention",
-    "call_stats", "dense_attention", "dense_scores", "diagonal_attention", "grid_distance", "pooled_attention",
+    "BACKENDS", "DEFAULT_STATS", "STATS", "AttentionGeometry", "AttentionStats", "attention_stats", "attention_tile",
+    "call_attention", "call_stats", "dense_attention", "dense_scores", "diagonal_attention", "grid_distance", "pooled_attention",
 ]

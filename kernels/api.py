@@ -4,6 +4,10 @@ Backends: "triton" (CUDA kernels), "fused" (SDPA's fused attention ops with craf
 `fused_stats`), "torch" (the chunked twin, any device: the reference). "auto" takes Triton on CUDA, and elsewhere
 the fused path, except for soft-capped scores, which only the twin and Triton compute. `$INTERP_KERNELS`
 (one of BACKENDS) overrides what "auto" means, e.g. `INTERP_KERNELS=torch` runs every analysis on the twin.
+
+The maps (`pooled_attention`, `attention_tile`, `diagonal_attention`, `grid_distance`) read exact probabilities
+block by block in the twin's arithmetic once each row's log-sum-exp is known: their `backend` is the one that
+computes that log-sum-exp (the pass over every key), where the caller does not give it.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from . import fused_stats, torch_stats
+from .geometry import AttentionGeometry
 
 MAX_TOPK = 64
 STATS = ("lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count")
@@ -34,19 +40,19 @@ class AttentionStats:
     can see each key (so Gu et al.'s per-key mean is key_mass / key_count).
     """
 
-    lse: Tensor | None = None
-    segment_mass: Tensor | None = None
-    argmax: Tensor | None = None
-    max_prob: Tensor | None = None
-    topk_index: Tensor | None = None
-    topk_prob: Tensor | None = None
-    entropy: Tensor | None = None
-    mean_distance: Tensor | None = None
-    key_mass: Tensor | None = None
-    key_count: Tensor | None = None
+    lse: Float[Tensor, "batch heads queries"] | None = None
+    segment_mass: Float[Tensor, "batch heads queries segments"] | None = None
+    argmax: Int[Tensor, "batch heads queries"] | None = None
+    max_prob: Float[Tensor, "batch heads queries"] | None = None
+    topk_index: Int[Tensor, "batch heads queries topk"] | None = None
+    topk_prob: Float[Tensor, "batch heads queries topk"] | None = None
+    entropy: Float[Tensor, "batch heads queries"] | None = None
+    mean_distance: Float[Tensor, "batch heads queries"] | None = None
+    key_mass: Float[Tensor, "batch heads keys"] | None = None
+    key_count: Float[Tensor, "batch keys"] | None = None
 
     @property
-    def key_mean(self) -> Tensor:
+    def key_mean(self) -> Float[Tensor, "batch heads keys"]:
         """(B, H, Nk) attention received per key averaged over the queries that can see it (Gu et al.'s α_k);
         0 for a key no query sees. Needs key_mass and key_count."""
         if self.key_mass is None or self.key_count is None:
@@ -58,27 +64,8 @@ class AttentionStats:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-@dataclass(frozen=True)
-class _Problem:
-    q: Tensor
-    k: Tensor
-    scale: float
-    causal: bool
-    query_positions: Tensor
-    key_mask: Tensor | None
-    window: int | None
-    softcap: float | None
-    sinks: Tensor | None = None
-
-    def mask_kwargs(self) -> dict:
-        """Which scores are visible, and how they are formed. Sinks are not part of it: they only change the row
-        log-sum-exp, which the statistics kernels fold them into and every other function reads."""
-        return dict(scale=self.scale, causal=self.causal, query_positions=self.query_positions,
-                    key_mask=self.key_mask, window=self.window, softcap=self.softcap)
-
-
-def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks=None) -> _Problem:
-    """Check shapes, dtypes, devices and values before anything runs; fill defaults."""
+def _resolve(q: Tensor, k: Tensor, geometry: AttentionGeometry) -> AttentionGeometry:
+    """Check q and k (shapes, dtypes, devices, values) before anything runs; the geometry resolved against them."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.ndim != 4 or k.ndim != 4:
         raise ValueError("q must be (B, H, Nq, d) and k (B, H_kv, Nk, d) tensors")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -91,34 +78,9 @@ def _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, si
         raise ValueError(f"q is on {q.device} but k on {k.device}")
     if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
         raise ValueError("q or k contains NaN or inf")
-    n_q, n_k = q.shape[2], k.shape[2]
-    if n_q == 0 or n_k == 0:
-        raise ValueError(f"need at least one query and one key, got Nq={n_q}, Nk={n_k}")
-    if query_positions is None:
-        query_positions = torch.arange(n_k - n_q, n_k, device=q.device)
-    query_positions = torch.as_tensor(query_positions, device=q.device).long()
-    if query_positions.shape != (n_q,):
-        raise ValueError(f"query_positions must be ({n_q},), got {tuple(query_positions.shape)}")
-    if int(query_positions.min()) < 0:
-        raise ValueError("query_positions must be ≥ 0")
-    if key_mask is not None:
-        key_mask = torch.as_tensor(key_mask, device=q.device).bool()
-        if key_mask.ndim == 1:
-            key_mask = key_mask.expand(q.shape[0], -1)
-        if key_mask.shape != (q.shape[0], n_k):
-            raise ValueError(f"key_mask must be ({n_k},) or ({q.shape[0]}, {n_k}), got {tuple(key_mask.shape)}")
-    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ValueError(f"window must be an integer ≥ 1, got {window}")
-    window = None if window is None else int(window)
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if sinks is not None:
-        sinks = torch.as_tensor(sinks, device=q.device).float()
-        if sinks.shape != (q.shape[1],) or not bool(torch.isfinite(sinks).all()):
-            raise ValueError(f"sinks must be ({q.shape[1]},) finite logits, one per query head, got "
-                             f"{tuple(sinks.shape)}")
-    return _Problem(q, k, scale, bool(causal), query_positions, key_mask, window, softcap, sinks)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"need at least one query and one key, got Nq={q.shape[2]}, Nk={k.shape[2]}")
+    return geometry.resolve(q, k)
 
 
 def _segments(segments, n_segments, b: int, n_k: int, device) -> tuple[Tensor, int]:
@@ -155,18 +117,12 @@ def resolve_backend(backend: str, q: Tensor, softcap: float | None = None) -> st
 
 
 def attention_stats(
-    q: Tensor,
-    k: Tensor,
+    q: Float[Tensor, "batch heads queries dim"],
+    k: Float[Tensor, "batch kv_heads keys dim"],
     *,
-    scale: float | None = None,
-    causal: bool = True,
-    segments: Tensor | None = None,
+    geometry: AttentionGeometry = AttentionGeometry(),
+    segments: Int[Tensor, "*batch keys"] | None = None,
     n_segments: int | None = None,
-    query_positions: Tensor | None = None,
-    key_mask: Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
     topk: int = 0,
     stats: Iterable[str] = DEFAULT_STATS,
     backend: str = "auto",
@@ -174,13 +130,10 @@ def attention_stats(
     """Statistics of each query's attention row, recomputed from q and k without building the N×N matrix.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d) (GQA: query head h reads KV head h // (H / H_kv)).
-    scale: default d^-0.5. causal: key j visible from query i iff j ≤ query_positions[i].
-    query_positions: (Nq,) index among the keys of each query (default: the last Nq keys; decoding: Nk − 1).
-    key_mask: (Nk,) or (B, Nk) bool, False for keys never attended (padding).
-    window: sliding window (visible iff pos − j < window). softcap: logits become cap · tanh(s / cap).
-    sinks: (H,) learned per-head sink logits in the softmax denominator (GPT-OSS): each row's probabilities
-    over the keys sum to 1 − p_sink; lse includes the sink; max_prob, top-k, segment / key mass and mean distance
-    are over the keys; entropy is that of the whole row, the sink's share included.
+    geometry: scale, causal mask, query positions, padding, window, soft-cap and sinks (default: causal, the last
+    Nq keys' positions, scale d^-0.5). With sinks each row's probabilities over the keys sum to 1 − p_sink; lse
+    includes the sink; max_prob, top-k, segment / key mass and mean distance are over the keys; entropy is that
+    of the whole row, the sink's share included.
     segments: (Nk,) or (B, Nk) segment id of each key, in [0, n_segments) (default: max id + 1).
     stats: any of STATS ("topk" needs topk > 0, "segment_mass" needs segments).
     backend: "triton" (CUDA), "fused" (SDPA's fused ops, any device; soft-capped scores go to the twin), "torch"
@@ -196,79 +149,41 @@ def attention_stats(
         raise ValueError(f"topk must be ≤ {MAX_TOPK}, got {topk}")
     if topk > 0:
         want = want | {"topk"}
-    return _stats(_problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks), want, backend,
-                  segments, n_segments, topk)
+    return _stats(q, k, _resolve(q, k, geometry), want, backend, segments, n_segments, topk)
 
 
-def _stats(pr: _Problem, want: frozenset[str], backend: str, segments=None, n_segments=None, topk: int = 0):
-    """Dispatch a validated problem to a backend."""
-    q, k = pr.q, pr.k
+def _stats(q: Tensor, k: Tensor, geo: AttentionGeometry, want: frozenset[str], backend: str, segments=None,
+           n_segments=None, topk: int = 0) -> AttentionStats:
+    """Dispatch checked inputs and their resolved geometry to a backend."""
     seg, n_seg = None, 1
     if "segment_mass" in want:
         if segments is None:
             raise ValueError("'segment_mass' needs segments")
         seg, n_seg = _segments(segments, n_segments, q.shape[0], k.shape[2], q.device)
-    which = resolve_backend(backend, q, pr.softcap)
+    which = resolve_backend(backend, q, geo.softcap)
     run = fused_stats.stats_fused if which == "fused" else torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run
-    out = run(q, k, segments=seg, n_segments=n_seg, topk=topk, want=want, sinks=pr.sinks, **pr.mask_kwargs())
-    return AttentionStats(**out)
+    return AttentionStats(**run(q, k, geo, segments=seg, n_segments=n_seg, topk=topk, want=want))
 
 
-def _lse(pr: _Problem, backend: str, lse: Tensor | None = None) -> Tensor:
-    """The row log-sum-exp (B, H, Nq): computed, or the caller's after a shape check."""
+def _lse(q: Tensor, k: Tensor, geo: AttentionGeometry, backend: str, lse: Tensor | None = None) -> Tensor:
+    """The row log-sum-exp (B, H, Nq): computed by `backend`, or the caller's after a shape check."""
     if lse is None:
-        return _stats(pr, frozenset({"lse"}), backend).lse
-    if lse.shape != pr.q.shape[:3]:
-        raise ValueError(f"lse must be {tuple(pr.q.shape[:3])}, got {tuple(lse.shape)}")
-    return lse.to(pr.q.device, torch.float32)
+        return _stats(q, k, geo, frozenset({"lse"}), backend).lse
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    return lse.to(q.device, torch.float32)
 
 
-def pooled_attention(
-    q: Tensor,
-    k: Tensor,
-    *,
-    block_q: int,
-    block_k: int,
-    reduce: str = "mean",
-    q_range: tuple[int, int] | None = None,
-    k_range: tuple[int, int] | None = None,
-    scale: float | None = None,
-    causal: bool = True,
-    query_positions: Tensor | None = None,
-    key_mask: Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
-    lse: Tensor | None = None,
-    backend: str = "auto",
-) -> Tensor:
-    """A block-pooled attention map (B, H, ⌈nq/block_q⌉, ⌈nk/block_k⌉) for viewing long contexts.
-
-    Each cell is the mean (or max) of the exact probabilities in its block of queries × keys (invisible
-    cells count as 0). q_range / k_range: pool only queries [q0, q1) × keys [k0, k1) (default: all; nq, nk
-    their lengths), still normalised over every key — a zoomed view. lse: (B, H, Nq) if already known.
-    Built block by block: nothing N×N.
-    """
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-    if block_q < 1 or block_k < 1:
-        raise ValueError("block_q and block_k must be ≥ 1")
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
-    (q0, q1), (k0, k1) = q_range or (0, q.shape[2]), k_range or (0, k.shape[2])
-    _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
-    fits = torch_stats.one_pass_fits(q.shape[0], q.shape[1], k.shape[2], block_q, block_k)
-    if lse is None and (k0, k1) == (0, k.shape[2]) and fits and sinks is None:  # all keys in view: row sums come in the same pass
-        mask = dict(pr.mask_kwargs(), query_positions=pr.query_positions[q0:q1])
-        return torch_stats.pooled_one_pass(pr.q[:, :, q0:q1], pr.k, block_q=block_q, block_k=block_k, reduce=reduce,
-                                           **mask)
-    lse = _row_lse(pr, backend, lse, q0, q1)[:, :, q0:q1]
-    mask = pr.mask_kwargs()  # keys renumbered from k0: positions shift with them
-    mask.update(query_positions=pr.query_positions[q0:q1] - k0,
-                key_mask=None if pr.key_mask is None else pr.key_mask[:, k0:k1])
-    return torch_stats.pooled_torch(pr.q[:, :, q0:q1], pr.k[:, :, k0:k1], lse, block_q=block_q, block_k=block_k,
-                                    reduce=reduce, **mask)
+def _row_lse(q: Tensor, k: Tensor, geo: AttentionGeometry, backend: str, lse: Tensor | None, q0: int,
+             q1: int) -> Tensor:
+    """The (B, H, Nq) log-sum-exp, computed (over every key) only for rows [q0, q1) when not given."""
+    if lse is not None:
+        return _lse(q, k, geo, backend, lse)
+    out = torch.zeros(*q.shape[:3], device=q.device)
+    out[:, :, q0:q1] = _lse(q[:, :, q0:q1], k, geo.rows(q0, q1), backend)
+    return out
 
 
 def _check_region(q0: int, q1: int, k0: int, k1: int, n_q: int, n_k: int) -> None:
@@ -276,102 +191,118 @@ def _check_region(q0: int, q1: int, k0: int, k1: int, n_q: int, n_k: int) -> Non
         raise ValueError(f"region [{q0}, {q1}) × [{k0}, {k1}) is outside {n_q} queries × {n_k} keys")
 
 
-def _row_lse(pr: _Problem, backend: str, lse: Tensor | None, q0: int, q1: int) -> Tensor:
-    """The (B, H, Nq) log-sum-exp, computed (over every key) only for rows [q0, q1) when not given."""
-    if lse is not None:
-        return _lse(pr, backend, lse)
-    sub = _Problem(pr.q[:, :, q0:q1], pr.k, pr.scale, pr.causal, pr.query_positions[q0:q1], pr.key_mask, pr.window,
-                   pr.softcap, pr.sinks)
-    out = torch.zeros(*pr.q.shape[:3], device=pr.q.device)
-    out[:, :, q0:q1] = _lse(sub, backend)
-    return out
+def pooled_attention(
+    q: Float[Tensor, "batch heads queries dim"],
+    k: Float[Tensor, "batch kv_heads keys dim"],
+    *,
+    block_q: int,
+    block_k: int,
+    reduce: str = "mean",
+    q_range: tuple[int, int] | None = None,
+    k_range: tuple[int, int] | None = None,
+    geometry: AttentionGeometry = AttentionGeometry(),
+    lse: Float[Tensor, "batch heads queries"] | None = None,
+    backend: str = "auto",
+) -> Float[Tensor, "batch heads row_blocks col_blocks"]:
+    """A block-pooled attention map (B, H, ⌈nq/block_q⌉, ⌈nk/block_k⌉) for viewing long contexts.
+
+    Each cell is the mean (or max) of the exact probabilities in its block of queries × keys (invisible
+    cells count as 0). q_range / k_range: pool only queries [q0, q1) × keys [k0, k1) (default: all; nq, nk
+    their lengths), still normalised over every key — a zoomed view. lse: (B, H, Nq) if already known.
+    Built block by block by the twin: nothing N×N. Over every key, without sinks or a given lse, one pass finds
+    the row sums as it goes; otherwise `backend` computes the row lse first (see `attention_stats`).
+    """
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if block_q < 1 or block_k < 1:
+        raise ValueError("block_q and block_k must be ≥ 1")
+    geo = _resolve(q, k, geometry)
+    resolve_backend(backend, q, geo.softcap)
+    (q0, q1), (k0, k1) = q_range or (0, q.shape[2]), k_range or (0, k.shape[2])
+    _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
+    fits = torch_stats.one_pass_fits(q.shape[0], q.shape[1], k.shape[2], block_q, block_k)
+    if lse is None and (k0, k1) == (0, k.shape[2]) and fits and geo.sinks is None:
+        return torch_stats.pooled_one_pass(q[:, :, q0:q1], k, geo.rows(q0, q1), block_q=block_q, block_k=block_k,
+                                           reduce=reduce)
+    lse = _row_lse(q, k, geo, backend, lse, q0, q1)[:, :, q0:q1]
+    return torch_stats.pooled_torch(q[:, :, q0:q1], k[:, :, k0:k1], lse, geo.rows(q0, q1).keys(k0, k1),
+                                    block_q=block_q, block_k=block_k, reduce=reduce)
 
 
 def attention_tile(
-    q: Tensor,
-    k: Tensor,
+    q: Float[Tensor, "batch heads queries dim"],
+    k: Float[Tensor, "batch kv_heads keys dim"],
     q_range: tuple[int, int],
     k_range: tuple[int, int],
     *,
-    lse: Tensor | None = None,
-    scale: float | None = None,
-    causal: bool = True,
-    query_positions: Tensor | None = None,
-    key_mask: Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
+    geometry: AttentionGeometry = AttentionGeometry(),
+    lse: Float[Tensor, "batch heads queries"] | None = None,
     backend: str = "auto",
-) -> Tensor:
+) -> Float[Tensor, "batch heads tile_queries tile_keys"]:
     """Exact probabilities (B, H, q1 − q0, k1 − k0) of queries [q0, q1) on keys [k0, k1), normalised over all keys
-    (and the sinks, where given)."""
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
+    (and the sinks, where given). lse: (B, H, Nq) if already known, else `backend` computes it for the tile's rows;
+    the tile itself is the twin's, O((q1 − q0) · (k1 − k0) · d)."""
+    geo = _resolve(q, k, geometry)
     (q0, q1), (k0, k1) = q_range, k_range
     _check_region(q0, q1, k0, k1, q.shape[2], k.shape[2])
-    lse = _row_lse(pr, backend, lse, q0, q1)  # only the tile's rows are needed
-    return torch_stats.probabilities_block(pr.q, pr.k, lse, q0, q1, k0, k1, **pr.mask_kwargs())
+    lse = _row_lse(q, k, geo, backend, lse, q0, q1)
+    return torch_stats.probabilities_block(q, k, lse, q0, q1, k0, k1, geo)
 
 
 def diagonal_attention(
-    q: Tensor,
-    k: Tensor,
-    offsets,
+    q: Float[Tensor, "batch heads queries dim"],
+    k: Float[Tensor, "batch kv_heads keys dim"],
+    offsets: Iterable[int],
     *,
-    lse: Tensor | None = None,
-    scale: float | None = None,
-    causal: bool = True,
-    query_positions: Tensor | None = None,
-    key_mask: Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
+    geometry: AttentionGeometry = AttentionGeometry(),
+    lse: Float[Tensor, "batch heads queries"] | None = None,
     backend: str = "auto",
-) -> Tensor:
+) -> Float[Tensor, "batch heads queries offsets"]:
     """Exact probability of each query on the key `offset` positions before it (its own position minus offset;
     negative offsets look ahead): (B, H, Nq, len(offsets)), 0 where that key does not exist or is invisible.
 
     The diagonals of the attention matrix (previous-token: offset 1; induction on a sequence repeated with period
-    T: offset T − 1; duplicate-token: T) without computing it: O(Nq · d) per offset after the row lse."""
+    T: offset T − 1; duplicate-token: T) without computing it: O(Nq · d) per offset (the twin's) after the row
+    lse, which `backend` computes unless given."""
     offsets = [int(o) for o in offsets]
     if not offsets:
         raise ValueError("give at least one offset")
-    pr = _problem(q, k, scale, causal, query_positions, key_mask, window, softcap, sinks)
-    lse = _lse(pr, backend, lse)
-    return torch_stats.diagonal_torch(pr.q, pr.k, lse, offsets, **pr.mask_kwargs())
+    geo = _resolve(q, k, geometry)
+    return torch_stats.diagonal_torch(q, k, _lse(q, k, geo, backend, lse), offsets, geo)
 
 
 def grid_distance(
-    q: Tensor,
-    k: Tensor,
+    q: Float[Tensor, "batch heads queries dim"],
+    k: Float[Tensor, "batch kv_heads keys dim"],
     *,
-    query_coords: Tensor,
-    key_coords: Tensor,
-    special_keys: Tensor | None = None,
+    query_coords: Float[Tensor, "queries 2"],
+    key_coords: Float[Tensor, "keys 2"],
+    special_keys: Bool[Tensor, "keys"] | None = None,
     renormalize: bool = True,
-    scale: float | None = None,
-    causal: bool = False,
-    key_mask: Tensor | None = None,
-    lse: Tensor | None = None,
+    geometry: AttentionGeometry = AttentionGeometry(causal=False),
+    lse: Float[Tensor, "batch heads queries"] | None = None,
     backend: str = "auto",
-) -> Tensor:
+) -> Float[Tensor, "batch heads queries"]:
     """Mean attention distance on a 2-D patch grid (ViTs), per query: (B, H, Nq), in grid cells.
 
     query_coords (Nq, 2) / key_coords (Nk, 2): (row, col) of each token (any value for special tokens).
     special_keys: (Nk,) bool, True for CLS / registers: their attention is dropped; with `renormalize` the rest
     is re-normalised to sum to 1 (the ViT paper), without it the dropped mass simply counts as 0 (common
     re-implementations). Multiply by the patch size for pixels. Drop special *queries* by indexing the result.
+    geometry: default bidirectional (a ViT's). The row lse comes from `backend` unless given; the distances
+    from the twin, block by block.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     if query_coords.shape != (n_q, 2) or key_coords.shape != (n_k, 2):
         raise ValueError(f"query_coords must be ({n_q}, 2) and key_coords ({n_k}, 2)")
-    pr = _problem(q, k, scale, causal, None, key_mask, None, None)
+    geo = _resolve(q, k, geometry)
     keep = torch.ones(n_k, device=q.device)
     if special_keys is not None:
         special_keys = torch.as_tensor(special_keys, device=q.device).bool()
         if special_keys.shape != (n_k,):
             raise ValueError(f"special_keys must be ({n_k},), got {tuple(special_keys.shape)}")
         keep = (~special_keys).float()
-    lse = _lse(pr, backend, lse)
-    return torch_stats.grid_distance_torch(pr.q, pr.k, lse, query_coords=query_coords.to(q.device),
+    return torch_stats.grid_distance_torch(q, k, _lse(q, k, geo, backend, lse), geo,
+                                           query_coords=query_coords.to(q.device),
                                            key_coords=key_coords.to(q.device), keep_keys=keep,
-                                           renormalize=renormalize, **pr.mask_kwargs())
+                                           renormalize=renormalize)

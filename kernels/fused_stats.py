@@ -21,11 +21,13 @@ CHUNK_ELEMENTS cells, with the keys cut to those the rows can see). Nothing N×N
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from . import torch_stats
+from .geometry import AttentionGeometry
 
 CHUNK_ELEMENTS = 1 << 24  # additive-mask cells per call (B · rows · keys): 64 MiB in fp32
 _NEVER = 1e4  # a stand-in lse for rows that see no key: exp(s − 1e4) underflows to 0, and no NaN appears
@@ -36,63 +38,16 @@ def applies(softcap: float | None) -> bool:
     return softcap is None
 
 
-class _Geometry:
-    """Which keys each query sees: key j from query i iff (not causal or j ≤ pos_i) and (window is None or
-    pos_i − j < window) and key_mask[b, j]."""
-
-    def __init__(self, n_k: int, causal: bool, positions: Tensor, key_mask: Tensor | None, window: int | None):
-        self.n_k, self.causal, self.pos, self.window = n_k, causal, positions, window
-        self.key_mask = None if key_mask is None or bool(key_mask.all()) else key_mask
-        n_q = positions.shape[0]
-        if self.key_mask is None and window is None and not causal:
-            self.plain = "all"  # every query sees every key
-        elif (self.key_mask is None and window is None and causal and n_q == n_k
-              and bool((positions == torch.arange(n_k, device=positions.device)).all())):
-            self.plain = "causal"  # the square lower triangle: SDPA's is_causal
-        else:
-            self.plain = None
-
-    def span(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """[lo, hi] of the keys queries at `pos` can see, before the key mask (hi < lo: none)."""
-        lo = (pos - self.window + 1).clamp_min(0) if self.window is not None else torch.zeros_like(pos)
-        hi = pos.clamp_max(self.n_k - 1) if self.causal else torch.full_like(pos, self.n_k - 1)
-        return lo, hi
-
-    def visible(self, pos: Tensor, k0: int, k1: int) -> Tensor:
-        """(B or 1, rows, k1 − k0) bool visibility of keys [k0, k1) from queries at `pos`."""
-        lo, hi = self.span(pos)
-        j = torch.arange(k0, k1, device=pos.device)
-        vis = ((j[None] >= lo[:, None]) & (j[None] <= hi[:, None]))[None]
-        return vis & self.key_mask[:, None, k0:k1] if self.key_mask is not None else vis
-
-    def row_counts(self, b: int) -> Tensor:
-        """(B, Nq) number of keys each query sees."""
-        lo, hi = self.span(self.pos)
-        keys = (self.key_mask if self.key_mask is not None else torch.ones(1, self.n_k, device=self.pos.device)).float()
-        cum = torch.nn.functional.pad(keys.cumsum(-1), (1, 0))
-        count = cum[:, (hi + 1).clamp_min(0)] - cum[:, lo.clamp_max(self.n_k)]
-        return torch.where(hi[None] >= lo[None], count, 0.0).expand(b, -1)
-
-    def key_counts(self, b: int) -> Tensor:
-        """(B, Nk) number of queries that see each key."""
-        lo, hi = self.span(self.pos)
-        ok = hi >= lo
-        edges = torch.zeros(self.n_k + 1, device=self.pos.device)
-        edges.index_add_(0, lo[ok], torch.ones(int(ok.sum()), device=edges.device))
-        edges.index_add_(0, hi[ok] + 1, -torch.ones(int(ok.sum()), device=edges.device))
-        count = edges.cumsum(0)[:-1].expand(b, -1)
-        return count * self.key_mask.float() if self.key_mask is not None else count.clone()
-
-    def row_blocks(self, n_q: int, b: int):
-        """Yield (q0, q1, k0, k1): blocks of query rows with the key range they can see, at most CHUNK_ELEMENTS
-        mask cells each."""
-        rows = max(1, CHUNK_ELEMENTS // max(1, b * self.n_k))
-        for q0 in range(0, n_q, rows):
-            q1 = min(q0 + rows, n_q)
-            lo, hi = self.span(self.pos[q0:q1])
-            k0, k1 = int(lo.min()), int(hi.max()) + 1
-            if k1 > k0:
-                yield q0, q1, k0, k1
+def _row_blocks(geo: AttentionGeometry, n_k: int, b: int):
+    """Yield (q0, q1, k0, k1): blocks of query rows with the key range they can see, at most CHUNK_ELEMENTS mask
+    cells each."""
+    n_q = geo.query_positions.shape[0]
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * n_k))
+    for q0 in range(0, n_q, rows):
+        q1 = min(q0 + rows, n_q)
+        k0, k1 = geo.rows(q0, q1).key_range(n_k)
+        if k1 > k0:
+            yield q0, q1, k0, k1
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -118,31 +73,38 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, bias:
     return out[..., :c], lse.float()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float) -> tuple[Tensor, Tensor]:
+def _bias(vis: Tensor) -> Tensor:
+    """The additive mask (B or 1, 1, rows, keys) of a visibility (B or 1, rows, keys): 0 or −inf."""
+    return torch.zeros(vis.shape, device=vis.device).masked_fill_(~vis, float("-inf"))[:, None]
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, geo: AttentionGeometry) -> tuple[Tensor, Tensor]:
     """`_fused` over the geometry's visible keys: one unmasked call where it can, else row blocks with an additive
     mask. Rows that see no key come out as zeros (their lse is fixed by the caller)."""
-    if geo.plain is not None:
-        return _fused(q, k, v, scale=scale, causal=geo.plain == "causal", bias=None)
+    n_k = k.shape[2]
+    plain = geo.plain(n_k)
+    if plain is not None:
+        return _fused(q, k, v, scale=geo.scale, causal=plain == "causal", bias=None)
     b, h, n_q, _ = q.shape
     out = q.new_zeros(b, h, n_q, v.shape[-1])
     lse = q.new_full((b, h, n_q), float("-inf"))
-    for q0, q1, k0, k1 in geo.row_blocks(n_q, b):
-        vis = geo.visible(geo.pos[q0:q1], k0, k1)
-        bias = torch.zeros(vis.shape, device=q.device).masked_fill_(~vis, float("-inf"))[:, None]
-        out[:, :, q0:q1], lse[:, :, q0:q1] = _fused(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale=scale,
+    for q0, q1, k0, k1 in _row_blocks(geo, n_k, b):
+        bias = _bias(geo.rows(q0, q1).visible(k0, k1))
+        out[:, :, q0:q1], lse[:, :, q0:q1] = _fused(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale=geo.scale,
                                                     causal=False, bias=bias)
     return out, lse
 
 
-def _key_mass(q: Tensor, k: Tensor, lse: Tensor, geo: _Geometry, scale: float) -> Tensor:
+def _key_mass(q: Tensor, k: Tensor, lse: Tensor, geo: AttentionGeometry) -> Tensor:
     """(B, H, Nk) Σ_i exp(s_ij − lse_i): the log-sum-exp of the transposed problem. q: (B, H, Nq, d); k: (B, H,
     Nk, d) (GQA expanded); lse: (B, H, Nq) finite."""
     n_q, n_k = q.shape[2], k.shape[2]
+    scale, plain = geo.scale, geo.plain(n_k)
     ones = k.new_ones(*k.shape[:3], 1)
     as_queries = torch.cat([k, ones], -1)                                 # keys j: [k_j, 1]
     as_keys = torch.cat([q, (-lse / scale)[..., None]], -1)               # queries i: [q_i, −lse_i / scale]
-    if geo.plain is not None:
-        flip = geo.plain == "causal"  # i ≥ j, reversed: lower-triangular again
+    if plain is not None:
+        flip = plain == "causal"  # i ≥ j, reversed: lower-triangular again
         rev = (lambda t: t.flip(2)) if flip else (lambda t: t)  # noqa: E731
         _, mass_lse = _fused(rev(as_queries), rev(as_keys), rev(as_keys[..., :1]), scale=scale, causal=flip,
                              bias=None)
@@ -152,30 +114,27 @@ def _key_mass(q: Tensor, k: Tensor, lse: Tensor, geo: _Geometry, scale: float) -
     cols = max(1, CHUNK_ELEMENTS // max(1, b * n_q))
     for j0 in range(0, n_k, cols):
         j1 = min(j0 + cols, n_k)
-        vis = geo.visible(geo.pos, j0, j1).transpose(-1, -2)               # (B or 1, keys, queries)
+        vis = geo.visible(j0, j1).transpose(-1, -2)                        # (B or 1, keys, queries)
         if not bool(vis.any()):
             continue
-        bias = torch.zeros(vis.shape, device=q.device).masked_fill_(~vis, float("-inf"))[:, None]
         _, mass_lse[:, :, j0:j1] = _fused(as_queries[:, :, j0:j1], as_keys, as_keys[..., :1], scale=scale,
-                                          causal=False, bias=bias)
+                                          causal=False, bias=_bias(vis))
     return torch.exp(mass_lse)
 
 
-def stats_fused(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
-                key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
-                n_segments: int, topk: int, want: frozenset[str], sinks: Tensor | None = None) -> dict[str, Tensor]:
+def stats_fused(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tensor | None, n_segments: int,
+                topk: int, want: frozenset[str]) -> dict[str, Tensor]:
     """`interp.kernels.attention_stats` through fused attention calls (same arguments and results as
-    `torch_stats.stats_torch`). softcap must be None (see `applies`)."""
-    if not applies(softcap):
+    `torch_stats.stats_torch`). The geometry's softcap must be None (see `applies`)."""
+    if not applies(geo.softcap):
         raise ValueError("the fused path does not take soft-capped scores: use the twin (backend='torch')")
-    h, n_kv, n_k = q.shape[1], k.shape[1], k.shape[2]
-    geo = _Geometry(n_k, causal, query_positions, key_mask, window)
+    h, n_kv = q.shape[1], k.shape[1]
     qf = q.float()
     kf = k.float().repeat_interleave(h // n_kv, dim=1)                    # (B, H, Nk, d)
 
     columns = value_columns(kf, want, segments, n_segments)
-    out, key_lse = _attend(qf, kf, kf[..., :1] if columns is None else columns, geo, scale)
-    return _finish(q, k, qf, kf, out, key_lse, geo, scale, want, n_segments, topk, sinks)
+    out, key_lse = _attend(qf, kf, kf[..., :1] if columns is None else columns, geo)
+    return _finish(q, k, qf, kf, out, key_lse, geo, want, n_segments, topk)
 
 
 def stats_in_call(query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, want: frozenset[str],
@@ -188,16 +147,15 @@ def stats_in_call(query: Tensor, key: Tensor, value: Tensor, *, scale: float, ca
     CPU the flash op then returns the model's output bit for bit (tests check the logits) and the columns and the
     lse from the same pass, so the statistics linear in P cost no pass of their own. For the plain geometries only:
     as many queries as keys, causal or nothing masked, no mask, fp32 on CPU (`in_call_applies`)."""
-    h, n_kv, n_k = query.shape[1], key.shape[1], key.shape[2]
-    geo = _Geometry(n_k, causal, torch.arange(n_k, device=query.device), None, None)
+    h, n_kv = query.shape[1], key.shape[1]
+    geo = AttentionGeometry(scale=scale, causal=causal).resolve(query, key)
     k_heads = key.repeat_interleave(h // n_kv, dim=1)
     v_heads = value.repeat_interleave(h // n_kv, dim=1)
     columns = value_columns(k_heads, want, segments, n_segments)
     dv = v_heads.shape[-1]
     out, key_lse = _fused(query, k_heads, v_heads if columns is None else torch.cat([v_heads, columns], -1),
-                          scale=scale, causal=geo.plain == "causal", bias=None)
-    return out[..., :dv], _finish(query, key, query, k_heads, out[..., dv:], key_lse, geo, scale, want, n_segments,
-                                  topk, None)
+                          scale=scale, causal=geo.plain(key.shape[2]) == "causal", bias=None)
+    return out[..., :dv], _finish(query, key, query, k_heads, out[..., dv:], key_lse, geo, want, n_segments, topk)
 
 
 RIDE_SLACK = 16  # extra head-dim width a riding call may take: beyond it, a call of its own costs about the same
@@ -229,12 +187,13 @@ def value_columns(k: Tensor, want: frozenset[str], segments: Tensor | None, n_se
     return torch.cat(columns, -1) if columns else None
 
 
-def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: Tensor, geo: _Geometry, scale: float,
-            want: frozenset[str], n_segments: int, topk: int, sinks: Tensor | None) -> dict[str, Tensor]:
+def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: Tensor, geo: AttentionGeometry,
+            want: frozenset[str], n_segments: int, topk: int) -> dict[str, Tensor]:
     """The statistics from the value columns' output `out` (B, H, Nq, c) and the lse over the keys (B, H, Nq) of one
     fused call, plus the calls and passes the rest need. q, k as given; qf, kf: fp32, k one per query head."""
     b, h, n_q, d = q.shape
-    seen = geo.row_counts(b)[:, None].expand(b, h, n_q) > 0               # (B, H, Nq)
+    n_k, scale, sinks = k.shape[2], geo.scale, geo.sinks
+    seen = geo.row_counts(b, n_k)[:, None].expand(b, h, n_q) > 0          # (B, H, Nq)
     key_lse = torch.where(seen, key_lse, float("-inf"))
     lse = key_lse if sinks is None else torch.logaddexp(key_lse, sinks.to(q.device).view(1, h, 1).expand_as(key_lse))
     keys_share = torch.where(seen, torch.exp(key_lse - torch.where(seen, lse, 0.0)), 0.0)  # 1 − the sink's share
@@ -246,7 +205,7 @@ def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: 
         result["segment_mass"] = out[..., at:at + n_segments] * keys_share[..., None]
         at += n_segments
     if "mean_distance" in want:
-        result["mean_distance"] = _mean_distance(qf, kf, out[..., at], key_lse, keys_share, geo, scale, seen)
+        result["mean_distance"] = _mean_distance(qf, kf, out[..., at], key_lse, keys_share, geo, seen)
         at += 1
     if "entropy" in want:
         p_dot_s = scale * (qf * out[..., at:at + d]).sum(-1)               # Σ_j p_j s_j, p over the keys
@@ -257,31 +216,29 @@ def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: 
         result["entropy"] = entropy
     if "key_mass" in want:
         finite_lse = torch.where(seen, lse, _NEVER)
-        result["key_mass"] = torch.where(geo.key_counts(b)[:, None] > 0, _key_mass(qf, kf, finite_lse, geo, scale), 0.0)
+        result["key_mass"] = torch.where(geo.key_counts(b, n_k)[:, None] > 0, _key_mass(qf, kf, finite_lse, geo), 0.0)
     if "key_count" in want:
-        result["key_count"] = geo.key_counts(b)
+        result["key_count"] = geo.key_counts(b, n_k)
     if want & {"argmax", "max_prob", "topk"}:
         best, best_idx, top_val, top_idx = torch_stats.row_max_torch(
-            q, k, scale=scale, causal=geo.causal, query_positions=geo.pos, key_mask=geo.key_mask, window=geo.window,
-            topk=topk if "topk" in want else 0, index="argmax" in want)
+            q, k, geo, topk=topk if "topk" in want else 0, index="argmax" in want)
         result.update(torch_stats.max_results(best, best_idx, top_val, top_idx, lse, topk, want))
     return result
 
 
-def _mean_distance(q: Tensor, k: Tensor, mean_key: Tensor, key_lse: Tensor, keys_share: Tensor, geo: _Geometry,
-                   scale: float, seen: Tensor) -> Tensor:
+def _mean_distance(q: Tensor, k: Tensor, mean_key: Tensor, key_lse: Tensor, keys_share: Tensor,
+                   geo: AttentionGeometry, seen: Tensor) -> Tensor:
     """Σ_j p_j |pos_i − j| (B, H, Nq) from the probability-weighted key position E[j] (over the keys alone).
     Causal rows see only j ≤ pos_i: pos_i − E[j]. Otherwise |i − j| splits at the query: E[j] − pos_i +
     2 Σ_{j ≤ pos_i} p_j (pos_i − j), that sum from a second call over those keys, rescaled by its share of the row."""
-    pos = geo.pos.float()
+    pos, n_k = geo.query_positions.float(), k.shape[2]
     if geo.causal:
         dist = pos - mean_key
     else:
-        before = _Geometry(geo.n_k, True, geo.pos, geo.key_mask, geo.window)
-        j = torch.arange(geo.n_k, device=q.device, dtype=torch.float32)
-        part, part_lse = _attend(q, k, torch.stack([torch.ones_like(j), j], -1).expand(*k.shape[:2], -1, -1),
-                                 before, scale)
-        some = (before.row_counts(q.shape[0])[:, None] > 0) & seen
+        before = replace(geo, causal=True)
+        j = torch.arange(n_k, device=q.device, dtype=torch.float32)
+        part, part_lse = _attend(q, k, torch.stack([torch.ones_like(j), j], -1).expand(*k.shape[:2], -1, -1), before)
+        some = (before.row_counts(q.shape[0], n_k)[:, None] > 0) & seen
         share = torch.where(some, torch.exp(part_lse - torch.where(seen, key_lse, 0.0)), 0.0)
         dist = mean_key - pos + 2 * share * (pos - part[..., 1])
     return torch.where(seen, dist.clamp_min(0) * keys_share, 0.0)

@@ -1,9 +1,8 @@
 """The PyTorch reference twin of the Triton kernels: the same statistics, chunked over queries and keys.
 
-Memory is O(B · H · chunk_q · chunk_k) whatever the length; it runs on any device. Semantics (shared with
-`triton_stats`): key j is visible to query i iff (not causal or j ≤ pos_i) and (window is None or
-pos_i − j < window) and key_mask[b, j]; scores s = scale · q·k in fp32, soft-capped as cap · tanh(s / cap);
-p = softmax of s over the visible keys. A query that sees no key has lse −inf, argmax −1 and zeros elsewhere.
+Memory is O(B · H · chunk_q · chunk_k) whatever the length; it runs on any device. Semantics: those of
+`geometry.AttentionGeometry` (every function here takes one resolved against its q and k). A query that sees no key
+has lse −inf, argmax −1 and zeros elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .geometry import AttentionGeometry
+
 CHUNK_K = 1024
 CHUNK_ELEMENTS = 1 << 23  # score elements per block: 32 MiB in fp32
 
@@ -22,51 +23,28 @@ def _chunk_q(b: int, h: int, n_q: int, chunk_k: int) -> int:
     return max(1, min(n_q, CHUNK_ELEMENTS // max(1, b * h * chunk_k)))
 
 
-def _visible(pos: Tensor, j: Tensor, key_mask: Tensor | None, causal: bool, window: int | None) -> Tensor:
-    """(B or 1, 1, 1, Cq, Ck) bool visibility of keys j from queries at positions pos."""
-    i = pos[:, None]
-    vis = torch.ones(i.shape[0], j.shape[0], dtype=torch.bool, device=pos.device)
-    if causal:
-        vis = vis & (j[None, :] <= i)
-    if window is not None:
-        vis = vis & (i - j[None, :] < window)
-    vis = vis[None, None, None]
-    if key_mask is not None:
-        vis = vis & key_mask[:, None, None, None, :]
-    return vis
-
-
-def _block_scores(q5: Tensor, k: Tensor, pos: Tensor, k0: int, k1: int, *, scale, causal, key_mask, window,
-                  softcap) -> tuple[Tensor, Tensor]:
-    """Scores (B, H_kv, G, Cq, Ck) of grouped queries q5 (B, H_kv, G, Cq, d) at positions pos on keys [k0, k1),
+def _block_scores(q5: Tensor, k: Tensor, geo: AttentionGeometry, k0: int, k1: int) -> tuple[Tensor, Tensor]:
+    """Scores (B, H_kv, G, Cq, Ck) of grouped queries q5 (B, H_kv, G, Cq, d), those of `geo`, on keys [k0, k1),
     soft-capped, −inf where invisible; and the visibility mask."""
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if key_mask is None and (not causal or k1 - 1 <= int(pos.min())) and (window is None or int(pos.max()) - k0 < window):
+    s = geo.logits(torch.einsum("bhgqd,bhkd->bhgqk", q5, k[:, :, k0:k1].float()))
+    if geo.sees_all(k0, k1):
         return s, torch.ones((1,) * s.ndim, dtype=torch.bool, device=s.device)  # every key visible: no mask
-    j = torch.arange(k0, k1, device=k.device)
-    vis = _visible(pos, j, key_mask[:, k0:k1] if key_mask is not None else None, causal, window)
+    vis = geo.visible(k0, k1)[:, None, None]  # (B or 1, 1, 1, Cq, Ck)
     return s.masked_fill(~vis, float("-inf")), vis
 
 
-def _blocks(q5: Tensor, k: Tensor, pos: Tensor, q0: int, q1: int, *, scale, causal, key_mask, window, softcap,
+def _blocks(q5: Tensor, k: Tensor, geo: AttentionGeometry, q0: int, q1: int,
             chunk_k: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """Yield (k0, k1, s, visible) for the key blocks that some query of [q0, q1) can see.
 
     q5: (B, H_kv, G, Nq, d) fp32; s: (B, H_kv, G, Cq, Ck) with −inf where invisible.
     """
     n_k = k.shape[2]
-    lo, hi = 0, n_k
-    p = pos[q0:q1]
-    if causal:
-        hi = min(n_k, int(p.max()) + 1)
-    if window is not None:
-        lo = max(0, int(p.min()) - window + 1)
+    rows = geo.rows(q0, q1)
+    lo, hi = rows.key_range(n_k)
     for k0 in range(lo - lo % chunk_k, hi, chunk_k):
         k1 = min(k0 + chunk_k, n_k)
-        yield k0, k1, *_block_scores(q5[:, :, :, q0:q1], k, p, k0, k1, scale=scale, causal=causal,
-                                     key_mask=key_mask, window=window, softcap=softcap)
+        yield k0, k1, *_block_scores(q5[:, :, :, q0:q1], k, rows, k0, k1)
 
 
 def _grouped(q: Tensor, n_kv: int) -> Tensor:
@@ -74,15 +52,12 @@ def _grouped(q: Tensor, n_kv: int) -> Tensor:
     return q.float().view(b, n_kv, h // n_kv, n, d)
 
 
-def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
-                key_mask: Tensor | None, window: int | None, softcap: float | None, segments: Tensor | None,
-                n_segments: int, topk: int, want: frozenset[str], chunk_k: int | None = None,
-                sinks: Tensor | None = None) -> dict[str, Tensor]:
+def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tensor | None, n_segments: int,
+                topk: int, want: frozenset[str], chunk_k: int | None = None) -> dict[str, Tensor]:
     """Statistics of softmax(scale · q kᵀ) without the N×N matrix; see `interp.kernels.attention_stats`.
 
-    q: (B, H, Nq, d); k: (B, H_kv, Nk, d); query_positions: (Nq,) long; key_mask: (B, Nk) bool or None;
-    segments: (B, Nk) long in [0, n_segments) or None; sinks: (H,) float32 sink logits or None (folded into the
-    row lse after the first pass). Returns only the entries named in `want`.
+    q: (B, H, Nq, d); k: (B, H_kv, Nk, d); geo resolved; segments: (B, Nk) long in [0, n_segments) or None. The
+    sinks are folded into the row lse after the first pass. Returns only the entries named in `want`.
     """
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
@@ -90,7 +65,6 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     dev = q.device
     chunk_k = chunk_k or CHUNK_K
     q5 = _grouped(q, n_kv)
-    kw = dict(scale=scale, causal=causal, key_mask=key_mask, window=window, softcap=softcap, chunk_k=chunk_k)
     shape5 = (b, n_kv, g)
     lse = torch.empty(*shape5, n_q, device=dev)
     best = torch.full((*shape5, n_q), float("-inf"), device=dev)
@@ -105,13 +79,13 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
     key_mass = torch.zeros(*shape5, n_k, device=dev) if "key_mass" in want else None
     key_count = torch.zeros(b, n_k, device=dev) if "key_count" in want else None
     onehot = (torch.nn.functional.one_hot(segments, n_segments).float() if seg_mass is not None else None)
-    sink = None if sinks is None else sinks.to(dev).view(1, n_kv, g, 1)
+    sink = None if geo.sinks is None else geo.sinks.to(dev).view(1, n_kv, g, 1)
     cq = _chunk_q(b, h, n_q, chunk_k)
     for q0 in range(0, n_q, cq):
         q1 = min(q0 + cq, n_q)
         m = torch.full((*shape5, q1 - q0), float("-inf"), device=dev)
         total = torch.zeros_like(m)
-        for k0, k1, s, _ in _blocks(q5, k, query_positions, q0, q1, **kw):
+        for k0, k1, s, _ in _blocks(q5, k, geo, q0, q1, chunk_k):
             blk_max = _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :],
                                  top_idx[..., q0:q1, :], s, k0, k1, k_top)
             new_m = torch.maximum(m, blk_max)
@@ -124,12 +98,12 @@ def stats_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_posit
         if not second:
             continue
         row_lse = lse[..., q0:q1, None]
-        for k0, k1, s, vis in _blocks(q5, k, query_positions, q0, q1, **kw):
+        for k0, k1, s, vis in _blocks(q5, k, geo, q0, q1, chunk_k):
             p = torch.where(vis, torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse)), 0.0)
             if "entropy" in want:
                 p_dot_gap[..., q0:q1] += torch.where(vis, p * (row_lse - s), 0.0).sum(-1)
             if "mean_distance" in want:
-                gap = query_positions[q0:q1, None].to(dev, p.dtype) - torch.arange(k0, k1, device=dev, dtype=p.dtype)
+                gap = geo.query_positions[q0:q1, None].to(dev, p.dtype) - torch.arange(k0, k1, device=dev, dtype=p.dtype)
                 p_dot_dist[..., q0:q1] += (p * gap.abs()).sum(-1)
             if seg_mass is not None:
                 seg_mass[..., q0:q1, :] += torch.einsum("bhgqk,bks->bhgqs", p, onehot[:, k0:k1])
@@ -173,8 +147,7 @@ def _track_max(best: Tensor, best_idx: Tensor, top_val: Tensor, top_idx: Tensor,
     return blk_max
 
 
-def row_max_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_positions: Tensor,
-                  key_mask: Tensor | None, window: int | None, topk: int,
+def row_max_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, topk: int,
                   index: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The max pass alone, for scores without soft-cap: each row's max score (B, H, Nq) (−inf: it sees no key), its
     first index (−1; only with `index`), and its top min(topk, Nk) scores and indices (B, H, Nq, k). No
@@ -192,27 +165,24 @@ def row_max_torch(q: Tensor, k: Tensor, *, scale: float, causal: bool, query_pos
     rows = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
     for q0 in range(0, n_q, rows):
         q1 = min(q0 + rows, n_q)
-        pos = query_positions[q0:q1]
-        lo = max(0, int(pos.min()) - window + 1) if window is not None else 0
-        hi = min(n_k, int(pos.max()) + 1) if causal else n_k
+        rows = geo.rows(q0, q1)
+        lo, hi = rows.key_range(n_k)
         if hi <= lo:
             continue
         s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], kf[:, :, lo:hi])
         # only keys some row cannot see need masking: with no key mask, those past the first row's causal edge
         # (and before the last row's window)
-        m0 = lo if key_mask is not None else (
-            max(lo, min(hi, int(pos.min()) + 1)) if causal else hi) if window is None else lo
+        m0 = lo if geo.key_mask is not None else (
+            max(lo, min(hi, int(rows.query_positions.min()) + 1)) if geo.causal else hi) if geo.window is None else lo
         if m0 < hi:
-            s[..., m0 - lo:].masked_fill_(~_visible(pos, torch.arange(m0, hi, device=q.device),
-                                                    None if key_mask is None else key_mask[:, m0:hi], causal, window),
-                                          float("-inf"))
+            s[..., m0 - lo:].masked_fill_(~rows.visible(m0, hi)[:, None, None], float("-inf"))
         if k_top or index:
             _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, lo,
                        hi, k_top)
         else:
             torch.maximum(best[..., q0:q1], s.amax(-1), out=best[..., q0:q1])
     flat = lambda t: t.reshape(b, h, n_q, *t.shape[4:])  # noqa: E731
-    return flat(best * scale), flat(best_idx), flat(top_val * scale), flat(top_idx)
+    return flat(best * geo.scale), flat(best_idx), flat(top_val * geo.scale), flat(top_idx)
 
 
 def max_results(best: Tensor, best_idx: Tensor, top_val: Tensor, top_idx: Tensor, lse: Tensor, topk: int,
@@ -244,16 +214,15 @@ def _merge_topk(val: Tensor, idx: Tensor, s: Tensor, s_idx: Tensor, k: int) -> t
     return v.gather(-1, order), i.gather(-1, order)
 
 
-def probabilities_block(q: Tensor, k: Tensor, lse: Tensor, q0: int, q1: int, k0: int, k1: int, *, scale, causal,
-                        query_positions, key_mask, window, softcap) -> Tensor:
+def probabilities_block(q: Tensor, k: Tensor, lse: Tensor, q0: int, q1: int, k0: int, k1: int,
+                        geo: AttentionGeometry) -> Tensor:
     """Exact probabilities of queries [q0, q1) on keys [k0, k1), normalised over all keys by `lse`.
 
     lse: (B, H, Nq) from `stats_torch`. Returns (B, H, q1 − q0, k1 − k0) fp32.
     """
     b, h = q.shape[:2]
     n_kv = k.shape[1]
-    s, vis = _block_scores(_grouped(q[:, :, q0:q1], n_kv), k, query_positions[q0:q1], k0, k1, scale=scale,
-                           causal=causal, key_mask=key_mask, window=window, softcap=softcap)
+    s, vis = _block_scores(_grouped(q[:, :, q0:q1], n_kv), k, geo.rows(q0, q1), k0, k1)
     row = lse[:, :, q0:q1].reshape(b, n_kv, h // n_kv, q1 - q0, 1)
     p = torch.where(vis & torch.isfinite(row), torch.exp(s - torch.where(torch.isfinite(row), row, 0.0)), 0.0)
     return p.reshape(b, h, q1 - q0, k1 - k0)
@@ -268,7 +237,8 @@ def _block_means(sums: Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -
     return sums / (rq[:, None] * rk[None, :])
 
 
-def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: int, reduce: str, **mask) -> Tensor:
+def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, geo: AttentionGeometry, *, block_q: int, block_k: int,
+                 reduce: str) -> Tensor:
     """Block-pooled probabilities (B, H, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉): mean or max over each block's cells."""
     b, h, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -279,7 +249,7 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
         q1 = min(q0 + step_q, n_q)
         for k0 in range(0, n_k, step_k):
             k1 = min(k0 + step_k, n_k)
-            p = probabilities_block(q, k, lse, q0, q1, k0, k1, **mask)
+            p = probabilities_block(q, k, lse, q0, q1, k0, k1, geo)
             pad_q, pad_k = (-(q1 - q0)) % block_q, (-(k1 - k0)) % block_k
             p = torch.nn.functional.pad(p, (0, pad_k, 0, pad_q))
             p = p.view(b, h, p.shape[2] // block_q, block_q, p.shape[3] // block_k, block_k)
@@ -292,8 +262,7 @@ def pooled_torch(q: Tensor, k: Tensor, lse: Tensor, *, block_q: int, block_k: in
     return _block_means(out, n_q, n_k, block_q, block_k) if reduce == "mean" else out
 
 
-def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, scale, causal, query_positions,
-                   key_mask, window, softcap) -> Tensor:
+def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], geo: AttentionGeometry) -> Tensor:
     """Probability of each query on the key `offset` positions before its own: (B, H, Nq, len(offsets)) fp32,
     0 where that key does not exist or is not visible. O(Nq · d) per offset."""
     b, h, n_q, _ = q.shape
@@ -301,18 +270,13 @@ def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], *, sca
     kv = torch.arange(h, device=q.device) // (h // n_kv)  # each query head's KV head
     row = torch.where(torch.isfinite(lse), lse, 0.0)
     out = torch.zeros(b, h, n_q, len(offsets), device=q.device)
+    pos = geo.query_positions
     for c, off in enumerate(offsets):
-        j = query_positions - off                                           # (Nq,)
-        ok = (j >= 0) & (j < n_k)
-        if causal:
-            ok &= j <= query_positions
-        if window is not None:
-            ok &= query_positions - j < window
+        j = pos - off                                                       # (Nq,)
+        ok = (j >= 0) & (j < n_k) & geo.allowed(pos, j)
         jj = j.clamp(0, n_k - 1)
-        s = (q.float() * k[:, kv[:, None], jj[None, :]].float()).sum(-1) * scale  # (B, H, Nq)
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        vis = ok[None, None] & (key_mask[:, None, jj] if key_mask is not None else True) & torch.isfinite(lse)
+        s = geo.logits((q.float() * k[:, kv[:, None], jj[None, :]].float()).sum(-1))  # (B, H, Nq)
+        vis = ok[None, None] & (geo.key_mask[:, None, jj] if geo.key_mask is not None else True) & torch.isfinite(lse)
         out[..., c] = torch.where(vis, torch.exp(s - row), 0.0)
     return out
 
@@ -322,8 +286,8 @@ def one_pass_fits(b: int, h: int, n_k: int, block_q: int, block_k: int) -> bool:
     return b * h * block_q * math.ceil(n_k / block_k) <= CHUNK_ELEMENTS
 
 
-def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce: str, chunk_k: int | None = None,
-                    **mask) -> Tensor:
+def pooled_one_pass(q: Tensor, k: Tensor, geo: AttentionGeometry, *, block_q: int, block_k: int, reduce: str,
+                    chunk_k: int | None = None) -> Tensor:
     """`pooled_torch` without a known lse: one pass over the visible key blocks, keeping per query and key block
     the running Σ exp(s − m) (or max s) with an online max m, normalised by the row's lse at the end. It keeps
     (B, H, rows, ⌈Nk/block_k⌉) sums for a chunk of rows: see `one_pass_fits`."""
@@ -335,20 +299,17 @@ def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce:
     q5 = _grouped(q, n_kv)
     step_q = block_q * max(1, min(_chunk_q(b, h, n_q, chunk_k), CHUNK_ELEMENTS // (b * h * n_kb)) // block_q)
     step_k = block_k * max(1, chunk_k // block_k)
-    pos = mask.pop("query_positions")
-    causal, window = mask["causal"], mask["window"]
     for q0 in range(0, n_q, step_q):
         q1 = min(q0 + step_q, n_q)
         shape = (b, n_kv, h // n_kv, q1 - q0)
         m = torch.full(shape, float("-inf"), device=q.device)
         total = torch.zeros(shape, device=q.device)
         acc = torch.full((*shape, n_kb), 0.0 if reduce == "mean" else float("-inf"), device=q.device)
-        p = pos[q0:q1]
-        lo = max(0, int(p.min()) - window + 1) if window is not None else 0
-        hi = min(n_k, int(p.max()) + 1) if causal else n_k
+        rows = geo.rows(q0, q1)
+        lo, hi = rows.key_range(n_k)
         for k0 in range(lo - lo % step_k, hi, step_k):
             k1 = min(k0 + step_k, n_k)
-            s, _ = _block_scores(q5[:, :, :, q0:q1], k, p, k0, k1, **mask)
+            s, _ = _block_scores(q5[:, :, :, q0:q1], k, rows, k0, k1)
             pad = (-(k1 - k0)) % block_k
             s = (torch.nn.functional.pad(s, (0, pad), value=float("-inf")) if pad else s).unflatten(-1, (-1, block_k))
             cols = slice(k0 // block_k, k0 // block_k + s.shape[-2])
@@ -377,8 +338,8 @@ def pooled_one_pass(q: Tensor, k: Tensor, *, block_q: int, block_k: int, reduce:
     return _block_means(out, n_q, n_k, block_q, block_k) if reduce == "mean" else out
 
 
-def grid_distance_torch(q: Tensor, k: Tensor, lse: Tensor, *, query_coords: Tensor, key_coords: Tensor,
-                        keep_keys: Tensor, renormalize: bool, **mask) -> Tensor:
+def grid_distance_torch(q: Tensor, k: Tensor, lse: Tensor, geo: AttentionGeometry, *, query_coords: Tensor,
+                        key_coords: Tensor, keep_keys: Tensor, renormalize: bool) -> Tensor:
     """Σ_j p_ij · ‖c_i − c_j‖ over the kept keys (divided by their mass when `renormalize`); (B, H, Nq)."""
     b, h, n_q, _ = q.shape
     n_k = k.shape[2]
@@ -389,7 +350,7 @@ def grid_distance_torch(q: Tensor, k: Tensor, lse: Tensor, *, query_coords: Tens
         q1 = min(q0 + cq, n_q)
         for k0 in range(0, n_k, CHUNK_K):
             k1 = min(k0 + CHUNK_K, n_k)
-            p = probabilities_block(q, k, lse, q0, q1, k0, k1, **mask) * keep_keys[k0:k1]
+            p = probabilities_block(q, k, lse, q0, q1, k0, k1, geo) * keep_keys[k0:k1]
             dist = torch.cdist(query_coords[q0:q1].float(), key_coords[k0:k1].float())
             total[:, :, q0:q1] += (p * dist).sum(-1)
             mass[:, :, q0:q1] += p.sum(-1)

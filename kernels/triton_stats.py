@@ -1,16 +1,16 @@
 """Attention statistics in Triton, streamed over key blocks: no (Nq, Nk) tensor is ever materialised.
 
-One program per (query block, batch·head). Inside it, two passes over the key blocks that the block of queries can
-see at all (blocks wholly hidden by causality or the sliding window are skipped by the loop bounds):
+One program per (query block, batch·head) (`_stats_kernel`). Inside it, two passes over the key blocks that the
+block of queries can see at all (`_key_span`: blocks wholly hidden by causality or the sliding window are skipped),
+each block's scores formed and masked by `_key_block` (the geometry of `geometry.AttentionGeometry`):
 
-* pass 1: scores → running max (argmax, no exponentials needed), online logsumexp, top-k merge;
-* pass 2 (only when a linear statistic is asked for): with the final logsumexp, p = exp(s − lse) and
-  Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment mass) and atomic column sums
-  of p (key mass).
+* pass 1 (`_max_pass`): running max (argmax, no exponentials needed), online logsumexp, top-k merge (`_merge_topk`);
+* pass 2 (`_linear_pass`, only when a linear statistic is asked for): with the final logsumexp, p = exp(s − lse) and
+  Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment mass, `_segment_dot`) and
+  atomic column sums of p (key mass).
 
 Scores are kept in base 2 (s·log2 e) so the exponentials are exp2. Every statistic is a `tl.constexpr` flag, so an
-unused one costs nothing. Counts of queries per key need no scores and are computed on the host from sorted query
-positions. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
+unused one costs nothing. Counts of queries per key need no scores and come from the geometry on the host. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
 to fp32 inside the kernel (the interpreter's bf16 dot is wrong; the widening is exact).
 """
 
@@ -20,12 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .geometry import AttentionGeometry
+
 __all__ = ["stats_triton"]
 
-STATS = frozenset(
-    {"lse", "segment_mass", "argmax", "max_prob", "topk", "entropy", "mean_distance", "key_mass", "key_count"}
-)
-MAX_TOPK = 64
 SEGMENT_CHUNK = 64  # segments accumulated per launch (one-hot tile width); more segments → extra launches
 INTERPRET_BLOCK = 32  # block sizes under the interpreter (small, so that small test shapes span several blocks)
 
@@ -47,27 +45,166 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, kt, offs_m_pos, offs_n, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
-            qk_scale, cap_in, cap_out,
-            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
-            PREC: tl.constexpr):
-    """Base-2 scores (BLOCK_M, BLOCK_N) of one key block, −inf where hidden, and the visibility mask."""
+def _key_span(qpos, row_ok, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, hi): the keys that some query of the block can see (lo aligned down to a key block); the blocks wholly
+    hidden by causality or the window lie outside."""
+    lo = 0
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(tl.max(tl.where(row_ok, qpos, -1), axis=0) + 1, Nk)
+    if HAS_WINDOW:
+        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
+               qk_scale, cap_in, cap_out,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores (BLOCK_M, BLOCK_N) of the block's queries on keys offs_n, soft-capped, −inf where hidden; and
+    the visibility mask."""
+    col_ok = offs_n < Nk
+    kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
     acc = tl.dot(q, kt, input_precision=PREC)  # fp32 accumulation
     if SOFTCAP:
         s2 = _tanh(acc * cap_in) * cap_out  # softcap·tanh((q·k)·scale / softcap)·log2 e
     else:
         s2 = acc * qk_scale  # scale·log2 e
-    col_ok = offs_n < Nk
     vis = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
-        vis = vis & (offs_n[None, :] <= offs_m_pos[:, None])
+        vis = vis & (offs_n[None, :] <= qpos[:, None])
     if HAS_WINDOW:
-        vis = vis & ((offs_m_pos[:, None] - offs_n[None, :]) < window)
+        vis = vis & ((qpos[:, None] - offs_n[None, :]) < window)
     if HAS_KMASK:
         km = tl.load(kmask_ptr + b64 * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=col_ok, other=0)
         vis = vis & (km != 0)[None, :]
-    s2 = tl.where(vis, s2, float("-inf"))
-    return s2, vis
+    return tl.where(vis, s2, float("-inf")), vis
+
+
+@triton.jit
+def _first_index(s2, value, offs_n):
+    """Per row, the smallest key index in offs_n whose score equals value (2^31 − 1 where none does)."""
+    return tl.min(tl.where(s2 == value[:, None], offs_n[None, :], 2147483647), axis=1)
+
+
+@triton.jit
+def _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """Merge a score block (row maxima bm) into each row's running top-k, sorted by score, ties to the smaller key
+    index (running entries have smaller indices: they win ties); only where some row can gain an entry over its
+    k-th best so far, kth. Returns (values, indices, kth)."""
+    if tl.max((bm > kth).to(tl.int32), axis=0) > 0:
+        cols = tl.arange(0, K_PAD)
+        s_rem = s2
+        ptr = tl.zeros([BLOCK_M], tl.int32)
+        new_v = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
+        new_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+        for t in tl.static_range(TOPK):
+            at = cols[None, :] == ptr[:, None]
+            a_val = tl.max(tl.where(at, run_v, float("-inf")), axis=1)
+            a_idx = tl.max(tl.where(at, run_i, -1), axis=1)
+            b_val = tl.max(s_rem, axis=1)
+            b_idx = _first_index(s_rem, b_val, offs_n)
+            take_b = b_val > a_val
+            val = tl.where(take_b, b_val, a_val)
+            idx = tl.where(val == float("-inf"), -1, tl.where(take_b, b_idx, a_idx))
+            new_v = tl.where(cols[None, :] == t, val[:, None], new_v)
+            new_i = tl.where(cols[None, :] == t, idx[:, None], new_i)
+            ptr = ptr + (1 - take_b.to(tl.int32))
+            s_rem = tl.where(take_b[:, None] & (offs_n[None, :] == b_idx[:, None]), float("-inf"), s_rem)
+            kth = val
+        run_v = new_v
+        run_i = new_i
+    return run_v, run_i, kth
+
+
+@triton.jit
+def _max_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+              qk_scale, cap_in, cap_out,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              NEED_EXP: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """Pass 1 over keys [lo, hi): each row's running max m (base 2), Σ exp2(s − m) (online, only with NEED_EXP),
+    first argmax (−1: none) and top-k values and indices (BLOCK_M, K_PAD). No exponentials for the max alone."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    arg = tl.full([BLOCK_M], -1, tl.int32)
+    run_v = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
+    run_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+    kth = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s2, vis = _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+                             qk_scale, cap_in, cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST)
+        bm = tl.max(s2, axis=1)
+        if W_ARGMAX:
+            arg = tl.where(bm > m_i, _first_index(s2, bm, offs_n), arg)  # strict: an earlier block wins ties
+        m_new = tl.maximum(m_i, bm)
+        if NEED_EXP:  # online sum, rescaled to the new max
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+        if TOPK > 0:
+            run_v, run_i, kth = _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M, TOPK, K_PAD)
+    return m_i, l_i, arg, run_v, run_i
+
+
+@triton.jit
+def _segment_dot(seg_acc, p, onehot, UPCAST: tl.constexpr):
+    """seg_acc + p @ onehot in fp32: p split exactly into three bf16 parts (24 mantissa bits ≈ fp32) so that the
+    products run on bf16 tensor cores with fp32 accumulation (the one-hot is exact in bf16); under the interpreter
+    (UPCAST), whose bf16 dot is wrong, the same split with the products in fp32."""
+    p_hi = p.to(tl.bfloat16)
+    r1 = p - p_hi.to(tl.float32)
+    p_mid = r1.to(tl.bfloat16)
+    p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST:
+        seg_acc = tl.dot(p_hi.to(tl.float32), onehot, seg_acc)
+        seg_acc = tl.dot(p_mid.to(tl.float32), onehot, seg_acc)
+        seg_acc = tl.dot(p_lo.to(tl.float32), onehot, seg_acc)
+    else:
+        onehot16 = onehot.to(tl.bfloat16)
+        seg_acc = tl.dot(p_hi, onehot16, seg_acc)
+        seg_acc = tl.dot(p_mid, onehot16, seg_acc)
+        seg_acc = tl.dot(p_lo, onehot16, seg_acc)
+    return seg_acc
+
+
+@triton.jit
+def _linear_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+                 qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr,
+                 W_KM: tl.constexpr):
+    """Pass 2 over keys [lo, hi) with each row's final base-2 lse: p = exp2(s − lse), and per row Σ p·(lse − s)
+    (entropy, base 2), Σ p·|i − j| (mean distance) and p @ one-hot(segment − seg_base) (BLOCK_M, S_PAD); the
+    column sums of p are added atomically to km_row_ptr (key mass)."""
+    lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    dist = tl.zeros([BLOCK_M], tl.float32)
+    seg_cols = tl.arange(0, S_PAD)
+    seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s2, vis = _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+                             qk_scale, cap_in, cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST)
+        p = tl.where(vis, tl.exp2(s2 - lse_safe[:, None]), 0.0)
+        if W_ENT:
+            ent += tl.sum(p * (lse_safe[:, None] - tl.where(vis, s2, lse_safe[:, None])), axis=1)
+        if W_DIST:
+            dist_j = tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+            dist += tl.sum(p * dist_j, axis=1)
+        if W_SEG:
+            sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
+            onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
+            seg_acc = _segment_dot(seg_acc, p, onehot, UPCAST)
+        if W_KM:
+            tl.atomic_add(km_row_ptr + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
+    return ent, dist, seg_acc
 
 
 @triton.jit
@@ -88,12 +225,12 @@ def _stats_kernel(
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
     W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr, W_KM: tl.constexpr,
 ):
-    NEG_INF: tl.constexpr = float("-inf")
+    """One block of BLOCK_M queries of one (batch, head): pass 1 (`_max_pass`), then its statistics stored; pass 2
+    (`_linear_pass`) where a linear statistic is asked for. LOAD_LSE: skip pass 1 and read the base-2 lse."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    kvh = h // GROUP
     b64 = b.to(tl.int64)
     bh64 = bh.to(tl.int64)
 
@@ -102,142 +239,52 @@ def _stats_kernel(
     row_ok = offs_m < Nq
     d_ok = offs_d < D
     qpos = tl.load(qpos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
-
     q_ptrs = q_ptr + b64 * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + b64 * skb + kvh.to(tl.int64) * skh + offs_d[:, None] * skd
-
-    # key blocks that any query of this block can see
-    lo = 0
-    hi = Nk
-    if CAUSAL:
-        hi = tl.minimum(tl.max(tl.where(row_ok, qpos, -1), axis=0) + 1, Nk)
-    if HAS_WINDOW:
-        lo = tl.maximum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-
-    arange_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b64 * skb + (h // GROUP).to(tl.int64) * skh + offs_d[:, None] * skd
+    lo, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
     out_rows = bh64 * Nq + offs_m
     sink2 = 0.0
     if HAS_SINKS:  # the head's sink logit, base 2: one more term of every row's denominator
         sink2 = tl.load(sink_ptr + h) * 1.4426950408889634
 
-    # ---------------- pass 1: max / argmax, online logsumexp, top-k ----------------
-    m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
     if LOAD_LSE:
-        lse2 = tl.load(lse2_ptr + out_rows, mask=row_ok, other=NEG_INF)
+        lse2 = tl.load(lse2_ptr + out_rows, mask=row_ok, other=float("-inf"))
     else:
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        arg = tl.full([BLOCK_M], -1, tl.int32)
-        cols = tl.arange(0, K_PAD)
-        run_v = tl.full([BLOCK_M, K_PAD], NEG_INF, tl.float32)
-        run_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
-        kth = tl.full([BLOCK_M], NEG_INF, tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + arange_n
-            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & (offs_n < Nk)[None, :],
-                         other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            s2, vis = _scores(q, kt, qpos, offs_n, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
-                              cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC)
-            bm = tl.max(s2, axis=1)
-            if W_ARGMAX:
-                bidx = tl.min(tl.where(s2 == bm[:, None], offs_n[None, :], 2147483647), axis=1)
-                arg = tl.where(bm > m_i, bidx, arg)  # strict: an earlier block wins ties
-            m_new = tl.maximum(m_i, bm)
-            if NEED_EXP:
-                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
-            m_i = m_new
-            if TOPK > 0:
-                # merge the block into the sorted running list, only if some row can gain an entry
-                if tl.max((bm > kth).to(tl.int32), axis=0) > 0:
-                    s_rem = s2
-                    ptr = tl.zeros([BLOCK_M], tl.int32)
-                    new_v = tl.full([BLOCK_M, K_PAD], NEG_INF, tl.float32)
-                    new_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
-                    for t in tl.static_range(TOPK):
-                        at = cols[None, :] == ptr[:, None]
-                        a_val = tl.max(tl.where(at, run_v, NEG_INF), axis=1)
-                        a_idx = tl.max(tl.where(at, run_i, -1), axis=1)
-                        b_val = tl.max(s_rem, axis=1)
-                        b_idx = tl.min(tl.where(s_rem == b_val[:, None], offs_n[None, :], 2147483647), axis=1)
-                        take_b = b_val > a_val  # running entries have smaller indices: they win ties
-                        val = tl.where(take_b, b_val, a_val)
-                        idx = tl.where(val == NEG_INF, -1, tl.where(take_b, b_idx, a_idx))
-                        new_v = tl.where(cols[None, :] == t, val[:, None], new_v)
-                        new_i = tl.where(cols[None, :] == t, idx[:, None], new_i)
-                        ptr = ptr + (1 - take_b.to(tl.int32))
-                        s_rem = tl.where(take_b[:, None] & (offs_n[None, :] == b_idx[:, None]), NEG_INF, s_rem)
-                        kth = val
-                    run_v = new_v
-                    run_i = new_i
+        m_i, l_i, arg, run_v, run_i = _max_pass(
+            q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
+            cap_out, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST, NEED_EXP, W_ARGMAX, TOPK,
+            K_PAD)
         if NEED_EXP:
-            lse2 = tl.where(m_i == NEG_INF, NEG_INF, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
+            lse2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
             if HAS_SINKS:
                 top = tl.maximum(lse2, sink2)
                 lse2 = top + tl.log2(tl.exp2(lse2 - top) + tl.exp2(sink2 - top))
-            lse_safe = tl.where(m_i == NEG_INF, 0.0, lse2)
+            lse_safe = tl.where(m_i == float("-inf"), 0.0, lse2)
             if W_LSE:
                 tl.store(lse_ptr + out_rows, lse2 * 0.6931471805599453, mask=row_ok)
             if W_LSE2:
                 tl.store(lse2_ptr + out_rows, lse2, mask=row_ok)
             if W_MAXP:
-                tl.store(maxp_ptr + out_rows, tl.where(m_i == NEG_INF, 0.0, tl.exp2(m_i - lse_safe)), mask=row_ok)
+                tl.store(maxp_ptr + out_rows, tl.where(m_i == float("-inf"), 0.0, tl.exp2(m_i - lse_safe)),
+                         mask=row_ok)
         if W_ARGMAX:
             tl.store(argmax_ptr + out_rows, arg.to(tl.int64), mask=row_ok)
         if TOPK > 0:
-            top_p = tl.where(run_v == NEG_INF, 0.0, tl.exp2(run_v - lse_safe[:, None]))
+            cols = tl.arange(0, K_PAD)
+            top_p = tl.where(run_v == float("-inf"), 0.0, tl.exp2(run_v - lse_safe[:, None]))
             t_off = out_rows.to(tl.int64)[:, None] * TOPK + cols[None, :]
             t_ok = row_ok[:, None] & (cols[None, :] < TOPK)
             tl.store(topi_ptr + t_off, run_i.to(tl.int64), mask=t_ok)
             tl.store(topp_ptr + t_off, top_p, mask=t_ok)
 
-    # ---------------- pass 2: linear statistics with the final logsumexp ----------------
     if W_ENT or W_DIST or W_SEG or W_KM:
-        lse_safe2 = tl.where(lse2 == NEG_INF, 0.0, lse2)
-        ent = tl.zeros([BLOCK_M], tl.float32)
-        dist = tl.zeros([BLOCK_M], tl.float32)
-        seg_cols = tl.arange(0, S_PAD)
-        seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + arange_n
-            kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & (offs_n < Nk)[None, :],
-                         other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            s2, vis = _scores(q, kt, qpos, offs_n, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
-                              cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC)
-            p = tl.where(vis, tl.exp2(s2 - lse_safe2[:, None]), 0.0)
-            if W_ENT:
-                ent += tl.sum(p * (lse_safe2[:, None] - tl.where(vis, s2, lse_safe2[:, None])), axis=1)
-            if W_DIST:
-                dist_j = tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
-                dist += tl.sum(p * dist_j, axis=1)
-            if W_SEG:
-                sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
-                # p @ one-hot(segment): p split exactly into three bf16 parts (24 mantissa bits ≈ fp32) so the
-                # products run on bf16 tensor cores with fp32 accumulation; the one-hot is exact in bf16
-                onehot32 = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
-                p_hi = p.to(tl.bfloat16)
-                r1 = p - p_hi.to(tl.float32)
-                p_mid = r1.to(tl.bfloat16)
-                p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
-                if UPCAST:  # interpreter: same split, products in fp32 (its bf16 dot is wrong)
-                    seg_acc = tl.dot(p_hi.to(tl.float32), onehot32, seg_acc)
-                    seg_acc = tl.dot(p_mid.to(tl.float32), onehot32, seg_acc)
-                    seg_acc = tl.dot(p_lo.to(tl.float32), onehot32, seg_acc)
-                else:
-                    onehot = onehot32.to(tl.bfloat16)
-                    seg_acc = tl.dot(p_hi, onehot, seg_acc)
-                    seg_acc = tl.dot(p_mid, onehot, seg_acc)
-                    seg_acc = tl.dot(p_lo, onehot, seg_acc)
-            if W_KM:
-                tl.atomic_add(km_ptr + bh64 * Nk + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
+        ent, dist, seg_acc = _linear_pass(
+            q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
+            cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_ptr + bh64 * Nk, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
+            HAS_KMASK, SOFTCAP, PREC, UPCAST, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
         if W_ENT:
             if HAS_SINKS:  # the sink's own term of the row entropy
                 ent += tl.exp2(sink2 - lse2) * (lse2 - sink2)
@@ -245,6 +292,7 @@ def _stats_kernel(
         if W_DIST:
             tl.store(dist_ptr + out_rows, dist, mask=row_ok)
         if W_SEG:
+            seg_cols = tl.arange(0, S_PAD)
             s_off = out_rows.to(tl.int64)[:, None] * n_segments + seg_base + seg_cols[None, :]
             tl.store(segm_ptr + s_off, seg_acc, mask=row_ok[:, None] & ((seg_base + seg_cols) < n_segments)[None, :])
 
@@ -280,42 +328,20 @@ def _config(d_pad: int, elem: int, n_q: int, k_pad: int, interpret: bool):
     return bm, bn, warps, stages
 
 
-def _key_count(query_positions, key_mask, causal, window, b, n_k, device):
-    """Number of queries that see each key: a range count over sorted query positions, no (Nq, Nk) tensor."""
-    qp = torch.sort(query_positions.to(device=device, dtype=torch.int64)).values
-    j = torch.arange(n_k, device=device, dtype=torch.int64)
-    n_q = qp.numel()
-    lo = torch.searchsorted(qp, j) if causal else torch.zeros_like(j)  # first query with pos ≥ j
-    hi = torch.searchsorted(qp, j + int(window)) if window is not None else torch.full_like(j, n_q)  # pos < j + w
-    count = (hi - lo).clamp_min(0).to(torch.float32)
-    count = count[None].expand(b, n_k)
-    if key_mask is not None:
-        count = count * key_mask.to(device=device, dtype=torch.bool).to(torch.float32)
-    return count.contiguous()
-
-
-def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask, window, softcap,
-                 segments, n_segments: int, topk: int, want: frozenset[str], sinks=None) -> dict[str, torch.Tensor]:
-    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d); see the module docstring.
-    sinks: (H,) float32 sink logits or None."""
-    want = frozenset(want)
-    unknown = want - STATS
-    if unknown:
-        raise ValueError(f"unknown statistics: {sorted(unknown)}")
+def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, segments: torch.Tensor | None,
+                 n_segments: int, topk: int, want: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d) with a resolved geometry; the
+    arguments and results of `torch_stats.stats_torch` (checked by `interp.kernels.attention_stats`)."""
     b, n_h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     device = q.device
     group = n_h // n_kv
     topk = int(topk) if "topk" in want else 0
-    if topk > MAX_TOPK:
-        raise ValueError(f"topk={topk} exceeds {MAX_TOPK}")
-    if "segment_mass" in want and segments is None:
-        raise ValueError("segment_mass needs segments")
     f32 = dict(device=device, dtype=torch.float32)
 
     out: dict[str, torch.Tensor] = {}
     if "key_count" in want:
-        out["key_count"] = _key_count(query_positions, key_mask, causal, window, b, n_k, device)
+        out["key_count"] = geo.key_counts(b, n_k)
 
     w_lse = "lse" in want
     w_arg = "argmax" in want
@@ -356,10 +382,9 @@ def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask,
     s_pad = max(16, _pow2(min(n_segments, SEGMENT_CHUNK))) if w_seg else 16
     bm, bn, warps, stages = _config(block_d, elem, n_q, k_pad, interpret)
 
-    qpos = query_positions.to(device=device, dtype=torch.int64).contiguous()
-    if key_mask is not None:
-        kmask = key_mask.to(device=device)
-        kmask = kmask.view(torch.uint8) if kmask.dtype == torch.bool else (kmask != 0).to(torch.uint8)
+    qpos = geo.query_positions.contiguous()
+    if geo.key_mask is not None:
+        kmask = geo.key_mask.view(torch.uint8)
         smb, smn = kmask.stride()
     else:
         kmask, smb, smn = qpos, 0, 0
@@ -375,22 +400,23 @@ def stats_triton(q, k, *, scale: float, causal: bool, query_positions, key_mask,
     def buf(name):
         return out.get(name, dummy)
 
-    cap = float(softcap) if softcap is not None else 0.0
+    softcap, window = geo.softcap, geo.window
+    cap = softcap if softcap is not None else 0.0
     scalars = dict(
-        window=int(window) if window is not None else 0,
-        qk_scale=float(scale) * _LOG2E,
-        cap_in=float(scale) / cap if softcap is not None else 0.0,
+        window=window if window is not None else 0,
+        qk_scale=geo.scale * _LOG2E,
+        cap_in=geo.scale / cap if softcap is not None else 0.0,
         cap_out=cap * _LOG2E,
         n_segments=int(n_segments),
     )
     flags = dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KMASK=key_mask is not None,
-        SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None, PREC=prec, UPCAST=interpret,
+        CAUSAL=geo.causal, HAS_WINDOW=window is not None, HAS_KMASK=geo.key_mask is not None,
+        SOFTCAP=softcap is not None, HAS_SINKS=geo.sinks is not None, PREC=prec, UPCAST=interpret,
         K_PAD=k_pad, S_PAD=s_pad, num_warps=warps, num_stages=stages,
     )
     grid = (triton.cdiv(n_q, bm), b * n_h)
-    common = (q, k, qpos, kmask, seg, dummy if sinks is None else sinks.to(**f32).contiguous())
+    common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous())
     shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
     need_exp = w_lse or w_maxp or topk > 0 or w_ent or w_dist or w_seg or w_km
     _stats_kernel[grid](

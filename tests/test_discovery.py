@@ -16,7 +16,7 @@ from auto_check import check_against_eager, outcome
 from auto_tiny import DEEP, TinyUnbuildable, decoder_types, tiny, word_tokenizer
 from interp.families import table_for
 from interp.hooks import Recorder, capture
-from interp.kernels import call_attention, call_stats, dense_scores
+from interp.kernels import AttentionGeometry, call_attention, call_stats, dense_scores
 from tiny_models import BUILDERS, make
 
 _OUTCOMES: dict[str, tuple[str, str]] = {}
@@ -119,7 +119,7 @@ def test_learned_sinks_are_captured_and_counted():
     v = call.v.repeat_interleave(call.n_heads // call.v.shape[1], dim=1)
     assert torch.allclose(p @ v, call.z.transpose(1, 2), atol=1e-5)  # the model's own head outputs
     stats = call_stats(call, stats=("lse", "max_prob"))
-    full = torch.cat([dense_scores(call.q, call.k, scale=call.scale, window=call.window), call.sinks[None, :, None, None].expand(
+    full = torch.cat([dense_scores(call.q, call.k, geometry=AttentionGeometry(scale=call.scale, window=call.window)), call.sinks[None, :, None, None].expand(
         *p.shape[:3], 1)], -1)
     assert torch.allclose(stats.lse, torch.logsumexp(full, -1), atol=1e-5)
 

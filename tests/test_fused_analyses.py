@@ -66,9 +66,7 @@ def test_statistics_ride_the_models_own_sdpa_call(name, rides, monkeypatch):
 
     def probe(call):
         st = interp.kernels.call_stats(call, **request)
-        twin = attention_stats(call.q, call.head_keys(), scale=call.scale, causal=call.causal,
-                               query_positions=call.query_positions, key_mask=call.key_mask, window=call.window,
-                               backend="torch", **request)
+        twin = attention_stats(call.q, call.head_keys(), geometry=call.geometry, backend="torch", **request)
         seen.append(call.stats is not None)
         for stat, value in twin.to_dict().items():
             tol = 1e-3 if stat == "mean_distance" else 2e-5

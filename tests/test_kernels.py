@@ -1,5 +1,6 @@
 """Attention statistics from q/k, against dense softmax (property-based), for every kernel backend."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -8,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interp.kernels import (attention_stats, attention_tile, dense_attention, dense_scores, diagonal_attention,
-                            grid_distance, pooled_attention)
+from interp.kernels import (AttentionGeometry, attention_stats, attention_tile, dense_attention, dense_scores,
+                            diagonal_attention, grid_distance, pooled_attention)
 
 ALL = ["lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count"]
 HAS_TRITON = importlib.util.find_spec("interp.kernels.triton_stats") is not None and (
@@ -40,8 +41,8 @@ def problems(draw):
     key_mask = torch.rand(b, n_k, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.9]))
     n_seg = draw(st.integers(1, 4))
     segments = torch.randint(0, n_seg, (b, n_k), generator=g)
-    return dict(q=q, k=k, causal=causal, window=window, softcap=softcap, query_positions=positions,
-                key_mask=key_mask), segments, n_seg
+    return dict(q=q, k=k, geometry=AttentionGeometry(causal=causal, window=window, softcap=softcap,
+                                                     query_positions=positions, key_mask=key_mask)), segments, n_seg
 
 
 def _check(out, s, segments, n_seg, positions, tol, exact_argmax):
@@ -87,12 +88,11 @@ def test_statistics_equal_dense_softmax(backend):
 def _statistics_equal_dense_softmax(backend, case):
     kw, segments, n_seg = case
     out = attention_stats(**kw, segments=segments, n_segments=n_seg, stats=ALL, topk=3, backend=backend)
-    s = dense_scores(kw["q"], kw["k"], **{x: kw[x] for x in ("causal", "window", "softcap", "query_positions",
-                                                          "key_mask")})
+    s = dense_scores(kw["q"], kw["k"], geometry=kw["geometry"])
     # the fused op forms and sums the scores in its own order: with logits near 200 (q × 30), one fp32 ulp of the
     # lse is 1.5e-5, so its probabilities differ from the dense arithmetic by a few 1e-5 there (1e-6 otherwise)
     tol = 3e-5 if backend == "fused" else 1e-5
-    _check(out, s, segments, n_seg, kw["query_positions"], tol=tol, exact_argmax=backend in ("torch", "fused"))
+    _check(out, s, segments, n_seg, kw["geometry"].query_positions, tol=tol, exact_argmax=backend in ("torch", "fused"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     k_top = min(3, s.shape[-1])
     assert torch.allclose(out.topk_prob[..., :k_top], p.topk(k_top, -1).values, atol=1e-5)
@@ -128,11 +128,12 @@ def test_fused_path_equals_the_twin_at_length(geometry, group, monkeypatch):
     dtype = torch.bfloat16 if geometry == "bf16" else torch.float32
     q = torch.randn(2, n_kv * group, n_q, 32, generator=g).to(dtype)
     k = torch.randn(2, n_kv, n, 32, generator=g).to(dtype)
-    mask = dict(causal=geometry != "bidirectional", window=40 if geometry == "window" else None,
-                key_mask=torch.arange(n)[None] >= torch.tensor([[0], [57]]) if geometry == "padded" else None,
-                query_positions=torch.arange(n - n_q - 2, n - 2) if geometry == "decode" else None,
-                sinks=torch.linspace(-1, 2, n_kv * group) if group == 4 else None)
-    kw = dict(mask, segments=torch.arange(n) % 5, stats=ALL, topk=4)
+    geo = AttentionGeometry(
+        causal=geometry != "bidirectional", window=40 if geometry == "window" else None,
+        key_mask=torch.arange(n)[None] >= torch.tensor([[0], [57]]) if geometry == "padded" else None,
+        query_positions=torch.arange(n - n_q - 2, n - 2) if geometry == "decode" else None,
+        sinks=torch.linspace(-1, 2, n_kv * group) if group == 4 else None)
+    kw = dict(geometry=geo, segments=torch.arange(n) % 5, stats=ALL, topk=4)
     twin = attention_stats(q, k, **kw, backend="torch")
     monkeypatch.setattr(fused_stats, "CHUNK_ELEMENTS", 2 * 64 * n)  # 64 rows per masked call
     fused = attention_stats(q, k, **kw, backend="fused")
@@ -147,17 +148,17 @@ def test_fused_path_equals_the_twin_at_length(geometry, group, monkeypatch):
 def test_pooled_map_and_tile_equal_dense():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 4, 45, 16, generator=g), torch.randn(2, 2, 45, 16, generator=g)
-    mask = dict(causal=True, window=20)
-    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
-    pooled = pooled_attention(q, k, block_q=8, block_k=10, **mask)
+    geo = AttentionGeometry(causal=True, window=20)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
+    pooled = pooled_attention(q, k, block_q=8, block_k=10, geometry=geo)
     assert pooled.shape == (2, 4, 6, 5)
     for i in range(6):
         for j in range(5):
             block = p[:, :, i * 8 : (i + 1) * 8, j * 10 : (j + 1) * 10]
             assert torch.allclose(pooled[:, :, i, j], block.mean((-1, -2)), atol=1e-6)
-    top = pooled_attention(q, k, block_q=8, block_k=10, reduce="max", **mask)
+    top = pooled_attention(q, k, block_q=8, block_k=10, reduce="max", geometry=geo)
     assert torch.allclose(top[:, :, 2, 1], p[:, :, 16:24, 10:20].amax((-1, -2)), atol=1e-6)
-    tile = attention_tile(q, k, (30, 41), (5, 33), **mask)
+    tile = attention_tile(q, k, (30, 41), (5, 33), geometry=geo)
     assert torch.allclose(tile, p[:, :, 30:41, 5:33], atol=1e-6)
 
 
@@ -181,9 +182,9 @@ def test_one_pass_pooling_equals_dense(reduce, elements, monkeypatch):
     q, k = torch.randn(1, 4, 50, 16, generator=g) * 3, torch.randn(1, 2, 50, 16, generator=g)
     key_mask = torch.ones(1, 50, dtype=torch.bool)
     key_mask[0, 0] = False  # query 0 sees no key
-    mask = dict(causal=True, window=30, key_mask=key_mask, softcap=5.0)
-    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
-    pooled = pooled_attention(q, k, block_q=5, block_k=4, reduce=reduce, **mask)
+    geo = AttentionGeometry(causal=True, window=30, key_mask=key_mask, softcap=5.0)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
+    pooled = pooled_attention(q, k, block_q=5, block_k=4, reduce=reduce, geometry=geo)
     padded = torch.nn.functional.pad(p, (0, 2)).unflatten(-1, (13, 4)).unflatten(2, (10, 5))
     expect = padded.amax((3, 5)) if reduce == "max" else padded.sum((3, 5)) / (5 * torch.tensor([4.0] * 12 + [2.0]))
     assert torch.allclose(pooled, expect, atol=1e-6)
@@ -198,10 +199,11 @@ def test_diagonals_equal_the_dense_matrix(causal):
     q, k = torch.randn(2, 4, 20, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g)
     key_mask = torch.ones(2, 30, dtype=torch.bool)
     key_mask[1, 3:9] = False
-    mask = dict(causal=causal, window=12, key_mask=key_mask, softcap=4.0, query_positions=torch.arange(10, 30))
-    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
+    geo = AttentionGeometry(causal=causal, window=12, key_mask=key_mask, softcap=4.0,
+                            query_positions=torch.arange(10, 30))
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
     offsets = [0, 1, 5, 11, 12, 29, -3]
-    got = diagonal_attention(q, k, offsets, **mask)
+    got = diagonal_attention(q, k, offsets, geometry=geo)
     for c, off in enumerate(offsets):
         for i in range(20):
             j = 10 + i - off
@@ -215,16 +217,16 @@ def test_pooled_region_is_a_zoom_of_the_dense_map():
     q, k = torch.randn(1, 4, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
     key_mask = torch.ones(1, 60, dtype=torch.bool)
     key_mask[0, [3, 25, 40]] = False
-    mask = dict(causal=True, window=25, key_mask=key_mask)
-    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, **mask), -1), nan=0.0)
-    zoom = pooled_attention(q, k, block_q=4, block_k=3, q_range=(20, 44), k_range=(12, 39), **mask)
+    geo = AttentionGeometry(causal=True, window=25, key_mask=key_mask)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
+    zoom = pooled_attention(q, k, block_q=4, block_k=3, q_range=(20, 44), k_range=(12, 39), geometry=geo)
     assert zoom.shape == (1, 4, 6, 9)
     for i in range(6):
         for j in range(9):
             block = p[:, :, 20 + 4 * i : 20 + 4 * (i + 1), 12 + 3 * j : 12 + 3 * (j + 1)]
             assert torch.allclose(zoom[:, :, i, j], block.mean((-1, -2)), atol=1e-6)
-    exact = pooled_attention(q, k, block_q=1, block_k=1, q_range=(50, 60), k_range=(30, 60), **mask)
-    assert torch.allclose(exact, attention_tile(q, k, (50, 60), (30, 60), **mask), atol=1e-6)
+    exact = pooled_attention(q, k, block_q=1, block_k=1, q_range=(50, 60), k_range=(30, 60), geometry=geo)
+    assert torch.allclose(exact, attention_tile(q, k, (50, 60), (30, 60), geometry=geo), atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         pooled_attention(q, k, block_q=2, block_k=2, q_range=(10, 70))
 
@@ -239,7 +241,7 @@ def test_grid_distance_equals_dense(renormalize):
     special = torch.zeros(n, dtype=torch.bool)
     special[0] = True
     got = grid_distance(q, k, query_coords=coords, key_coords=coords, special_keys=special, renormalize=renormalize)
-    p = torch.softmax(dense_scores(q, k, causal=False), -1)[..., 1:]
+    p = torch.softmax(dense_scores(q, k, geometry=AttentionGeometry(causal=False)), -1)[..., 1:]
     dist = torch.cdist(coords, coords[1:])
     want = (p * dist).sum(-1)
     if renormalize:
@@ -256,7 +258,7 @@ def test_grid_distance_equals_dense(renormalize):
     (dict(segments=torch.tensor([0, -1, 0, 0, 0]), stats=["segment_mass"]), "segment ids must lie"),
     (dict(stats=["segment_mass"]), "needs segments"),
     (dict(stats=["attention"]), "unknown statistics"),
-    (dict(query_positions=torch.arange(3)), "query_positions must be"),
+    (dict(geometry=AttentionGeometry(query_positions=torch.arange(3))), "query_positions must be"),
     (dict(backend="cuda"), "unknown backend"),
 ])
 def test_bad_input_is_refused_before_any_kernel(bad, match):
@@ -278,13 +280,14 @@ def test_key_mean_topk_width_and_more_bad_input(backend):
     q, k = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :2] = False
-    st = attention_stats(q, k, key_mask=mask, topk=8, stats=("key_mass", "key_count", "topk"), backend=backend)
-    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, key_mask=mask), -1), nan=0.0)
-    count = torch.isfinite(dense_scores(q, k, key_mask=mask))[:, 0].sum(-2).float()[:, None, :]
+    geo = AttentionGeometry(key_mask=mask)
+    st = attention_stats(q, k, geometry=geo, topk=8, stats=("key_mass", "key_count", "topk"), backend=backend)
+    p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
+    count = torch.isfinite(dense_scores(q, k, geometry=geo))[:, 0].sum(-2).float()[:, None, :]
     assert torch.allclose(st.key_mean, torch.where(count > 0, p.sum(-2) / count.clamp_min(1), 0.0), atol=1e-6)
     assert st.topk_index.shape == (2, 4, 6, 8) and bool((st.topk_index[..., 6:] == -1).all())
-    for bad, match in [(dict(q=q * float("inf")), "NaN or inf"), (dict(window=2.5), "integer"),
-                       (dict(topk=65), "topk must be"), (dict(query_positions=torch.arange(-1, 5)), "≥ 0"),
+    for bad, match in [(dict(q=q * float("inf")), "NaN or inf"), (dict(geometry=AttentionGeometry(window=2.5)), "integer"),
+                       (dict(topk=65), "topk must be"), (dict(geometry=AttentionGeometry(query_positions=torch.arange(-1, 5))), "≥ 0"),
                        (dict(k=k[:, :, :0]), "at least one")]:
         args = dict(q=q, k=k, backend=backend)
         args.update(bad)
@@ -304,13 +307,14 @@ def test_sink_logits_join_every_softmax_denominator(backend, causal, window, pad
     key_mask = torch.ones(b, n, dtype=torch.bool)
     if padded:
         key_mask[1, :6] = False
-    mask = dict(causal=causal, window=window, key_mask=key_mask)
-    s = dense_scores(q, k, **mask)
+    geo = AttentionGeometry(causal=causal, window=window, key_mask=key_mask)
+    sunk = dataclasses.replace(geo, sinks=sinks)
+    s = dense_scores(q, k, geometry=geo)
     full = torch.cat([s, sinks[None, :, None, None].expand(b, h, n, 1)], -1)
     big_p = torch.softmax(full, -1)
     p = big_p[..., :-1]
     segments = torch.arange(n) % 3
-    out = attention_stats(q, k, **mask, sinks=sinks, segments=segments, stats=ALL, topk=3, backend=backend)
+    out = attention_stats(q, k, geometry=sunk, segments=segments, stats=ALL, topk=3, backend=backend)
     assert torch.allclose(out.lse, torch.logsumexp(full, -1), atol=1e-5)
     assert bool((p.sum(-1) < 1).all()), "the sink takes a share of every row"
     assert torch.allclose(out.max_prob, p.max(-1).values, atol=1e-5)
@@ -323,12 +327,12 @@ def test_sink_logits_join_every_softmax_denominator(backend, causal, window, pad
     assert torch.allclose(out.segment_mass, torch.einsum("bhqk,ks->bhqs", p, onehot), atol=1e-5)
     seen = torch.isfinite(s).any(-1)
     assert bool((out.argmax[~seen] == -1).all()) and torch.equal(out.argmax[seen], s.argmax(-1)[seen])
-    assert torch.allclose(dense_attention(q, k, **mask, sinks=sinks), p, atol=1e-6)
-    tile = attention_tile(q, k, (4, 20), (2, 17), **mask, sinks=sinks, backend=backend)
+    assert torch.allclose(dense_attention(q, k, geometry=sunk), p, atol=1e-6)
+    tile = attention_tile(q, k, (4, 20), (2, 17), geometry=sunk, backend=backend)
     assert torch.allclose(tile, p[:, :, 4:20, 2:17], atol=1e-6)
-    pooled = pooled_attention(q, k, block_q=5, block_k=4, **mask, sinks=sinks, backend=backend)
+    pooled = pooled_attention(q, k, block_q=5, block_k=4, geometry=sunk, backend=backend)
     assert torch.allclose(pooled[:, :, 1, 2], p[:, :, 5:10, 8:12].mean((-1, -2)), atol=1e-6)
-    diag = diagonal_attention(q, k, [0, 1], **mask, sinks=sinks, backend=backend)
+    diag = diagonal_attention(q, k, [0, 1], geometry=sunk, backend=backend)
     assert torch.allclose(diag[..., 0], torch.diagonal(p, 0, 2, 3), atol=1e-6)
     assert torch.allclose(diag[:, :, 1:, 1], torch.diagonal(p, -1, 2, 3), atol=1e-6)
 
@@ -336,6 +340,6 @@ def test_sink_logits_join_every_softmax_denominator(backend, causal, window, pad
 def test_sinks_must_be_one_finite_logit_per_query_head():
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="sinks must be \\(4,\\)"):
-        attention_stats(q, k, sinks=torch.zeros(2))
+        attention_stats(q, k, geometry=AttentionGeometry(sinks=torch.zeros(2)))
     with pytest.raises(ValueError, match="finite"):
-        attention_stats(q, k, sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+        attention_stats(q, k, geometry=AttentionGeometry(sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0])))

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
+from interp.kernels import AttentionGeometry  # noqa: E402
 from interp.kernels.triton_stats import stats_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,7 +79,10 @@ def run(q, k, *, scale=None, causal=True, query_positions=None, key_mask=None, w
     kw = dict(scale=scale, causal=causal, query_positions=query_positions, key_mask=key_mask, window=window,
               softcap=softcap, segments=segments, n_segments=n_segments, topk=topk)
     dev = {kname: (v.to(DEVICE) if torch.is_tensor(v) else v) for kname, v in kw.items()}
-    got = stats_triton(q.to(DEVICE), k.to(DEVICE), want=frozenset(want), **dev)
+    q_dev, k_dev = q.to(DEVICE), k.to(DEVICE)
+    geo = AttentionGeometry(**{x: dev.pop(x) for x in ("scale", "causal", "query_positions", "key_mask", "window",
+                                                      "softcap")}).resolve(q_dev, k_dev)
+    got = stats_triton(q_dev, k_dev, geo, want=frozenset(want), **dev)
     ref = reference(q, k, **kw)
     expected = {w for w in want if w != "topk"} | ({"topk_index", "topk_prob"} if "topk" in want else set())
     assert set(got) == expected
@@ -233,9 +237,9 @@ def test_subsets_of_statistics(want):
 
 def test_topk_zero_gives_empty_tensors():
     g = torch.Generator().manual_seed(11)
-    got = stats_triton(rand(1, 1, 4, 16, gen=g).to(DEVICE), rand(1, 1, 4, 16, gen=g).to(DEVICE), scale=0.25,
-                       causal=True, query_positions=torch.arange(4).to(DEVICE), key_mask=None, window=None,
-                       softcap=None, segments=None, n_segments=0, topk=0, want=frozenset({"topk", "lse"}))
+    q, k = rand(1, 1, 4, 16, gen=g).to(DEVICE), rand(1, 1, 4, 16, gen=g).to(DEVICE)
+    geo = AttentionGeometry(scale=0.25, causal=True, query_positions=torch.arange(4).to(DEVICE)).resolve(q, k)
+    got = stats_triton(q, k, geo, segments=None, n_segments=0, topk=0, want=frozenset({"topk", "lse"}))
     assert got["topk_index"].shape == (1, 1, 4, 0) and got["topk_prob"].shape == (1, 1, 4, 0)
     assert torch.isfinite(got["lse"]).all()
 
