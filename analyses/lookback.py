@@ -41,7 +41,13 @@ class Lookback(Analysis):
         n = options.samples or 4
         if not 1 <= n <= len(TEXTS):
             raise ValueError(f"--samples {n}: give 1..{len(TEXTS)}")
-        return [{"text": TEXTS[i]} for i in range(n)]
+        plan = [{"text": TEXTS[i]} for i in range(n)]
+        for sample in plan:  # every sample needs a query with `offset` tokens before it
+            tokens = self.sample_inputs(model, sample, options, params)["input_ids"].shape[-1]
+            if tokens <= params["offset"]:
+                raise ValueError(f"--offset {params['offset']}: a sample has {tokens} tokens; give a smaller offset "
+                                 "or a larger --max-tokens")
+        return plan
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
         return model.prepare(sample["text"], truncation=True, max_length=options.max_tokens or 128)

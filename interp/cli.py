@@ -272,7 +272,8 @@ def _sweep(args) -> int:
 
     sweep = read_sweep(args.file)
     cluster = _cluster_of(args)
-    rows = run_sweep(sweep, Store(args.out), cluster=cluster, progress=_progress(args))
+    loading = dict(dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    rows = run_sweep(sweep, Store(args.out), cluster=cluster, loading=loading, progress=_progress(args))
     if args.json:
         print(json.dumps({"store": str(Store(args.out).root), "runs": rows}, indent=2))
     else:
@@ -437,7 +438,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="sweep file (.toml or .yaml): models, analyses, [options], [params.ANALYSIS] grids")
     p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: checkpoint's)")
-    p.add_argument("--device", help="--cluster: the workers' device (default cpu, cuda with --gpus-per-worker)")
+    p.add_argument("--device", help="the models' device (with --cluster, the workers'; default cpu, cuda with "
+                                    "--gpus-per-worker)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code shipped with the checkpoints (off by default; never asked on stdin)")
     p.add_argument("--json", action="store_true", help="print one JSON row per combination on stdout")

@@ -151,7 +151,12 @@ class Workers:
                                "workers or smaller ones (--workers, --cpus-per-worker, --gpus-per-worker)")
         self._source = ray.put(self.model) if c.model is None else c.model
         actors = [self._actor(k) for k in range(n)]
-        self.where = [self._ready(a) for a in actors]
+        try:
+            self.where = [self._ready(a) for a in actors]
+        except BaseException:  # one could not load: none keeps its CPUs / GPUs (a sweep goes on to other models)
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise
         self.actors = actors
         log.info("%d workers: %s", n, "; ".join(self.where))
 
@@ -214,7 +219,11 @@ class Workers:
         self._ray.kill(dead, no_restart=True)
         self.replaced += 1
         actor = self._actor(len(self.actors) + self.replaced)
-        self.where.append(self._ready(actor))
+        try:
+            self.where.append(self._ready(actor))
+        except BaseException:
+            self._ray.kill(actor, no_restart=True)
+            raise
         self.actors[self.actors.index(dead)] = actor
         return actor
 

@@ -87,6 +87,8 @@ class Params:
         values = {}
         for name, (spec, kind, default) in specs.items():
             value = given.get(name, default)
+            if spec.path and value == "":
+                value = None  # `--images ""`: no file, the built-ins
             values[name] = None if value is None else _check(cls.analysis, name, spec, kind, value)
         return _json(cls(**values).__dict__)
 
@@ -116,10 +118,12 @@ def base_type(kind: Any) -> tuple[type, type | None]:
 
 def parse(kind: Any, value: Any) -> Any:
     """`value` (a Python value, or the text of a CLI flag) as the annotation `kind` asks; ValueError otherwise.
-    A list parameter takes a list or comma-separated text."""
+    A list parameter takes a list, one value, or comma-separated text; a text parameter given a list takes its
+    items comma-separated."""
     scalar, item = base_type(kind)
     if scalar is list:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = (value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple))
+                 else [value])
         return [parse(item, v.strip() if isinstance(v, str) else v) for v in items
                 if not (isinstance(v, str) and not v.strip())]
     if scalar is bool:
@@ -133,8 +137,13 @@ def parse(kind: Any, value: Any) -> Any:
     if scalar is float:
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a number")
-        return value if isinstance(value, int) else float(value)  # an int is a float (PEP 484): 25 stays 25
+        number = value if isinstance(value, int) else float(value)  # an int is a float (PEP 484): 25 stays 25
+        if number != number:
+            raise ValueError("NaN is not a number to use")
+        return number
     if scalar is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return ",".join(str(v) for v in value)
         if not isinstance(value, (str, Path)):
             raise ValueError(f"{value!r} is not text")
         return str(value)

@@ -206,13 +206,23 @@ def _matching(runs: Store, status: str, analysis: str, identity: dict, options, 
     """The runs with this status and the same analysis, model, options and parameters, newest first."""
     for info in runs.runs():
         m = info.meta
-        if info.status != status or m["analysis"] != analysis or m["model"] != identity or m["params"] != params:
+        if info.status != status or m["analysis"] != analysis or m["model"] != identity or _params_of(m) != params:
             continue
         try:
             if Options.from_json(m["options"]) == options:
                 yield info
         except TypeError:  # options of another version
             continue
+
+
+def _params_of(meta: dict) -> dict | None:
+    """A stored run's parameters as this version resolves them (old names upgraded, user files absolute, values
+    typed), so that runs written before a parameter changed still match; None when they no longer resolve."""
+    try:
+        an = get_analysis(meta["analysis"])
+        return an.resolve(an.Params.upgrade(meta["params"]))
+    except (ValueError, TypeError):
+        return None
 
 
 def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params: dict) -> RunWriter | None:

@@ -121,17 +121,18 @@ def check_sweep(spec, where: str = "sweep") -> Sweep:
 
 
 def run_sweep(sweep: Sweep, store: Store | str | os.PathLike | None = None, *, cluster: Cluster | None = None,
-              progress: Progress = QUIET) -> list[dict]:
-    """Score every combination not yet complete in `store` (on `cluster`'s workers, or in this process); one row per
-    combination: model, analysis, params, status ("done", "skipped": complete already, "failed"), run id, samples,
-    seconds, error. A failed combination does not stop the others."""
+              loading: dict | None = None, progress: Progress = QUIET) -> list[dict]:
+    """Score every combination not yet complete in `store` (on `cluster`'s workers, or in this process, the models
+    loaded with `loading`: load_model's dtype, device, trust_remote_code); one row per combination: model, analysis,
+    params, status ("done", "skipped": complete already, "failed"), run id, samples, seconds, error. A failed
+    combination does not stop the others."""
     store = store if isinstance(store, Store) else Store(store)
     store.check_writable()
     rows = []
     for name, runs in itertools.groupby(sweep.combinations(), key=lambda c: c[0]):
         try:
             with progress.status(f"loading {name}"):
-                model = cluster.driver_model(name) if cluster is not None else load_model(name)
+                model = cluster.driver_model(name) if cluster is not None else load_model(name, **(loading or {}))
         except (ValueError, OSError) as e:  # a model that cannot be loaded fails its combinations, not the sweep
             rows += [{"model": name, "analysis": analysis, "params": params, "status": "failed", "run": None,
                       "samples": None, "seconds": 0.0, "error": f"{type(e).__name__}: {e}"} for _, analysis, params in runs]

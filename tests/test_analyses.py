@@ -71,3 +71,15 @@ def test_parameters_are_checked_where_they_are_declared():
                          ({"nope": 1}, "has no parameter nope")):
         with pytest.raises(ValueError, match=message):
             retrieval.resolve(bad)
+
+
+def test_old_runs_parameters_match_as_today_resolves_them(tmp_path, monkeypatch):
+    """`--resume` and sweeps find runs written before a parameter was renamed or made absolute."""
+    from interp.scoring import _params_of
+
+    circuits = ANALYSES["circuits"]
+    old = {k: v for k, v in circuits.params.items() if k != "circuit_threshold"} | {"threshold": 0.5}
+    assert _params_of({"analysis": "circuits", "params": old}) == circuits.resolve({"circuit_threshold": 0.5})
+    monkeypatch.chdir(tmp_path)
+    relative = ANALYSES["retrieval"].params | {"needles": "needles.jsonl"}
+    assert _params_of({"analysis": "retrieval", "params": relative})["needles"] == str(tmp_path / "needles.jsonl")

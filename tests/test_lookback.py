@@ -31,3 +31,8 @@ def test_lookback_rates_equal_the_eager_argmax(offset):
 def test_lookback_refuses_a_negative_offset():
     with pytest.raises(ValueError, match="offset"):
         interp.score("stories260k", "lookback", samples=1, offset=-1)
+
+
+def test_lookback_refuses_an_offset_beyond_the_samples():
+    with pytest.raises(ValueError, match="offset 20: a sample has 16 tokens"):
+        interp.score("stories260k", "lookback", samples=1, max_tokens=16, offset=20)
