@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.app.figures import TEMPLATE, score_by_layer
+from interp.fanout import fan_out
 from interp.hooks import mask_heads, trace
 from interp.kernels import AttentionGeometry, attention_tile, call_stats, diagonal_attention, grid_distance
 from interp.layout import token_layout
@@ -124,9 +125,7 @@ class Taxonomy(Analysis):
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
         if "image" in sample:
             return model.prepare(images=load_image(sample["image"]))
-        ids = repeated_tokens(model, sample)
-        t = torch.tensor([ids], device=model.device)
-        return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+        return text_inputs(model, sample)
 
     # ---- one sample
 
@@ -216,13 +215,13 @@ class Taxonomy(Analysis):
         rng = random.Random(options.seed)
         tests = [("none", []), ("induction", pairs[:k])]
         tests += [(f"random-{i}", rng.sample(pairs[n // 4:], k)) for i in range(params["ablate_draws"])]
+        jobs = [(s, chosen, params["ablate_mode"]) for _, chosen in tests for s in plan]
+        losses = fan_out(ablated_losses, model, jobs, progress, "ablation")  # independent: spread over a cluster
         rows = []
-        for condition, chosen in progress.bar(tests, desc="ablation", leave=False):
-            with mask_heads(model, chosen, mode=params["ablate_mode"]):
-                losses = np.array([repeat_losses(model, self.sample_inputs(model, s, options, params), s)
-                                   for s in plan])
+        for t, (condition, chosen) in enumerate(tests):
+            part = np.array(losses[t * len(plan):(t + 1) * len(plan)])  # (samples, 2)
             rows.append({"condition": condition, "k": len(chosen), "mode": params["ablate_mode"],
-                         "loss_first": losses[:, 0].mean(), "loss_repeated": losses[:, 1].mean(),
+                         "loss_first": part[:, 0].mean(), "loss_repeated": part[:, 1].mean(),
                          "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
         return {"ablation": pd.DataFrame(rows)}
 
@@ -272,6 +271,20 @@ def repeated_tokens(model: Model, sample: dict) -> list[int]:
     ids = prefix + r + r + suffix
     model.check_length(len(ids))
     return ids
+
+
+def text_inputs(model: Model, sample: dict) -> dict:
+    """The model inputs of a text sample: its repeated random tokens (1, N)."""
+    ids = torch.tensor([repeated_tokens(model, sample)], device=model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def ablated_losses(model: Model, job: tuple) -> tuple[float, float]:
+    """One sample of the ablation test: `repeat_losses` with the chosen heads ablated.
+    job: (planned sample, [(layer, head)], ablation mode)."""
+    sample, chosen, mode = job
+    with mask_heads(model, chosen, mode=mode):
+        return repeat_losses(model, text_inputs(model, sample), sample)
 
 
 def repeat_losses(model: Model, inputs: dict, sample: dict) -> tuple[float, float]:

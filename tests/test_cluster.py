@@ -1,4 +1,4 @@
-"""Runs spread over Ray workers give the same tables as one process: summary and sinks on stories260k, retrieval on
+"""Runs spread over Ray workers give the same tables as one process: summary, sinks and taxonomy on stories260k, retrieval on
 the planted copying model, circuits on the planted circuit; a worker killed mid-run; a driver killed mid-run on a head
 started as a separate process and resumed there by address; sweeps. One local Ray cluster (2 CPUs, 127.0.0.1) serves the
 module; each test stops the workers it starts."""
@@ -59,9 +59,10 @@ def same_tables(a, b):
         pd.testing.assert_frame_equal(a.tables[name], b.tables[name], obj=name)
 
 
-def test_summary_and_sinks_equal_one_process(head, stories):
-    with Workers(TWO, stories) as workers:  # the Model is shipped to the workers; both runs use them
-        for analysis in ("summary", "sinks"):
+def test_summary_sinks_and_taxonomy_equal_one_process(head, stories):
+    """taxonomy: its ablation test (finalize) spread over the workers too."""
+    with Workers(TWO, stories) as workers:  # the Model is shipped to the workers; the runs share them
+        for analysis in ("summary", "sinks", "taxonomy"):
             one = interp.score(stories, analysis, samples=4)
             spread = interp.score(stories, analysis, samples=4, cluster=workers)
             same_tables(one, spread)
