@@ -84,6 +84,10 @@ class Analysis:
         of the wrong type, outside their choices or bounds refused with a ValueError naming the parameter."""
         return self.Params.resolve(params)
 
+    def stored_params(self, meta: dict) -> dict:
+        """The parameters a stored run (its `meta`) was scored with, under today's names (see `Params.read`)."""
+        return self.Params.read(meta["params"])
+
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         """The heads table's score columns for this model and parameters (default: all of `scores`)."""
         return dict(self.scores)

@@ -279,7 +279,7 @@ class Circuits(Analysis):
         lines = []
         prompts = result.tables.get("prompts")
         faith = result.tables.get("faithfulness")
-        for task in map(task_label, tasks_of(result.meta["params"])):
+        for task in map(task_label, tasks_of(self.stored_params(result.meta))):
             if prompts is not None:
                 p = prompts[prompts["task"] == task]
                 lines.append(f"{task}: {len(p)} prompts, logit difference clean {p['clean_ld'].mean():.2f}, corrupt "
@@ -287,7 +287,7 @@ class Circuits(Analysis):
                              f"top-1 on {100 * p['clean_top1'].mean():.0f} %")
             circuit = result.tables["circuit"]
             heads = circuit[circuit["task"] == task]
-            lines.append(f"  circuit ({len(heads)} heads, by {circuit_column(result.meta['params'], task)}): "
+            lines.append(f"  circuit ({len(heads)} heads, by {circuit_column(self.stored_params(result.meta), task)}): "
                          + ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()))
             if faith is not None:
                 f = faith[(faith["task"] == task) & faith["circuit"]]
@@ -306,7 +306,7 @@ class Circuits(Analysis):
     def view(self, result) -> list:
         """Each task's circuit and faithfulness curve, the overlap of every two tasks (with a link to compare them),
         how the methods agree, and the circuit heads' effect at each position of a sample of each task."""
-        t, params = result.tables, result.meta["params"]
+        t, params = result.tables, self.stored_params(result.meta)
         tasks = [task_label(task) for task in tasks_of(params)]
         out: list = []
         for task in tasks:
@@ -487,7 +487,7 @@ def faithfulness_curves(faith: pd.DataFrame) -> go.Figure:
     fig.add_hline(y=100, line={"dash": "dot", "color": "#888"})
     fig.update_layout(title="faithfulness: logit difference kept with only the top heads (the rest mean-ablated)",
                       xaxis_title="heads kept (by |effect|)", yaxis_title="% of the clean logit difference",
-                      xaxis={"type": "log"}, template=TEMPLATE)
+                      xaxis={"type": "log", "tickformat": "d"}, template=TEMPLATE)
     return fig
 
 

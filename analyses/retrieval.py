@@ -177,7 +177,7 @@ class Retrieval(Analysis):
         return {"masking": pd.DataFrame(rows)}
 
     def report(self, result) -> list[str]:
-        heads, samples, p = result.heads, result.samples, result.meta["params"]
+        heads, samples, p = result.heads, result.samples, self.stored_params(result.meta)
         per = samples.drop_duplicates("sample")
         lines = [f"{int(per['accepted'].sum())} of {len(per)} samples accepted (ROUGE-1 recall > {ACCEPT_RECALL}); "
                  f"NIAH score {100 * per['rouge1_recall'].mean():.1f}"]

@@ -238,7 +238,7 @@ class Sinks(Analysis):
     def report(self, result) -> list[str]:
         lines = []
         rates = result.tables.get("sink_rates")
-        eps = result.meta["params"]["epsilon"]
+        eps = self.stored_params(result.meta)["epsilon"]
         if rates is not None:
             overall = rates[rates["layer"] == -1]
             first = ", ".join(f"{r.input} {r.first_token:.1f} %" for r in overall.itertuples())
@@ -280,7 +280,7 @@ class Sinks(Analysis):
             out.append(norm_histogram_figure(t["norm_histogram"], None if fit is None else fit["threshold"].iloc[0]))
         if "visual_sinks" in t:
             out.append(visual_sinks_by_layer(t["visual_sinks"]))
-        return out + _token_grids(result)
+        return out + _token_grids(result, self.stored_params(result.meta)["tau"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -720,14 +720,14 @@ def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def _token_grids(result) -> list[go.Figure]:
+def _token_grids(result, tau: float) -> list[go.Figure]:
     """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
     out = []
     for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
         if table not in result.tables:
             continue
         d = result.tables[table]
-        layer = d["layer"].max() if table == "norms" else _busiest_layer(d, result.meta["params"]["tau"])
+        layer = d["layer"].max() if table == "norms" else _busiest_layer(d, tau)
         rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
                  d["segment"].isin(["image", "high_norm", "visual_sink"])].sort_values("position")
         side = int(round(len(rows) ** 0.5))

@@ -47,7 +47,6 @@ from .inputs import plain_token_pool, special_tokens
 
 PATTERNS = ("a_shape", "block_sparse", "vertical_slash")  # simplest first: a tie goes to the simpler pattern
 TIE = 0.01
-CLS_RULES = ("renormalize", "zero")
 DEFAULT_HALF = 128
 
 TEXT_STATS = dict(stats=("lse", "mean_distance"))  # what a text sample's probe asks of every call

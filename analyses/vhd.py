@@ -107,7 +107,7 @@ class VHD(Analysis):
 
     def report(self, result) -> list[str]:
         top = result.top("vhd", k=5)
-        return [f"construction without the image: {result.meta['params']['no_image']}",
+        return [f"construction without the image: {self.stored_params(result.meta)['no_image']}",
                 "highest VHD: " + ", ".join(f"{r.layer}-{r.head} ({r.vhd:.3g})" for r in top.itertuples())]
 
     def view(self, result) -> list:

@@ -264,7 +264,7 @@ def pruning_curves(pruning: pd.DataFrame) -> go.Figure:
                                  customdata=part[["loss"]], hovertemplate="%{x} heads pruned<br>accuracy %{y:.1f} %"
                                                                           "<br>loss %{customdata[0]:.3f}<extra></extra>"))
     fig.update_layout(title="accuracy as heads are pruned", xaxis_title="heads pruned (k)", yaxis_title="accuracy (%)",
-                      template=TEMPLATE)
+                      template=TEMPLATE, xaxis=index_axis(pruning["k"]))
     return fig
 
 

@@ -123,7 +123,8 @@ class AttentionSource:
         if not 0 <= layer < model.n_layers():
             raise ValueError(f"layer {layer} is outside {model.name}'s {model.n_layers()} layers")
         analysis = get_analysis(meta["analysis"])
-        inputs = analysis.sample_inputs(model, plan[sample], Options.from_json(meta["options"]), meta["params"])
+        inputs = analysis.sample_inputs(model, plan[sample], Options.from_json(meta["options"]),
+                                          analysis.stored_params(meta))
         calls = []
         trace(model, inputs, calls.append, layers=[layer], keep=("q", "k"))
         call = calls[0]

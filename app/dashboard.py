@@ -173,7 +173,7 @@ class Dashboard:
             bars = figures.sample_scores(result.samples, layer, head, result.sample_column(score), selected=sample,
                                          describe=result.describe)
         except ValueError as e:
-            bars = error_figure(str(e))
+            bars = figures.placeholder_figure(str(e), error=True)
         row = result.heads[(result.heads["layer"] == layer) & (result.heads["head"] == head)]
         value = f"{row[score].iloc[0]:.4g}" if len(row) else "not scored"
         kv = int(row["kv_head"].iloc[0]) if len(row) else "?"
@@ -342,7 +342,7 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.show_head(run_id, score, layer, head, sample)
         except Exception as e:  # noqa: BLE001
-            return error_figure(str(e)), error_figure(str(e)), str(e)
+            return figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(str(e), error=True), str(e)
 
     @app.callback(Output("sample", "value"), Input("sample-scores", "clickData"), State("sample", "value"),
                   prevent_initial_call=True)
@@ -369,7 +369,7 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.show_attention(run_id, layer, head, sample, query, new)
         except Exception as e:  # noqa: BLE001
-            return error_figure(str(e)), go.Figure(), {"display": "none"}, html.Span(str(e), style=ERROR), region
+            return figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""), {"display": "none"}, html.Span(str(e), style=ERROR), region
 
     @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"),
                   State("score-a", "value"))
@@ -391,7 +391,8 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.compare(a, score_a, b, score_b, k, "abs" in (magnitude or []))
         except Exception as e:  # noqa: BLE001
-            return html.Div(str(e), style=ERROR), error_figure(str(e)), go.Figure(), go.Figure()
+            return (html.Div(str(e), style=ERROR), figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""),
+                    figures.placeholder_figure(""))
 
     return app
 
@@ -409,13 +410,6 @@ def _full_width(component):
     return component
 
 
-def error_figure(message: str) -> go.Figure:
-    """An empty figure that says what went wrong."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font={"color": "#a61b1b"})
-    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, template=figures.TEMPLATE)
-    return fig
 
 
 def _error(message: str):

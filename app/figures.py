@@ -179,11 +179,11 @@ def index_axis(values) -> dict:
     return {"tickmode": "linear", "tick0": 0, "dtick": max(1, -(-span // 25)), "tickformat": "d"}
 
 
-def placeholder_figure(message: str) -> go.Figure:
-    """A figure with no axes that says what will appear there (a view before it has data)."""
+def placeholder_figure(message: str, *, error: bool = False) -> go.Figure:
+    """A figure with no axes that says what will appear there (a view before it has data), or what went wrong."""
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font={"color": "#666"})
+                       font={"color": "#a61b1b" if error else "#666"})
     fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, template=TEMPLATE)
     return fig
 

@@ -401,7 +401,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
 def _parameter_flags(p: argparse.ArgumentParser, analyses: dict) -> None:
     """The analyses' parameters as flags, built from their parameter dataclasses: one group per analysis, and one
     for the names several analyses declare. Such a name is one flag with one meaning (its spec is the same in
-    each; only the defaults differ) and it feeds every selected analysis that takes it."""
+    each; only the defaults differ: TypeError otherwise) and it feeds every selected analysis that takes it."""
     declared: dict[str, list] = {}
     for a in analyses.values():
         for name, (spec, kind, default) in a.Params.specs().items():
@@ -411,6 +411,10 @@ def _parameter_flags(p: argparse.ArgumentParser, analyses: dict) -> None:
     for name, entries in declared.items():
         owners = [owner for owner, *_ in entries]
         _, spec, kind, _ = entries[0]
+        differ = [owner for owner, other, other_kind, _ in entries if (other, other_kind) != (spec, kind)]
+        if differ:  # a definition error, caught by every test that builds the parser
+            raise TypeError(f"parameter {name!r} means different things in {owners[0]} and {', '.join(differ)}: "
+                            "declare it with one type and Spec (a shared one in interp/params.py), or rename it")
         text = help_text(spec, {owner: default for owner, _, _, default in entries})
         group = groups[owners[0]] if len(owners) == 1 else shared
         if len(owners) > 1:

@@ -98,6 +98,12 @@ class Params:
         renamed = {spec.was: name for name, (spec, _, _) in cls.specs().items() if spec.was}
         return {renamed.get(key, key): value for key, value in stored.items()}
 
+    @classmethod
+    def read(cls, stored: dict) -> dict:
+        """A run's stored parameters as today's analysis reads them: old names upgraded, and a parameter declared
+        since the run was written at its default."""
+        return {**cls.defaults(), **cls.upgrade(stored)}
+
 
 @cache
 def _specs(cls: type) -> dict[str, tuple[Spec, Any, Any]]:

@@ -181,7 +181,7 @@ def open_run(run: str | os.PathLike, store: str | os.PathLike | Store | None = N
         heads = pd.DataFrame(columns=["layer", "head", "kv_head", *meta["scores"]])
         samples = pd.DataFrame(columns=["sample", "layer", "head", "kv_head"])
     else:
-        heads = analysis.aggregate(samples, analysis.Params.upgrade(meta["params"]))
+        heads = analysis.aggregate(samples, analysis.stored_params(meta))
     return ScoreResult(meta, heads, samples, path)
 
 

@@ -79,7 +79,7 @@ def score(
         writer = runs.reopen(resume)
         _check_same_model(writer, identity)
         an = get_analysis(writer.meta["analysis"])
-        options, params = Options.from_json(writer.meta["options"]), an.Params.upgrade(writer.meta["params"])
+        options, params = Options.from_json(writer.meta["options"]), an.stored_params(writer.meta)
     elif runs is not None and resume:
         writer = _reopen_matching(runs, an.name, identity, options, params)
     if writer is not None:

@@ -45,7 +45,6 @@ from .files import MB, check_regular, read_bytes, read_text
 FORMAT = 1
 TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
 EXPORT_FORMATS = ("csv", "parquet", "json")
-STATUSES = ("complete", "incomplete", "running", "corrupt")
 KEPT_INPUT_LIMIT = 256 * MB  # per file: as large as any input file the analyses read
 _REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
 

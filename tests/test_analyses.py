@@ -1,15 +1,21 @@
 """Every registered analysis is complete: typed parameters with help, a view that draws its runs, and docs."""
 
+import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import plotly.graph_objects as go
 import pytest
 
-from interp.analyses import ANALYSES
+import interp
+from interp.analyses import ANALYSES, get_analysis
 from interp.app.figures import Note
-from interp.params import Params, Spec
+from interp.cli import _parameter_flags
+from interp.params import Params, Spec, param
 from interp.results import open_run
+from tiny_models import llava_with_processor, make, vit_processor
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -32,6 +38,15 @@ def test_a_name_several_analyses_declare_means_one_thing():
             assert (spec, kind) == first[1:], f"{param}: {first[0]} and {name} declare it differently"
 
 
+def test_a_flag_declared_differently_by_two_analyses_is_refused():
+    first, second = (type(name, (Params,), {"__annotations__": {"depth": kind}, "depth": param(1, text),
+                                            "analysis": name}) for name, kind, text in
+                     (("a", int, "tokens deep into the text"), ("b", float, "percent of the context")))
+    analyses = {p.analysis: SimpleNamespace(name=p.analysis, Params=dataclass(frozen=True)(p)) for p in (first, second)}
+    with pytest.raises(TypeError, match="parameter 'depth' means different things in a and b"):
+        _parameter_flags(argparse.ArgumentParser(), analyses)
+
+
 def test_every_analysis_is_documented():
     for name, analysis in ANALYSES.items():
         assert analysis.description and analysis.kinds, name
@@ -39,19 +54,35 @@ def test_every_analysis_is_documented():
         assert type(analysis).__module__ and __import__(type(analysis).__module__, fromlist=["_"]).__doc__, name
 
 
-def test_every_analysis_view_draws_a_real_run(app_store):
+def _drawn(result) -> str:
+    """The analysis of `result`, after checking that its view draws it: figures with data and notes, nothing else."""
+    items = get_analysis(result.analysis).view(result)
+    assert items and all(isinstance(i, (go.Figure, Note)) for i in items), result.analysis
+    for fig in (i for i in items if isinstance(i, go.Figure)):
+        assert fig.data, f"{result.analysis}: an empty figure in the view"
+    return result.analysis
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    """Stored runs of the analyses the dashboard's store has none of, each as small as it goes."""
+    store = tmp_path_factory.mktemp("views")
+    llava_hf, llava_processor = llava_with_processor(n_layers=2)
+    llava = interp.load_model(llava_hf, processor=llava_processor)
+    vit_hf, _ = make("vit")
+    vit = interp.load_model(vit_hf, processor=vit_processor())
+    runs = [interp.score("stories260k", "taxonomy", samples=2, store=store),
+            interp.score("stories260k", "lookback", samples=2, store=store),
+            interp.score(vit, "vit", samples=1, batch=3, store=store),
+            interp.score(llava, "vhd", samples=1, prompt="w5 w9 w11", max_new_tokens=2, store=store)]
+    return store, [r.id for r in runs]
+
+
+def test_every_analysis_view_draws_a_real_run(app_store, other_runs):
     store, ids, _ = app_store
-    drawn = set()
-    for kind, run_id in ids.items():
-        if kind in ("incomplete", "corrupt"):
-            continue
-        result = open_run(run_id, store)
-        items = result.view()
-        assert items and all(isinstance(i, (go.Figure, Note)) for i in items), kind
-        for fig in (i for i in items if isinstance(i, go.Figure)):
-            assert fig.data, f"{kind}: an empty figure in the view"
-        drawn.add(result.analysis)
-    assert {"summary", "retrieval", "sinks", "circuits"} <= drawn
+    drawn = {_drawn(open_run(run_id, store)) for kind, run_id in ids.items() if kind not in ("incomplete", "corrupt")}
+    drawn |= {_drawn(open_run(run_id, other_runs[0])) for run_id in other_runs[1]}
+    assert drawn == set(ANALYSES), f"no view drawn for {set(ANALYSES) - drawn}"
 
 
 def test_a_renamed_parameter_reads_under_its_old_name():

@@ -3,12 +3,18 @@
 import json
 import multiprocessing
 import pickle
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import interp
+from interp.analyses import get_analysis
 from interp.analyses.summary import Summary
+from interp.app.dashboard import Dashboard
+from interp.app.figures import Note
+from interp.cli import main
 from interp.store import CorruptRunError, RunNotFoundError, Store, StoreError
 
 
@@ -300,3 +306,37 @@ def test_kept_inputs_are_found_whatever_their_names():
     assert local["plan"] == [{"image": "/run/inputs/0000-a,b.png"}, {"image": "/in/c.png"}]
     assert local["params"]["p"] == "/run/inputs/0001-t..txt, /in/u.txt"
     assert input_digests({"prompt": "a" * 400}) == {}  # a long text parameter is not a path (no OSError)
+
+
+OLD_RUNS = Path(__file__).parent / "data" / "old-runs"  # written by interp at b8db306, before runs described themselves
+
+
+def test_runs_written_before_parameters_were_typed_still_open(tmp_path, capsys):
+    """A summary run and a circuits run (its parameter `threshold`, now `circuit_threshold`; no
+    `sample_columns` or `describe` in meta.json) open in the CLI, the dashboard and the analysis views."""
+    store = tmp_path / "store"
+    shutil.copytree(OLD_RUNS, store)
+    summary, circuits = (next(store.glob(f"*-{name}-*")).name for name in ("summary", "circuits"))
+    meta = json.loads((store / circuits / "meta.json").read_text())
+    assert meta["params"]["threshold"] == 0.6 and "sample_columns" not in meta and "describe" not in meta
+
+    assert main(["show", circuits, "--store", str(store), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    effects = [r["value"] for r in shown["top"]["oldtask_eap"]]
+    assert effects == sorted(effects, key=abs, reverse=True)  # ranked by |effect|, as circuits' signed scores
+    assert main(["show", summary, "--store", str(store)]) == 0
+    assert "top" in capsys.readouterr().out
+
+    result = interp.open_run(circuits, store)
+    circuit_analysis = get_analysis("circuits")
+    assert circuit_analysis.stored_params(result.meta)["circuit_threshold"] == 0.6  # the old name, read as today's
+    notes = [item.text for item in result.view() if isinstance(item, Note)]
+    assert "oldtask: circuit of 2 heads by oldtask_patching: 0.1, 1.2" in notes
+
+    board = Dashboard(store)
+    assert {r["status"] for r in board.runs_rows()} == {"complete"}
+    for run in (summary, circuits):
+        page = str(board.page(f"/run/{run}"))
+        assert "H2('" + run.split("-")[3] + " on " in page and "B('complete')" in page, page[:500]
+        assert board.analysis_view(board.catalog.result(run))
+    assert board.score_choices(circuits)[0][:2] == ["oldtask_patching", "oldtask_eap"]
