@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -41,9 +41,9 @@ class AttentionCall:
     k, v: (B, H_kv, Nk, d) every key / value the queries attend over (cached ones included); v may be None.
     z: (B, Nq, H, d) per-head outputs before the output projection, captured heads only; may be None.
     heads: (H,) query-head index of each captured head; n_heads: query heads in the layer.
-    scale, causal, query_positions (Nq,), key_mask (B, Nk) (None: every key valid), window, softcap, sinks (H,)
-    (the captured heads'; GPT-OSS and kin pass them as `s_aux`): the call's attention geometry, as
-    `interp.kernels.AttentionGeometry` describes it (`geometry`); decode: query_positions = Nk − 1.
+    geometry: the call's attention geometry (`interp.kernels.AttentionGeometry`: scale, causal, query_positions
+    (Nq,), key_mask (B, Nk) (None: every key valid), window, softcap, and the captured heads' sinks (H,), which
+    GPT-OSS and kin pass as `s_aux`), also read as the call's own attributes; decode: query_positions = Nk − 1.
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
     stats, stats_request: the statistics of the captured heads computed inside the model's own SDPA call, for the
     `call_stats` arguments `stats_request` (see `capture(stats=)`); None where the call could not carry them.
@@ -58,21 +58,17 @@ class AttentionCall:
     z: Float[Tensor, "batch queries heads dim_v"] | None
     heads: Int[Tensor, "heads"]
     n_heads: int
-    scale: float
-    causal: bool
-    query_positions: Int[Tensor, "queries"]
-    key_mask: Bool[Tensor, "batch keys"] | None
-    window: int | None
-    softcap: float | None
-    sinks: Float[Tensor, "heads"] | None = None
+    geometry: AttentionGeometry
     stats: AttentionStats | None = None
     stats_request: dict | None = None
 
-    @property
-    def geometry(self) -> AttentionGeometry:
-        """The call's attention geometry, for the kernels (`interp.kernels`, `geometry=`)."""
-        return AttentionGeometry(scale=self.scale, causal=self.causal, query_positions=self.query_positions,
-                                 key_mask=self.key_mask, window=self.window, softcap=self.softcap, sinks=self.sinks)
+    scale = property(lambda self: self.geometry.scale)
+    causal = property(lambda self: self.geometry.causal)
+    query_positions = property(lambda self: self.geometry.query_positions)
+    key_mask = property(lambda self: self.geometry.key_mask)
+    window = property(lambda self: self.geometry.window)
+    softcap = property(lambda self: self.geometry.softcap)
+    sinks = property(lambda self: self.geometry.sinks)
 
     @property
     def n_kv_heads(self) -> int:
@@ -248,13 +244,15 @@ class _Session:
             z=(out[:, :, heads.to(dev)] if select else out) if "z" in self.keep else None,
             heads=heads,
             n_heads=n_heads,
-            scale=_scale(module, query, kwargs),
-            causal=_causal(module, site.tower, kwargs),
-            query_positions=torch.arange(n_k - n_q, n_k, device=dev),
-            key_mask=key_mask,
-            window=kwargs.get("sliding_window"),
-            softcap=kwargs.get("softcap"),
-            sinks=_sinks(kwargs.get("s_aux"), heads if select else None),
+            geometry=AttentionGeometry(
+                scale=_scale(module, query, kwargs),
+                causal=_causal(module, site.tower, kwargs),
+                query_positions=torch.arange(n_k - n_q, n_k, device=dev),
+                key_mask=key_mask,
+                window=kwargs.get("sliding_window"),
+                softcap=kwargs.get("softcap"),
+                sinks=_sinks(kwargs.get("s_aux"), heads if select else None),
+            ),
         )
         if stats is not None:  # computed in the model's call for every head: keep the captured ones
             pick = heads.to(dev)
