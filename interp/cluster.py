@@ -3,8 +3,9 @@
 The driver (the process that called `interp.score`) keeps the plan and the store; `Workers.map` hands the next item
 (a sample to score, a piece of a finalize step: see `interp.fanout`) to whichever worker is free and yields each
 result as it arrives, so the driver writes every finished sample exactly as a single-process run does. A worker that
-dies (killed, out of memory) is replaced and its item re-run on the replacement; a worker that cannot load the model
-fails the run with its error. `ray` is an optional dependency (the `cluster` extra), imported when a cluster is used.
+dies (killed, out of memory, its machine gone) has its item handed to the next free worker while a replacement
+starts; a worker that cannot load the model fails the run with its error, and workers that cannot start in time
+fail it with a message rather than a hang. `ray` is an optional dependency (the `cluster` extra), imported when a cluster is used.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 
 from .models import Model, load_model
 
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's servers on 127.0.0.1 (see _loopback)
 LOCAL = "ray"          # a local Ray cluster started for the run (or the one this process is already connected to)
 ITEM_ATTEMPTS = 3      # an item whose workers die this many times fails the run (it is what kills them)
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ class Cluster:
     torch threads follow its CPUs; a GPU worker loads the model on "cuda" unless device says otherwise).
     model: what each worker loads (an alias, folder or hub id) with dtype / device / device_map ("auto": a model
     larger than one GPU) / trust_remote_code; None: the `Model` given to `score` is shipped to the workers (fine
-    for small models; give a name for large ones).
+    for small models; give a name for large ones). start_timeout: seconds workers may take to start and load the
+    model (Ray keeps a worker the cluster has no room for waiting: this turns that wait into an error).
     """
 
     address: str = LOCAL
@@ -56,6 +60,7 @@ class Cluster:
     device: str | None = None
     device_map: str | None = None
     trust_remote_code: bool = False
+    start_timeout: float = 1800
 
     def __post_init__(self):
         if not isinstance(self.address, str) or not self.address.strip():
@@ -64,6 +69,8 @@ class Cluster:
             raise ValueError(f"workers={self.workers!r}: give a whole number >= 1")
         if not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: give a number > 0")
+        if not self.start_timeout > 0:
+            raise ValueError(f"start_timeout={self.start_timeout!r}: give seconds > 0")
         if not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: give a number >= 0")
 
@@ -122,6 +129,8 @@ class Workers:
         self.actors: list = []   # the live actors, for a caller (a test) that wants to see or kill one
         self.where: list[str] = []
         self.replaced = 0        # workers that died and were replaced
+        self._starting: dict = {}  # a replacement's `ready` ObjectRef -> its actor, until it has loaded the model
+        self._started = 0        # actors started (their names)
         self._ray = None
         self._started_ray = False
         self._source = None
@@ -135,7 +144,7 @@ class Workers:
 
     def start(self) -> None:
         """Connect to (or start) the cluster and start the workers, each loading the model; raise ClusterError with a
-        worker's own error when one cannot."""
+        worker's own error when one cannot, or when they do not all start within `start_timeout`."""
         if self.actors:
             return
         ray, started = _connect(self.cluster)
@@ -150,9 +159,15 @@ class Workers:
                                f"{c.cpus_per_worker:g} CPU(s) and {c.gpus_per_worker:g} GPU(s), not {n}; ask for fewer "
                                "workers or smaller ones (--workers, --cpus-per-worker, --gpus-per-worker)")
         self._source = ray.put(self.model) if c.model is None else c.model
-        actors = [self._actor(k) for k in range(n)]
+        actors = [self._actor() for _ in range(n)]
+        refs = [actor.ready.remote() for actor in actors]
         try:
-            self.where = [self._ready(a) for a in actors]
+            ready, _ = ray.wait(refs, num_returns=n, timeout=c.start_timeout)
+            if len(ready) < n:
+                raise ClusterError(f"{n - len(ready)} of {n} workers did not start and load the model within "
+                                   f"{c.start_timeout:g} s (Cluster.start_timeout); is the cluster short of free CPUs / "
+                                   "GPUs (`ray status`)?")
+            self.where = [self._loaded(ref) for ref in refs]
         except BaseException:  # one could not load: none keeps its CPUs / GPUs (a sweep goes on to other models)
             for actor in actors:
                 ray.kill(actor, no_restart=True)
@@ -160,26 +175,29 @@ class Workers:
         self.actors = actors
         log.info("%d workers: %s", n, "; ".join(self.where))
 
-    def _actor(self, k: int):
+    def _actor(self):
         c = self.cluster
-        cls = self._ray.remote(Worker).options(
-            name=f"interp-{self._token}-{k}", num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, max_restarts=0)
+        self._started += 1
+        cls = self._ray.remote(Worker).options(name=f"interp-{self._token}-{self._started}", num_cpus=c.cpus_per_worker,
+                                               num_gpus=c.gpus_per_worker, max_restarts=0)
         return cls.remote(self._source, c.load_options(), max(1, int(c.cpus_per_worker)))
 
-    def _ready(self, actor) -> str:
+    def _loaded(self, ready) -> str:
+        """Where a worker runs, from its `ready` call; ClusterError with its error if it could not load the model."""
         ray = self._ray
         try:
-            return ray.get(actor.ready.remote())
+            return ray.get(ready)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause
             what = self.cluster.model or getattr(self.model, "name", "the model")
             raise ClusterError(f"a worker could not load {what}: {type(cause).__name__}: {cause}") from None
-        except ray.exceptions.RayActorError as e:
-            raise ClusterError(f"a worker died while loading the model: {e}") from None
+        except _deaths(ray) as e:
+            raise ClusterError(f"a worker died while loading the model: {type(e).__name__}: {e}") from None
 
     def map(self, fn: Callable, model, items: Sequence) -> Iterator[tuple[int, Any]]:
         """(j, fn(model_on_a_worker, items[j])) for every item as each finishes; the next item goes to the first free
-        worker. A worker that dies is replaced and its item re-run (each item's result is yielded once)."""
+        worker. A worker that dies has its item handed to the next free worker (each item's result is yielded once)
+        while a replacement starts beside the others; with no worker left, the run waits `start_timeout` for one."""
         if not items:
             return
         self.start()
@@ -193,19 +211,29 @@ class Workers:
                 while pending and idle:
                     actor, j = idle.pop(0), pending.popleft()
                     running[actor.run.remote(fn, items[j])] = actor, j
-                [ref], _ = ray.wait(list(running), num_returns=1)
+                if not running and not self._starting:
+                    raise ClusterError(f"every worker died and none could be started again ({self.replaced} replaced)")
+                timeout = None if running else self.cluster.start_timeout  # only replacements left to wait for
+                done, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=timeout)
+                if not done:
+                    raise ClusterError(f"no worker left, and none started within {self.cluster.start_timeout:g} s "
+                                       "(Cluster.start_timeout): is the cluster short of free CPUs / GPUs (`ray status`)?")
+                [ref] = done
+                if ref in self._starting:
+                    idle += self._joined(ref)
+                    continue
                 actor, j = running.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise e.cause from None  # the analysis's own error, as in a single process
-                except ray.exceptions.RayActorError as e:
+                except _deaths(ray) as e:
                     deaths[j] = deaths.get(j, 0) + 1
                     if deaths[j] >= ITEM_ATTEMPTS:
                         raise ClusterError(f"item {j} of {fn.__name__} killed {deaths[j]} workers; last: {e}") from None
-                    idle.append(self._replace(actor))
+                    self._replace(actor)
                     pending.appendleft(j)
-                    log.warning("a worker died (%s): item %d of %s goes to a new worker", type(e).__name__, j,
+                    log.warning("a worker died (%s): item %d of %s goes to the next free worker", type(e).__name__, j,
                                 fn.__name__)
                     continue
                 idle.append(actor)
@@ -214,35 +242,47 @@ class Workers:
             for ref in running:  # an error or an interruption: what is still running is not waited for
                 ray.cancel(ref)
 
-    def _replace(self, dead):
-        """A new worker, started and loaded, in place of a dead one."""
+    def _replace(self, dead) -> None:
+        """Drop a dead worker and start a new one in its place (it joins when loaded: `_joined`)."""
         self._ray.kill(dead, no_restart=True)
+        self.actors.remove(dead)
         self.replaced += 1
-        actor = self._actor(len(self.actors) + self.replaced)
+        actor = self._actor()
+        self._starting[actor.ready.remote()] = actor
+
+    def _joined(self, ready) -> list:
+        """[the replacement whose `ready` call finished], or [] if it could not load (the others carry on)."""
+        actor = self._starting.pop(ready)
         try:
-            self.where.append(self._ready(actor))
-        except BaseException:
+            self.where.append(self._loaded(ready))
+        except ClusterError as e:
             self._ray.kill(actor, no_restart=True)
-            raise
-        self.actors[self.actors.index(dead)] = actor
-        return actor
+            if not self.actors and not self._starting:
+                raise
+            log.warning("a replacement worker did not start (%s); %d workers go on", e, len(self.actors))
+            return []
+        self.actors.append(actor)
+        return [actor]
 
     def close(self) -> None:
         """Stop the workers (and the local Ray cluster, if this started it)."""
-        for actor in self.actors:
+        for actor in [*self.actors, *self._starting.values()]:
             self._ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self._starting = [], {}
         if self._started_ray and self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_ray = False
 
 
+def _deaths(ray) -> tuple[type, ...]:
+    """The errors that say a worker (or its machine) is gone, not that the work failed: the item is run again."""
+    e = ray.exceptions
+    return e.RayActorError, e.WorkerCrashedError, e.NodeDiedError, e.OutOfMemoryError, e.ObjectLostError
+
+
 def _connect(cluster: Cluster) -> tuple[Any, bool]:
     """(the `ray` module, connected; whether this call connected it): to this process's cluster if it has one, else
     as `cluster.address` says."""
-    local = cluster.address == LOCAL
-    if local:  # bind the local cluster's servers to 127.0.0.1 (Ray reads this when imported)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray  # the optional `cluster` extra
     except ImportError:
@@ -255,8 +295,9 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
                            "or run the driver on a machine of the cluster and give the head's HOST:PORT")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
-        if local:  # "local": a new cluster, never one `ray start` left on this machine
-            ray.init(address="local", include_dashboard=False, **quiet)
+        if address == LOCAL:  # a new cluster, never one `ray start` left on this machine; its servers on 127.0.0.1
+            with _loopback(ray):
+                ray.init(address="local", include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -264,3 +305,21 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
                 "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if "RAY_AUTH_MODE" not in os.environ else "")
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}{hint}") from None
     return ray, True
+
+
+@contextmanager
+def _loopback(ray):
+    """Within the block, a local Ray cluster starts on 127.0.0.1 only: its servers (child processes, which read
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) and this driver (whose Ray read that variable when imported: its constant
+    is set too). Both are restored after, so a later cluster joined by address sees this machine's real address."""
+    constants = ray._private.ray_constants
+    env, constant = os.environ.get(_LOOPBACK_ENV), constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_ENV], constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = constant
+        if env is None:
+            os.environ.pop(_LOOPBACK_ENV)
+        else:
+            os.environ[_LOOPBACK_ENV] = env

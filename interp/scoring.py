@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import socket
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,7 +129,8 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
     done = writer.done() if writer is not None else set()
     todo = [i for i in range(len(plan)) if i not in done]
     inner = bars if executor is LOCAL else QUIET  # a worker's own bars would go to its log, not this terminal
-    jobs = [(an.name, plan[i], i, options, params, inner) for i in todo]
+    driver = None if executor is LOCAL else (model_identity(model)["config_hash"], input_digests(params))
+    jobs = [(an.name, plan[i], i, options, params, inner, driver) for i in todo]
     try:
         with spread_over(executor), bars.bar(total=len(plan), desc=f"{an.name}: samples", leave=False) as bar:
             bar.update(len(done))
@@ -168,14 +170,40 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
 def score_one(model: Model, job: tuple) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """One planned sample, scored as every run scores it (here or on a cluster's worker): seeded with seed + its
     index, its per-head rows and per-sample tables tagged with the index. job: (analysis name, planned sample,
-    index, Options, params, Progress)."""
-    name, sample, i, options, params, progress = job
+    index, Options, params, Progress, and what a worker must find as the driver did: None here, else (the model's config
+    hash, {input path: sha256})."""
+    name, sample, i, options, params, progress, driver = job
+    if driver is not None:
+        same_as_driver(model, *driver)
     torch.manual_seed(options.seed + i)
     rows = get_analysis(name).score_sample(model, sample, options, params, progress)
     rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
     for table in (rows, *extras.values()):
         table.insert(0, "sample", i)
     return rows, extras
+
+
+_SAME_AS_DRIVER: set = set()  # the (config hash, inputs) this process (a worker) has found to be the driver's
+
+
+def same_as_driver(model: Model, config_hash: str, inputs: dict[str, str]) -> None:
+    """Refuse to score on a worker whose model or input files differ from the driver's (another checkpoint at the
+    same path, a haystack edited on one machine): the run would mix them. Checked once per process and run."""
+    key = (config_hash, tuple(sorted(inputs.items())))
+    if key in _SAME_AS_DRIVER:
+        return
+    where = f"worker {socket.gethostname()} (pid {os.getpid()})"
+    mine = model_identity(model)["config_hash"]
+    if mine != config_hash:
+        raise ValueError(f"{where} loaded {model.name} with config {mine}, the driver config {config_hash}: give "
+                         "every machine the same model")
+    for path, digest in inputs.items():
+        here = Path(path).expanduser()
+        if not here.exists() or _digest(here) != digest:
+            what = "is missing" if not here.exists() else "differs from the driver's"
+            raise ValueError(f"{where}: {path} {what}; every machine reads a run's input files at the same path (copy "
+                             "them there, or put them on a shared file system)")
+    _SAME_AS_DRIVER.add(key)
 
 
 def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, seed, params) -> tuple[Options, dict, dict]:

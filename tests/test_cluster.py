@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import planted  # noqa: E402
 import planted_circuit  # noqa: E402
 from interp.cli import main  # noqa: E402
 from interp.cluster import Cluster, ClusterError, Workers  # noqa: E402
+from interp.scoring import input_digests, model_identity, same_as_driver  # noqa: E402
 from interp.store import Store  # noqa: E402
 from interp.sweep import check_sweep, read_sweep, run_sweep  # noqa: E402
 
@@ -123,6 +125,52 @@ def test_a_worker_killed_mid_run_changes_nothing(head, stories, tmp_path):
     assert spread.status == "complete" and len(spread.samples) == len(one.samples)
 
 
+def sleep_then_return(model, seconds: float) -> float:
+    """An item that keeps its worker busy (sent to the workers by value, as this module is not on their path)."""
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_worker_killed_in_the_middle_of_an_item_has_it_run_again(head, stories):
+    """Both workers are busy with a 3 s item when one is killed through Ray: its item goes to the next free worker,
+    every result comes back once, and a replacement joins without holding the others up."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with Workers(TWO, stories) as workers:
+        workers.start()
+        victim = workers.actors[0]
+        killer = threading.Timer(1.0, ray.kill, (victim,), {"no_restart": True})
+        killer.start()
+        results = list(workers.map(sleep_then_return, stories, [3.0, 3.0, 0.2, 0.2, 0.2]))
+        killer.join()
+        assert sorted(j for j, _ in results) == [0, 1, 2, 3, 4] and dict(results) == dict(enumerate([3.0, 3.0, .2, .2, .2]))
+        assert workers.replaced == 1 and victim not in workers.actors
+
+
+def test_workers_must_hold_the_drivers_model_and_input_files(head, stories, tmp_path):
+    """Another checkpoint at the worker's path, or an input file that differs there, fails the run with a clear error."""
+    other = tmp_path / "other-stories"
+    shutil.copytree(Path(interp.models.alias_path("stories260k")), other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    with pytest.raises(ValueError, match="with config .* the driver config .*give every machine the same model"):
+        interp.score(stories, "summary", samples=2, cluster=Cluster(workers=1, model=str(other)))
+    file, config_hash = Path(prompts(tmp_path)), model_identity(stories)["config_hash"]
+    digests = input_digests({"prompts": str(file)})  # the driver's
+    file.write_text("another prompt")  # what a worker finds
+    with pytest.raises(ValueError, match="prompts.txt differs from the driver's"):
+        same_as_driver(stories, config_hash, digests)
+    file.unlink()
+    with pytest.raises(ValueError, match="prompts.txt is missing"):
+        same_as_driver(stories, config_hash, digests)
+    file.write_text("another prompt")
+    same_as_driver(stories, config_hash, input_digests({"prompts": str(file)}))  # the same file: scored
+
+
+def test_workers_that_do_not_start_in_time_fail_the_run(head):
+    with pytest.raises(ClusterError, match="did not start and load the model within"):
+        interp.score("stories260k", "summary", samples=2, cluster=Cluster(workers=1, start_timeout=0.01))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,6 +231,37 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
     result = interp.open_run(next(r.id for r in runs if r.meta["analysis"] == "sinks"
                                   and r.meta["model"]["name"] == "stories260k"), store)
     same_tables(interp.score("stories260k", "sinks", samples=2), result)
+
+
+LOOPBACK_PROBE = """
+import json, os, time
+import psutil, ray  # Ray imported first: it has read its settings before interp starts a cluster
+from interp.cluster import Cluster, Workers
+workers = Workers(Cluster("ray", workers=1, model="stories260k"))
+workers.start()
+me = psutil.Process()
+ray_processes = [me, *me.children(recursive=True)]
+listening = sorted({c.laddr.ip for p in ray_processes for c in p.net_connections("tcp") if c.status == "LISTEN"})
+node = ray._private.worker.global_worker.node.node_ip_address
+workers.close()
+gone, alive = psutil.wait_procs(ray_processes[1:], timeout=30)
+print(json.dumps({"listening": listening, "node": node, "alive": [p.name() for p in alive],
+                  "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+                  "constant": ray._private.ray_constants.ENABLE_RAY_CLUSTER, "initialized": ray.is_initialized()}))
+"""
+
+
+def test_a_local_cluster_listens_on_loopback_only_and_stops_with_the_run():
+    """--cluster ray in a process that imported Ray before (so Ray's own settings were read already): every socket
+    its servers and workers listen on is 127.0.0.1, and closing the workers stops them all."""
+    child = {k: v for k, v in env().items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    done = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], env=child, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["listening"] and set(seen["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, seen
+    assert seen["node"] == "127.0.0.1" and not seen["initialized"] and seen["alive"] == [], seen
+    assert seen["env"] is None and seen["constant"] is True  # a later cluster joined by address sees the real address
 
 
 def test_sweep_grids_and_bad_files(tmp_path):
