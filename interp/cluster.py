@@ -81,8 +81,13 @@ class Cluster:
                 "trust_remote_code": self.trust_remote_code}
 
     def driver_model(self, name: str) -> Model:
-        """The driver's own copy of the model, for the plan, tokenizer and config: on its CPU, in the workers' dtype."""
-        return load_model(name, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        """The driver's own copy of the model, for the plan, tokenizer and config: on the meta device (no weights:
+        the workers hold them), in the workers' dtype."""
+        return load_model(name, dtype=self.dtype, device_map="meta", trust_remote_code=self.trust_remote_code)
+
+    def worker_device(self) -> str:
+        """The device the workers' models run on, as a run records it."""
+        return self.device or ("cuda" if self.gpus_per_worker > 0 else "cpu")
 
 
 def as_cluster(cluster, model) -> Cluster | Workers | None:

@@ -73,7 +73,7 @@ def score(
     if not isinstance(model, Model):
         with bars.status(f"loading {model}"):
             model = cluster.driver_model(model) if isinstance(cluster, Cluster) else load_model(model)
-    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params)
+    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params, cluster)
 
     writer: RunWriter | None = None
     if runs is not None and isinstance(resume, str):
@@ -206,8 +206,10 @@ def same_as_driver(model: Model, config_hash: str, inputs: dict[str, str]) -> No
     _SAME_AS_DRIVER.add(key)
 
 
-def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, seed, params) -> tuple[Options, dict, dict]:
-    """(Options, the full parameters, the model's identity) of a run, checked: what a run records and is matched by."""
+def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, seed, params,
+              cluster: Cluster | Workers | None = None) -> tuple[Options, dict, dict]:
+    """(Options, the full parameters, the model's identity) of a run, checked: what a run records and is matched by.
+    A driver's copy without weights (on the meta device) records the device of the cluster's workers."""
     an.check(model)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -218,15 +220,20 @@ def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, see
         layers=None if layers is None else tuple(check_layers(model, tower, layers)),
         heads=None if heads is None else tuple(int(h) for h in check_heads(model, tower, heads)),
         samples=samples, max_tokens=max_tokens, backend=backend, seed=seed)
-    return options, an.resolve(params), model_identity(model)
+    identity = model_identity(model)
+    if model.device.type == "meta" and cluster is not None:
+        identity["device"] = (cluster if isinstance(cluster, Cluster) else cluster.cluster).worker_device()
+    return options, an.resolve(params), identity
 
 
 def completed_run(model: Model, analysis: str, store: Store | str | os.PathLike, *, layers=None, heads=None,
-                  samples=None, max_tokens=None, backend: str = "hf", seed: int = 0, **params) -> RunInfo | None:
-    """The newest complete run in `store` that `score` with these arguments would repeat (same model, analysis,
-    options and parameters), or None."""
+                  samples=None, max_tokens=None, backend: str = "hf", seed: int = 0, cluster=None,
+                  **params) -> RunInfo | None:
+    """The newest complete run in `store` that `score` with these arguments (and `cluster`) would repeat (same model,
+    analysis, options and parameters), or None."""
     an = get_analysis(analysis)
-    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params)
+    options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params,
+                                          cluster)
     return next(_matching(as_store(store), "complete", an.name, identity, options, params), None)
 
 

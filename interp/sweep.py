@@ -145,7 +145,7 @@ def run_sweep(sweep: Sweep, store: Store | str | os.PathLike | None = None, *, c
                 rows.append(row)
                 start = time.perf_counter()
                 try:
-                    done = completed_run(model, analysis, store, **sweep.options, **params)
+                    done = completed_run(model, analysis, store, cluster=workers, **sweep.options, **params)
                     if done is not None:
                         row.update(status="skipped", run=done.id, samples=done.progress[1])
                         continue

@@ -230,7 +230,15 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
     assert len(Store(store).runs()) == 4
     result = interp.open_run(next(r.id for r in runs if r.meta["analysis"] == "sinks"
                                   and r.meta["model"]["name"] == "stories260k"), store)
-    same_tables(interp.score("stories260k", "sinks", samples=2), result)
+    one = interp.score("stories260k", "sinks", samples=2)
+    same_tables(one, result)
+    assert result.meta["model"] == one.meta["model"]  # recorded as the workers ran it (cpu), not as the driver's copy
+
+
+def test_the_drivers_copy_of_a_model_the_workers_load_holds_no_weights():
+    model = Cluster(model="stories260k").driver_model("stories260k")
+    assert {p.device.type for p in model.hf.parameters()} == {"meta"}
+    assert model.prepare("Once upon a time")["input_ids"].shape[-1] > 1  # the tokenizer and config are there
 
 
 LOOPBACK_PROBE = """
