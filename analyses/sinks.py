@@ -36,6 +36,7 @@ import plotly.graph_objects as go
 import torch
 
 from interp.app.figures import TEMPLATE, grid_overlay, index_axis, score_by_layer
+from interp.fanout import fan_out
 from interp.hooks import trace
 from interp.hooks.capture import capture_residual
 from interp.hooks.var import FIRST_SINK_LAYER, RULES, image_centric, massive_entries, phi
@@ -559,13 +560,16 @@ def _final_norms(model: Model, inputs: dict) -> torch.Tensor:
 
 
 def _final_patch_norms(model: Model, images: list) -> np.ndarray:
-    """The final-layer norms of every patch token of the images (the calibration set of the threshold)."""
-    norms = []
-    for source in images:
-        inputs = model.prepare(images=load_image(source))
-        patches = token_layout(model, inputs).mask("image")[0].cpu()
-        norms.append(_final_norms(model, inputs)[patches].numpy())
-    return np.concatenate(norms)
+    """The final-layer norms of every patch token of the images (the calibration set of the threshold; the forward
+    passes spread over a cluster's workers)."""
+    return np.concatenate(fan_out(patch_norms, model, images))
+
+
+def patch_norms(model: Model, source) -> np.ndarray:
+    """The final-layer norm of every patch token of one image."""
+    inputs = model.prepare(images=load_image(source))
+    patches = token_layout(model, inputs).mask("image")[0].cpu()
+    return _final_norms(model, inputs)[patches].numpy()
 
 
 def fit_norm_threshold(norms: np.ndarray, min_separation: float = 2.0) -> dict:

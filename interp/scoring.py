@@ -72,7 +72,8 @@ def score(
     cluster = as_cluster(cluster, model)
     if not isinstance(model, Model):
         with bars.status(f"loading {model}"):
-            model = cluster.driver_model(model) if isinstance(cluster, Cluster) else load_model(model)
+            spec = cluster.cluster if isinstance(cluster, Workers) else cluster
+            model = spec.driver_model(model) if spec is not None and spec.model is not None else load_model(model)
     options, params, identity = _settings(an, model, layers, heads, samples, max_tokens, backend, seed, params, cluster)
 
     writer: RunWriter | None = None
@@ -85,9 +86,16 @@ def score(
         writer = _reopen_matching(runs, an.name, identity, options, params)
     if writer is not None:
         _check_same_inputs(writer)
+    with _executor(cluster, model) as executor, spread_over(executor):  # a plan may fan out forward passes too
+        return _plan_and_run(an, model, options, params, identity, runs, writer, bars, executor)
+
+
+def _plan_and_run(an, model: Model, options, params: dict, identity: dict, runs: Store | None,
+                  writer: RunWriter | None, bars: Progress, executor: Executor) -> ScoreResult:
+    """A new run planned (and created in the store, when there is one) or a reopened one, then run."""
     meta, created = None, False
     if writer is None:
-        torch.manual_seed(seed)
+        torch.manual_seed(options.seed)
         plan = an.plan(model, options, params)
         scores = an.score_columns(model, params)
         meta = {"analysis": an.name, "scores": scores, "signed": bool(an.signed),
@@ -103,9 +111,7 @@ def score(
                 raise
     else:
         plan = writer.meta["plan"]
-    with _executor(cluster, model) as executor:
-        return _run(an, model, options, params, plan, bars, writer=writer, meta=meta, created=created,
-                    executor=executor)
+    return _run(an, model, options, params, plan, bars, writer=writer, meta=meta, created=created, executor=executor)
 
 
 @contextmanager

@@ -71,6 +71,18 @@ def test_summary_sinks_and_taxonomy_equal_one_process(head, stories):
         assert len(workers.where) == 2 and workers.replaced == 0
 
 
+def test_vit_and_sinks_on_organism_vit_equal_one_process(head):
+    """The workers load the model by name and the driver holds no weights: the pruning curves (finalize) and the
+    high-norm threshold fitted while planning (forward passes) run on the workers."""
+    with Workers(Cluster(workers=2, model="organism-vit")) as workers:
+        for analysis, params in (("vit", {"batch": 8}), ("sinks", {})):
+            one = interp.score("organism-vit", analysis, samples=2, **params)
+            spread = interp.score("organism-vit", analysis, samples=2, cluster=workers, **params)
+            same_tables(one, spread)  # a forward pass on the driver's copy (meta tensors) would have failed
+            assert spread.meta["plan"] == one.meta["plan"] and spread.meta["model"] == one.meta["model"]
+    assert len(spread.meta["plan"][0]["high_norm"]) and len(one.tables) > 0
+
+
 def test_retrieval_on_the_planted_model_equals_one_process(head, tmp_path):
     model = planted.model()
     rng = random.Random(0)
