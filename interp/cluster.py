@@ -42,7 +42,8 @@ class Cluster:
 
     address: "ray" (a local Ray cluster started for the run, on 127.0.0.1; or the one this process is already
     connected to), "auto" (the cluster started on this machine with `ray start`), "HOST:PORT" (a head's address,
-    from `ray start --head`) or "ray://HOST:PORT" (Ray Client). workers: how many (default: as many as the cluster's
+    from `ray start --head`) or "ray://HOST:PORT" (Ray Client); a process already connected to a cluster uses that
+    one, and refuses a HOST:PORT naming another. workers: how many (default: as many as the cluster's
     CPUs, or GPUs with gpus_per_worker, hold). cpus_per_worker / gpus_per_worker: each worker's Ray resources (its
     torch threads follow its CPUs; a GPU worker loads the model on "cuda" unless device says otherwise).
     model: what each worker loads (an alias, folder or hub id) with dtype / device / device_map ("auto": a model
@@ -292,9 +293,10 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
         import ray  # the optional `cluster` extra
     except ImportError:
         raise ClusterError("--cluster needs Ray: pip install 'interp[cluster]'") from None
-    if ray.is_initialized():
-        return ray, False
     address = cluster.address
+    if ray.is_initialized():
+        _check_joined(ray, address)
+        return ray, False
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
         raise ClusterError(f"{address}: ray:// addresses go through Ray Client, which needs pip install 'ray[client]'; "
                            "or run the driver on a machine of the cluster and give the head's HOST:PORT")
@@ -310,6 +312,21 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
                 "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if "RAY_AUTH_MODE" not in os.environ else "")
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}{hint}") from None
     return ray, True
+
+
+def _check_joined(ray, address: str) -> None:
+    """A process already connected to a cluster uses it; ClusterError when HOST:PORT names another head."""
+    if address in (LOCAL, "auto") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    joined = ray.get_runtime_context().gcs_address
+    try:
+        same = f"{socket.gethostbyname(host)}:{int(port)}" == joined
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise ClusterError(f"this process is connected to the Ray cluster at {joined}, not {address}: call "
+                           "ray.shutdown() first, or give --cluster ray to use the connected one")
 
 
 @contextmanager

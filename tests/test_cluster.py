@@ -325,3 +325,6 @@ def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):
     with pytest.raises(ClusterError, match="holds 2 worker"):
         interp.score("stories260k", "summary", samples=2, cluster=Cluster(workers=3))
     assert main(["score", "stories260k", "--workers", "2"]) == 2  # cluster flags without --cluster
+    with pytest.raises(ClusterError, match="connected to the Ray cluster at .*, not 127.0.0.1:1"):
+        interp.score("stories260k", "summary", samples=2, cluster="127.0.0.1:1")  # this process joined `head`
+    assert len(interp.score("stories260k", "summary", samples=1, cluster=head).samples)  # its own address: used
