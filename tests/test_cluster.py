@@ -214,6 +214,7 @@ def test_a_driver_killed_mid_run_resumes_on_a_head_started_apart(stories, tmp_pa
                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     command = [sys.executable, "-m", "interp.cli", "score", "stories260k", "--prompts", file, "--out", str(store),
                "--cluster", f"127.0.0.1:{port}", "--workers", "2", "--json"]
+    driver = None
     try:
         driver = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 150
@@ -227,9 +228,16 @@ def test_a_driver_killed_mid_run_resumes_on_a_head_started_apart(stories, tmp_pa
         assert run.status == "incomplete" and 3 <= run.progress[0] < 16
         done = subprocess.run([*command, "--resume"], env=env(), capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
-    finally:
+    finally:  # nothing this test started outlives it, whatever failed
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+            driver.wait()
         os.killpg(started.pid, signal.SIGTERM)
-        started.wait(timeout=60)
+        try:
+            started.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(started.pid, signal.SIGKILL)
+            started.wait()
         shutil.rmtree(temp, ignore_errors=True)
     [resumed] = json.loads(done.stdout)["runs"]
     assert resumed["id"] == run.id and resumed["status"] == "complete"
