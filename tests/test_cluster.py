@@ -1,7 +1,10 @@
-"""Runs spread over Ray workers give the same tables as one process: summary, sinks and taxonomy on stories260k, retrieval on
-the planted copying model, circuits on the planted circuit; a worker killed mid-run; a driver killed mid-run on a head
-started as a separate process and resumed there by address; sweeps. One local Ray cluster (2 CPUs, 127.0.0.1) serves the
-module; each test stops the workers it starts."""
+"""Runs spread over Ray workers give the same tables as one process, bit for bit: summary, sinks and taxonomy on
+stories260k, retrieval on the planted copying model, circuits on the planted circuit, vit and sinks on organism-vit,
+the workers loading the model by name or path (the driver's copy holds no weights, so planning and finalize run on
+them) or shipped as an object; a worker killed mid-run and mid-item; a driver killed mid-run on a head started as a
+separate process and resumed there by address; sweeps; faults (a model a worker cannot load, workers that do not
+start, a worker with another model or input file); the local cluster on loopback only. One local Ray cluster
+(2 CPUs, 127.0.0.1) serves the module; each test stops the workers it starts."""
 
 import json
 import os
@@ -73,13 +76,28 @@ def same_tables(a, b):
 
 
 def test_summary_sinks_and_taxonomy_equal_one_process(head, stories):
-    """taxonomy: its ablation test (finalize) spread over the workers too."""
-    with Workers(TWO, stories) as workers:  # the Model is shipped to the workers; the runs share them
+    """taxonomy: its ablation test (finalize) spread over the workers too. The workers load the model by name and
+    the driver's copy has no weights: a forward pass left on the driver would fail."""
+    with Workers(Cluster(workers=2, model="stories260k")) as workers:  # the runs share them
         for analysis in ("summary", "sinks", "taxonomy"):
             one = interp.score(stories, analysis, samples=4)
-            spread = interp.score(stories, analysis, samples=4, cluster=workers)
+            spread = interp.score("stories260k", analysis, samples=4, cluster=workers)
             same_tables(one, spread)
         assert len(workers.where) == 2 and workers.replaced == 0
+    assert len(spread.tables["ablation"]) > 1  # the ablation test ran
+
+
+def shipped(model, folder: Path) -> str:
+    """`model` saved where the workers load it from (so the driver holds no weights)."""
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_model_shipped_to_the_workers_scores_as_one_process(head, stories):
+    with Workers(TWO, stories) as workers:  # an interp.Model object travels to the workers
+        same_tables(interp.score(stories, "summary", samples=3), interp.score(stories, "summary", samples=3,
+                                                                               cluster=workers))
 
 
 def test_vit_and_sinks_on_organism_vit_equal_one_process(head):
@@ -106,7 +124,7 @@ def test_retrieval_on_the_planted_model_equals_one_process(head, tmp_path):
               "template": "{context} {question}", "max_new_tokens": 8, "lengths": [120], "depths": [0, 50, 100],
               "mask_k": [2]}
     one = interp.score(model, "retrieval", **params)
-    spread = interp.score(model, "retrieval", cluster=TWO, **params)
+    spread = interp.score(shipped(model, tmp_path / "planted"), "retrieval", cluster=TWO, **params)  # finalize there
     same_tables(one, spread)
     assert spread.tables["masking"].set_index("condition").loc["top", "heads"] == "1-1,1-3"  # the masking test ran
 
@@ -117,7 +135,7 @@ def test_circuits_on_the_planted_circuit_equal_one_process(head, tmp_path):
     planted_circuit.write_task(path, n=8)
     params = {"tasks": str(path), "methods": "patching,eap", "circuit_percent": 25, "batch": 2}
     one = interp.score(model, "circuits", **params)
-    spread = interp.score(model, "circuits", cluster=TWO, **params)
+    spread = interp.score(shipped(model, tmp_path / "planted"), "circuits", cluster=TWO, **params)  # finalize there
     same_tables(one, spread)
     assert len(spread.tables["faithfulness"]) > 1
 
