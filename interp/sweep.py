@@ -67,14 +67,17 @@ def read_sweep(path: str | os.PathLike) -> Sweep:
         raise ValueError(f"cannot read the sweep file {path}: {getattr(e, 'strerror', None) or e}") from e
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml  # YAML sweep files only (PyYAML comes with the `cluster` extra's ray)
-
+            try:
+                import yaml  # PyYAML, in the optional `cluster` extra: YAML sweep files only
+            except ImportError:
+                raise ValueError(f"{path}: YAML sweep files need PyYAML (pip install 'interp[cluster]'); or write "
+                                 "the sweep as TOML") from None
             spec = yaml.safe_load(text)
         elif path.suffix == ".toml":
             spec = tomllib.loads(text)
         else:
             raise ValueError(f"{path}: give a .toml or .yaml sweep file")
-    except (tomllib.TOMLDecodeError, ImportError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: {e}") from e
     except Exception as e:  # yaml.YAMLError, without importing yaml for TOML files
         if type(e).__module__.startswith("yaml"):
