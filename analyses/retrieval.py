@@ -66,7 +66,7 @@ class RetrievalParams(Params):
     mask_mode: str = param("uniform", "uniform (the paper's masking) or zero (zero-ablation)", metavar="MODE",
                            choices=("uniform", "zero"))
     mask_prefill: bool = param(False, "mask the heads in the prompt's forward too (default: in decode steps only, as "
-                               "the reference code)")
+                               "the reference code)", before=True)  # runs from before the choice masked the prefill
 
 
 class Retrieval(Analysis):
@@ -156,7 +156,7 @@ class Retrieval(Analysis):
         pairs = list(zip(ranked["layer"].astype(int), ranked["head"].astype(int)))
         excluded = min(100, n // 4)
         base = samples.drop_duplicates("sample")
-        prefill = params.get("mask_prefill", True)  # runs recorded before the choice existed masked the prefill too
+        prefill = params["mask_prefill"]
         mode = params["mask_mode"] + (" (prefill too)" if prefill else "")
         rows = [{"condition": "none", "k": 0, "mode": mode, "niah_score": 100 * base["rouge1_recall"].mean(),
                  "accuracy": base["accepted"].mean(), "heads": ""}]

@@ -82,13 +82,14 @@ class Cluster:
                 "trust_remote_code": self.trust_remote_code}
 
     def driver_model(self, name: str) -> Model:
-        """The driver's own copy of the model, for the plan, tokenizer and config: on the meta device (no weights:
-        the workers hold them), in the workers' dtype."""
-        return load_model(name, dtype=self.dtype, device_map="meta", trust_remote_code=self.trust_remote_code)
+        """The driver's own copy of the model, for the plan, tokenizer and config: built on the meta device, no
+        weight read or downloaded (the workers hold them), in the workers' dtype."""
+        return load_model(name, dtype=self.dtype, weights=False, trust_remote_code=self.trust_remote_code)
 
     def worker_device(self) -> str:
-        """The device the workers' models run on, as a run records it."""
-        return self.device or ("cuda" if self.gpus_per_worker > 0 else "cpu")
+        """The device the workers' models run on, as a run records it (a model's device: "cuda:0", not "cuda")."""
+        device = torch.device(self.device or ("cuda" if self.gpus_per_worker > 0 else "cpu"))
+        return str(torch.device(device.type, 0) if device.type == "cuda" and device.index is None else device)
 
 
 def as_cluster(cluster, model) -> Cluster | Workers | None:
@@ -133,7 +134,7 @@ class Workers:
             raise ValueError("Workers need a model: Cluster(model=NAME) for the workers to load, or a Model to ship")
         self.cluster, self.model = cluster, model
         self.actors: list = []   # the live actors, for a caller (a test) that wants to see or kill one
-        self.where: list[str] = []
+        self.where: list[str] = []  # where each live actor runs (host, pid, device)
         self.replaced = 0        # workers that died and were replaced
         self._starting: dict = {}  # a replacement's `ready` ObjectRef -> its actor, until it has loaded the model
         self._started = 0        # actors started (their names)
@@ -151,7 +152,7 @@ class Workers:
     def start(self) -> None:
         """Connect to (or start) the cluster and start the workers, each loading the model; raise ClusterError with a
         worker's own error when one cannot, or when they do not all start within `start_timeout`."""
-        if self.actors:
+        if self.actors or self._starting:  # started (replacements may still be loading: `map` waits for them)
             return
         ray, started = _connect(self.cluster)
         self._ray, self._started_ray = ray, self._started_ray or started
@@ -199,6 +200,8 @@ class Workers:
             raise ClusterError(f"a worker could not load {what}: {type(cause).__name__}: {cause}") from None
         except _deaths(ray) as e:
             raise ClusterError(f"a worker died while loading the model: {type(e).__name__}: {e}") from None
+        except ray.exceptions.RayError as e:  # it could not be placed or set up
+            raise ClusterError(f"a worker could not start: {type(e).__name__}: {e}") from None
 
     def map(self, fn: Callable, model, items: Sequence) -> Iterator[tuple[int, Any]]:
         """(j, fn(model_on_a_worker, items[j])) for every item as each finishes; the next item goes to the first free
@@ -236,8 +239,10 @@ class Workers:
                 except _deaths(ray) as e:
                     deaths[j] = deaths.get(j, 0) + 1
                     if deaths[j] >= ITEM_ATTEMPTS:
+                        self._drop(actor)
                         raise ClusterError(f"item {j} of {fn.__name__} killed {deaths[j]} workers; last: {e}") from None
-                    self._replace(actor)
+                    self._drop(actor)
+                    self._start_replacement()
                     pending.appendleft(j)
                     log.warning("a worker died (%s): item %d of %s goes to the next free worker", type(e).__name__, j,
                                 fn.__name__)
@@ -248,10 +253,14 @@ class Workers:
             for ref in running:  # an error or an interruption: what is still running is not waited for
                 ray.cancel(ref)
 
-    def _replace(self, dead) -> None:
-        """Drop a dead worker and start a new one in its place (it joins when loaded: `_joined`)."""
+    def _drop(self, dead) -> None:
+        """Forget a dead worker (killed, in case it is only unreachable)."""
         self._ray.kill(dead, no_restart=True)
-        self.actors.remove(dead)
+        k = self.actors.index(dead)
+        del self.actors[k], self.where[k]
+
+    def _start_replacement(self) -> None:
+        """Start a new worker; it joins the others once it has loaded the model (`_joined`)."""
         self.replaced += 1
         actor = self._actor()
         self._starting[actor.ready.remote()] = actor
@@ -260,7 +269,7 @@ class Workers:
         """[the replacement whose `ready` call finished], or [] if it could not load (the others carry on)."""
         actor = self._starting.pop(ready)
         try:
-            self.where.append(self._loaded(ready))
+            where = self._loaded(ready)
         except ClusterError as e:
             self._ray.kill(actor, no_restart=True)
             if not self.actors and not self._starting:
@@ -268,13 +277,14 @@ class Workers:
             log.warning("a replacement worker did not start (%s); %d workers go on", e, len(self.actors))
             return []
         self.actors.append(actor)
+        self.where.append(where)
         return [actor]
 
     def close(self) -> None:
         """Stop the workers (and the local Ray cluster, if this started it)."""
         for actor in [*self.actors, *self._starting.values()]:
             self._ray.kill(actor, no_restart=True)
-        self.actors, self._starting = [], {}
+        self.actors, self.where, self._starting = [], [], {}
         if self._started_ray and self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_ray = False
@@ -318,10 +328,19 @@ def _check_joined(ray, address: str) -> None:
     """A process already connected to a cluster uses it; ClusterError when HOST:PORT names another head."""
     if address in (LOCAL, "auto") or address.startswith("ray://"):
         return
-    host, _, port = address.rpartition(":")
     joined = ray.get_runtime_context().gcs_address
+    asked = {address}
     try:
-        same = f"{socket.gethostbyname(host)}:{int(port)}" == joined
+        asked.add(ray._private.services.canonicalize_bootstrap_address(address))  # as ray.init stores it
+    except (ValueError, OSError):
+        pass
+
+    def resolved(a: str) -> tuple[str, int]:
+        host, _, port = a.rpartition(":")
+        return socket.gethostbyname(host), int(port)
+
+    try:
+        same = joined in asked or resolved(joined) in {resolved(a) for a in asked}
     except (OSError, ValueError):
         same = False
     if not same:

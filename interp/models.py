@@ -222,6 +222,7 @@ def load_model(
     tokenizer: Any = None,
     processor: Any = None,
     trust_remote_code: bool = False,
+    weights: bool = True,
     **from_pretrained_kwargs,
 ) -> Model:
     """Load a model as users expect it to load.
@@ -230,6 +231,8 @@ def load_model(
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default: the checkpoint's). device: where to put
     it (default CPU); device_map: passed to accelerate (e.g. "auto") for models larger than one device.
     trust_remote_code: run modeling code shipped with the checkpoint (never asked for on stdin: off unless True).
+    weights=False: the model built from its config on the meta device, no weight read or downloaded (its dtype the
+    checkpoint's or `dtype`): the structure, tokenizer and processor only, e.g. for a cluster's driver.
     The model keeps its attention implementation (SDPA by default); it is put in eval mode.
     """
     from_pretrained_kwargs["trust_remote_code"] = bool(trust_remote_code)
@@ -270,13 +273,26 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf = cls.from_pretrained(source, **kwargs)
+    if weights:
+        hf = cls.from_pretrained(source, **kwargs)
+    else:
+        hf = _without_weights(cls, config, torch_dtype, bool(trust_remote_code))
     fam = family_for(hf)
     if device is not None and device_map is None:
         hf = hf.to(device)
     if tokenizer is None and processor is None:
         tokenizer, processor = _preprocessors(source, fam, trust_remote_code=bool(trust_remote_code))
     return Model(hf.eval(), fam, name, tokenizer or getattr(processor, "tokenizer", None), processor)
+
+
+def _without_weights(cls, config, dtype: torch.dtype | None, trust_remote_code: bool) -> PreTrainedModel:
+    """The model of `config` on the meta device, in `dtype` or the checkpoint's."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = dtype or (getattr(torch, stored) if isinstance(stored, str) else stored) or torch.float32
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):  # an Auto class
+            return cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls._from_config(config, dtype=dtype)
 
 
 def _config_kwargs(kwargs: dict) -> dict:

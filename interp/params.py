@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 
+NOT_GIVEN = object()  # Spec.before of a parameter whose default is what older runs did
+
+
 @dataclass(frozen=True)
 class Spec:
     """What a parameter means and accepts, beside its type and default.
@@ -29,6 +32,7 @@ class Spec:
     help: one line for `--help` (the default is appended). metavar: the CLI's placeholder. choices: the allowed
     values (each item of a list). low / high: bounds on a number (each item of a list). path: the value names a
     user file or folder, stored absolute so that a run resumed elsewhere matches. was: the key older runs stored.
+    before: what runs written before the parameter existed did, where that is not its default.
     """
 
     help: str
@@ -38,6 +42,7 @@ class Spec:
     high: float | None = None
     path: bool = False
     was: str | None = None
+    before: Any = NOT_GIVEN
 
 
 def param(default: Any, help: str | Spec, **spec) -> Any:
@@ -101,8 +106,10 @@ class Params:
     @classmethod
     def read(cls, stored: dict) -> dict:
         """A run's stored parameters as today's analysis reads them: old names upgraded, and a parameter declared
-        since the run was written at its default."""
-        return {**cls.defaults(), **cls.upgrade(stored)}
+        since the run was written at what such runs did (its `before`, else its default)."""
+        missing = {name: _json(default if spec.before is NOT_GIVEN else spec.before)
+                   for name, (spec, _, default) in cls.specs().items()}
+        return {**missing, **cls.upgrade(stored)}
 
 
 @cache

@@ -261,7 +261,7 @@ def _params_of(meta: dict) -> dict | None:
     typed), so that runs written before a parameter changed still match; None when they no longer resolve."""
     try:
         an = get_analysis(meta["analysis"])
-        return an.resolve(an.Params.upgrade(meta["params"]))
+        return an.resolve(an.stored_params(meta))
     except (ValueError, TypeError):
         return None
 

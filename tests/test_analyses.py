@@ -94,6 +94,17 @@ def test_a_renamed_parameter_reads_under_its_old_name():
     assert circuits.Params.upgrade(old) == {**circuits.params, "circuit_threshold": 0.25}
 
 
+def test_a_parameter_added_since_a_run_reads_as_what_that_run_did():
+    """retrieval's masking test masked the prompt's forward too before `mask_prefill` existed (its default now:
+    decode steps only); a parameter without such a note reads as its default."""
+    retrieval = ANALYSES["retrieval"]
+    old = {k: v for k, v in retrieval.params.items() if k not in ("mask_prefill", "score_rule")}
+    read = retrieval.stored_params({"params": old})
+    assert read["mask_prefill"] is True and read["score_rule"] == "code"
+    assert retrieval.stored_params({"params": {**old, "mask_prefill": False}})["mask_prefill"] is False
+    assert retrieval.params["mask_prefill"] is False
+
+
 def test_parameters_are_checked_where_they_are_declared():
     retrieval = ANALYSES["retrieval"]
     assert retrieval.resolve({"lengths": "100,200", "depths": [25]})["lengths"] == [100, 200]

@@ -285,9 +285,16 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
 
 
 def test_the_drivers_copy_of_a_model_the_workers_load_holds_no_weights():
-    model = Cluster(model="stories260k").driver_model("stories260k")
-    assert {p.device.type for p in model.hf.parameters()} == {"meta"}
-    assert model.prepare("Once upon a time")["input_ids"].shape[-1] > 1  # the tokenizer and config are there
+    """Built from the config on the meta device (nothing read or downloaded), with the identity a run records."""
+    for name in ("stories260k", "organism-vit", "organism-llava"):
+        model = Cluster(model=name).driver_model(name)
+        assert {p.device.type for p in model.hf.parameters()} == {"meta"}, name
+        full = interp.load_model(name)
+        assert model_identity(model) == {**model_identity(full), "device": "meta"}, name
+        assert model.family == full.family and type(model.processor) is type(full.processor), name
+    assert interp.load_model("stories260k", weights=False).prepare("Once upon a time")["input_ids"].shape[-1] > 1
+    assert Cluster().worker_device() == "cpu" and Cluster(gpus_per_worker=1).worker_device() == "cuda:0"
+    assert Cluster(device="cuda:1").worker_device() == "cuda:1"  # as a one-process run on cuda records its model
 
 
 LOOPBACK_PROBE = """
@@ -353,4 +360,5 @@ def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):
     assert main(["score", "stories260k", "--workers", "2"]) == 2  # cluster flags without --cluster
     with pytest.raises(ClusterError, match="connected to the Ray cluster at .*, not 127.0.0.1:1"):
         interp.score("stories260k", "summary", samples=2, cluster="127.0.0.1:1")  # this process joined `head`
-    assert len(interp.score("stories260k", "summary", samples=1, cluster=head).samples)  # its own address: used
+    for same in (head, head.replace("127.0.0.1", "localhost")):  # its own head, however written: used
+        assert len(interp.score("stories260k", "summary", samples=1, cluster=same).samples)
