@@ -284,8 +284,11 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
     assert result.meta["model"] == one.meta["model"]  # recorded as the workers ran it (cpu), not as the driver's copy
 
 
-def test_the_drivers_copy_of_a_model_the_workers_load_holds_no_weights():
+def test_the_drivers_copy_of_a_model_the_workers_load_holds_no_weights(tmp_path):
     """Built from the config on the meta device (nothing read or downloaded), with the identity a run records."""
+    bare = tmp_path / "config-only"  # a checkpoint folder without its weights file still gives the driver's copy
+    shutil.copytree(Path(interp.models.alias_path("stories260k")), bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert Cluster().driver_model(str(bare)).n_layers() == 5
     for name in ("stories260k", "organism-vit", "organism-llava"):
         model = Cluster(model=name).driver_model(name)
         assert {p.device.type for p in model.hf.parameters()} == {"meta"}, name
