@@ -342,7 +342,8 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.show_head(run_id, score, layer, head, sample)
         except Exception as e:  # noqa: BLE001
-            return figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(str(e), error=True), str(e)
+            failed = figures.placeholder_figure(str(e), error=True)
+            return failed, failed, str(e)
 
     @app.callback(Output("sample", "value"), Input("sample-scores", "clickData"), State("sample", "value"),
                   prevent_initial_call=True)
@@ -369,7 +370,8 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.show_attention(run_id, layer, head, sample, query, new)
         except Exception as e:  # noqa: BLE001
-            return figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""), {"display": "none"}, html.Span(str(e), style=ERROR), region
+            return (figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""), {"display": "none"},
+                    html.Span(str(e), style=ERROR), region)
 
     @app.callback(Output("score-a", "options"), Output("score-a", "value"), Input("run-a", "value"),
                   State("score-a", "value"))
@@ -391,8 +393,8 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         try:
             return board.compare(a, score_a, b, score_b, k, "abs" in (magnitude or []))
         except Exception as e:  # noqa: BLE001
-            return (html.Div(str(e), style=ERROR), figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""),
-                    figures.placeholder_figure(""))
+            empty = figures.placeholder_figure("")
+            return html.Div(str(e), style=ERROR), figures.placeholder_figure(str(e), error=True), empty, empty
 
     return app
 
@@ -408,8 +410,6 @@ def _full_width(component):
     """A text or link of a view, across every column of the view's grid of figures."""
     component.style = {**(getattr(component, "style", None) or {}), "gridColumn": "1 / -1"}
     return component
-
-
 
 
 def _error(message: str):

@@ -5,7 +5,8 @@ The driver (the process that called `interp.score`) keeps the plan and the store
 result as it arrives, so the driver writes every finished sample exactly as a single-process run does. A worker that
 dies (killed, out of memory, its machine gone) has its item handed to the next free worker while a replacement
 starts; a worker that cannot load the model fails the run with its error, and workers that cannot start in time
-fail it with a message rather than a hang. `ray` is an optional dependency (the `cluster` extra), imported when a cluster is used.
+fail it with a message rather than a hang. `ray` is an optional dependency (the `cluster` extra), imported when a
+cluster is used.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .models import Model, load_model
 
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's servers on 127.0.0.1 (see _loopback)
 LOCAL = "ray"          # a local Ray cluster started for the run (or the one this process is already connected to)
+NO_ROOM = "is the cluster short of free CPUs / GPUs (`ray status`)?"  # why a worker may never start
 ITEM_ATTEMPTS = 3      # an item whose workers die this many times fails the run (it is what kills them)
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,7 @@ class Workers:
             ready, _ = ray.wait(refs, num_returns=n, timeout=c.start_timeout)
             if len(ready) < n:
                 raise ClusterError(f"{n - len(ready)} of {n} workers did not start and load the model within "
-                                   f"{c.start_timeout:g} s (Cluster.start_timeout); is the cluster short of free CPUs / "
-                                   "GPUs (`ray status`)?")
+                                   f"{c.start_timeout:g} s (Cluster.start_timeout); {NO_ROOM}")
             self.where = [self._loaded(ref) for ref in refs]
         except BaseException:  # one could not load: none keeps its CPUs / GPUs (a sweep goes on to other models)
             for actor in actors:
@@ -226,7 +227,7 @@ class Workers:
                 done, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=timeout)
                 if not done:
                     raise ClusterError(f"no worker left, and none started within {self.cluster.start_timeout:g} s "
-                                       "(Cluster.start_timeout): is the cluster short of free CPUs / GPUs (`ray status`)?")
+                                       f"(Cluster.start_timeout); {NO_ROOM}")
                 [ref] = done
                 if ref in self._starting:
                     idle += self._joined(ref)
@@ -238,10 +239,9 @@ class Workers:
                     raise e.cause from None  # the analysis's own error, as in a single process
                 except _deaths(ray) as e:
                     deaths[j] = deaths.get(j, 0) + 1
-                    if deaths[j] >= ITEM_ATTEMPTS:
-                        self._drop(actor)
-                        raise ClusterError(f"item {j} of {fn.__name__} killed {deaths[j]} workers; last: {e}") from None
                     self._drop(actor)
+                    if deaths[j] >= ITEM_ATTEMPTS:
+                        raise ClusterError(f"item {j} of {fn.__name__} killed {deaths[j]} workers; last: {e}") from None
                     self._start_replacement()
                     pending.appendleft(j)
                     log.warning("a worker died (%s): item %d of %s goes to the next free worker", type(e).__name__, j,

@@ -135,7 +135,9 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
     done = writer.done() if writer is not None else set()
     todo = [i for i in range(len(plan)) if i not in done]
     inner = bars if executor is LOCAL else QUIET  # a worker's own bars would go to its log, not this terminal
-    driver = None if executor is LOCAL else (model_identity(model)["config_hash"], input_digests(params))
+    recorded = meta if meta is not None else writer.meta  # its model and inputs, as checked when it began or resumed
+    driver = None if executor is LOCAL else (recorded["model"]["config_hash"],
+                                             recorded.get("inputs") or input_digests(params))
     jobs = [(an.name, plan[i], i, options, params, inner, driver) for i in todo]
     try:
         with spread_over(executor), bars.bar(total=len(plan), desc=f"{an.name}: samples", leave=False) as bar:

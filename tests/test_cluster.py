@@ -183,12 +183,13 @@ def test_a_worker_killed_in_the_middle_of_an_item_has_it_run_again(head, stories
         killer.start()
         results = list(workers.map(sleep_then_return, stories, [3.0, 3.0, 0.2, 0.2, 0.2]))
         killer.join()
-        assert sorted(j for j, _ in results) == [0, 1, 2, 3, 4] and dict(results) == dict(enumerate([3.0, 3.0, .2, .2, .2]))
+        assert sorted(j for j, _ in results) == [0, 1, 2, 3, 4]
+        assert dict(results) == dict(enumerate([3.0, 3.0, 0.2, 0.2, 0.2]))
         assert workers.replaced == 1 and victim not in workers.actors
 
 
 def test_workers_must_hold_the_drivers_model_and_input_files(head, stories, tmp_path):
-    """Another checkpoint at the worker's path, or an input file that differs there, fails the run with a clear error."""
+    """Another checkpoint at the worker's path, or an input file that differs there: the run fails, saying so."""
     other = tmp_path / "other-stories"
     shutil.copytree(Path(interp.models.alias_path("stories260k")), other)
     config = json.loads((other / "config.json").read_text())
