@@ -316,12 +316,32 @@ def _connect(cluster: Cluster) -> tuple[Any, bool]:
             with _loopback(ray):
                 ray.init(address="local", include_dashboard=False, **quiet)
         else:
+            _check_listening(ray, address)
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         hint = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token here, and its "
                 "token in ~/.ray/auth_token or RAY_AUTH_TOKEN" if "RAY_AUTH_MODE" not in os.environ else "")
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}{hint}") from None
     return ray, True
+
+
+def _check_listening(ray, address: str) -> None:
+    """ClusterError at once when nothing listens at the head's address (Ray itself would retry for many minutes).
+    "auto" is checked at the address `ray start` recorded on this machine; Ray Client addresses are left to Ray."""
+    if address.startswith("ray://"):
+        return
+    try:
+        head = ray._private.services.canonicalize_bootstrap_address(address)
+    except (ValueError, ConnectionError) as e:
+        raise ClusterError(f"no Ray cluster at {address!r}: {e}") from None
+    if head is None:
+        raise ClusterError(f"{address!r} found no cluster started with `ray start` on this machine")
+    host, _, port = head.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"nothing listens at {address!r} ({head}: {getattr(e, 'strerror', None) or e}); start the "
+                           "head with `ray start --head --port=PORT`, or give --cluster ray for a local cluster") from None
 
 
 def _check_joined(ray, address: str) -> None:

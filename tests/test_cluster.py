@@ -362,6 +362,11 @@ def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):
     with pytest.raises(ClusterError, match="holds 2 worker"):
         interp.score("stories260k", "summary", samples=2, cluster=Cluster(workers=3))
     assert main(["score", "stories260k", "--workers", "2"]) == 2  # cluster flags without --cluster
+    nobody = f"127.0.0.1:{free_port()}"  # a driver of its own (not joined yet): told at once, not after Ray's retries
+    done = subprocess.run([sys.executable, "-m", "interp.cli", "score", "stories260k", "--samples", "1", "--cluster",
+                           nobody, "--out", str(tmp_path / "store")], env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and f"nothing listens at '{nobody}'" in done.stderr, done.stderr[-2000:]
     with pytest.raises(ClusterError, match="connected to the Ray cluster at .*, not 127.0.0.1:1"):
         interp.score("stories260k", "summary", samples=2, cluster="127.0.0.1:1")  # this process joined `head`
     for same in (head, head.replace("127.0.0.1", "localhost")):  # its own head, however written: used
