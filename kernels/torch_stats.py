@@ -162,9 +162,9 @@ def row_max_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, topk: int,
     top_val = torch.full((*shape5, k_top), float("-inf"), device=q.device)
     top_idx = torch.full((*shape5, k_top), -1, dtype=torch.long, device=q.device)
     q5, kf = _grouped(q, n_kv), k.float()
-    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
-    for q0 in range(0, n_q, rows):
-        q1 = min(q0 + rows, n_q)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
+    for q0 in range(0, n_q, step):
+        q1 = min(q0 + step, n_q)
         rows = geo.rows(q0, q1)
         lo, hi = rows.key_range(n_k)
         if hi <= lo:

@@ -153,24 +153,25 @@ def _max_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr,
 
 
 @triton.jit
-def _segment_dot(seg_acc, p, onehot, UPCAST: tl.constexpr):
-    """seg_acc + p @ onehot in fp32: p split exactly into three bf16 parts (24 mantissa bits ≈ fp32) so that the
-    products run on bf16 tensor cores with fp32 accumulation (the one-hot is exact in bf16); under the interpreter
-    (UPCAST), whose bf16 dot is wrong, the same split with the products in fp32."""
+def _segment_dot(p, onehot, UPCAST: tl.constexpr):
+    """p @ onehot (BLOCK_M, S_PAD) in fp32 on bf16 tensor cores: p split exactly into three bf16 parts (hi + mid +
+    lo = p to 24 bits; the one-hot is exact in bf16), each part dotted into a fresh fp32 accumulator, the three
+    summed in fp32. (One running accumulator threaded through the three dots gave ±4.6e27 on an H200.) Under the
+    interpreter (UPCAST), whose bf16 dot is wrong, the same split with the products in fp32."""
     p_hi = p.to(tl.bfloat16)
     r1 = p - p_hi.to(tl.float32)
     p_mid = r1.to(tl.bfloat16)
     p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
     if UPCAST:
-        seg_acc = tl.dot(p_hi.to(tl.float32), onehot, seg_acc)
-        seg_acc = tl.dot(p_mid.to(tl.float32), onehot, seg_acc)
-        seg_acc = tl.dot(p_lo.to(tl.float32), onehot, seg_acc)
+        hi = tl.dot(p_hi.to(tl.float32), onehot, input_precision="ieee")
+        mid = tl.dot(p_mid.to(tl.float32), onehot, input_precision="ieee")
+        lo = tl.dot(p_lo.to(tl.float32), onehot, input_precision="ieee")
     else:
         onehot16 = onehot.to(tl.bfloat16)
-        seg_acc = tl.dot(p_hi, onehot16, seg_acc)
-        seg_acc = tl.dot(p_mid, onehot16, seg_acc)
-        seg_acc = tl.dot(p_lo, onehot16, seg_acc)
-    return seg_acc
+        hi = tl.dot(p_hi, onehot16)
+        mid = tl.dot(p_mid, onehot16)
+        lo = tl.dot(p_lo, onehot16)
+    return hi + (mid + lo)
 
 
 @triton.jit
@@ -201,7 +202,7 @@ def _linear_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_p
         if W_SEG:
             sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
             onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
-            seg_acc = _segment_dot(seg_acc, p, onehot, UPCAST)
+            seg_acc += _segment_dot(p, onehot, UPCAST)
         if W_KM:
             tl.atomic_add(km_row_ptr + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
     return ent, dist, seg_acc

@@ -13,9 +13,33 @@ from interp.kernels import (AttentionGeometry, attention_stats, attention_tile, 
                             diagonal_attention, grid_distance, pooled_attention)
 
 ALL = ["lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count"]
+CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("interp.kernels.triton_stats") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = ["torch", "fused"] + (["triton"] if HAS_TRITON else [])
+    CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+# backend[:device]: Triton runs on CUDA tensors where there is a GPU (else under the interpreter, on CPU tensors);
+# with a GPU, the fused path and the twin run on CUDA tensors too
+BACKENDS = ["torch", "fused"] + (["triton"] if HAS_TRITON else []) + (["fused:cuda", "torch:cuda"] if CUDA else [])
+
+
+def placed(backend: str) -> tuple[str, str]:
+    """(backend name, device its tensors live on) of a BACKENDS entry."""
+    name, _, device = backend.partition(":")
+    return name, device or ("cuda" if name == "triton" and CUDA else "cpu")
+
+
+def on(backend: str, fn, q, k, *args, **kwargs):
+    """fn(q, k, *args, backend=..., **kwargs) with q and k on the backend's device; tensors of the result on CPU."""
+    name, device = placed(backend)
+    out = fn(q.to(device), k.to(device), *args, backend=name, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    return type(out)(**{key: value.cpu() for key, value in out.to_dict().items()})
+
+
+def close(name: str, got, want, atol: float, rtol: float = 1e-5) -> None:
+    """got ≈ want, failing with the statistic's name and the size and place of the largest error."""
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=atol, rtol=rtol, equal_nan=False,
+                               msg=lambda m: f"{name}: {m}")
 
 
 @st.composite
@@ -50,25 +74,25 @@ def _check(out, s, segments, n_seg, positions, tol, exact_argmax):
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     lse = torch.logsumexp(s, -1)
     assert torch.equal(torch.isfinite(out.lse), seen)
-    assert torch.allclose(out.lse[seen], lse[seen], atol=tol * 10, rtol=1e-5)
+    close("lse", out.lse[seen], lse[seen], atol=tol * 10, rtol=1e-5)
     onehot = torch.nn.functional.one_hot(segments, n_seg).float()
-    assert torch.allclose(out.segment_mass, torch.einsum("bhqk,bks->bhqs", p, onehot), atol=tol)
-    assert torch.allclose(out.max_prob, p.max(-1).values, atol=tol)
+    close("segment_mass", out.segment_mass, torch.einsum("bhqk,bks->bhqs", p, onehot), atol=tol)
+    close("max_prob", out.max_prob, p.max(-1).values, atol=tol)
     # argmax: a key of maximal probability (exactly the first maximum for the twin, which shares the dense
     # arithmetic; Triton's tensor-core dot may order near-ties differently), −1 where nothing is visible
     assert bool((out.argmax[~seen] == -1).all())
     chosen = p.gather(-1, out.argmax.clamp_min(0)[..., None])[..., 0]
-    assert torch.allclose(chosen[seen], p.max(-1).values[seen], atol=tol)
+    close("probability at argmax", chosen[seen], p.max(-1).values[seen], atol=tol)
     if exact_argmax:
         best = s.max(-1, keepdim=True).values
         first = torch.where(s == best, torch.arange(s.shape[-1]), s.shape[-1]).min(-1).values
         assert torch.equal(out.argmax[seen], first[seen])
     ent = -(p * torch.log(p.clamp_min(1e-38))).sum(-1)
-    assert torch.allclose(out.entropy, ent, atol=tol * 10)
+    close("entropy", out.entropy, ent, atol=tol * 10)
     gap = (positions.float()[:, None] - torch.arange(s.shape[-1]).float()).abs()
     dist = torch.where(seen, (p * gap).sum(-1), 0.0)
-    assert torch.allclose(out.mean_distance, dist, atol=tol * 40)
-    assert torch.allclose(out.key_mass, p.sum(-2), atol=tol * 10)
+    close("mean_distance", out.mean_distance, dist, atol=tol * 40)
+    close("key_mass", out.key_mass, p.sum(-2), atol=tol * 10)
     assert torch.equal(out.key_count, torch.isfinite(s[:, 0]).sum(-2).float())
     for name, value in out.to_dict().items():
         assert not torch.isnan(value.float()).any(), name
@@ -76,7 +100,7 @@ def _check(out, s, segments, n_seg, positions, tol, exact_argmax):
 
 # The Triton interpreter runs about 1000× slower than the twin: fewer examples there (tests/test_triton_stats.py
 # covers the kernel's edge cases one by one).
-EXAMPLES = {"torch": 60, "fused": 100, "triton": 12 if not torch.cuda.is_available() else 60}
+EXAMPLES = {"torch": 60, "fused": 100, "triton": 60 if CUDA else 12, "fused:cuda": 60, "torch:cuda": 30}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,32 +111,86 @@ def test_statistics_equal_dense_softmax(backend):
 
 def _statistics_equal_dense_softmax(backend, case):
     kw, segments, n_seg = case
-    out = attention_stats(**kw, segments=segments, n_segments=n_seg, stats=ALL, topk=3, backend=backend)
+    out = on(backend, attention_stats, kw["q"], kw["k"], geometry=kw["geometry"], segments=segments,
+             n_segments=n_seg, stats=ALL, topk=3)
     s = dense_scores(kw["q"], kw["k"], geometry=kw["geometry"])
     # the fused op forms and sums the scores in its own order: with logits near 200 (q × 30), one fp32 ulp of the
     # lse is 1.5e-5, so its probabilities differ from the dense arithmetic by a few 1e-5 there (1e-6 otherwise)
-    tol = 3e-5 if backend == "fused" else 1e-5
-    _check(out, s, segments, n_seg, kw["geometry"].query_positions, tol=tol, exact_argmax=backend in ("torch", "fused"))
+    name, device = placed(backend)
+    tol = 3e-5 if name == "fused" else 1e-5
+    _check(out, s, segments, n_seg, kw["geometry"].query_positions, tol=tol,
+           exact_argmax=name in ("torch", "fused") and device == "cpu")
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     k_top = min(3, s.shape[-1])
-    assert torch.allclose(out.topk_prob[..., :k_top], p.topk(k_top, -1).values, atol=1e-5)
+    close("topk_prob", out.topk_prob[..., :k_top], p.topk(k_top, -1).values, atol=1e-5)
     hit = out.topk_index >= 0
     picked = p.gather(-1, out.topk_index.clamp_min(0))
-    assert torch.allclose(torch.where(hit, picked, 0.0), out.topk_prob, atol=1e-5)
+    close("probability at topk_index", torch.where(hit, picked, 0.0), out.topk_prob, atol=1e-5)
 
 
-def test_twin_chunking_does_not_change_results(monkeypatch):
-    from interp.kernels import torch_stats
+CHUNKED = ["causal", "bidirectional", "offset", "padded", "window", "sinks"]
 
-    backend = "torch"
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)
-    whole = attention_stats(q, k, stats=ALL, segments=torch.arange(50) % 3, backend=backend)
-    monkeypatch.setattr(torch_stats, "CHUNK_K", 7)
-    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 64)
-    pieces = attention_stats(q, k, stats=ALL, segments=torch.arange(50) % 3, backend=backend)
-    for name, value in whole.to_dict().items():
-        assert torch.allclose(value.float(), getattr(pieces, name).float(), atol=1e-5), name
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", CHUNKED)
+def test_every_chunked_path_runs_several_chunks(backend, geometry, monkeypatch):
+    """Every chunked loop shrunk so that it runs several times — the twin's key and row blocks, the max pass's row
+    blocks (argmax / max_prob / top-k on the fused path), the fused path's masked row blocks and key-mass column
+    blocks, Triton's segment chunks (and, under the interpreter, its 32-wide blocks) — gives the dense oracle's
+    statistics, on each geometry."""
+    from interp.kernels import fused_stats, torch_stats
+
+    monkeypatch.setattr(torch_stats, "CHUNK_K", 16)
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 6400)  # twin: 50 rows × 16 keys; max pass: 8 rows × all keys
+    monkeypatch.setattr(fused_stats, "CHUNK_ELEMENTS", 3200)  # masked calls: 16 rows (key mass: 16 keys) each
+    blocks = []
+    for module, name in [(torch_stats, "_track_max"), (torch_stats, "_block_scores"), (fused_stats, "_fused")]:
+        spy = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _spy=spy, _name=name, **kw: blocks.append(_name) or _spy(*a, **kw))
+    if placed(backend)[0] == "triton":
+        from interp.kernels import triton_stats
+
+        monkeypatch.setattr(triton_stats, "SEGMENT_CHUNK", 16)
+        kernel = triton_stats._stats_kernel
+        monkeypatch.setattr(triton_stats, "_stats_kernel", _Counted(kernel, blocks))
+    g = torch.Generator().manual_seed(CHUNKED.index(geometry))
+    b, n, n_seg = 2, 100, 40
+    n_q = 30 if geometry == "offset" else n
+    q, k = torch.randn(b, 4, n_q, 16, generator=g) * 2, torch.randn(b, 2, n, 16, generator=g)
+    key_mask = torch.arange(n)[None] >= torch.tensor([[0], [37]]) if geometry == "padded" else None
+    geo = AttentionGeometry(causal=geometry != "bidirectional", window=24 if geometry == "window" else None,
+                            key_mask=key_mask, sinks=torch.tensor([-1.0, 0.5, 2.0, 0.0]) if geometry == "sinks" else None,
+                            query_positions=torch.arange(n - 32, n - 2) if geometry == "offset" else None)
+    segments = torch.randint(0, n_seg, (b, n), generator=g)
+    out = on(backend, attention_stats, q, k, geometry=geo, segments=segments, n_segments=n_seg, stats=ALL, topk=3)
+    name, device = placed(backend)
+    if geometry == "sinks":  # the oracle's rows with the sink logit as one more column
+        s = dense_scores(q, k, geometry=dataclasses.replace(geo, sinks=None))
+        full = torch.cat([s, geo.sinks[None, :, None, None].expand(b, 4, n_q, 1)], -1)
+        close("lse", out.lse, torch.logsumexp(full, -1), atol=1e-5)
+        p = torch.softmax(full, -1)[..., :-1]
+        close("key_mass", out.key_mass, p.sum(-2), atol=1e-4)
+        close("max_prob", out.max_prob, p.max(-1).values, atol=1e-5)
+        close("segment_mass", out.segment_mass,
+              torch.einsum("bhqk,bks->bhqs", p, torch.nn.functional.one_hot(segments, n_seg).float()), atol=1e-5)
+    else:
+        _check(out, dense_scores(q, k, geometry=geo), segments, n_seg, geo.resolve(q, k).query_positions, tol=1e-5,
+               exact_argmax=name in ("torch", "fused") and device == "cpu")
+    several = {"torch": ["_block_scores"], "fused": ["_track_max"] + (["_fused"] * (geometry in ("offset", "padded",
+               "window"))), "triton": ["launch"]}[name]
+    for what in several:
+        assert blocks.count(what) >= 3, (what, blocks.count(what))
+
+
+class _Counted:
+    """A Triton kernel whose launches are counted (as "launch" in `log`)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append("launch")
+        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
@@ -281,18 +359,18 @@ def test_key_mean_topk_width_and_more_bad_input(backend):
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :2] = False
     geo = AttentionGeometry(key_mask=mask)
-    st = attention_stats(q, k, geometry=geo, topk=8, stats=("key_mass", "key_count", "topk"), backend=backend)
+    st = on(backend, attention_stats, q, k, geometry=geo, topk=8, stats=("key_mass", "key_count", "topk"))
     p = torch.nan_to_num(torch.softmax(dense_scores(q, k, geometry=geo), -1), nan=0.0)
     count = torch.isfinite(dense_scores(q, k, geometry=geo))[:, 0].sum(-2).float()[:, None, :]
-    assert torch.allclose(st.key_mean, torch.where(count > 0, p.sum(-2) / count.clamp_min(1), 0.0), atol=1e-6)
+    close("key_mean", st.key_mean, torch.where(count > 0, p.sum(-2) / count.clamp_min(1), 0.0), atol=1e-6)
     assert st.topk_index.shape == (2, 4, 6, 8) and bool((st.topk_index[..., 6:] == -1).all())
     for bad, match in [(dict(q=q * float("inf")), "NaN or inf"), (dict(geometry=AttentionGeometry(window=2.5)), "integer"),
                        (dict(topk=65), "topk must be"), (dict(geometry=AttentionGeometry(query_positions=torch.arange(-1, 5))), "≥ 0"),
                        (dict(k=k[:, :, :0]), "at least one")]:
-        args = dict(q=q, k=k, backend=backend)
+        args = dict(q=q, k=k)
         args.update(bad)
         with pytest.raises(ValueError, match=match):
-            attention_stats(args.pop("q"), args.pop("k"), **args)
+            on(backend, attention_stats, args.pop("q"), args.pop("k"), **args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,27 +392,27 @@ def test_sink_logits_join_every_softmax_denominator(backend, causal, window, pad
     big_p = torch.softmax(full, -1)
     p = big_p[..., :-1]
     segments = torch.arange(n) % 3
-    out = attention_stats(q, k, geometry=sunk, segments=segments, stats=ALL, topk=3, backend=backend)
-    assert torch.allclose(out.lse, torch.logsumexp(full, -1), atol=1e-5)
+    out = on(backend, attention_stats, q, k, geometry=sunk, segments=segments, stats=ALL, topk=3)
+    close("lse", out.lse, torch.logsumexp(full, -1), atol=1e-5)
     assert bool((p.sum(-1) < 1).all()), "the sink takes a share of every row"
-    assert torch.allclose(out.max_prob, p.max(-1).values, atol=1e-5)
-    assert torch.allclose(out.topk_prob, p.topk(3, -1).values, atol=1e-5)
-    assert torch.allclose(out.entropy, -(big_p * torch.log(big_p.clamp_min(1e-38))).sum(-1), atol=1e-4)
+    close("max_prob", out.max_prob, p.max(-1).values, atol=1e-5)
+    close("topk_prob", out.topk_prob, p.topk(3, -1).values, atol=1e-5)
+    close("entropy", out.entropy, -(big_p * torch.log(big_p.clamp_min(1e-38))).sum(-1), atol=1e-4)
     gap = (torch.arange(n).float()[:, None] - torch.arange(n).float()).abs()
-    assert torch.allclose(out.mean_distance, (p * gap).sum(-1), atol=1e-4)
-    assert torch.allclose(out.key_mass, p.sum(-2), atol=1e-4)
+    close("mean_distance", out.mean_distance, (p * gap).sum(-1), atol=1e-4)
+    close("key_mass", out.key_mass, p.sum(-2), atol=1e-4)
     onehot = torch.nn.functional.one_hot(segments, 3).float()
-    assert torch.allclose(out.segment_mass, torch.einsum("bhqk,ks->bhqs", p, onehot), atol=1e-5)
+    close("segment_mass", out.segment_mass, torch.einsum("bhqk,ks->bhqs", p, onehot), atol=1e-5)
     seen = torch.isfinite(s).any(-1)
     assert bool((out.argmax[~seen] == -1).all()) and torch.equal(out.argmax[seen], s.argmax(-1)[seen])
-    assert torch.allclose(dense_attention(q, k, geometry=sunk), p, atol=1e-6)
-    tile = attention_tile(q, k, (4, 20), (2, 17), geometry=sunk, backend=backend)
-    assert torch.allclose(tile, p[:, :, 4:20, 2:17], atol=1e-6)
-    pooled = pooled_attention(q, k, block_q=5, block_k=4, geometry=sunk, backend=backend)
-    assert torch.allclose(pooled[:, :, 1, 2], p[:, :, 5:10, 8:12].mean((-1, -2)), atol=1e-6)
-    diag = diagonal_attention(q, k, [0, 1], geometry=sunk, backend=backend)
-    assert torch.allclose(diag[..., 0], torch.diagonal(p, 0, 2, 3), atol=1e-6)
-    assert torch.allclose(diag[:, :, 1:, 1], torch.diagonal(p, -1, 2, 3), atol=1e-6)
+    close("dense_attention", dense_attention(q, k, geometry=sunk), p, atol=1e-6)
+    tile = on(backend, attention_tile, q, k, (4, 20), (2, 17), geometry=sunk)
+    close("attention_tile", tile, p[:, :, 4:20, 2:17], atol=1e-6)
+    pooled = on(backend, pooled_attention, q, k, block_q=5, block_k=4, geometry=sunk)
+    close("pooled_attention", pooled[:, :, 1, 2], p[:, :, 5:10, 8:12].mean((-1, -2)), atol=1e-6)
+    diag = on(backend, diagonal_attention, q, k, [0, 1], geometry=sunk)
+    close("diagonal 0", diag[..., 0], torch.diagonal(p, 0, 2, 3), atol=1e-6)
+    close("diagonal 1", diag[:, :, 1:, 1], torch.diagonal(p, -1, 2, 3), atol=1e-6)
 
 
 def test_sinks_must_be_one_finite_logit_per_query_head():

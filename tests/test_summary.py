@@ -77,6 +77,22 @@ def test_backends_give_the_same_scores(stories, backend):
     pd.testing.assert_frame_equal(hf, other, rtol=1e-4, atol=1e-5)
 
 
+def test_long_prompts_take_several_row_blocks_on_every_backend(stories, monkeypatch):
+    """The regression of issue 27: past 2²³ / (heads · keys) queries (~965 tokens for SmolLM2) the max pass ran a
+    second block of rows and crashed. Here the chunk sizes shrink so that 200 tokens take many row blocks on every
+    kernel path, and the tables equal those of the unchunked run."""
+    from interp.kernels import fused_stats, torch_stats
+
+    whole = interp.score(stories, "summary", samples=2, max_tokens=200).heads
+    monkeypatch.setattr(torch_stats, "CHUNK_ELEMENTS", 8 * 200 * 4)  # the max pass: 4 rows at a time
+    monkeypatch.setattr(torch_stats, "CHUNK_K", 64)
+    monkeypatch.setattr(fused_stats, "CHUNK_ELEMENTS", 200 * 16)
+    for backend in ("fused", "torch"):
+        monkeypatch.setenv("INTERP_KERNELS", backend)
+        chunked = interp.score(stories, "summary", samples=2, max_tokens=200).heads
+        pd.testing.assert_frame_equal(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
 def test_prompts_file_and_sample_choice(stories, tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("The cat sat on the mat.\n\nOnce upon a time there was a dog.\nA third prompt here.\n")
