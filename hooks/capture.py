@@ -47,6 +47,9 @@ class AttentionCall:
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
     stats, stats_request: the statistics of the captured heads computed inside the model's own SDPA call, for the
     `call_stats` arguments `stats_request` (see `capture(stats=)`); None where the call could not carry them.
+    lse: (B, H, Nq) fp32 each captured row's log-sum-exp as the model's own SDPA call computed it, where the
+    statistics go to the Triton kernels (`capture(stats=)`): `call_stats` then takes one pass over the keys, not
+    two; None elsewhere.
     """
 
     tower: str
@@ -61,6 +64,7 @@ class AttentionCall:
     geometry: AttentionGeometry
     stats: AttentionStats | None = None
     stats_request: dict | None = None
+    lse: Float[Tensor, "batch heads queries"] | None = None
 
     scale = property(lambda self: self.geometry.scale)
     causal = property(lambda self: self.geometry.causal)
@@ -119,7 +123,8 @@ class Recorder:
 class Site(Intervention):
     """A captured attention module: where it sits and which session receives its calls. It observes each call
     (stage 4 of `interventions`), and where the session asked for statistics and nothing else intervenes on the
-    call, it makes the model's SDPA call itself with the statistics riding along (stage 2)."""
+    call, it makes the model's SDPA call itself (stage 2) with the statistics riding along (the fused kernels) or
+    keeping the row log-sum-exp that SDPA's kernel computes anyway (the Triton kernels)."""
 
     session: "_Session"
     tower: Tower
@@ -130,8 +135,13 @@ class Site(Intervention):
     def replace(self, call: Invocation):
         request = self.session.stats_request
         if (request is None or call.interventions != [self] or call.args
-                or not _can_ride(call.fn, call.module, call.query, call.key, call.value, call.mask, call.kwargs,
-                                 request)):
+                or not _plain_sdpa(call.fn, call.module, call.mask, call.kwargs)):
+            return None
+        backend = resolve_backend("auto", call.query)
+        if backend == "triton" and _lse_applies(call.query, call.key, call.value):
+            out, weights, call.lse = _sdpa_with_lse(call.module, call.query, call.key, call.value, call.kwargs)
+            return out, weights
+        if backend != "fused" or not _can_ride(call.query, call.key, call.value, request):
             return None
         out, weights, call.riding = _sdpa_with_stats(call.module, call.query, call.key, call.value, call.kwargs,
                                                      request)
@@ -139,14 +149,21 @@ class Site(Intervention):
 
     def observe(self, call: Invocation, out: Tensor) -> None:
         self.session.emit(self, call.module, call.query, call.key, call.value, out, call.kwargs, call.mask,
-                          call.riding)
+                          call.riding, call.lse)
 
 
-def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: dict) -> bool:
-    """Whether the statistics can ride along this call: transformers' SDPA function with no mask, no dropout, no
-    bias, sinks, window or soft-cap, on a prompt (as many queries as keys), fp32 on CPU, narrow value columns
-    (`in_call_applies`), segments (if any) covering the keys, and the kernels' "auto" meaning the fused path
-    (`$INTERP_KERNELS`)."""
+def _plain_sdpa(fn, module, attention_mask, kwargs) -> bool:
+    """Whether the call is transformers' SDPA function with no mask, no dropout, no bias, sinks, window or soft-cap
+    (what an SDPA call of our own can stand in for)."""
+    return (fn is sdpa_attention_forward and attention_mask is None
+            and not (module.training and kwargs.get("dropout", 0.0))
+            and all(kwargs.get(name) is None for name in ("position_bias", "s_aux", "sliding_window", "softcap"))
+            and not kwargs.get("output_attentions"))
+
+
+def _can_ride(query, key, value, request: dict) -> bool:
+    """Whether the statistics can ride along this plain SDPA call on the fused kernels: a prompt (as many queries as
+    keys), fp32 on CPU, narrow value columns (`in_call_applies`), segments (if any) covering the keys."""
     segments = request.get("segments")
     stats = request.get("stats")
     if (not set(request) <= {"stats", "segments", "n_segments"} or not stats  # a backend, top-k...: after the call
@@ -154,16 +171,60 @@ def _can_ride(fn, module, query, key, value, attention_mask, kwargs, request: di
                                              or segments.dtype != torch.long
                                              or int(segments.max()) >= request["n_segments"]))):
         return False
-    return (fn is sdpa_attention_forward and attention_mask is None
-            and in_call_applies(query, key, value, frozenset(request["stats"]), request.get("n_segments") or 1)
-            and resolve_backend("auto", query) == "fused"
-            and not (module.training and kwargs.get("dropout", 0.0))
-            and all(kwargs.get(name) is None for name in ("position_bias", "s_aux", "sliding_window", "softcap"))
-            and not kwargs.get("output_attentions")
+    return (in_call_applies(query, key, value, frozenset(request["stats"]), request.get("n_segments") or 1)
             and (segments is None or tuple(segments.shape) == (query.shape[0], key.shape[2])))
 
 
-_rides_bit_identical: dict[tuple, bool] = {}  # per call shape: whether riding kept the output bit for bit
+def _lse_applies(query, key, value) -> bool:
+    """Whether one of SDPA's own kernels that return the row lse can make this plain call: a prompt (as many queries
+    as keys) or one decoding query, value heads as wide as the queries', and on CUDA, fp16 / bf16 up to head dim 256
+    (the flash kernel) or fp32 (the memory-efficient kernel); on CPU (the Triton interpreter, for tests) the CPU
+    flash kernel."""
+    n_q, n_k, d = query.shape[2], key.shape[2], query.shape[-1]
+    if (n_q != n_k and n_q != 1) or value.shape[-1] != d or query.shape[1] % key.shape[1]:
+        return False
+    return not query.is_cuda or query.dtype == torch.float32 or d <= 256
+
+
+def _sdpa_call(module, query, kwargs) -> tuple[bool, float]:
+    """(is_causal, scale) of transformers' `sdpa_attention_forward` for this call, by its own rules."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(query.shape[2] > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+    scaling = kwargs.get("scaling")
+    return is_causal, scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's own default
+
+
+def _sdpa_with_lse(module, query, key, value, kwargs):
+    """(output, None, row lse (B, H, Nq) fp32 or None) in place of `sdpa_attention_forward`: one of SDPA's own
+    kernels that returns the lse with the output (CUDA: flash for fp16 / bf16, memory-efficient for fp32; CPU:
+    flash). The first call of each dtype / head-dim / group / causality in a process is checked against the
+    model's own call; where the output differs by a bit, the model's call runs as is and no lse rides."""
+    is_causal, scale = _sdpa_call(module, query, kwargs)
+    shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal)
+    if _rides_bit_identical.get(shape) is False:
+        return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
+    group = query.shape[1] // key.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
+    if not query.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal,
+                                                                             scale=scale)[:2]
+    elif query.dtype == torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, is_causal,
+                                                                          scale=scale)[:2]
+        lse = lse[..., :query.shape[2]]  # padded to a multiple of 32
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, is_causal, False,
+                                                                      scale=scale)[:2]
+    out = out.transpose(1, 2).contiguous()
+    if shape not in _rides_bit_identical:
+        own, weights = sdpa_attention_forward(module, query, key, value, None, **kwargs)
+        _rides_bit_identical[shape] = torch.equal(own, out)
+        if not _rides_bit_identical[shape]:
+            return own, weights, None
+    return out, None, lse.float()
+
+
+_rides_bit_identical: dict[tuple, bool] = {}  # per call shape: whether our SDPA call kept the output bit for bit
 
 
 def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
@@ -172,10 +233,7 @@ def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
     call of each head-dim / value-width / columns combination in a process is checked against the model's own
     call; where the padded call's arithmetic differs (on AVX-512, head dim 8 does), the model's output is kept and
     the statistics are left to `call_stats`."""
-    is_causal = kwargs.get("is_causal")
-    is_causal = bool(query.shape[2] > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
-    scaling = kwargs.get("scaling")
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's own default
+    is_causal, scale = _sdpa_call(module, query, kwargs)
     shape = (query.shape[-1], value.shape[-1], query.shape[1] // key.shape[1], is_causal, tuple(request["stats"]),
              request.get("n_segments"))
     if _rides_bit_identical.get(shape) is False:
@@ -220,7 +278,7 @@ class _Session:
         self.model.check_length(int(n_past) + n_new)
 
     def emit(self, site: Site, module, query, key, value, out, kwargs, attention_mask=None,
-             stats: dict[str, Tensor] | None = None) -> None:
+             stats: dict[str, Tensor] | None = None, lse: Tensor | None = None) -> None:
         _check_no_bias(self.model, site, kwargs)
         n_heads = query.shape[1]
         heads = self.heads if self.heads is not None else torch.arange(n_heads)
@@ -259,6 +317,8 @@ class _Session:
             call.stats = AttentionStats(**{name: t if name == "key_count" or not select else t[:, pick]
                                            for name, t in stats.items()})
             call.stats_request = self.stats_request
+        if lse is not None:
+            call.lse = lse[:, heads.to(dev)] if select else lse
         _check_mask(self.model, site, call, n_k, attention_mask, self.mask2d)
         self.probe(call)
 

@@ -35,7 +35,8 @@ class Invocation:
     """One call of a model's attention function, as the wrapper received it (query as changed by stage 1).
 
     query: (B, H, Nq, d) after position encoding; key, value: (B, H_kv, Nk, d) after the KV-cache update;
-    interventions: those active on this call, in order; riding: statistics a `replace` computed in the call."""
+    interventions: those active on this call, in order; riding: statistics a `replace` computed in the call; lse:
+    (B, H, Nq) the row log-sum-exp that a `replace` kept from the call."""
 
     module: torch.nn.Module
     fn: Callable
@@ -47,6 +48,7 @@ class Invocation:
     kwargs: dict
     interventions: list = field(default_factory=list)
     riding: dict | None = None
+    lse: Tensor | None = None
 
     def run(self, query: Tensor | None = None, key: Tensor | None = None, value: Tensor | None = None,
             fn: Callable | None = None) -> tuple[Tensor, Tensor | None]:

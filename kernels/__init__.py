@@ -31,14 +31,15 @@ def call_stats(call, *, last_query: bool = False, **kwargs) -> AttentionStats:
     """`attention_stats` of a captured `interp.hooks.AttentionCall` with its geometry; kwargs: the other arguments
     of `attention_stats`. last_query: only the call's last query (Nq = 1), e.g. the row that produces the next
     generated token. When the capture computed these very statistics inside the model's call
-    (`capture(stats=kwargs)`), those."""
+    (`capture(stats=kwargs)`), those; when it kept the call's row lse (`call.lse`), the kernels start from it."""
     if call.stats is not None and not last_query and _same_request(call.stats_request, kwargs):
         return call.stats
-    q, geometry = call.q, call.geometry
+    q, geometry, lse = call.q, call.geometry, call.lse
     if last_query:
         n = q.shape[2]
         q, geometry = q[:, :, -1:], geometry.rows(n - 1, n)
-    return attention_stats(q, call.head_keys(), geometry=geometry, **kwargs)
+        lse = None if lse is None else lse[:, :, -1:]
+    return attention_stats(q, call.head_keys(), geometry=geometry, lse=kwargs.pop("lse", lse), **kwargs)
 
 
 def _same_request(a: dict, b: dict) -> bool:

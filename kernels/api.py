@@ -126,6 +126,7 @@ def attention_stats(
     topk: int = 0,
     stats: Iterable[str] = DEFAULT_STATS,
     backend: str = "auto",
+    lse: Float[Tensor, "batch heads queries"] | None = None,
 ) -> AttentionStats:
     """Statistics of each query's attention row, recomputed from q and k without building the N×N matrix.
 
@@ -138,6 +139,9 @@ def attention_stats(
     stats: any of STATS ("topk" needs topk > 0, "segment_mass" needs segments).
     backend: "triton" (CUDA), "fused" (SDPA's fused ops, any device; soft-capped scores go to the twin), "torch"
     (the chunked twin, any device), "auto" (Triton on CUDA, else fused).
+    lse: (B, H, Nq) each row's natural-log log-sum-exp (sinks included), when already known — the model's own
+    attention call returns it (`interp.hooks.AttentionCall.lse`): Triton and the twin then take one pass over the
+    keys instead of two (the fused path gets it from its own call at no cost); it is returned as the lse.
     """
     want = frozenset(stats)
     unknown = want - set(STATS)
@@ -149,31 +153,46 @@ def attention_stats(
         raise ValueError(f"topk must be ≤ {MAX_TOPK}, got {topk}")
     if topk > 0:
         want = want | {"topk"}
-    return _stats(q, k, _resolve(q, k, geometry), want, backend, segments, n_segments, topk)
+    if lse is not None:
+        lse = _given_lse(q, lse)
+    return _stats(q, k, _resolve(q, k, geometry), want, backend, segments, n_segments, topk, lse)
+
+
+def _given_lse(q: Tensor, lse: Tensor) -> Tensor:
+    """A caller's row lse checked against q: (B, H, Nq), finite or −inf (a row that sees no key), as fp32."""
+    if not isinstance(lse, Tensor) or lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be a {tuple(q.shape[:3])} tensor, got {getattr(lse, 'shape', type(lse))}")
+    lse = lse.to(q.device, torch.float32)
+    if bool(torch.isnan(lse).any()) or bool((lse == float("inf")).any()):
+        raise ValueError("lse contains NaN or +inf")
+    return lse
 
 
 def _stats(q: Tensor, k: Tensor, geo: AttentionGeometry, want: frozenset[str], backend: str, segments=None,
-           n_segments=None, topk: int = 0) -> AttentionStats:
-    """Dispatch checked inputs and their resolved geometry to a backend."""
+           n_segments=None, topk: int = 0, lse: Tensor | None = None) -> AttentionStats:
+    """Dispatch checked inputs and their resolved geometry to a backend (lse: the rows' known lse, or None)."""
     seg, n_seg = None, 1
     if "segment_mass" in want:
         if segments is None:
             raise ValueError("'segment_mass' needs segments")
         seg, n_seg = _segments(segments, n_segments, q.shape[0], k.shape[2], q.device)
     which = resolve_backend(backend, q, geo.softcap)
-    run = fused_stats.stats_fused if which == "fused" else torch_stats.stats_torch
+    if which == "fused":
+        out = fused_stats.stats_fused(q, k, geo, segments=seg, n_segments=n_seg, topk=topk, want=want)
+        if lse is not None and "lse" in want:
+            out["lse"] = lse
+        return AttentionStats(**out)
+    run = torch_stats.stats_torch
     if which == "triton":
         from .triton_stats import stats_triton as run
-    return AttentionStats(**run(q, k, geo, segments=seg, n_segments=n_seg, topk=topk, want=want))
+    return AttentionStats(**run(q, k, geo, segments=seg, n_segments=n_seg, topk=topk, want=want, lse=lse))
 
 
 def _lse(q: Tensor, k: Tensor, geo: AttentionGeometry, backend: str, lse: Tensor | None = None) -> Tensor:
     """The row log-sum-exp (B, H, Nq): computed by `backend`, or the caller's after a shape check."""
     if lse is None:
         return _stats(q, k, geo, frozenset({"lse"}), backend).lse
-    if lse.shape != q.shape[:3]:
-        raise ValueError(f"lse must be {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    return lse.to(q.device, torch.float32)
+    return _given_lse(q, lse)
 
 
 def _row_lse(q: Tensor, k: Tensor, geo: AttentionGeometry, backend: str, lse: Tensor | None, q0: int,

@@ -53,11 +53,14 @@ def _grouped(q: Tensor, n_kv: int) -> Tensor:
 
 
 def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tensor | None, n_segments: int,
-                topk: int, want: frozenset[str], chunk_k: int | None = None) -> dict[str, Tensor]:
+                topk: int, want: frozenset[str], lse: Tensor | None = None,
+                chunk_k: int | None = None) -> dict[str, Tensor]:
     """Statistics of softmax(scale · q kᵀ) without the N×N matrix; see `interp.kernels.attention_stats`.
 
     q: (B, H, Nq, d); k: (B, H_kv, Nk, d); geo resolved; segments: (B, Nk) long in [0, n_segments) or None. The
-    sinks are folded into the row lse after the first pass. Returns only the entries named in `want`.
+    sinks are folded into the row lse after the first pass. lse: (B, H, Nq) the rows' known lse (sinks included):
+    the first pass then only runs for argmax / max_prob / top-k, without exponentials. Returns only the entries
+    named in `want`.
     """
     b, h, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
@@ -66,7 +69,9 @@ def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tenso
     chunk_k = chunk_k or CHUNK_K
     q5 = _grouped(q, n_kv)
     shape5 = (b, n_kv, g)
-    lse = torch.empty(*shape5, n_q, device=dev)
+    given = lse is not None
+    lse = lse.reshape(*shape5, n_q) if given else torch.empty(*shape5, n_q, device=dev)
+    first = not given or bool(want & {"argmax", "max_prob", "topk"})
     best = torch.full((*shape5, n_q), float("-inf"), device=dev)
     best_idx = torch.full((*shape5, n_q), -1, dtype=torch.long, device=dev)
     k_top = min(topk, n_k) if "topk" in want else 0
@@ -85,16 +90,18 @@ def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tenso
         q1 = min(q0 + cq, n_q)
         m = torch.full((*shape5, q1 - q0), float("-inf"), device=dev)
         total = torch.zeros_like(m)
-        for k0, k1, s, _ in _blocks(q5, k, geo, q0, q1, chunk_k):
+        for k0, k1, s, _ in _blocks(q5, k, geo, q0, q1, chunk_k) if first else ():
             blk_max = _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :],
                                  top_idx[..., q0:q1, :], s, k0, k1, k_top)
-            new_m = torch.maximum(m, blk_max)
-            safe = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
-            total = total * torch.exp(m - safe) + torch.exp(s - safe[..., None]).sum(-1)
-            m = new_m
-        lse[..., q0:q1] = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
-        if sink is not None:
-            lse[..., q0:q1] = torch.logaddexp(lse[..., q0:q1], sink.expand_as(m))
+            if not given:
+                new_m = torch.maximum(m, blk_max)
+                safe = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
+                total = total * torch.exp(m - safe) + torch.exp(s - safe[..., None]).sum(-1)
+                m = new_m
+        if not given:
+            lse[..., q0:q1] = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
+            if sink is not None:
+                lse[..., q0:q1] = torch.logaddexp(lse[..., q0:q1], sink.expand_as(m))
         if not second:
             continue
         row_lse = lse[..., q0:q1, None]
@@ -113,7 +120,6 @@ def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tenso
                 key_count[:, k0:k1] += vis.expand(b, 1, 1, *s.shape[-2:])[:, 0, 0].sum(-2).float()
     if sink is not None and "entropy" in want:  # the sink's own term of the row entropy
         p_dot_gap += torch.exp(sink - lse) * (lse - sink)
-    seen = torch.isfinite(best)  # the row sees some key
     flat = lambda t: t.reshape(b, h, n_q, *t.shape[4:])  # noqa: E731
     out = max_results(flat(best), flat(best_idx), flat(top_val), flat(top_idx), flat(lse), topk, want)
     if "lse" in want:
@@ -121,7 +127,7 @@ def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tenso
     if "entropy" in want:
         out["entropy"] = flat(p_dot_gap)
     if "mean_distance" in want:
-        out["mean_distance"] = flat(torch.where(seen, p_dot_dist, 0.0))
+        out["mean_distance"] = flat(p_dot_dist)
     if seg_mass is not None:
         out["segment_mass"] = seg_mass.reshape(b, h, n_q, n_segments)
     if key_mass is not None:

@@ -1,17 +1,23 @@
 """Attention statistics in Triton, streamed over key blocks: no (Nq, Nk) tensor is ever materialised.
 
-One program per (query block, batch·head) (`_stats_kernel`). Inside it, two passes over the key blocks that the
-block of queries can see at all (`_key_span`: blocks wholly hidden by causality or the sliding window are skipped),
-each block's scores formed and masked by `_key_block` (the geometry of `geometry.AttentionGeometry`):
+One program per (query block, batch·head) (`_stats_kernel`). It sweeps the key blocks that its queries can see at all
+(`_key_span`: blocks wholly hidden by causality or the sliding window are skipped), first those every query sees,
+unmasked, then the masked band (the causal diagonal; every visible block under a window or a key mask), each block's
+scores formed by `_scores` and masked by `_visible` (the geometry of `geometry.AttentionGeometry`), in `_sweep`:
 
-* pass 1 (`_max_pass`): running max (argmax, no exponentials needed), online logsumexp, top-k merge (`_merge_topk`);
-* pass 2 (`_linear_pass`, only when a linear statistic is asked for): with the final logsumexp, p = exp(s − lse) and
-  Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment mass, `_segment_dot`) and
-  atomic column sums of p (key mass).
+* without a known lse, two passes: pass 1, the running max (argmax, no exponentials needed), the online
+  log-sum-exp and the top-k merge (`_merge_topk`); pass 2, only when a linear statistic is asked for, with the final
+  lse: p = exp2(s − lse) and Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment
+  mass, `_segment_dot`) and atomic column sums of p (key mass);
+* with the lse known (the model's own SDPA call returns it: `interp.hooks.AttentionCall.lse`), one pass does all:
+  one QKᵀ and one exponential per score.
 
 Scores are kept in base 2 (s·log2 e) so the exponentials are exp2. Every statistic is a `tl.constexpr` flag, so an
-unused one costs nothing. Counts of queries per key need no scores and come from the geometry on the host. Under `TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter, with bf16 inputs widened
-to fp32 inside the kernel (the interpreter's bf16 dot is wrong; the widening is exact).
+unused one costs nothing. Counts of queries per key need no scores and come from the geometry on the host. On a GPU
+the block sizes are autotuned (`_configs`, keyed on the length's power of two, the head dim, the geometry and the
+statistics). The key mass is summed with atomics, so its last bits may differ from run to run. Under
+`TRITON_INTERPRET=1` (CPU tensors) the same kernel runs in the interpreter with 32 × 32 blocks, with bf16 inputs
+widened to fp32 inside the kernel (the interpreter's bf16 dot is wrong; the widening is exact).
 """
 
 from __future__ import annotations
@@ -45,9 +51,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _key_span(qpos, row_ok, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """[lo, hi): the keys that some query of the block can see (lo aligned down to a key block); the blocks wholly
-    hidden by causality or the window lie outside."""
+def _key_span(qpos, row_ok, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_KMASK: tl.constexpr):
+    """(lo, mid, hi): [lo, hi) the keys that some query of the block can see (lo aligned down to a key block; the
+    blocks wholly hidden by causality or the window lie outside), and [lo, mid) whole key blocks that every query of
+    the block sees, which need no masking (with a window or a key mask: none, mid = lo). Causal: only the diagonal
+    band [mid, hi) is masked, as in Triton's fused-attention tutorial."""
     lo = 0
     hi = Nk
     if CAUSAL:
@@ -55,25 +64,34 @@ def _key_span(qpos, row_ok, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.conste
     if HAS_WINDOW:
         lo = tl.maximum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
-    return lo, hi
+    mid = lo
+    if not HAS_WINDOW and not HAS_KMASK:
+        seen_by_all = Nk
+        if CAUSAL:
+            seen_by_all = tl.minimum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) + 1, Nk)
+        mid = (seen_by_all // BLOCK_N) * BLOCK_N
+    return lo, mid, hi
 
 
 @triton.jit
-def _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
-               qk_scale, cap_in, cap_out,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 scores (BLOCK_M, BLOCK_N) of the block's queries on keys offs_n, soft-capped, −inf where hidden; and
-    the visibility mask."""
-    col_ok = offs_n < Nk
-    kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+def _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out,
+            SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores (BLOCK_M, BLOCK_N) of the block's queries on keys offs_n, soft-capped; nothing masked."""
+    kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * skn, mask=d_ok[:, None] & (offs_n < Nk)[None, :], other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
     acc = tl.dot(q, kt, input_precision=PREC)  # fp32 accumulation
     if SOFTCAP:
-        s2 = _tanh(acc * cap_in) * cap_out  # softcap·tanh((q·k)·scale / softcap)·log2 e
-    else:
-        s2 = acc * qk_scale  # scale·log2 e
+        return _tanh(acc * cap_in) * cap_out  # softcap·tanh((q·k)·scale / softcap)·log2 e
+    return acc * qk_scale  # scale·log2 e
+
+
+@triton.jit
+def _visible(offs_n, qpos, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) whether each query of the block sees key offs_n (the geometry of
+    `geometry.AttentionGeometry`)."""
+    col_ok = offs_n < Nk
     vis = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= qpos[:, None])
@@ -82,7 +100,7 @@ def _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr
     if HAS_KMASK:
         km = tl.load(kmask_ptr + b64 * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=col_ok, other=0)
         vis = vis & (km != 0)[None, :]
-    return tl.where(vis, s2, float("-inf")), vis
+    return vis
 
 
 @triton.jit
@@ -122,37 +140,6 @@ def _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M: tl.constexpr, TOPK: 
 
 
 @triton.jit
-def _max_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
-              qk_scale, cap_in, cap_out,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              NEED_EXP: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr):
-    """Pass 1 over keys [lo, hi): each row's running max m (base 2), Σ exp2(s − m) (online, only with NEED_EXP),
-    first argmax (−1: none) and top-k values and indices (BLOCK_M, K_PAD). No exponentials for the max alone."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    arg = tl.full([BLOCK_M], -1, tl.int32)
-    run_v = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
-    run_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
-    kth = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        s2, vis = _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
-                             qk_scale, cap_in, cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST)
-        bm = tl.max(s2, axis=1)
-        if W_ARGMAX:
-            arg = tl.where(bm > m_i, _first_index(s2, bm, offs_n), arg)  # strict: an earlier block wins ties
-        m_new = tl.maximum(m_i, bm)
-        if NEED_EXP:  # online sum, rescaled to the new max
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
-        m_i = m_new
-        if TOPK > 0:
-            run_v, run_i, kth = _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M, TOPK, K_PAD)
-    return m_i, l_i, arg, run_v, run_i
-
-
-@triton.jit
 def _segment_dot(p, onehot, UPCAST: tl.constexpr):
     """p @ onehot (BLOCK_M, S_PAD) in fp32 on bf16 tensor cores: p split exactly into three bf16 parts (hi + mid +
     lo = p to 24 bits; the one-hot is exact in bf16), each part dotted into a fresh fp32 accumulator, the three
@@ -175,37 +162,59 @@ def _segment_dot(p, onehot, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _linear_pass(q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
-                 qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr,
-                 W_KM: tl.constexpr):
-    """Pass 2 over keys [lo, hi) with each row's final base-2 lse: p = exp2(s − lse), and per row Σ p·(lse − s)
-    (entropy, base 2), Σ p·|i − j| (mean distance) and p @ one-hot(segment − seg_base) (BLOCK_M, S_PAD); the
-    column sums of p are added atomically to km_row_ptr (key mass)."""
+def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
+           q, k_base, skn, d_ok, start, stop, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+           qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+           HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+           MASKED: tl.constexpr, MAX: tl.constexpr, SUM: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr,
+           K_PAD: tl.constexpr, W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr,
+           W_KM: tl.constexpr):
+    """One sweep over the key blocks [start, stop), carrying each row's running state:
+
+    MAX: the max m (base 2), first argmax (−1: none) and top-k values and indices (no exponentials); SUM: Σ exp2(s −
+    m), online (pass 1 of two, for the lse); W_ENT / W_DIST / W_SEG / W_KM, with the row's final base-2 lse lse2:
+    p = exp2(s − lse2) (one exponential per score) and Σ p·(lse − s) (entropy, base 2), Σ p·|i − j| (mean
+    distance), p @ one-hot(segment − seg_base) and the column sums of p, added atomically to km_row_ptr (key mass).
+    MASKED: the geometry masks the scores; else every row sees every key of these blocks (`_key_span`), and the rows
+    past Nq carry lse2 = 1e30, so that their p is 0."""
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    ent = tl.zeros([BLOCK_M], tl.float32)
-    dist = tl.zeros([BLOCK_M], tl.float32)
     seg_cols = tl.arange(0, S_PAD)
-    seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s2, vis = _key_block(q, k_base, skn, d_ok, offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
-                             qk_scale, cap_in, cap_out, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST)
-        p = tl.where(vis, tl.exp2(s2 - lse_safe[:, None]), 0.0)
-        if W_ENT:
-            ent += tl.sum(p * (lse_safe[:, None] - tl.where(vis, s2, lse_safe[:, None])), axis=1)
-        if W_DIST:
-            dist_j = tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
-            dist += tl.sum(p * dist_j, axis=1)
-        if W_SEG:
-            sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
-            onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
-            seg_acc += _segment_dot(p, onehot, UPCAST)
-        if W_KM:
-            tl.atomic_add(km_row_ptr + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
-    return ent, dist, seg_acc
+        s2 = _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out, SOFTCAP, PREC, UPCAST)
+        if MASKED:
+            vis = _visible(offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL, HAS_WINDOW, HAS_KMASK)
+            s2 = tl.where(vis, s2, float("-inf"))
+        if MAX:
+            bm = tl.max(s2, axis=1)
+            if W_ARGMAX:
+                arg = tl.where(bm > m_i, _first_index(s2, bm, offs_n), arg)  # strict: an earlier block wins ties
+            m_new = tl.maximum(m_i, bm)
+            if SUM:  # online sum, rescaled to the new max
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+            m_i = m_new
+            if TOPK > 0:
+                run_v, run_i, kth = _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M, TOPK, K_PAD)
+        if W_ENT or W_DIST or W_SEG or W_KM:
+            if MASKED:
+                p = tl.where(vis, tl.exp2(s2 - lse_safe[:, None]), 0.0)
+                if W_ENT:
+                    ent += tl.sum(p * (lse_safe[:, None] - tl.where(vis, s2, lse_safe[:, None])), axis=1)
+            else:
+                p = tl.exp2(s2 - lse2[:, None])
+                if W_ENT:
+                    ent += tl.sum(p * (lse2[:, None] - s2), axis=1)
+            if W_DIST:
+                dist += tl.sum(p * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32), axis=1)
+            if W_SEG:
+                sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
+                onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
+                seg_acc += _segment_dot(p, onehot, UPCAST)
+            if W_KM:
+                tl.atomic_add(km_row_ptr + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
+    return m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc
 
 
 @triton.jit
@@ -217,17 +226,19 @@ def _stats_kernel(
     skb, skh, skn, skd,
     smb, smn,
     ssb, ssn,
-    window, qk_scale, cap_in, cap_out, seg_base, n_segments,
+    window, qk_scale, cap_in, cap_out, seg_base, n_segments, len_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr,
+    LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr, MAX_IN_PASS2: tl.constexpr, LINEAR: tl.constexpr,
     W_LSE: tl.constexpr, W_LSE2: tl.constexpr, W_ARGMAX: tl.constexpr, W_MAXP: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
     W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr, W_KM: tl.constexpr,
 ):
-    """One block of BLOCK_M queries of one (batch, head): pass 1 (`_max_pass`), then its statistics stored; pass 2
-    (`_linear_pass`) where a linear statistic is asked for. LOAD_LSE: skip pass 1 and read the base-2 lse."""
+    """One block of BLOCK_M queries of one (batch, head). Without a known lse: pass 1 (max, argmax, top-k and the
+    online sum), then pass 2 (the statistics linear in p: LINEAR) where one is asked for. LOAD_LSE: the base-2 lse
+    is read (e.g. the model's own attention call returned it) and one pass does both (MAX_IN_PASS2: the max too). Each pass sweeps the key blocks every
+    query sees unmasked, then the masked band (`_key_span`)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -245,57 +256,73 @@ def _stats_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b64 * skb + (h // GROUP).to(tl.int64) * skh + offs_d[:, None] * skd
-    lo, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, mid, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK)
     out_rows = bh64 * Nq + offs_m
     sink2 = 0.0
     if HAS_SINKS:  # the head's sink logit, base 2: one more term of every row's denominator
         sink2 = tl.load(sink_ptr + h) * 1.4426950408889634
 
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    arg = tl.full([BLOCK_M], -1, tl.int32)
+    run_v = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
+    run_i = tl.full([BLOCK_M, K_PAD], -1, tl.int32)
+    kth = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    dist = tl.zeros([BLOCK_M], tl.float32)
+    seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
+    km_row_ptr = km_ptr + bh64 * Nk
     if LOAD_LSE:
         lse2 = tl.load(lse2_ptr + out_rows, mask=row_ok, other=float("-inf"))
     else:
-        m_i, l_i, arg, run_v, run_i = _max_pass(
-            q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
-            cap_out, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST, NEED_EXP, W_ARGMAX, TOPK,
-            K_PAD)
-        if NEED_EXP:
-            lse2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
-            if HAS_SINKS:
-                top = tl.maximum(lse2, sink2)
-                lse2 = top + tl.log2(tl.exp2(lse2 - top) + tl.exp2(sink2 - top))
-            lse_safe = tl.where(m_i == float("-inf"), 0.0, lse2)
-            if W_LSE:
-                tl.store(lse_ptr + out_rows, lse2 * 0.6931471805599453, mask=row_ok)
-            if W_LSE2:
-                tl.store(lse2_ptr + out_rows, lse2, mask=row_ok)
-            if W_MAXP:
-                tl.store(maxp_ptr + out_rows, tl.where(m_i == float("-inf"), 0.0, tl.exp2(m_i - lse_safe)),
-                         mask=row_ok)
-        if W_ARGMAX:
-            tl.store(argmax_ptr + out_rows, arg.to(tl.int64), mask=row_ok)
-        if TOPK > 0:
-            cols = tl.arange(0, K_PAD)
-            top_p = tl.where(run_v == float("-inf"), 0.0, tl.exp2(run_v - lse_safe[:, None]))
-            t_off = out_rows.to(tl.int64)[:, None] * TOPK + cols[None, :]
-            t_ok = row_ok[:, None] & (cols[None, :] < TOPK)
-            tl.store(topi_ptr + t_off, run_i.to(tl.int64), mask=t_ok)
-            tl.store(topp_ptr + t_off, top_p, mask=t_ok)
+        for stage in tl.static_range(2):  # the blocks every row sees, unmasked; then the masked band
+            m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
+                m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
+                kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, m_i, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
+                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                stage == 1, True, NEED_EXP, W_ARGMAX, TOPK, K_PAD, False, False, False, S_PAD, False)
+        lse2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
+        if HAS_SINKS:
+            top = tl.maximum(lse2, sink2)
+            lse2 = top + tl.log2(tl.exp2(lse2 - top) + tl.exp2(sink2 - top))
+        if W_LSE:
+            tl.store(lse_ptr + out_rows, lse2 * 0.6931471805599453, mask=row_ok)
+        if W_LSE2:
+            tl.store(lse2_ptr + out_rows, lse2, mask=row_ok)
 
-    if W_ENT or W_DIST or W_SEG or W_KM:
-        ent, dist, seg_acc = _linear_pass(
-            q, k_base, skn, d_ok, lo, hi, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, qk_scale, cap_in,
-            cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_ptr + bh64 * Nk, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
-            HAS_KMASK, SOFTCAP, PREC, UPCAST, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
-        if W_ENT:
-            if HAS_SINKS:  # the sink's own term of the row entropy
-                ent += tl.exp2(sink2 - lse2) * (lse2 - sink2)
-            tl.store(ent_ptr + out_rows, ent * 0.6931471805599453, mask=row_ok)
-        if W_DIST:
-            tl.store(dist_ptr + out_rows, dist, mask=row_ok)
-        if W_SEG:
-            seg_cols = tl.arange(0, S_PAD)
-            s_off = out_rows.to(tl.int64)[:, None] * n_segments + seg_base + seg_cols[None, :]
-            tl.store(segm_ptr + s_off, seg_acc, mask=row_ok[:, None] & ((seg_base + seg_cols) < n_segments)[None, :])
+    if LINEAR or MAX_IN_PASS2:
+        for stage in tl.static_range(2):
+            lse_row = tl.where(row_ok, lse2, 1.0e30) if stage == 0 else lse2
+            m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
+                m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
+                kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, lse_row, seg_ptr, ssb, ssn, seg_base,
+                km_row_ptr, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                stage == 1, MAX_IN_PASS2, False, W_ARGMAX, TOPK, K_PAD, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
+
+    lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    if W_MAXP:
+        tl.store(maxp_ptr + out_rows, tl.where(m_i == float("-inf"), 0.0, tl.exp2(m_i - lse_safe)), mask=row_ok)
+    if W_ARGMAX:
+        tl.store(argmax_ptr + out_rows, arg.to(tl.int64), mask=row_ok)
+    if TOPK > 0:
+        cols = tl.arange(0, K_PAD)
+        top_p = tl.where(run_v == float("-inf"), 0.0, tl.exp2(run_v - lse_safe[:, None]))
+        t_off = out_rows.to(tl.int64)[:, None] * TOPK + cols[None, :]
+        t_ok = row_ok[:, None] & (cols[None, :] < TOPK)
+        tl.store(topi_ptr + t_off, run_i.to(tl.int64), mask=t_ok)
+        tl.store(topp_ptr + t_off, top_p, mask=t_ok)
+    if W_ENT:
+        if HAS_SINKS:  # the sink's own term of the row entropy
+            ent += tl.exp2(sink2 - lse2) * (lse2 - sink2)
+        tl.store(ent_ptr + out_rows, ent * 0.6931471805599453, mask=row_ok)
+    if W_DIST:
+        tl.store(dist_ptr + out_rows, dist, mask=row_ok)
+    if W_SEG:
+        seg_cols = tl.arange(0, S_PAD)
+        s_off = out_rows.to(tl.int64)[:, None] * n_segments + seg_base + seg_cols[None, :]
+        tl.store(segm_ptr + s_off, seg_acc, mask=row_ok[:, None] & ((seg_base + seg_cols) < n_segments)[None, :])
 
 
 _INTERPRETED = not isinstance(_stats_kernel, triton.runtime.JITFunction)  # decorated under TRITON_INTERPRET=1
@@ -305,34 +332,56 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _config(d_pad: int, elem: int, n_q: int, k_pad: int, interpret: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for H100-class GPUs; small blocks under the interpreter.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that autotuning tries on a GPU, by operand width and head dim; the first
+# of each list was chosen from ptxas register / spill reports for sm_90a (every statistic on, top-16 or 64 segments)
+_CANDIDATES = {
+    ("half", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    ("half", 256): [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    ("fp32", 64): [(128, 64, 8, 2), (64, 64, 4, 2)],  # tf32x3 operand splits: twice the shared memory per tile
+    ("fp32", 128): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("fp32", 256): [(64, 32, 4, 1), (32, 32, 4, 1)],
+}
+# what selects a tuned configuration: the length (rounded up to a power of two), the head dim, the geometry and the
+# statistics (each a different compiled kernel); the tensors' dtypes are added by Triton
+_TUNING_KEY = ["len_bucket", "D", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "SOFTCAP", "LOAD_LSE", "LINEAR", "MAX_IN_PASS2",
+               "TOPK", "W_SEG", "W_KM", "S_PAD"]
+_tuners: dict[tuple, object] = {}
 
-    Chosen from ptxas register / spill reports for sm_90a (every statistic on, top-16 or 64 segments): no spills
-    except fp32 with d=256 (tf32x3 operand splits), which spills a little.
-    """
-    if interpret:
-        return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
+
+def _configs(d_pad: int, elem: int, n_q: int, k_pad: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for these operands: a long top-k list (it lives in
+    registers) caps BLOCK_M at 64, and a few queries (decoding) take one small query block."""
     if elem <= 2:
-        bm, bn, warps, stages = (128, 64, 8, 3) if d_pad <= 128 else (64, 64, 8, 2)
-    elif d_pad <= 64:  # fp32 operands (tf32x3): twice the shared memory per tile, and the operand splits
-        bm, bn, warps, stages = 128, 64, 8, 2
-    elif d_pad <= 128:
-        bm, bn, warps, stages = 64, 32, 4, 2
+        candidates = _CANDIDATES[("half", 128 if d_pad <= 128 else 256)]
     else:
-        bm, bn, warps, stages = 64, 32, 4, 1
-    if k_pad >= 32:
-        bm = min(bm, 64)  # the running top-k list lives in registers
-    bm = min(bm, max(16, _pow2(n_q)))  # decoding: one small query block
-    if bm < 64:
-        warps = 4
-    return bm, bn, warps, stages
+        candidates = _CANDIDATES[("fp32", 64 if d_pad <= 64 else 128 if d_pad <= 128 else 256)]
+    out = []
+    for bm, bn, warps, stages in candidates:
+        if k_pad >= 32:
+            bm = min(bm, 64)
+        bm = min(bm, max(16, _pow2(n_q)))
+        config = (bm, bn, 4 if bm < 64 else warps, stages)
+        if config not in out:
+            out.append(config)
+    return tuple(out)
+
+
+def _tuned(configs: tuple[tuple[int, int, int, int], ...]):
+    """`_stats_kernel` autotuned over `configs` (one autotuner per candidate list). The key mass is zeroed before
+    each timing run (it is accumulated atomically)."""
+    if configs not in _tuners:
+        _tuners[configs] = triton.autotune(
+            [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in configs],
+            key=_TUNING_KEY, reset_to_zero=["km_ptr"])(_stats_kernel)
+    return _tuners[configs]
 
 
 def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, segments: torch.Tensor | None,
-                 n_segments: int, topk: int, want: frozenset[str]) -> dict[str, torch.Tensor]:
+                 n_segments: int, topk: int, want: frozenset[str],
+                 lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Streamed attention statistics of q (B, H, Nq, d) against k (B, H_kv, Nk, d) with a resolved geometry; the
-    arguments and results of `torch_stats.stats_torch` (checked by `interp.kernels.attention_stats`)."""
+    arguments and results of `torch_stats.stats_torch` (checked by `interp.kernels.attention_stats`). lse: (B, H,
+    Nq) fp32 natural-log row lse (the sinks included), when known: one pass over the keys instead of two."""
     b, n_h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     device = q.device
@@ -344,7 +393,7 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
     if "key_count" in want:
         out["key_count"] = geo.key_counts(b, n_k)
 
-    w_lse = "lse" in want
+    w_lse = "lse" in want and lse is None
     w_arg = "argmax" in want
     w_maxp = "max_prob" in want
     w_ent = "entropy" in want
@@ -354,8 +403,8 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
     if "topk" in want:
         out["topk_index"] = torch.full((b, n_h, n_q, topk), -1, device=device, dtype=torch.int64)
         out["topk_prob"] = torch.zeros((b, n_h, n_q, topk), **f32)
-    if w_lse:
-        out["lse"] = torch.full((b, n_h, n_q), float("-inf"), **f32)
+    if "lse" in want:
+        out["lse"] = torch.full((b, n_h, n_q), float("-inf"), **f32) if lse is None else lse.clone()
     if w_arg:
         out["argmax"] = torch.full((b, n_h, n_q), -1, device=device, dtype=torch.int64)
     if w_maxp:
@@ -368,20 +417,20 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         out["segment_mass"] = torch.zeros((b, n_h, n_q, n_segments), **f32)
     if w_km:
         out["key_mass"] = torch.zeros((b, n_h, n_k), **f32)  # atomically accumulated
-    if not (w_lse or w_arg or w_maxp or topk or w_ent or w_dist or w_seg or w_km) or n_q == 0 or b * n_h == 0:
+    w_max = w_arg or w_maxp or topk > 0
+    linear = w_ent or w_dist or w_seg or w_km
+    if not (w_lse or w_max or linear) or n_q == 0 or b * n_h == 0:
         return out
 
     interpret = device.type != "cuda"
     if interpret and not _INTERPRETED:
         raise RuntimeError(f"{device.type} tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
                            "interp.kernels.triton_stats (or triton) is first imported")
-    elem = q.element_size()
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"  # fp32: ~fp32-exact on tensor cores; else ignored
     block_d = max(16, _pow2(d))
     k_pad = max(2, _pow2(topk)) if topk else 2
-    n_chunks = -(-n_segments // SEGMENT_CHUNK) if w_seg else 0
-    s_pad = max(16, _pow2(min(n_segments, SEGMENT_CHUNK))) if w_seg else 16
-    bm, bn, warps, stages = _config(block_d, elem, n_q, k_pad, interpret)
+    s_pad = max(16, _pow2(min(n_segments, SEGMENT_CHUNK))) if w_seg else 16  # segments per launch
+    n_chunks = -(-n_segments // s_pad) if w_seg else 0
 
     qpos = geo.query_positions.contiguous()
     if geo.key_mask is not None:
@@ -394,12 +443,13 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         ssb, ssn = seg.stride()
     else:
         seg, ssb, ssn = qpos, 0, 0
-    need_lse2 = n_chunks > 1
-    lse2_buf = torch.empty((b, n_h, n_q), **f32) if need_lse2 else None
+    given = lse is not None
+    store_lse2 = not given and n_chunks > 1  # pass 1 keeps its base-2 lse for the further segment chunks
+    lse2_buf = (lse.float() * _LOG2E).contiguous() if given else torch.empty((b, n_h, n_q), **f32) if store_lse2 else None
     dummy = torch.empty(1, **f32)
 
     def buf(name):
-        return out.get(name, dummy)
+        return out.get(name, dummy) if name != "lse" or w_lse else dummy
 
     softcap, window = geo.softcap, geo.window
     cap = softcap if softcap is not None else 0.0
@@ -409,32 +459,40 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         cap_in=geo.scale / cap if softcap is not None else 0.0,
         cap_out=cap * _LOG2E,
         n_segments=int(n_segments),
+        len_bucket=_pow2(n_k),  # the autotuning key: one tuning per power-of-two length
     )
     flags = dict(
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        BLOCK_D=block_d,
         CAUSAL=geo.causal, HAS_WINDOW=window is not None, HAS_KMASK=geo.key_mask is not None,
         SOFTCAP=softcap is not None, HAS_SINKS=geo.sinks is not None, PREC=prec, UPCAST=interpret,
-        K_PAD=k_pad, S_PAD=s_pad, num_warps=warps, num_stages=stages,
+        K_PAD=k_pad, S_PAD=s_pad,
     )
-    grid = (triton.cdiv(n_q, bm), b * n_h)
+    if interpret:  # small blocks, so that small test shapes span several; no timing runs
+        kernel = _stats_kernel
+        flags.update(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, num_warps=4, num_stages=1)
+    else:
+        kernel = _tuned(_configs(block_d, q.element_size(), n_q, k_pad))
+
+    def grid(meta):
+        return triton.cdiv(n_q, meta["BLOCK_M"]), b * n_h
+
     common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous())
     shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
-    need_exp = w_lse or w_maxp or topk > 0 or w_ent or w_dist or w_seg or w_km
-    _stats_kernel[grid](
+    kernel[grid](
         *common,
-        buf("lse"), lse2_buf if need_lse2 else dummy, buf("argmax"), buf("max_prob"), buf("topk_index"),
+        buf("lse"), dummy if lse2_buf is None else lse2_buf, buf("argmax"), buf("max_prob"), buf("topk_index"),
         buf("topk_prob"), buf("entropy"), buf("mean_distance"), buf("segment_mass"), buf("key_mass"),
         *shapes, seg_base=0, **scalars,
-        LOAD_LSE=False, NEED_EXP=need_exp,
-        W_LSE=w_lse, W_LSE2=need_lse2, W_ARGMAX=w_arg, W_MAXP=w_maxp, TOPK=topk,
+        LOAD_LSE=given, NEED_EXP=w_lse or w_maxp or topk > 0 or linear, MAX_IN_PASS2=given and w_max, LINEAR=linear,
+        W_LSE=w_lse, W_LSE2=store_lse2, W_ARGMAX=w_arg, W_MAXP=w_maxp, TOPK=topk,
         W_ENT=w_ent, W_DIST=w_dist, W_SEG=w_seg, W_KM=w_km, **flags,
     )
-    for chunk in range(1, n_chunks):  # further segment chunks: pass 2 only, from the stored base-2 logsumexp
-        _stats_kernel[grid](
+    for chunk in range(1, n_chunks):  # further segment chunks: one pass each, from the base-2 lse
+        kernel[grid](
             *common,
             dummy, lse2_buf, dummy, dummy, dummy, dummy, dummy, dummy, buf("segment_mass"), dummy,
-            *shapes, seg_base=chunk * SEGMENT_CHUNK, **scalars,
-            LOAD_LSE=True, NEED_EXP=True,
+            *shapes, seg_base=chunk * s_pad, **scalars,
+            LOAD_LSE=True, NEED_EXP=True, MAX_IN_PASS2=False, LINEAR=True,
             W_LSE=False, W_LSE2=False, W_ARGMAX=False, W_MAXP=False, TOPK=0,
             W_ENT=False, W_DIST=False, W_SEG=True, W_KM=False, **flags,
         )

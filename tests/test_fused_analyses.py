@@ -27,12 +27,23 @@ CASES = [
 
 @pytest.mark.parametrize("name, analysis, params", CASES)
 def test_every_table_is_the_twins(name, analysis, params, monkeypatch):
+    _same_tables_as_the_twin(name, analysis, params, "fused", monkeypatch)
+
+
+@pytest.mark.parametrize("name, analysis, params", [("stories260k", "summary", dict(samples=2, max_tokens=96)),
+                                                    ("stories260k", "sinks", dict(samples=1, max_tokens=64))])
+def test_triton_tables_are_the_twins(name, analysis, params, monkeypatch):
+    """The same on the Triton kernels (here under the interpreter), the rows' lse riding the model's SDPA call."""
+    _same_tables_as_the_twin(name, analysis, params, "triton", monkeypatch)
+
+
+def _same_tables_as_the_twin(name, analysis, params, backend, monkeypatch):
     model = interp.load_model(name)
     results = {}
-    for backend in ("torch", "fused"):
-        monkeypatch.setenv("INTERP_KERNELS", backend)
-        results[backend] = interp.score(model, analysis, **params)
-    twin, fused = results["torch"], results["fused"]
+    for kernels in ("torch", backend):
+        monkeypatch.setenv("INTERP_KERNELS", kernels)
+        results[kernels] = interp.score(model, analysis, **params)
+    twin, fused = results["torch"], results[backend]
     for table in ("heads", "samples", *sorted(twin.tables)):
         a, b = (r.heads if table == "heads" else r.samples if table == "samples" else r.tables[table]
                 for r in (twin, fused))
@@ -105,3 +116,48 @@ def test_an_incomplete_request_does_not_ride_nor_break_the_forward():
         trace(model, inputs, lambda call: rode.append(call.stats is not None)
               or interp.kernels.call_stats(call, **request), stats=request)
         assert rode and not any(rode), request
+
+
+@pytest.mark.parametrize("name", ["stories260k", "minilm-l6"])
+def test_the_row_lse_rides_the_models_own_sdpa_call_to_the_triton_kernels(name, monkeypatch):
+    """With the Triton kernels (here under the interpreter), capture(stats=) makes the model's SDPA call through
+    SDPA's own lse-returning kernel: the output stays bit for bit the model's, each call keeps the rows' lse (the
+    dense oracle's), and `call_stats` starts Triton from it (one pass over the keys) with the twin's results."""
+    import torch
+
+    from interp.hooks import trace
+    from interp.kernels import attention_stats, dense_scores, triton_stats
+
+    monkeypatch.setenv("INTERP_KERNELS", "triton")
+    given = []
+    run = triton_stats.stats_triton
+    monkeypatch.setattr(triton_stats, "stats_triton", lambda *a, **kw: given.append(kw.get("lse") is not None)
+                        or run(*a, **kw))
+    model = interp.load_model(name)
+    inputs = model.prepare("Once upon a time there was a little girl who liked to play in the park.")
+    n = inputs["input_ids"].shape[-1]
+    request = dict(segments=(torch.arange(n) % 3)[None], n_segments=3, stats=("lse", "entropy", "max_prob", "argmax",
+                                                                            "mean_distance", "segment_mass", "key_mass"))
+    kept = []
+
+    def probe(call):
+        kept.append(call.lse is not None)
+        lse = torch.logsumexp(dense_scores(call.q, call.head_keys(), geometry=call.geometry), -1)
+        torch.testing.assert_close(call.lse, lse, atol=2e-5, rtol=1e-5)
+        st = interp.kernels.call_stats(call, **request)
+        twin = attention_stats(call.q, call.head_keys(), geometry=call.geometry, backend="torch", **request)
+        for stat, value in twin.to_dict().items():
+            tol = 1e-3 if stat == "mean_distance" else 2e-5
+            torch.testing.assert_close(getattr(st, stat).float(), value.float(), atol=tol, rtol=1e-5,
+                                       msg=lambda m: f"layer {call.layer} {stat}: {m}")
+
+    with torch.no_grad():
+        plain = model.hf(**inputs)
+    out = trace(model, inputs, probe, stats=request)
+    field = "logits" if getattr(plain, "logits", None) is not None else "last_hidden_state"
+    assert torch.equal(getattr(out, field), getattr(plain, field))
+    assert kept and all(kept) and given and all(given)
+    monkeypatch.setenv("INTERP_KERNELS", "fused")  # the fused path rides its own way, or not at all: no lse kept
+    kept.clear()
+    trace(model, inputs, lambda call: kept.append(call.lse is not None), stats=request)
+    assert kept and not any(kept)

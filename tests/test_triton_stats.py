@@ -261,3 +261,23 @@ def test_softcap_saturation_ties():
     got, _ = run(q, k, scale=1.0, softcap=2.0, causal=False, topk=4, want=frozenset({"argmax", "topk", "lse"}))
     assert got["argmax"].item() == 12
     assert got["topk_index"][0, 0, 0, :3].tolist() == [12, 45, 60]
+
+
+@pytest.mark.parametrize("dtype, d, n_q, topk", [(torch.bfloat16, 64, 4096, 0), (torch.float16, 256, 1, 5),
+                                                 (torch.float32, 32, 300, 40), (torch.float32, 128, 9, 0)])
+def test_gpu_autotuning_candidates_fit_the_kernel(dtype, d, n_q, topk):
+    """On a GPU the kernel is autotuned (this machine may have none: the candidates and the tuner are checked as
+    far as they can be without one): every candidate fits the problem (one query block for a decoding query, at
+    most 64 rows with a long top-k list, 4 warps under 64 rows), and the tuning key and the zeroed key mass name
+    the kernel's own arguments."""
+    from interp.kernels import triton_stats
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    k_pad = max(2, triton_stats._pow2(topk)) if topk else 2
+    configs = triton_stats._configs(max(16, triton_stats._pow2(d)), elem, n_q, k_pad)
+    assert configs and len(set(configs)) == len(configs)
+    for bm, bn, warps, stages in configs:
+        assert bm <= max(16, triton_stats._pow2(n_q)) and (bm <= 64 or k_pad < 32) and (warps == 4 or bm >= 64)
+    tuner = triton_stats._tuned(configs)
+    assert set(triton_stats._TUNING_KEY) | {"km_ptr"} <= set(tuner.arg_names)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuner.configs] == list(configs)
