@@ -32,6 +32,7 @@ __all__ = ["stats_triton"]
 
 SEGMENT_CHUNK = 64  # segments accumulated per launch (one-hot tile width); more segments → extra launches
 INTERPRET_BLOCK = 32  # block sizes under the interpreter (small, so that small test shapes span several blocks)
+MAX_HEADS = 16  # query heads of one KV head stacked in one program (more: several programs per KV head)
 
 _LOG2E = 1.4426950408889634
 
@@ -164,10 +165,10 @@ def _segment_dot(p, onehot, UPCAST: tl.constexpr):
 @triton.jit
 def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
            q, k_base, skn, d_ok, start, stop, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
-           qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-           HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-           MASKED: tl.constexpr, MAX: tl.constexpr, SUM: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr,
+           qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_heads_ptr, head_ok,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr,
+           HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+           UPCAST: tl.constexpr, MASKED: tl.constexpr, MAX: tl.constexpr, SUM: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr,
            K_PAD: tl.constexpr, W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr,
            W_KM: tl.constexpr):
     """One sweep over the key blocks [start, stop), carrying each row's running state:
@@ -175,7 +176,8 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
     MAX: the max m (base 2), first argmax (−1: none) and top-k values and indices (no exponentials); SUM: Σ exp2(s −
     m), online (pass 1 of two, for the lse); W_ENT / W_DIST / W_SEG / W_KM, with the row's final base-2 lse lse2:
     p = exp2(s − lse2) (one exponential per score) and Σ p·(lse − s) (entropy, base 2), Σ p·|i − j| (mean
-    distance), p @ one-hot(segment − seg_base) and the column sums of p, added atomically to km_row_ptr (key mass).
+    distance), p @ one-hot(segment − seg_base) and each head's column sums of p (rows r·HEADS + g: head g), added
+    atomically to its row of key mass (km_heads_ptr: (HEADS,) pointers; head_ok: which heads exist).
     MASKED: the geometry masks the scores; else every row sees every key of these blocks (`_key_span`), and the rows
     past Nq carry lse2 = 1e30, so that their p is 0."""
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
@@ -187,9 +189,11 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
             vis = _visible(offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL, HAS_WINDOW, HAS_KMASK)
             s2 = tl.where(vis, s2, float("-inf"))
         if MAX:
-            bm = tl.max(s2, axis=1)
-            if W_ARGMAX:
-                arg = tl.where(bm > m_i, _first_index(s2, bm, offs_n), arg)  # strict: an earlier block wins ties
+            if W_ARGMAX:  # the block's max and its first index in one reduction; strict: an earlier block wins ties
+                bm, bi = tl.max(s2, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                arg = tl.where(bm > m_i, start_n + bi, arg)
+            else:
+                bm = tl.max(s2, axis=1)
             m_new = tl.maximum(m_i, bm)
             if SUM:  # online sum, rescaled to the new max
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -213,7 +217,9 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
                 onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
                 seg_acc += _segment_dot(p, onehot, UPCAST)
             if W_KM:
-                tl.atomic_add(km_row_ptr + offs_n, tl.sum(p, axis=0), mask=offs_n < Nk)
+                col = tl.sum(tl.reshape(p, [BLOCK_M // HEADS, HEADS, BLOCK_N]), axis=0)  # (HEADS, BLOCK_N)
+                tl.atomic_add(km_heads_ptr[:, None] + offs_n[None, :], col,
+                              mask=head_ok[:, None] & (offs_n < Nk)[None, :])
     return m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc
 
 
@@ -221,13 +227,13 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
 def _stats_kernel(
     q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr, sink_ptr,
     lse_ptr, lse2_ptr, argmax_ptr, maxp_ptr, topi_ptr, topp_ptr, ent_ptr, dist_ptr, segm_ptr, km_ptr,
-    H, GROUP, Nq, Nk, D,
+    H, GROUP, HEAD_CHUNKS, Nq, Nk, D,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     smb, smn,
     ssb, ssn,
     window, qk_scale, cap_in, cap_out, seg_base, n_segments, len_bucket,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr, MAX_IN_PASS2: tl.constexpr, LINEAR: tl.constexpr,
@@ -235,32 +241,37 @@ def _stats_kernel(
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
     W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr, W_KM: tl.constexpr,
 ):
-    """One block of BLOCK_M queries of one (batch, head). Without a known lse: pass 1 (max, argmax, top-k and the
+    """One block of BLOCK_M rows: BLOCK_M // HEADS queries of HEADS query heads that share one KV head (row r·HEADS +
+    g: query r, head g of the block's chunk of the group), so that each K tile is loaded once for all of them. Without a known lse: pass 1 (max, argmax, top-k and the
     online sum), then pass 2 (the statistics linear in p: LINEAR) where one is asked for. LOAD_LSE: the base-2 lse
     is read (e.g. the model's own attention call returned it) and one pass does both (MAX_IN_PASS2: the max too). Each pass sweeps the key blocks every
     query sees unmasked, then the masked band (`_key_span`)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_h = tl.program_id(1)  # (batch, KV head, chunk of its query heads)
+    chunk = pid_h % HEAD_CHUNKS
+    b = pid_h // HEAD_CHUNKS // (H // GROUP)
+    kv = pid_h // HEAD_CHUNKS % (H // GROUP)
     b64 = b.to(tl.int64)
-    bh64 = bh.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    g = chunk * HEADS + rows % HEADS  # each row's query head within the group
+    offs_m = pid_m * (BLOCK_M // HEADS) + rows // HEADS
+    h = kv * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Nq
+    row_ok = (offs_m < Nq) & (g < GROUP)
     d_ok = offs_d < D
     qpos = tl.load(qpos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
-    q_ptrs = q_ptr + b64 * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
+    q_ptrs = (q_ptr + b64 * sqb + h.to(tl.int64)[:, None] * sqh + offs_m.to(tl.int64)[:, None] * sqm
+              + offs_d[None, :] * sqd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_ptr + b64 * skb + (h // GROUP).to(tl.int64) * skh + offs_d[:, None] * skd
+    k_base = k_ptr + b64 * skb + kv.to(tl.int64) * skh + offs_d[:, None] * skd
     lo, mid, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK)
-    out_rows = bh64 * Nq + offs_m
-    sink2 = 0.0
-    if HAS_SINKS:  # the head's sink logit, base 2: one more term of every row's denominator
-        sink2 = tl.load(sink_ptr + h) * 1.4426950408889634
+    out_rows = (b64 * H + h) * Nq + offs_m
+    sink2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # each row's head's sink logit, base 2: one more term of the row's denominator
+        sink2 = tl.load(sink_ptr + h, mask=row_ok, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -271,7 +282,9 @@ def _stats_kernel(
     ent = tl.zeros([BLOCK_M], tl.float32)
     dist = tl.zeros([BLOCK_M], tl.float32)
     seg_acc = tl.zeros([BLOCK_M, S_PAD], tl.float32)
-    km_row_ptr = km_ptr + bh64 * Nk
+    heads = chunk * HEADS + tl.arange(0, HEADS)  # the chunk's heads within the group
+    km_heads_ptr = km_ptr + (b64 * H + kv * GROUP + heads) * Nk
+    head_ok = heads < GROUP
     if LOAD_LSE:
         lse2 = tl.load(lse2_ptr + out_rows, mask=row_ok, other=float("-inf"))
     else:
@@ -279,8 +292,8 @@ def _stats_kernel(
             m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
                 q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
-                kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, m_i, seg_ptr, ssb, ssn, seg_base, km_row_ptr,
-                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, m_i, seg_ptr, ssb, ssn, seg_base, km_heads_ptr,
+                head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
                 stage == 1, True, NEED_EXP, W_ARGMAX, TOPK, K_PAD, False, False, False, S_PAD, False)
         lse2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
         if HAS_SINKS:
@@ -298,7 +311,7 @@ def _stats_kernel(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
                 q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
                 kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, lse_row, seg_ptr, ssb, ssn, seg_base,
-                km_row_ptr, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                km_heads_ptr, head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
                 stage == 1, MAX_IN_PASS2, False, W_ARGMAX, TOPK, K_PAD, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
 
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
@@ -348,9 +361,10 @@ _TUNING_KEY = ["len_bucket", "D", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "SOFTCAP"
 _tuners: dict[tuple, object] = {}
 
 
-def _configs(d_pad: int, elem: int, n_q: int, k_pad: int) -> tuple[tuple[int, int, int, int], ...]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for these operands: a long top-k list (it lives in
-    registers) caps BLOCK_M at 64, and a few queries (decoding) take one small query block."""
+def _configs(d_pad: int, elem: int, n_q: int, k_pad: int, heads: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for these operands, BLOCK_M rows holding `heads` query
+    heads each: a long top-k list (it lives in registers) caps BLOCK_M at 64, and a few queries (decoding) take one
+    small block of rows."""
     if elem <= 2:
         candidates = _CANDIDATES[("half", 128 if d_pad <= 128 else 256)]
     else:
@@ -359,7 +373,7 @@ def _configs(d_pad: int, elem: int, n_q: int, k_pad: int) -> tuple[tuple[int, in
     for bm, bn, warps, stages in candidates:
         if k_pad >= 32:
             bm = min(bm, 64)
-        bm = min(bm, max(16, _pow2(n_q)))
+        bm = max(min(bm, max(16, _pow2(n_q) * heads)), heads)
         config = (bm, bn, 4 if bm < 64 else warps, stages)
         if config not in out:
             out.append(config)
@@ -386,6 +400,8 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
     n_kv, n_k = k.shape[1], k.shape[2]
     device = q.device
     group = n_h // n_kv
+    heads = min(_pow2(group), MAX_HEADS)  # query heads of one KV head stacked in one program
+    head_chunks = -(-group // heads)
     topk = int(topk) if "topk" in want else 0
     f32 = dict(device=device, dtype=torch.float32)
 
@@ -462,7 +478,7 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         len_bucket=_pow2(n_k),  # the autotuning key: one tuning per power-of-two length
     )
     flags = dict(
-        BLOCK_D=block_d,
+        BLOCK_D=block_d, HEADS=heads,
         CAUSAL=geo.causal, HAS_WINDOW=window is not None, HAS_KMASK=geo.key_mask is not None,
         SOFTCAP=softcap is not None, HAS_SINKS=geo.sinks is not None, PREC=prec, UPCAST=interpret,
         K_PAD=k_pad, S_PAD=s_pad,
@@ -471,13 +487,13 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         kernel = _stats_kernel
         flags.update(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, num_warps=4, num_stages=1)
     else:
-        kernel = _tuned(_configs(block_d, q.element_size(), n_q, k_pad))
+        kernel = _tuned(_configs(block_d, q.element_size(), n_q, k_pad, heads))
 
     def grid(meta):
-        return triton.cdiv(n_q, meta["BLOCK_M"]), b * n_h
+        return triton.cdiv(n_q, meta["BLOCK_M"] // heads), b * n_kv * head_chunks
 
     common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous())
-    shapes = (n_h, group, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
+    shapes = (n_h, group, head_chunks, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
     kernel[grid](
         *common,
         buf("lse"), dummy if lse2_buf is None else lse2_buf, buf("argmax"), buf("max_prob"), buf("topk_index"),

@@ -274,10 +274,12 @@ def test_gpu_autotuning_candidates_fit_the_kernel(dtype, d, n_q, topk):
 
     elem = torch.empty(0, dtype=dtype).element_size()
     k_pad = max(2, triton_stats._pow2(topk)) if topk else 2
-    configs = triton_stats._configs(max(16, triton_stats._pow2(d)), elem, n_q, k_pad)
-    assert configs and len(set(configs)) == len(configs)
-    for bm, bn, warps, stages in configs:
-        assert bm <= max(16, triton_stats._pow2(n_q)) and (bm <= 64 or k_pad < 32) and (warps == 4 or bm >= 64)
+    for heads in (1, 4, 16):
+        configs = triton_stats._configs(max(16, triton_stats._pow2(d)), elem, n_q, k_pad, heads)
+        assert configs and len(set(configs)) == len(configs)
+        for bm, bn, warps, stages in configs:
+            assert heads <= bm <= max(16, triton_stats._pow2(n_q) * heads) and bm % heads == 0
+            assert (bm <= 64 or k_pad < 32) and (warps == 4 or bm >= 64)
     tuner = triton_stats._tuned(configs)
     assert set(triton_stats._TUNING_KEY) | {"km_ptr"} <= set(tuner.arg_names)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuner.configs] == list(configs)
