@@ -2,11 +2,13 @@
 dense eager softmax.
 
 Shapes of issue 3: bf16, d = 128, H = 32 (MHA), causal, one sequence, N = 4k, 8k, 16k, 32k, and the statistics
-alone at 128k. Each backend computes lse + segment_mass (4 segments) + argmax/max_prob + entropy in one call
-(the fused path widens to fp32 and uses SDPA's memory-efficient op, which returns the lse). Times are
-medians of CUDA-event timings after warm-up; memory is the peak allocated above the inputs. Prints ratios
-ours / SDPA and ours / dense, measured in the same run. Targets: time ≤ 1.5× SDPA at 8k–32k (aim 1.2×), peak
-memory ≤ 1.1× SDPA's; 32 heads × 32k must run where dense eager cannot.
+alone at 128k. Each backend computes every statistic (lse, segment_mass over 4 segments, argmax, max_prob, entropy,
+mean_distance, key_mass, key_count) in one call: Triton from q and k alone (two passes over the keys), Triton with
+the rows' lse given ("triton+lse": what a capture passes on from the model's own SDPA call, one pass), and the
+fused path (widened to fp32, through SDPA's memory-efficient op). Times are medians of CUDA-event timings after
+warm-up; memory is the peak allocated above the inputs. Prints ratios ours / SDPA and ours / dense, measured in the
+same run. Targets (issue 27): time ≤ 1.5× SDPA's forward at 8k–32k, peak memory ≤ 1.1× SDPA's; 32 heads × 32k must
+run where dense eager cannot.
 
     python benchmarks/kernels_gpu.py [--sizes 4096,8192,16384,32768] [--stats-only 131072] [--json out.json]
 
@@ -24,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-STATS = ("lse", "segment_mass", "argmax", "max_prob", "entropy")
+STATS = ("lse", "segment_mass", "argmax", "max_prob", "entropy", "mean_distance", "key_mass", "key_count")
 
 
 def timed(fn, device: str, repeats: int) -> tuple[float, int]:
@@ -73,6 +75,10 @@ def measure(n: int, heads: int, d: int, dtype, device: str, repeats: int, dense:
     row = {"N": n}
     row["ours_s"], row["ours_bytes"] = timed(
         lambda: attention_stats(q, k, segments=segments, n_segments=4, stats=STATS, backend="triton"), device, repeats)
+    lse = attention_stats(q, k, stats=("lse",), backend="triton").lse  # as the model's SDPA call would return it
+    row["lse_s"], row["lse_bytes"] = timed(
+        lambda: attention_stats(q, k, segments=segments, n_segments=4, stats=STATS, backend="triton", lse=lse),
+        device, repeats)
     row["fused_s"], row["fused_bytes"] = timed(
         lambda: attention_stats(q, k, segments=segments, n_segments=4, stats=STATS, backend="fused"), device, repeats)
     row["sdpa_s"], row["sdpa_bytes"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -107,8 +113,9 @@ def main() -> None:
 
     print(f"{name}; torch {torch.__version__}, triton {triton.__version__}; H={args.heads}, d={args.dim}, "
           f"{args.dtype}, causal, B=1; median of {args.repeats}")
-    print(f"{'N':>7} {'triton ms':>9} {'fused ms':>9} {'sdpa ms':>9} {'dense ms':>9} {'triton/sdpa':>11} "
-          f"{'fused/sdpa':>10} {'mem/sdpa':>9} {'fused mem':>9} {'triton/dense':>12}")
+    print(f"{'N':>7} {'triton ms':>9} {'+lse ms':>9} {'fused ms':>9} {'sdpa ms':>9} {'dense ms':>9} "
+          f"{'triton/sdpa':>11} {'+lse/sdpa':>9} {'fused/sdpa':>10} {'mem/sdpa':>9} {'+lse mem':>9} {'fused mem':>9} "
+          f"{'triton/dense':>12}")
     rows = []
     sizes = [(int(x), True) for x in args.sizes.split(",") if x]
     sizes += [(int(x), False) for x in args.stats_only.split(",") if x]
@@ -117,9 +124,10 @@ def main() -> None:
         rows.append(r)
         ms = lambda x: f"{x * 1e3:9.2f}" if x is not None else ("      OOM" if r["dense"] != "skipped" else "        -")  # noqa: E731
         ratio = lambda a, b: f"{a / b:9.2f}" if a is not None and b else "        -"  # noqa: E731
-        print(f"{n:>7} {ms(r['ours_s'])} {ms(r['fused_s'])} {ms(r.get('sdpa_s'))} {ms(r.get('dense_s'))} "
-              f"{ratio(r['ours_s'], r.get('sdpa_s')):>11} {ratio(r['fused_s'], r.get('sdpa_s')):>10} "
-              f"{ratio(r['ours_bytes'], r.get('sdpa_bytes'))} {ratio(r['fused_bytes'], r.get('sdpa_bytes'))} "
+        print(f"{n:>7} {ms(r['ours_s'])} {ms(r['lse_s'])} {ms(r['fused_s'])} {ms(r.get('sdpa_s'))} "
+              f"{ms(r.get('dense_s'))} {ratio(r['ours_s'], r.get('sdpa_s')):>11} {ratio(r['lse_s'], r.get('sdpa_s'))} "
+              f"{ratio(r['fused_s'], r.get('sdpa_s')):>10} {ratio(r['ours_bytes'], r.get('sdpa_bytes'))} "
+              f"{ratio(r['lse_bytes'], r.get('sdpa_bytes'))} {ratio(r['fused_bytes'], r.get('sdpa_bytes'))} "
               f"{ratio(r['ours_s'], r.get('dense_s')):>12}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
