@@ -5,8 +5,11 @@ the organisms (a ViT, an LLaVA)."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import interp
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
 
 CASES = [
     ("stories260k", "summary", dict(samples=2)),
@@ -33,12 +36,13 @@ def test_every_table_is_the_twins(name, analysis, params, monkeypatch):
 @pytest.mark.parametrize("name, analysis, params", [("stories260k", "summary", dict(samples=2, max_tokens=96)),
                                                     ("stories260k", "sinks", dict(samples=1, max_tokens=64))])
 def test_triton_tables_are_the_twins(name, analysis, params, monkeypatch):
-    """The same on the Triton kernels (here under the interpreter), the rows' lse riding the model's SDPA call."""
-    _same_tables_as_the_twin(name, analysis, params, "triton", monkeypatch)
+    """The same on the Triton kernels (on CUDA where there is a GPU, else under the interpreter), the rows' lse
+    riding the model's SDPA call."""
+    _same_tables_as_the_twin(name, analysis, params, "triton", monkeypatch, device=TRITON_DEVICE)
 
 
-def _same_tables_as_the_twin(name, analysis, params, backend, monkeypatch):
-    model = interp.load_model(name)
+def _same_tables_as_the_twin(name, analysis, params, backend, monkeypatch, device=None):
+    model = interp.load_model(name, device=device)
     results = {}
     for kernels in ("torch", backend):
         monkeypatch.setenv("INTERP_KERNELS", kernels)
@@ -120,9 +124,10 @@ def test_an_incomplete_request_does_not_ride_nor_break_the_forward():
 
 @pytest.mark.parametrize("name", ["stories260k", "minilm-l6"])
 def test_the_row_lse_rides_the_models_own_sdpa_call_to_the_triton_kernels(name, monkeypatch):
-    """With the Triton kernels (here under the interpreter), capture(stats=) makes the model's SDPA call through
-    SDPA's own lse-returning kernel: the output stays bit for bit the model's, each call keeps the rows' lse (the
-    dense oracle's), and `call_stats` starts Triton from it (one pass over the keys) with the twin's results."""
+    """With the Triton kernels (on CUDA where there is a GPU — SDPA's memory-efficient kernel in fp32 —, else under
+    the interpreter with the CPU flash kernel), capture(stats=) makes the model's SDPA call through SDPA's own
+    lse-returning kernel: the output stays bit for bit the model's, each call keeps the rows' lse (the dense
+    oracle's), and `call_stats` starts Triton from it (one pass over the keys) with the twin's results."""
     import torch
 
     from interp.hooks import trace
@@ -133,7 +138,7 @@ def test_the_row_lse_rides_the_models_own_sdpa_call_to_the_triton_kernels(name, 
     run = triton_stats.stats_triton
     monkeypatch.setattr(triton_stats, "stats_triton", lambda *a, **kw: given.append(kw.get("lse") is not None)
                         or run(*a, **kw))
-    model = interp.load_model(name)
+    model = interp.load_model(name, device=TRITON_DEVICE)
     inputs = model.prepare("Once upon a time there was a little girl who liked to play in the park.")
     n = inputs["input_ids"].shape[-1]
     request = dict(segments=(torch.arange(n) % 3)[None], n_segments=3, stats=("lse", "entropy", "max_prob", "argmax",
