@@ -177,13 +177,13 @@ def _can_ride(query, key, value, request: dict) -> bool:
 
 def _lse_applies(query, key, value) -> bool:
     """Whether one of SDPA's own kernels that return the row lse can make this plain call: a prompt (as many queries
-    as keys) or one decoding query, value heads as wide as the queries', and on CUDA, fp16 / bf16 up to head dim 256
-    (the flash kernel) or fp32 (the memory-efficient kernel); on CPU (the Triton interpreter, for tests) the CPU
-    flash kernel."""
+    as keys) or one decoding query, value heads as wide as the queries', and on CUDA, fp16 / bf16 with a head dim
+    ≤ 256 and a multiple of 8 (the flash kernel) or fp32 (the memory-efficient kernel); on CPU (the Triton
+    interpreter, for tests) the CPU flash kernel."""
     n_q, n_k, d = query.shape[2], key.shape[2], query.shape[-1]
     if (n_q != n_k and n_q != 1) or value.shape[-1] != d or query.shape[1] % key.shape[1]:
         return False
-    return not query.is_cuda or query.dtype == torch.float32 or d <= 256
+    return not query.is_cuda or query.dtype == torch.float32 or (d <= 256 and d % 8 == 0)
 
 
 def _sdpa_call(module, query, kwargs) -> tuple[bool, float]:

@@ -32,6 +32,7 @@ __all__ = ["stats_triton"]
 
 SEGMENT_CHUNK = 64  # segments accumulated per launch (one-hot tile width); more segments → extra launches
 INTERPRET_BLOCK = 32  # block sizes under the interpreter (small, so that small test shapes span several blocks)
+TUNE_FROM = 1 << 20  # query × key pairs from which a problem is worth autotuning (below: the first candidate)
 MAX_HEADS = 16  # query heads of one KV head stacked in one program (more: several programs per KV head)
 
 _LOG2E = 1.4426950408889634
@@ -487,7 +488,8 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         kernel = _stats_kernel
         flags.update(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, num_warps=4, num_stages=1)
     else:
-        kernel = _tuned(_configs(block_d, q.element_size(), n_q, k_pad, heads))
+        configs = _configs(block_d, q.element_size(), n_q, k_pad, heads)
+        kernel = _tuned(configs if n_q * n_k >= TUNE_FROM else configs[:1])  # one candidate: no timing runs
 
     def grid(meta):
         return triton.cdiv(n_q, meta["BLOCK_M"] // heads), b * n_kv * head_chunks
