@@ -9,7 +9,9 @@ reference code's rule; `score_rule="paper"` counts distinct span positions inste
 0.5; a head's score is its mean over counted samples; retrieval heads score above `threshold` (0.1).
 
 The causal test knocks out the top-k retrieval heads (uniform attention, or zero-ablation) and, as a control,
-k random heads outside the top min(100, 25 %), and measures NIAH accuracy again on the same samples.
+k random heads outside the top min(100, 25 %), and measures NIAH accuracy again on the same samples. As in the
+reference code (`needle_in_haystack_with_mask.py`), the prompt minus its last token runs unmasked, and every step
+from the prompt's last token on is masked, so the first answer token already comes from a masked step.
 
 `paper_scores` follows the reference code literally (eager attention, `output_attentions` at every decode
 step, a Python loop over heads); tests check that the fast path gives identical scores.
@@ -17,6 +19,7 @@ step, a Python loop over heads); tests check that the fast path gives identical 
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -65,8 +68,11 @@ class RetrievalParams(Params):
                                      "skips it)", metavar="K,K", low=0)
     mask_mode: str = param("uniform", "uniform (the paper's masking) or zero (zero-ablation)", metavar="MODE",
                            choices=("uniform", "zero"))
-    mask_prefill: bool = param(False, "mask the heads in the prompt's forward too (default: in decode steps only, as "
-                               "the reference code)", before=True)  # runs from before the choice masked the prefill
+    mask_prefill: bool = param(False, "mask the heads in the prompt's forward too (default: from the prompt's last "
+                               "token on, as the reference code)", before=True)  # runs from before the choice masked it
+    mask_last_token: bool = param(True, "without --mask-prefill, mask the step of the prompt's last token too (the "
+                                  "reference code: its prefill stops one token short, so the first answer token comes "
+                                  "from a masked step); false: the answer steps only", before=False)  # earlier runs
 
 
 class Retrieval(Analysis):
@@ -157,7 +163,8 @@ class Retrieval(Analysis):
         excluded = min(100, n // 4)
         base = samples.drop_duplicates("sample")
         prefill = params["mask_prefill"]
-        mode = params["mask_mode"] + (" (prefill too)" if prefill else "")
+        mode = params["mask_mode"] + (" (prefill too)" if prefill else " (answer steps only)"
+                                      if not params["mask_last_token"] else "")
         rows = [{"condition": "none", "k": 0, "mode": mode, "niah_score": 100 * base["rouge1_recall"].mean(),
                  "accuracy": base["accepted"].mean(), "heads": ""}]
         rng = random.Random(options.seed)
@@ -216,9 +223,36 @@ def masked_recall(model: Model, job: tuple) -> float:
     job: (planned sample, [(layer, head)], params, seed, mask the prefill too)."""
     entry, chosen, params, seed, prefill = job
     inputs, _ = niah_inputs(model, entry, params, seed)
-    with mask_heads(model, chosen, mode=params["mask_mode"], decode_only=not prefill):
-        gen = greedy(model, inputs, params["max_new_tokens"])
+    gen = masked_answer(model, inputs, chosen, params["mask_mode"], params["max_new_tokens"],
+                        "prompt" if prefill else "last-token" if params["mask_last_token"] else "answer")
     return rouge1_recall(entry["answer"], model.tokenizer.decode(gen, skip_special_tokens=True))
+
+
+MASK_FROM = ("prompt", "last-token", "answer")
+
+
+def masked_answer(model: Model, inputs: dict, chosen: list[tuple[int, int]], mode: str, max_new_tokens: int,
+                  start: str = "last-token") -> torch.Tensor:
+    """The greedy answer (T,) with the chosen (layer, head)s knocked out from `start` on: "prompt" (the whole
+    prompt's forward too), "last-token" (the reference code's timing: the prompt minus its last token runs unmasked,
+    then each step from the prompt's last token, which produces the first answer token, is masked) or "answer"
+    (the whole prompt unmasked, only the steps after the first answer token masked)."""
+    if start not in MASK_FROM:
+        raise ValueError(f"unknown masking start {start!r}; choose from {', '.join(MASK_FROM)}")
+    if start == "last-token":
+        inputs = _cached_prompt(model, inputs)
+    with mask_heads(model, chosen, mode=mode, decode_only=start != "prompt"):
+        return greedy(model, inputs, max_new_tokens)
+
+
+def _cached_prompt(model: Model, inputs: dict) -> dict:
+    """`inputs` with the KV cache of the prompt minus its last token, computed unmasked: generation then runs the
+    prompt's last token as a decode step (one query against the cached keys)."""
+    short = {name: inputs[name][:, :-1] for name in ("input_ids", "attention_mask") if name in inputs}
+    with torch.no_grad():
+        cache = model.hf(**short, use_cache=True).past_key_values
+    name = "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"  # 5.24 / 5.23
+    return {**inputs, name: cache}
 
 
 def niah_inputs(model: Model, sample: dict, params: dict, seed: int) -> tuple[dict, tuple[int, int]]:

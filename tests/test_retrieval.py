@@ -255,3 +255,67 @@ def test_masking_in_decode_steps_only_leaves_the_prompt_forward_alone():
     assert torch.equal(prompt.logits, plain.logits)
     assert not torch.allclose(masked_next, plain_next, atol=1e-3)
     assert not torch.allclose(both, plain.logits, atol=1e-3)
+
+
+def test_masking_follows_the_reference_codes_timing(monkeypatch):
+    """The masking test's default is the reference code's timing (`needle_in_haystack_with_mask.py`): the prompt
+    minus its last token runs unmasked, then every step from the prompt's last token on runs with the masked heads'
+    queries zeroed after RoPE. Re-implemented here the reference's way — its modified attention zeroes the query
+    inside the model's own forward (here: `apply_rotary_pos_emb` of the modeling file, wrapped) — the answers are the
+    same token for token and the first answer token's logits agree; masking only the answer steps (the earlier
+    default) leaves that first step unmasked and differs."""
+    from transformers.models.llama import modeling_llama
+
+    from interp.analyses.retrieval import masked_answer
+
+    model = interp.load_model("stories260k")
+    heads = [(0, 3), (1, 0), (2, 5), (3, 1), (4, 6), (4, 2)]
+    masked_layers = {layer: [h for ly, h in heads if ly == layer] for layer, _ in heads}
+    state = {"on": False, "layer": None}
+    hooks = [attn.register_forward_pre_hook(lambda module, args, i=i: state.update(layer=i))
+             for i, attn in enumerate(model.attention_modules())]
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def masked_rope(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        if state["on"] and state["layer"] in masked_layers:
+            q = q.clone()
+            q[:, masked_layers[state["layer"]]] = 0.0
+        return q, k
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", masked_rope)
+
+    def reference(ids, n_new):
+        """Greedy answer and first-step logits, the reference's way."""
+        with torch.no_grad():
+            state["on"] = False
+            cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            state["on"] = True
+            token, out, first = ids[:, -1:], [], None
+            for _ in range(n_new):
+                step = model.hf(input_ids=token, cache=cache, use_cache=True)
+                cache, first = step.past_key_values, step.logits[0, -1] if first is None else first
+                token = step.logits[:, -1:].argmax(-1)
+                out.append(int(token))
+            state["on"] = False
+        return out, first
+
+    differs = 0
+    for text in ["Once upon a time there was a little girl named Lily. She",
+                 "The dog ran to the park and saw a big red ball. He", "Tom and Sue went to the sea. They"]:
+        inputs = model.prepare(text)
+        ours = masked_answer(model, inputs, heads, "uniform", 12).tolist()
+        ref, ref_first = reference(inputs["input_ids"], 12)
+        assert ours and ours == ref[:len(ours)], (text, ours, ref)
+        ids = inputs["input_ids"]
+        with torch.no_grad(), mask_heads(model, heads, decode_only=True):
+            cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            first = model.hf(input_ids=ids[:, -1:], cache=cache).logits[0, -1]
+            late = model.hf(input_ids=ids).logits[0, -1]  # the whole prompt's forward unmasked: the earlier timing
+        torch.testing.assert_close(first, ref_first, atol=1e-4, rtol=1e-4)
+        differs += not torch.allclose(late, ref_first, atol=1e-3)
+        late_answer = masked_answer(model, inputs, heads, "uniform", 12, start="answer").tolist()
+        differs += late_answer != ref[:len(late_answer)]
+    for hook in hooks:
+        hook.remove()
+    assert differs, "the earlier timing would pass this test too"
