@@ -2,13 +2,16 @@
 
 Exit codes: 0 success; 2 a usage error (unknown flag or analysis, malformed value); 1 a failure while doing
 the work (model not loadable, analysis not applicable, store not writable, run missing or corrupt,
-interrupted). Messages go to stderr; with --json, stdout holds only the JSON document.
+interrupted); 141 (128 + SIGPIPE, as for other Unix tools) quietly, when standard output is a pipe closed early
+(`interp show RUN | head`). Messages go to stderr; with --json, stdout holds only the JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import signal
 import sys
 import threading
@@ -451,12 +454,10 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_sweep)
 
 
-LIGHT_COMMANDS = ("runs", "show", "export", "models", "app")  # read the store or the catalog: start fast
-
-
 def build_parser(light: bool = False) -> argparse.ArgumentParser:
-    """The CLI's parser. light: leave out the `score` options that need the analyses and backends imported (for
-    the commands that only read the store or the catalog; `score` is then listed but cannot be parsed)."""
+    """The CLI's parser. light: leave out the `score` options that need the analyses and backends imported (torch,
+    transformers: seconds), for every command line but `score`'s (`interp --help` included); `score` is then listed
+    but cannot be parsed."""
     parser = argparse.ArgumentParser(prog="interp", description="Trace and score the attention heads of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -522,13 +523,23 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # 141: what a shell reports for a Unix tool stopped by a closed pipe
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (`interp show RUN | head`: head is done)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(light=bool(argv) and argv[0] in LIGHT_COMMANDS)
+    parser = build_parser(light=not argv or argv[0] != "score")
     args = parser.parse_args(argv)
     for name in ("samples", "max_tokens", "top"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
@@ -536,7 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # `kill` stops a run like Ctrl-C
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone early is met below, not at exit
+        return code
+    except BrokenPipeError as e:
+        if not _reader_gone():  # another pipe broke (a socket of the work): a failure like any other
+            print(f"interp: error: {e}", file=sys.stderr)
+            return 1
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own flush at exit finds no pipe to complain of
+        os.close(devnull)
+        return SIGPIPE_EXIT
     except UsageError as e:
         parser.print_usage(sys.stderr)
         print(f"interp: error: {e}", file=sys.stderr)

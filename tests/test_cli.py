@@ -326,3 +326,24 @@ def test_json_output_silences_libraries_progress_bars(monkeypatch):
     for _ in tqdm(range(3), file=drawn, desc="Converting and de-quantizing GGUF tensors..."):
         pass
     assert drawn.getvalue() == ""
+
+
+def test_a_reader_closing_the_pipe_early_stops_the_command_quietly(store):
+    """`interp show RUN | head`: once the reader has gone, the command stops with no message and code 141 (128 +
+    SIGPIPE, what a shell reports for other Unix tools stopped that way), not "Broken pipe" and code 1."""
+    [info] = [i for i in interp.list_runs(store) if i.status == "complete"][:1]
+    for argv in (["show", info.id], ["runs"], ["export", info.id]):
+        proc = subprocess.Popen([sys.executable, "-m", "interp.cli", *argv, "--store", str(store)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the command writes anything
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141 and err == b"", (argv, err[-500:])
+
+
+def test_help_is_fast():
+    """`interp --help` lists the commands without importing the analyses (torch, transformers: seconds)."""
+    code = ("import sys\nfrom interp.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nheavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'})\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "score" in out.stdout and "runs" in out.stdout, out.stderr[-500:]
