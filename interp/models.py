@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .catalog import ALIASES, DEFAULT_MODEL, Alias  # noqa: F401  (re-exported: interp.models.ALIASES)
 from .families import (Family, Tower, attention_modules, blocks, check_supported_config, family_for, table_for)
+from .files import MB, read_text
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -256,6 +258,13 @@ def load_model(
         raise ModelLoadError(f"no model folder at {name!r}; give a local HF folder, a hub id or one of the "
                              f"built-in aliases ({', '.join(ALIASES)})")
     source = os.path.expanduser(source) if isinstance(source, str) else source
+    local = Path(source) / "config.json"
+    if local.is_file():
+        try:
+            raw = json.loads(read_text(local, CONFIG_LIMIT))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{name!r}: its config.json cannot be read ({type(e).__name__}: {e})") from e
+        check_config_sizes(raw if isinstance(raw, dict) else {})
     try:
         config = AutoConfig.from_pretrained(source, **_config_kwargs(from_pretrained_kwargs))
     except (OSError, ValueError) as e:
@@ -267,6 +276,9 @@ def load_model(
             f"and the hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
     check_supported_config(config)  # before any weights are read
+    check_config_sizes(config.to_dict())
+    if weights and device_map is None:
+        check_fits(config, torch_dtype, device)
     cls = _model_class(config)
     kwargs = dict(from_pretrained_kwargs)
     if torch_dtype is not None:
@@ -283,6 +295,71 @@ def load_model(
     if tokenizer is None and processor is None:
         tokenizer, processor = _preprocessors(source, fam, trust_remote_code=bool(trust_remote_code))
     return Model(hf.eval(), fam, name, tokenizer or getattr(processor, "tokenizer", None), processor)
+
+
+CONFIG_LIMIT = 16 * MB  # a config.json larger than this is not a model's
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+          "head_dim", "vocab_size")
+
+
+def _configs(config) -> list:
+    """The config and its sub-configs (text, vision, ...), each once."""
+    found, todo = [], [config]
+    while todo:
+        c = todo.pop()
+        if any(c is f for f in found):
+            continue
+        found.append(c)
+        todo += [v for v in vars(c).values() if isinstance(v, transformers.PretrainedConfig)]
+    return found
+
+
+def check_config_sizes(config: dict, where: str = "config") -> None:
+    """Refuse a config (as a dict, sub-configs nested) whose sizes cannot build a model (zero or negative heads,
+    layers, widths; not integers), naming the field, before transformers parses it (it would fail deep inside,
+    e.g. with a ZeroDivisionError)."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_config_sizes(value, f"{where}.{key}")
+        elif key in _SIZES and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelLoadError(f"the model's {where}.{key} is {value!r}: it must be a positive integer")
+
+
+def estimated_parameters(config) -> int:
+    """A lower bound on the parameter count from the config's sizes, before anything is built: per layer the
+    attention projections and an ungated MLP, plus one embedding matrix, summed over the config and its
+    sub-configs (mixture-of-experts MLPs counted once): real models have at least this many."""
+    total = 0
+    for c in _configs(config):
+        h, layers = getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None)
+        if not h or not layers:
+            continue
+        heads = getattr(c, "num_attention_heads", None) or 1
+        head_dim = getattr(c, "head_dim", None) or h // heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+        mlp = 2 * h * (getattr(c, "intermediate_size", None) or h)
+        total += layers * (attention + mlp) + (getattr(c, "vocab_size", None) or 0) * h
+    return total
+
+
+def check_fits(config, dtype: torch.dtype | None, device) -> None:
+    """Refuse, before anything is built, a model whose weights alone cannot fit the memory available on `device`
+    (CPU: the machine's available memory; CUDA: the device's free memory), with the numbers."""
+    stored = getattr(config, "dtype", None)
+    dtype = dtype or (getattr(torch, stored, None) if isinstance(stored, str) else stored) or torch.float32
+    needed = estimated_parameters(config) * torch.empty(0, dtype=dtype).element_size()
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    if where.type == "cuda" and torch.cuda.is_available():
+        available = torch.cuda.mem_get_info(where)[0]
+    elif where.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if needed > available:
+        raise ModelLoadError(f"the model's config describes at least {estimated_parameters(config) / 1e9:.3g} B "
+                             f"parameters, {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, but "
+                             f"{where} has {available / 2**30:.1f} GiB available; nothing was built")
 
 
 def _without_weights(cls, config, dtype: torch.dtype | None, trust_remote_code: bool) -> PreTrainedModel:
@@ -304,8 +381,8 @@ def _model_class(config):
     image-text-to-text (LVLMs), causal LM (decoders; BERT-like encoders also have a causal-LM head, so types with
     a masked-LM head load bare), else the bare model (encoders, ViTs)."""
     for arch in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):  # not a name of something else ("pipeline")
             return cls
     fam = table_for(config)
     kind = fam.kind if fam is not None else None

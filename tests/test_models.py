@@ -171,3 +171,51 @@ def test_a_failed_dequantisation_leaves_no_temporary_folder(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="No space left"):
         models.alias_path("smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def _llama_config(**sizes) -> T.LlamaConfig:
+    return T.LlamaConfig(**{**dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1), **sizes})
+
+
+def test_a_config_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """A local config of a million layers (or a vocabulary no memory holds) is refused from its sizes, with the
+    numbers, before any module is built; the estimate is a lower bound of the real parameter counts."""
+    built = []
+    monkeypatch.setattr(T.LlamaForCausalLM, "__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    for sizes in (dict(num_hidden_layers=1_000_000, hidden_size=2048, intermediate_size=8192), dict(vocab_size=10**12)):
+        folder = tmp_path / str(len(built)) / "huge"
+        _llama_config(**sizes).save_pretrained(folder)
+        with pytest.raises(ModelLoadError, match=r"at least [\d.e+]+ B parameters, [\d.]+ GiB in float32, but cpu has "
+                                                 r"[\d.]+ GiB available; nothing was built"):
+            interp.load_model(str(folder))
+    assert not built
+    monkeypatch.undo()
+    from interp.models import estimated_parameters
+
+    for name in ("stories260k", "smollm2-135m", "organism-llava", "minilm-l6"):
+        model = interp.load_model(name)
+        assert 0 < estimated_parameters(model.hf.config) <= sum(p.numel() for p in model.hf.parameters()), name
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("num_hidden_layers", -1), ("hidden_size", 2.5),
+                                          ("num_key_value_heads", True)])
+def test_a_config_with_impossible_sizes_names_the_field(tmp_path, field, value):
+    folder = tmp_path / "bad"
+    _llama_config().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=f"config.{field} is {value!r}: it must be a positive integer"):
+        interp.load_model(str(folder))
+
+
+def test_architectures_naming_something_else_than_a_model_class_fall_back_to_the_auto_class(tmp_path):
+    folder = tmp_path / "tiny"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(_llama_config()).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["pipeline"]  # a transformers function, not a model class
+    (folder / "config.json").write_text(json.dumps(config))
+    model = interp.load_model(str(folder))
+    assert type(model.hf).__name__ == "LlamaForCausalLM"
