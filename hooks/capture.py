@@ -197,56 +197,56 @@ def _sdpa_call(module, query, kwargs) -> tuple[bool, float]:
 def _sdpa_with_lse(module, query, key, value, kwargs):
     """(output, None, row lse (B, H, Nq) fp32 or None) in place of `sdpa_attention_forward`: one of SDPA's own
     kernels that returns the lse with the output (CUDA: flash for fp16 / bf16, memory-efficient for fp32; CPU:
-    flash). The first call of each dtype / head-dim / group / causality in a process is checked against the
-    model's own call; where the output differs by a bit, the model's call runs as is and no lse rides."""
+    flash), checked as `_stand_in` says."""
     is_causal, scale = _sdpa_call(module, query, kwargs)
-    shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal)
-    if _rides_bit_identical.get(shape) is False:
-        return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
-    group = query.shape[1] // key.shape[1]
-    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
-    if not query.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal,
+
+    def call():
+        group = query.shape[1] // key.shape[1]
+        k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
+        if not query.is_cuda:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal,
                                                                              scale=scale)[:2]
-    elif query.dtype == torch.float32:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, is_causal,
-                                                                          scale=scale)[:2]
-        lse = lse[..., :query.shape[2]]  # padded to a multiple of 32
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, is_causal, False,
-                                                                      scale=scale)[:2]
-    out = out.transpose(1, 2).contiguous()
-    if shape not in _rides_bit_identical:
-        own, weights = sdpa_attention_forward(module, query, key, value, None, **kwargs)
-        _rides_bit_identical[shape] = torch.equal(own, out)
-        if not _rides_bit_identical[shape]:
-            return own, weights, None
-    return out, None, lse.float()
+        if query.dtype == torch.float32:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, is_causal,
+                                                                              scale=scale)[:2]
+            return out, lse[..., :query.shape[2]]  # padded to a multiple of 32
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, is_causal, False, scale=scale)[:2]
+
+    shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal)
+    out, weights, lse = _stand_in(module, query, key, value, kwargs, shape, call)
+    return out, weights, None if lse is None else lse.float()
+
+
+def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
+    """(output, None, statistics of every head or None) in place of `sdpa_attention_forward` (`stats_in_call`),
+    checked as `_stand_in` says (on AVX-512 the padded call's arithmetic differs at head dim 8)."""
+    is_causal, scale = _sdpa_call(module, query, kwargs)
+    shape = (query.shape[-1], value.shape[-1], query.shape[1] // key.shape[1], is_causal, tuple(request["stats"]),
+             request.get("n_segments"))
+    return _stand_in(module, query, key, value, kwargs, shape, lambda: stats_in_call(
+        query, key, value, scale=scale, causal=is_causal, want=frozenset(request["stats"]),
+        segments=request.get("segments"), n_segments=request.get("n_segments") or 1))
 
 
 _rides_bit_identical: dict[tuple, bool] = {}  # per call shape: whether our SDPA call kept the output bit for bit
 
 
-def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):
-    """(output, None, statistics of every head or None) in place of `sdpa_attention_forward`: its causality and
-    scale rules, its output layout (B, N, H, dv), and the output itself bit for bit (`stats_in_call`). The first
-    call of each head-dim / value-width / columns combination in a process is checked against the model's own
-    call; where the padded call's arithmetic differs (on AVX-512, head dim 8 does), the model's output is kept and
-    the statistics are left to `call_stats`."""
-    is_causal, scale = _sdpa_call(module, query, kwargs)
-    shape = (query.shape[-1], value.shape[-1], query.shape[1] // key.shape[1], is_causal, tuple(request["stats"]),
-             request.get("n_segments"))
+def _stand_in(module, query, key, value, kwargs, shape: tuple, call):
+    """(output (B, N, H, dv), weights, what rides) of our own SDPA call, `call()` → (output (B, H, N, dv), what
+    rides), in place of `sdpa_attention_forward`: its causality and scale rules, its output layout, and the output
+    itself bit for bit. The first call of each `shape` in a process is checked against the model's own call; where
+    it differs, the model's output is kept, then and after, and nothing rides (the statistics are left to
+    `call_stats`)."""
     if _rides_bit_identical.get(shape) is False:
         return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
-    out, stats = stats_in_call(query, key, value, scale=scale, causal=is_causal, want=frozenset(request["stats"]),
-                               segments=request.get("segments"), n_segments=request.get("n_segments") or 1)
+    out, riding = call()
     out = out.transpose(1, 2).contiguous()
     if shape not in _rides_bit_identical:
         own, weights = sdpa_attention_forward(module, query, key, value, None, **kwargs)
         _rides_bit_identical[shape] = torch.equal(own, out)
         if not _rides_bit_identical[shape]:
             return own, weights, None
-    return out, None, stats
+    return out, None, riding
 
 
 # ---------------------------------------------------------------------------------------------------------
