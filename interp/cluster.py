@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import secrets
 import socket
@@ -45,8 +46,8 @@ class Cluster:
     address: "ray" (a local Ray cluster started for the run, on 127.0.0.1; or the one this process is already
     connected to), "auto" (the cluster started on this machine with `ray start`), "HOST:PORT" (a head's address,
     from `ray start --head`) or "ray://HOST:PORT" (Ray Client); a process already connected to a cluster uses that
-    one, and refuses a HOST:PORT naming another. workers: how many (default: as many as the cluster's
-    CPUs, or GPUs with gpus_per_worker, hold). cpus_per_worker / gpus_per_worker: each worker's Ray resources (its
+    one, and refuses a HOST:PORT naming another. workers: how many (default: one per gpus_per_worker GPUs
+    when GPUs are asked for, else one per cpus_per_worker CPUs, never more than the cluster's cores: `worker_count`). cpus_per_worker / gpus_per_worker: each worker's Ray resources (its
     torch threads follow its CPUs; a GPU worker loads the model on "cuda" unless device says otherwise).
     model: what each worker loads (an alias, folder or hub id) with dtype / device / device_map ("auto": a model
     larger than one GPU) / trust_remote_code; None: the `Model` given to `score` is shipped to the workers (fine
@@ -68,14 +69,32 @@ class Cluster:
     def __post_init__(self):
         if not isinstance(self.address, str) or not self.address.strip():
             raise ValueError(f"cluster address {self.address!r}: give 'ray', 'auto', HOST:PORT or ray://HOST:PORT")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+        if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                         or self.workers < 1):
             raise ValueError(f"workers={self.workers!r}: give a whole number >= 1")
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: give a number > 0")
-        if not self.start_timeout > 0:
+        if not _is_number(self.cpus_per_worker) or not 0 < self.cpus_per_worker < math.inf:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: give a number of CPUs > 0 (0.5: two workers "
+                             "share a CPU)")
+        if not _is_number(self.gpus_per_worker) or not 0 <= self.gpus_per_worker < math.inf:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: give a number of GPUs >= 0")
+        if not _is_number(self.start_timeout) or not self.start_timeout > 0:
             raise ValueError(f"start_timeout={self.start_timeout!r}: give seconds > 0")
-        if not self.gpus_per_worker >= 0:
-            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: give a number >= 0")
+
+    def worker_count(self, total: dict) -> int:
+        """How many workers to start on a cluster of `total` resources (Ray's cluster_resources()): `workers`, else
+        one per `gpus_per_worker` GPUs with GPUs asked for (one per `cpus_per_worker` CPUs without), never more than
+        the CPUs hold nor than the cluster's cores. ClusterError when the cluster cannot hold that many."""
+        cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+        fit = int(cpus / self.cpus_per_worker + 1e-9)  # + 1e-9: 2 CPUs hold 20 workers of 0.1 (2 // 0.1 is 19)
+        if self.gpus_per_worker:
+            fit = min(fit, int(gpus / self.gpus_per_worker + 1e-9))
+        n = self.workers or max(min(fit, int(cpus)), 1)
+        if fit < n:
+            raise ClusterError(f"the cluster at {self.address!r} has {cpus:g} CPUs and {gpus:g} GPUs: it holds {fit} "
+                               f"worker(s) of {self.cpus_per_worker:g} CPU(s) and {self.gpus_per_worker:g} GPU(s), not "
+                               f"{n}; ask for fewer workers or smaller ones (--workers, --cpus-per-worker, "
+                               "--gpus-per-worker)")
+        return n
 
     def load_options(self) -> dict:
         """What `load_model` takes on each worker."""
@@ -92,6 +111,11 @@ class Cluster:
         """The device the workers' models run on, as a run records it (a model's device: "cuda:0", not "cuda")."""
         device = torch.device(self.device or ("cuda" if self.gpus_per_worker > 0 else "cpu"))
         return str(torch.device(device.type, 0) if device.type == "cuda" and device.index is None else device)
+
+
+def _is_number(value) -> bool:
+    """An int or float, not a bool (True is not 1 CPU), not text."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def as_cluster(cluster, model) -> Cluster | Workers | None:
@@ -159,14 +183,7 @@ class Workers:
         ray, started = _connect(self.cluster)
         self._ray, self._started_ray = ray, self._started_ray or started
         c = self.cluster
-        total = ray.cluster_resources()
-        fit = int(total.get("GPU", 0) // c.gpus_per_worker) if c.gpus_per_worker else int(total.get("CPU", 0) // c.cpus_per_worker)
-        n = c.workers or max(fit, 1)
-        if fit < n:
-            have = f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs"
-            raise ClusterError(f"the cluster at {c.address!r} has {have}: it holds {fit} worker(s) of "
-                               f"{c.cpus_per_worker:g} CPU(s) and {c.gpus_per_worker:g} GPU(s), not {n}; ask for fewer "
-                               "workers or smaller ones (--workers, --cpus-per-worker, --gpus-per-worker)")
+        n = c.worker_count(ray.cluster_resources())
         self._source = ray.put(self.model) if c.model is None else c.model
         actors = [self._actor() for _ in range(n)]
         refs = [actor.ready.remote() for actor in actors]

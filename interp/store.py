@@ -17,20 +17,23 @@
 
 Every file is written to a temporary name and renamed into place, so a reader sees a whole file or none.
 Run ids start with the UTC start time, so they sort by age, and end with random hex, so two runs started in
-the same second never clash (the directory is created exclusively).
+the same second never clash (the directory is created exclusively). `<store>/.claims/` holds the lock files by
+which a sweep claims the combination it scores (`Store.claim`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -252,6 +255,15 @@ def read_parts(path: Path, name: str = "sample") -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True)
 
 
+_STOPPED: dict[str, None] = {}  # ids of the runs this process stopped before they were complete, oldest first
+
+
+def stopped_runs() -> list[str]:
+    """Ids of the runs this process left incomplete (an error or an interruption stopped them; none finished since):
+    what an interrupted command can truthfully say it left behind."""
+    return list(_STOPPED)
+
+
 class Store:
     """A directory of runs. `root` defaults to `default_store()`."""
 
@@ -327,13 +339,39 @@ class Store:
         else:  # pragma: no cover - 100 collisions of 24 random bits
             raise StoreError(f"could not create a fresh run directory in {self.root}")
         writer = RunWriter(building)
-        writer.lock()
-        writer.meta = {"format": FORMAT, "id": run_id, "status": "incomplete", **meta, "started": _now(),
-                       "finished": None, "error": None}
-        writer.save_meta()
-        os.rename(building, self.root / run_id)  # the lock's descriptor stays valid
+        try:
+            writer.lock()
+            writer.meta = {"format": FORMAT, "id": run_id, "status": "incomplete", **meta, "started": _now(),
+                           "finished": None, "error": None}
+            writer.save_meta()
+            os.rename(building, self.root / run_id)  # the lock's descriptor stays valid
+        except BaseException as e:  # a full disk, an interruption: no hidden half-built folder is left
+            writer.unlock()
+            shutil.rmtree(building, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise StoreError(f"cannot create a run in {self.root}: {e.strerror or e}") from e
+            raise
         writer.path = self.root / run_id
         return writer
+
+    @contextmanager
+    def claim(self, combination: dict, wait: bool = False) -> Iterator[bool]:
+        """Hold `combination` (a run's analysis, model, options and parameters, as its meta.json records them)
+        while this process scores it: yields True, or False when another process holds it (with `wait`: once it is
+        free, True). A sweep skips, or waits for, what another is scoring. The lock is a `flock` on a file under
+        `.claims/`, which the kernel drops when the holder dies."""
+        key = hashlib.sha256(json.dumps(combination, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        (self.root / ".claims").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".claims" / key, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def reopen(self, run: str | os.PathLike) -> RunWriter:
         """An incomplete run, locked for this process to finish."""
@@ -367,9 +405,9 @@ class RunWriter:
         fd = _take_lock(self.path)
         if fd is None:
             raise StoreError(f"run {self.id} is being written by another process")
+        self._lock_fd = fd  # held from here: `unlock` releases it whatever fails next
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode())
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -426,8 +464,9 @@ class RunWriter:
             self.save_meta()
 
     def fail(self, error: str) -> None:
-        """Record why the run stopped; it stays "incomplete" and resumable."""
+        """Record why the run stopped; it stays "incomplete" and resumable (and listed in `stopped_runs`)."""
         self.meta["error"] = error
+        _STOPPED.setdefault(self.id)
         self.save_meta()
 
     def discard(self) -> None:
@@ -447,5 +486,6 @@ class RunWriter:
         write_parquet(self.path / "heads.parquet", heads)
         self.meta.update(status="complete", finished=_now(), error=None, tables=sorted(tables), report=report)
         self.save_meta()  # the rename that makes the run complete
+        _STOPPED.pop(self.id, None)
         shutil.rmtree(self.path / "parts", ignore_errors=True)
         (self.path / "lock").unlink(missing_ok=True)  # a later writer re-reads meta under its lock and stops

@@ -335,7 +335,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_stops_with_the_run():
 def test_sweep_grids_and_bad_files(tmp_path):
     sweep = check_sweep({"models": ["m"], "analyses": ["retrieval", "summary"],
                          "params": {"retrieval": {"lengths": [[100, 200]], "n_needles": [1, 2]}}})
-    assert sweep.combinations() == [("m", "retrieval", {"lengths": [100, 200], "n_needles": 1}),
+    assert list(sweep.combinations()) == [("m", "retrieval", {"lengths": [100, 200], "n_needles": 1}),
                                     ("m", "retrieval", {"lengths": [100, 200], "n_needles": 2}),
                                     ("m", "summary", {})]
     with pytest.raises(ValueError, match="no parameter lenghts"):
@@ -353,6 +353,13 @@ def test_sweep_grids_and_bad_files(tmp_path):
                      tmp_path / "store")
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert "no model folder" in rows[0]["error"] and "does not apply" in rows[1]["error"]
+
+
+def test_workers_of_a_fraction_of_a_cpu_are_no_more_than_the_cores(head):
+    """--cpus-per-worker 0.5 without --workers on the 2-CPU cluster: 2 workers, not 4 (each a copy of the model)."""
+    with Workers(Cluster(cpus_per_worker=0.5, model="stories260k")) as workers:
+        workers.start()
+        assert len(workers.actors) == 2
 
 
 def test_a_model_a_worker_cannot_load_fails_the_run(head, tmp_path):

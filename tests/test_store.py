@@ -148,6 +148,63 @@ def test_a_run_being_written_cannot_be_taken_over(tmp_path):
     store.reopen(w.id).unlock()
 
 
+def test_a_full_disk_at_run_creation_leaves_nothing_behind(tmp_path, monkeypatch):
+    """No hidden `.<id>.new` folder and no lock left when meta.json cannot be written: a clear StoreError."""
+    import errno
+
+    import interp.store
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(interp.store, "write_json", full)
+    with pytest.raises(StoreError, match=f"cannot create a run in {tmp_path}: No space left on device"):
+        Store(tmp_path).create({"analysis": "summary", "model": {"name": "m"}, "options": {}, "params": {},
+                                "plan": []}, slug="m-summary")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_runs_a_process_stopped_are_known(tmp_path):
+    """What an interrupted command can truthfully say it left incomplete: each run it stopped, until it finishes
+    (none when it was stopped before a run started, e.g. while loading the model)."""
+    from interp.store import stopped_runs
+
+    before = stopped_runs()  # other tests in this process may have stopped runs
+    w = Store(tmp_path).create({"analysis": "summary", "model": {"name": "m"}, "options": {}, "params": {},
+                                "plan": [{}]}, slug="m-summary")
+    w.fail("interrupted (after 0 of 1 samples)")
+    assert stopped_runs() == [*before, w.id]
+    w.finish(pd.DataFrame({"layer": [0]}), pd.DataFrame({"sample": [0]}), {}, [])
+    w.unlock()
+    assert stopped_runs() == before
+
+
+def test_a_claim_is_held_by_one_process_at_a_time(tmp_path):
+    """A sweep's claim on a combination: a second holder is told at once (or waits for it), a different
+    combination is free."""
+    import threading
+
+    store = Store(tmp_path)
+    one, other = {"analysis": "summary", "params": {"n": 1}}, {"analysis": "summary", "params": {"n": 2}}
+    with store.claim(one) as mine:
+        assert mine
+        with store.claim(one) as again, store.claim(other) as free:
+            assert not again and free
+        waited = []
+
+        def wait():
+            with store.claim(one, wait=True) as got:
+                waited.append(got)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # waiting while this holder scores
+    waiter.join(5)
+    assert waited == [True]
+    assert [p.name for p in tmp_path.iterdir()] == [".claims"] and store.runs() == []
+
+
 class _Marker:
     def __init__(self, path):
         self.path = path
