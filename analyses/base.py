@@ -16,7 +16,7 @@ import pandas as pd
 from interp.app.figures import score_by_layer
 from interp.families import FAMILIES
 from interp.models import Model
-from interp.params import Params
+from interp.params import Params, named_paths
 from interp.progress import Progress
 
 
@@ -83,6 +83,19 @@ class Analysis:
         """The full, checked parameter set (JSON values): defaults overridden by `params`; unknown names, values
         of the wrong type, outside their choices or bounds refused with a ValueError naming the parameter."""
         return self.Params.resolve(params)
+
+    def read_paths(self, model: Model, params: dict) -> tuple[str, ...]:
+        """The path parameters (`Spec.path`) this analysis reads for this model and parameters (default: all)."""
+        return tuple(name for name, (spec, _, _) in self.Params.specs().items() if spec.path)
+
+    def check_paths(self, model: Model, params: dict) -> None:
+        """Refuse a file given to a path parameter that this analysis does not read for this model (taxonomy's images
+        on a language model): it would be hashed and kept for nothing."""
+        read = self.read_paths(model, params)
+        for name, (spec, _, _) in self.Params.specs().items():
+            if name not in read and named_paths(spec, params.get(name)):
+                raise ValueError(f"{self.name} parameter {name}: {self.name} does not read it for {model.name} (a "
+                                 f"{model.family.kind}); leave --{name.replace('_', '-')} out")
 
     def stored_params(self, meta: dict) -> dict:
         """The parameters a stored run (its `meta`) was scored with, under today's names (see `Params.read`)."""

@@ -46,30 +46,29 @@ METHOD_TEXT = {
 DEFAULT_PROMPTS = 32
 
 
-def _list(value, what: str) -> list[str]:
+def _list(value, name: str) -> list[str]:
+    """The items of a list parameter (older runs stored some as comma-separated text)."""
     items = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if str(s).strip()]
     if not items:
-        raise ValueError(f"give at least one {what}")
+        raise ValueError(f"circuits parameter {name}: give at least one")
     return items
 
 
 def tasks_of(params: dict) -> list[str]:
-    """The tasks of a run's parameters (built-in names or .jsonl paths), validated."""
-    tasks = _list(params["tasks"], "task")
-    for t in tasks:
-        if t not in BUILTIN_TASKS and not t.endswith(".jsonl"):
-            raise ValueError(f"unknown task {t!r}: give {', '.join(BUILTIN_TASKS)} or a .jsonl file of prompts")
+    """The tasks of a run's parameters (built-in names or paths of JSONL files), validated."""
+    tasks = _list(params["tasks"], "tasks")
     labels = [task_label(t) for t in tasks]
     if len(set(labels)) < len(labels):
-        raise ValueError(f"tasks {tasks} repeat a name")
+        raise ValueError(f"circuits parameter tasks: {', '.join(tasks)} repeat a name")
     return tasks
 
 
 def methods_of(params: dict) -> list[str]:
-    methods = _list(params["methods"], "method")
+    methods = _list(params["methods"], "methods")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown circuit method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"circuits parameter methods: unknown circuit method {', '.join(unknown)}; choose from "
+                         f"{', '.join(METHODS)}")
     return [m for m in METHODS if m in methods]
 
 
@@ -83,7 +82,7 @@ def circuit_column(params: dict, task: str) -> str:
     methods = methods_of(params)
     by = params.get("circuit_by") or ("patching" if "patching" in methods else methods[0])
     if by not in methods:
-        raise ValueError(f"circuit_by {by!r} is not among the computed methods {', '.join(methods)}")
+        raise ValueError(f"circuits parameter circuit_by: {by!r} is not among the computed methods {', '.join(methods)}")
     return column(task, by)
 
 
@@ -116,8 +115,8 @@ class TaskBatch:
 @dataclass(frozen=True)
 class CircuitsParams(Params):
     analysis = "circuits"
-    tasks: str = param("ioi,colored-objects", f"tasks, comma-separated: {', '.join(BUILTIN_TASKS)} and/or .jsonl "
-                       "files of prompts", metavar="T,T")
+    tasks: list[str] = param(BUILTIN_TASKS, f"tasks, comma-separated: {', '.join(BUILTIN_TASKS)} and/or .jsonl "
+                             "files of prompts", metavar="T,T", path=True, builtin=BUILTIN_TASKS)
     methods: str = param("patching,eap", f"methods, comma-separated, of {', '.join(METHODS)}", metavar="M,M")
     ioi_corruption: str = param("abc", "abc (three other names) or swap (the IO name at S2)", metavar="HOW",
                                 choices=IOI_CORRUPTIONS)
@@ -138,7 +137,7 @@ class CircuitsParams(Params):
             circuit_column(params, task)  # a circuit_by among the methods
         _percents(params)
         if self.circuit_percent is not None and not 0 < self.circuit_percent <= 100:
-            raise ValueError(f"circuit_percent must be in (0, 100], got {self.circuit_percent}")
+            raise ValueError(f"circuits parameter circuit_percent must be in (0, 100], got {self.circuit_percent}")
 
 
 class Circuits(Analysis):
@@ -386,9 +385,9 @@ def _percents(params: dict) -> list[float]:
     try:
         values = [float(x) for x in (given.split(",") if isinstance(given, str) else given) if str(x).strip()]
     except ValueError:
-        raise ValueError(f"faithfulness_percents: give comma-separated percents, not {given!r}") from None
+        raise ValueError(f"circuits parameter faithfulness_percents: give comma-separated percents, not {given!r}") from None
     if any(not 0 < v <= 100 for v in values):
-        raise ValueError(f"faithfulness_percents must lie in (0, 100], got {given!r}")
+        raise ValueError(f"circuits parameter faithfulness_percents must lie in (0, 100], got {given!r}")
     return sorted(set(values))
 
 

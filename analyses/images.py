@@ -7,14 +7,13 @@ background and a few regions are objects.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from interp.files import check_regular
-
-from .inputs import USER_FILE_LIMIT
+from .inputs import read_user_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_IMAGES = 16
@@ -41,25 +40,35 @@ def synthetic_image(seed: int, size: int = SIZE) -> Image.Image:
 
 
 def image_files(path: str | Path) -> list[Path]:
-    """The image files named by `path` (one file, or a folder's images sorted by name), with clear errors."""
+    """The image files named by `path` (one file, or a folder's images sorted by name), each checked to decode as an
+    image, with clear errors."""
     path = Path(path).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        return [p.resolve() for p in files]
-    if not path.exists():
+    elif not path.exists():
         raise ValueError(f"no image at {path}")
-    return [path.resolve()]
+    else:
+        files = [path]
+    for file in files:
+        _decoded(file, lambda img: img.verify())
+    return [p.resolve() for p in files]
 
 
 def load_image(source: str | int) -> Image.Image:
-    """An image from a file path, or the built-in synthetic scene with that index."""
+    """An image from a file path (read as `read_user_bytes` reads it), or the built-in synthetic scene with that
+    index."""
     if isinstance(source, int):
         return synthetic_image(source)
+    return _decoded(source, lambda img: img.convert("RGB"))
+
+
+def _decoded(source: str | Path, use):
+    """use(the image in `source`), with a clear error when it is not an image that PIL decodes."""
+    data = read_user_bytes(source, "the image")
     try:
-        check_regular(source, USER_FILE_LIMIT)
-        with Image.open(source) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
+        with Image.open(io.BytesIO(data)) as img:
+            return use(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read the image {source}: {e}") from e

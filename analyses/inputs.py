@@ -1,4 +1,4 @@
-"""The inputs analyses share: user files (prompts), the built-in data (texts, needles, task word lists, under
+"""The inputs analyses share: user files (prompts; each read checked against what the run recorded), the built-in data (texts, needles, task word lists, under
 `interp/data/inputs/`), prompt templates, special tokens, and greedy decoding.
 
 Data lives in files beside the code, not in it: `texts.json` (sixteen natural texts, written for interp, public
@@ -8,7 +8,12 @@ sentence parts), `tasks.json` (the circuits tasks' names, places, objects and IO
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from interp.files import MB, read_text
+from interp.files import MB, read_bytes
 from interp.hooks import generate
 from interp.models import Model
 
@@ -36,14 +41,56 @@ TEXTS: tuple[str, ...] = tuple(builtin_data("texts.json"))
 USER_FILE_LIMIT = 256 * MB
 
 
-def read_user_file(path: str | Path, what: str) -> str:
-    """The text of a file the user named (prompts, haystack, needles), with a clear error when it cannot be read
-    (a FIFO, a device or a file over USER_FILE_LIMIT bytes included)."""
+class InputChangedError(ValueError):
+    """A user file differs from what the run recorded at its start (edited or replaced meanwhile)."""
+
+
+_recorded: ContextVar[dict[str, str] | None] = ContextVar("recorded_inputs", default=None)
+
+
+@contextmanager
+def recorded_inputs(digests: dict[str, str]) -> Iterator[None]:
+    """Within the block (a run), every user file read is checked against `digests` ({path: `file_digest`}, as
+    recorded when the run started); a file not among them is recorded at its first read. A file that changed fails
+    the read with InputChangedError, so a run never scores a mix of two versions."""
+    token = _recorded.set({os.path.realpath(os.path.expanduser(p)): d for p, d in digests.items()})
+    try:
+        yield
+    finally:
+        _recorded.reset(token)
+
+
+def file_digest(name: str, data: bytes) -> str:
+    """What a run records of an input file: sha256 of its name, a NUL byte and its bytes."""
+    return hashlib.sha256(name.encode() + b"\0" + data).hexdigest()
+
+
+def read_user_bytes(path: str | Path, what: str) -> bytes:
+    """The bytes of a file the user named (prompts, haystack, needles, tasks, an image), with a clear error when it
+    cannot be read (a FIFO, a device or a file over USER_FILE_LIMIT bytes included), checked inside
+    `recorded_inputs`."""
     path = Path(path).expanduser()
     try:
-        return read_text(path, USER_FILE_LIMIT)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {what} from {path}: {getattr(e, 'strerror', None) or e}") from e
+        data = read_bytes(path, USER_FILE_LIMIT)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} from {path}: {e.strerror or e}") from e
+    recorded = _recorded.get()
+    if recorded is not None:
+        real = os.path.realpath(path)
+        digest = file_digest(os.path.basename(real), data)
+        if recorded.setdefault(real, digest) != digest:
+            raise InputChangedError(f"{what} {path} changed since the run started (its sha256 is not the one "
+                                    "recorded): the run stops rather than mix two versions; restore the file, or "
+                                    "start a new run")
+    return data
+
+
+def read_user_file(path: str | Path, what: str) -> str:
+    """The text (UTF-8) of a file the user named, read as `read_user_bytes` does."""
+    try:
+        return read_user_bytes(path, what).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {what} from {path}: not UTF-8 text ({e})") from e
 
 
 def read_prompts(path: str | Path) -> list[str]:

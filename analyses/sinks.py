@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -123,6 +124,12 @@ class Sinks(Analysis):
                 raise ValueError(f"{model.name} reads images: random and repeated token inputs apply to text models")
             return ["natural"]
         return params["inputs"] or list(INPUT_KINDS)
+
+    def read_paths(self, model: Model, params: dict) -> tuple[str, ...]:
+        """Images for vision models; prompts for text models, when natural text is among the inputs."""
+        if model.family.kind in ("vit", "lvlm"):
+            return ("images",)
+        return ("prompts",) if "natural" in self.input_kinds(model, params) else ()
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         kind, kinds = model.family.kind, self.input_kinds(model, params)
@@ -300,17 +307,16 @@ def _sizes(model: Model, options: Options, params: dict) -> tuple[int, int]:
     return tokens, n
 
 
-_streams: dict[tuple, list[int]] = {}
-
-
 def _natural_stream(model: Model, params: dict) -> list[int]:
-    """The natural texts (built-in or `prompts`) as one token stream, without special tokens."""
-    key = (id(model.tokenizer), params["prompts"])
-    if key not in _streams:
-        texts = read_prompts(params["prompts"]) if params["prompts"] else list(TEXTS)
-        _streams[key] = model.tokenizer("\n\n".join(texts), add_special_tokens=False,
-                                        verbose=False)["input_ids"]
-    return _streams[key]
+    """The natural texts (built-in or `prompts`, read again each time, so a run checks them against what it
+    recorded) as one token stream, without special tokens."""
+    return _tokens(model.tokenizer, "\n\n".join(read_prompts(params["prompts"]) if params["prompts"] else TEXTS))
+
+
+@lru_cache(maxsize=4)
+def _tokens(tokenizer, text: str) -> list[int]:
+    """The text's token ids, tokenized once per tokenizer and text."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from interp.models import Model
 
-from .inputs import builtin_data
+from .inputs import builtin_data, read_user_file
 
 BUILTIN_TASKS = ("ioi", "colored-objects")
 IOI_CORRUPTIONS = ("abc", "swap")
@@ -134,10 +134,7 @@ def colored_objects_prompts(model: Model, n: int, seed: int = 0) -> list[TaskPro
 def jsonl_prompts(path: str | Path, n: int | None = None, seed: int = 0) -> list[TaskPrompt]:
     """A user task: JSON lines {"clean", "corrupt", "correct", "foil"[, "group"]} (n: a seeded random subset)."""
     path = Path(path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the task file {path}: {getattr(e, 'strerror', None) or e}") from e
+    lines = read_user_file(path, "the task file").splitlines()
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -157,14 +154,12 @@ def jsonl_prompts(path: str | Path, n: int | None = None, seed: int = 0) -> list
 
 
 def task_prompts(model: Model, task: str, n: int, seed: int = 0, ioi_corruption: str = "abc") -> list[TaskPrompt]:
-    """The prompts of a built-in task ("ioi", "colored-objects") or of a JSONL file (a path ending in .jsonl)."""
+    """The prompts of a built-in task ("ioi", "colored-objects"), else of the JSONL file at the path `task`."""
     if task == "ioi":
         return ioi_prompts(model, n, seed, ioi_corruption)
     if task == "colored-objects":
         return colored_objects_prompts(model, n, seed)
-    if task.endswith(".jsonl"):
-        return jsonl_prompts(task, n, seed)
-    raise ValueError(f"unknown task {task!r}: give {', '.join(BUILTIN_TASKS)} or a .jsonl file of prompts")
+    return jsonl_prompts(task, n, seed)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class Taxonomy(Analysis):
 
     # ---- the plan
 
+    def read_paths(self, model: Model, params: dict) -> tuple[str, ...]:
+        return ("images",) if model.family.kind == "vit" else ()
+
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         if model.family.kind == "vit":
             sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))

@@ -14,6 +14,7 @@ A parameter renamed since older runs were written names its old key in `was`, an
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -30,9 +31,11 @@ class Spec:
     """What a parameter means and accepts, beside its type and default.
 
     help: one line for `--help` (the default is appended). metavar: the CLI's placeholder. choices: the allowed
-    values (each item of a list). low / high: bounds on a number (each item of a list). path: the value names a
-    user file or folder, stored absolute so that a run resumed elsewhere matches. was: the key older runs stored.
-    before: what runs written before the parameter existed did, where that is not its default.
+    values (each item of a list). low / high: bounds on a number (each item of a list). path: the value (each item
+    of a list) names a user file or folder, stored absolute so that a run resumed elsewhere matches; only such a
+    parameter is ever read, hashed or kept as a file. builtin: the names a path parameter takes as built-in inputs,
+    not files (circuits' `ioi`). was: the key older runs stored. before: what runs written before the parameter
+    existed did, where that is not its default.
     """
 
     help: str
@@ -41,6 +44,7 @@ class Spec:
     low: float | None = None
     high: float | None = None
     path: bool = False
+    builtin: tuple = ()
     was: str | None = None
     before: Any = NOT_GIVEN
 
@@ -92,8 +96,10 @@ class Params:
         values = {}
         for name, (spec, kind, default) in specs.items():
             value = given.get(name, default)
-            if spec.path and value == "":
+            if spec.path and optional(kind) and isinstance(value, str) and value == "":
                 value = None  # `--images ""`: no file, the built-ins
+            if value is None and not optional(kind):
+                raise ValueError(f"{cls.analysis} parameter {name}: give a value (it cannot be None)")
             values[name] = None if value is None else _check(cls.analysis, name, spec, kind, value)
         return _json(cls(**values).__dict__)
 
@@ -118,6 +124,11 @@ def _specs(cls: type) -> dict[str, tuple[Spec, Any, Any]]:
     return {f.name: (f.metadata["spec"], hints[f.name], f.default) for f in fields(cls) if "spec" in f.metadata}
 
 
+def optional(kind: Any) -> bool:
+    """Whether an annotation takes None (`X | None`)."""
+    return type(None) in typing.get_args(kind)
+
+
 def base_type(kind: Any) -> tuple[type, type | None]:
     """(scalar type, list item type or None) of an annotation, None removed: `list[int] | None` -> (list, int)."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -131,36 +142,64 @@ def base_type(kind: Any) -> tuple[type, type | None]:
 
 def parse(kind: Any, value: Any) -> Any:
     """`value` (a Python value, or the text of a CLI flag) as the annotation `kind` asks; ValueError otherwise.
-    A list parameter takes a list, one value, or comma-separated text; a text parameter given a list takes its
-    items comma-separated."""
+    A list parameter takes a non-empty list, one value, or comma-separated text; a text parameter given a list takes
+    its items comma-separated. Numbers are finite; integers fit in 64 bits."""
     scalar, item = base_type(kind)
     if scalar is list:
         items = (value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple))
                  else [value])
-        return [parse(item, v.strip() if isinstance(v, str) else v) for v in items
-                if not (isinstance(v, str) and not v.strip())]
+        out = [parse(item, v.strip() if isinstance(v, str) else v) for v in items
+               if not (isinstance(v, str) and not v.strip())]
+        if not out:
+            raise ValueError("give at least one value")
+        return out
     if scalar is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{value!r} is not true or false")
+        raise ValueError(f"{_short(value)} is not true or false")
     if scalar is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{value!r} is not an integer")
-        return int(value)
+        if (isinstance(value, bool) or not isinstance(value, (int, float, str))
+                or isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{_short(value)} is not an integer")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{_short(value)} is not an integer") from None
+        if abs(number) >= 1 << 63:
+            raise ValueError(f"{_short(value)} is too large")
+        return number
     if scalar is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a number")
-        number = value if isinstance(value, int) else float(value)  # an int is a float (PEP 484): 25 stays 25
-        if number != number:
-            raise ValueError("NaN is not a number to use")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{_short(value)} is not a number")
+        try:
+            number = value if isinstance(value, int) else float(value)  # an int is a float (PEP 484): 25 stays 25
+            finite = math.isfinite(number)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{_short(value)} is not a finite number") from None
+        if not finite:
+            raise ValueError(f"{_short(value)} is not a finite number")
         return number
     if scalar is str:
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return ",".join(str(v) for v in value)
         if not isinstance(value, (str, Path)):
-            raise ValueError(f"{value!r} is not text")
+            raise ValueError(f"{_short(value)} is not text")
         return str(value)
     raise TypeError(f"unsupported parameter type {kind!r}")
+
+
+def _short(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def named_paths(spec: Spec, value: Any) -> list[str]:
+    """The user files or folders a resolved parameter value names: a path parameter's value, or each item of a list
+    one that is not a built-in name; none for any other parameter, whatever its text."""
+    if not spec.path or value is None:
+        return []
+    return [v for v in (value if isinstance(value, list) else [value]) if v not in spec.builtin]
 
 
 def _check(analysis: str, name: str, spec: Spec, kind: Any, value: Any) -> Any:
@@ -171,12 +210,16 @@ def _check(analysis: str, name: str, spec: Spec, kind: Any, value: Any) -> Any:
     items = value if isinstance(value, list) else [value]
     for v in items:
         if spec.choices and v not in spec.choices:
-            raise ValueError(f"unknown {analysis} {name} {v!r}; choose from {', '.join(map(str, spec.choices))}")
+            raise ValueError(f"unknown {analysis} {name} {_short(v)}; choose from {', '.join(map(str, spec.choices))}")
         if spec.low is not None and v < spec.low or spec.high is not None and v > spec.high:
             bounds = f"{spec.low if spec.low is not None else '-∞'}..{spec.high if spec.high is not None else '∞'}"
             raise ValueError(f"{analysis} parameter {name}: {v} is outside {bounds}")
     if spec.path:
-        value = str(Path(value).expanduser().resolve())
+        try:
+            absolute = {v: str(Path(v).expanduser().resolve()) for v in named_paths(spec, value)}
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, an unknown ~user
+            raise ValueError(f"{analysis} parameter {name}: not a path ({e})") from None
+        value = [absolute.get(v, v) for v in value] if isinstance(value, list) else absolute[value]
     return value
 
 

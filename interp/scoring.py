@@ -17,13 +17,15 @@ import torch
 import transformers
 
 from interp import __version__
-from interp.analyses import Options, get_analysis
+from interp.analyses import ANALYSES, Options, get_analysis
+from interp.analyses.inputs import InputChangedError, file_digest, recorded_inputs
 from interp.hooks import BACKENDS
 from interp.hooks.capture import check_heads, check_layers
 
 from .cluster import Cluster, Workers, as_cluster
 from .fanout import LOCAL, Executor, spread_over
 from .files import check_regular
+from .params import Spec, named_paths
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store
@@ -86,26 +88,31 @@ def score(
         writer = _reopen_matching(runs, an.name, identity, options, params)
     if writer is not None:
         _check_same_inputs(writer)
-    with _executor(cluster, model) as executor, spread_over(executor):  # a plan may fan out forward passes too
+    with _executor(cluster, model) as executor:
         return _plan_and_run(an, model, options, params, identity, runs, writer, bars, executor)
 
 
 def _plan_and_run(an, model: Model, options, params: dict, identity: dict, runs: Store | None,
                   writer: RunWriter | None, bars: Progress, executor: Executor) -> ScoreResult:
-    """A new run planned (and created in the store, when there is one) or a reopened one, then run."""
+    """A new run planned (and created in the store, when there is one) or a reopened one, then run. A new run
+    records its input files' digests first, and plans with every read checked against them (a plan may fan out
+    forward passes too)."""
     meta, created = None, False
     if writer is None:
-        torch.manual_seed(options.seed)
-        plan = an.plan(model, options, params)
+        inputs = input_digests(params)
+        with recorded_inputs(inputs), spread_over(_checked(executor, identity["config_hash"], inputs)):
+            torch.manual_seed(options.seed)
+            plan = an.plan(model, options, params)
         scores = an.score_columns(model, params)
         meta = {"analysis": an.name, "scores": scores, "signed": bool(an.signed),
                 "sample_columns": {s: an.sample_column(s) for s in scores}, "describe": list(an.describe),
-                "model": identity, "options": options.to_json(), "params": params, "inputs": input_digests(params),
+                "model": identity, "options": options.to_json(), "params": params, "inputs": inputs,
                 "plan": plan, "versions": versions()}
         if runs is not None:
             writer, created = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}"), True
             try:
                 writer.keep_inputs(user_files(params, plan))
+                _check_kept(writer, inputs)
             except BaseException:
                 writer.discard()
                 raise
@@ -130,17 +137,20 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
     """Score the plan's samples (those not done yet), then aggregate and finalize. created: the run was created by
     this call, so an error before its first sample removes it (no empty incomplete run is left; an interruption
     keeps it, resumable, as at any other time). executor: where samples and finalize's fanned-out work run (this
-    process, or a cluster's workers); whatever runs them, this process alone writes the run, sample by sample."""
+    process, or a cluster's workers); whatever runs them, this process alone writes the run, sample by sample. Every
+    read of a user file, here or on a worker, is checked against the digests the run recorded at its start: a file
+    that changed meanwhile stops the run (InputChangedError), which stays incomplete."""
     scored: dict[int, tuple] = {}
     done = writer.done() if writer is not None else set()
     todo = [i for i in range(len(plan)) if i not in done]
     inner = bars if executor is LOCAL else QUIET  # a worker's own bars would go to its log, not this terminal
     recorded = meta if meta is not None else writer.meta  # its model and inputs, as checked when it began or resumed
-    driver = None if executor is LOCAL else (recorded["model"]["config_hash"],
-                                             recorded.get("inputs") or input_digests(params))
-    jobs = [(an.name, plan[i], i, options, params, inner, driver) for i in todo]
+    inputs = recorded["inputs"] if "inputs" in recorded else input_digests(params)  # older runs: as they are now
+    executor = _checked(executor, recorded["model"]["config_hash"], inputs)
+    jobs = [(an.name, plan[i], i, options, params, inner) for i in todo]
     try:
-        with spread_over(executor), bars.bar(total=len(plan), desc=f"{an.name}: samples", leave=False) as bar:
+        with recorded_inputs(inputs), spread_over(executor), \
+                bars.bar(total=len(plan), desc=f"{an.name}: samples", leave=False) as bar:
             bar.update(len(done))
             for j, (rows, extras) in executor.map(score_one, model, jobs):
                 if writer is None:
@@ -178,17 +188,40 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
 def score_one(model: Model, job: tuple) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """One planned sample, scored as every run scores it (here or on a cluster's worker): seeded with seed + its
     index, its per-head rows and per-sample tables tagged with the index. job: (analysis name, planned sample,
-    index, Options, params, Progress, and what a worker must find as the driver did: None here, else (the model's config
-    hash, {input path: sha256})."""
-    name, sample, i, options, params, progress, driver = job
-    if driver is not None:
-        same_as_driver(model, *driver)
+    index, Options, params, Progress)."""
+    name, sample, i, options, params, progress = job
     torch.manual_seed(options.seed + i)
     rows = get_analysis(name).score_sample(model, sample, options, params, progress)
     rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
     for table in (rows, *extras.values()):
         table.insert(0, "sample", i)
     return rows, extras
+
+
+class _Checked:
+    """A cluster's executor whose items run as the driver's: each worker first finds the driver's model and input
+    files (`same_as_driver`), then runs the item with every read of a user file checked against the run's digests."""
+
+    def __init__(self, executor: Executor, config_hash: str, inputs: dict[str, str]):
+        self.executor, self.driver = executor, (config_hash, inputs)
+
+    def map(self, fn, model, items):
+        return self.executor.map(as_driver, model, [(fn, item, self.driver) for item in items])
+
+
+def _checked(executor: Executor, config_hash: str, inputs: dict[str, str]) -> Executor:
+    """`executor` with its items checked as the driver's (`_Checked`); this process's own (LOCAL) reads are checked
+    by the `recorded_inputs` block around them."""
+    return executor if executor is LOCAL else _Checked(executor, config_hash, inputs)
+
+
+def as_driver(model: Model, job: tuple):
+    """fn(model, item) on a worker that holds the driver's model and input files, each read checked against the
+    driver's digests. job: (fn, item, (the model's config hash, {input path: digest}))."""
+    fn, item, (config_hash, inputs) = job
+    same_as_driver(model, config_hash, inputs)
+    with recorded_inputs(inputs):
+        return fn(model, item)
 
 
 _SAME_AS_DRIVER: set = set()  # the (config hash, inputs) this process (a worker) has found to be the driver's
@@ -217,8 +250,12 @@ def same_as_driver(model: Model, config_hash: str, inputs: dict[str, str]) -> No
 def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, seed, params,
               cluster: Cluster | Workers | None = None) -> tuple[Options, dict, dict]:
     """(Options, the full parameters, the model's identity) of a run, checked: what a run records and is matched by.
-    A driver's copy without weights (on the meta device) records the device of the cluster's workers."""
+    A driver's copy without weights (on the meta device) records the device of the cluster's workers. Parameters are
+    checked first (they are wrong whatever the model), then the model, then the files given to parameters the
+    analysis does not read for it."""
+    params = an.resolve(params)
     an.check(model)
+    an.check_paths(model, params)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if samples is not None and not 1 <= samples <= MAX_SAMPLES:
@@ -231,7 +268,7 @@ def _settings(an, model: Model, layers, heads, samples, max_tokens, backend, see
     identity = model_identity(model)
     if model.device.type == "meta" and cluster is not None:
         identity["device"] = (cluster if isinstance(cluster, Cluster) else cluster.cluster).worker_device()
-    return options, an.resolve(params), identity
+    return options, params, identity
 
 
 def completed_run(model: Model, analysis: str, store: Store | str | os.PathLike, *, layers=None, heads=None,
@@ -279,37 +316,67 @@ def _reopen_matching(runs: Store, analysis: str, identity: dict, options, params
 
 
 def input_digests(params: dict) -> dict[str, str]:
-    """{path: sha256} of every file (or folder: its files, by name) a parameter names, as "path" or "a,b": what a
-    resumed run must find unchanged."""
-    return {path: _digest(Path(path).expanduser()) for path in _named_paths(params)}
+    """{path: digest} of every file or folder a path parameter (`Spec.path`) names, and of each file in such a
+    folder (by its resolved path): what a run records at its start, checks every read against, and what a resumed
+    run or a cluster's worker must find unchanged. Other parameters are never taken for paths, whatever their text.
+    ValueError naming the parameter for a path that is missing, or neither a regular file nor a folder."""
+    specs = _path_specs()
+    digests = {}
+    for name, value in params.items():
+        for path in named_paths(specs[name], value) if name in specs else []:
+            here = Path(path).expanduser()
+            try:
+                digests[path] = _digest(here)
+                if here.is_dir():
+                    digests.update({str(f.resolve()): _digest(f.resolve()) for f in _files(here)})
+            except FileNotFoundError:
+                builtin = f" (or one of: {', '.join(specs[name].builtin)})" if specs[name].builtin else ""
+                raise ValueError(f"parameter {name}: no file or folder at {path}{builtin}") from None
+            except OSError as e:  # not a regular file, unreadable
+                raise ValueError(f"parameter {name}: {e if e.strerror is None else f'{path}: {e.strerror}'}") from None
+    return digests
 
 
-def _named_paths(params: dict) -> list[str]:
-    """The existing files and folders the parameters name (a value "path", or a part of "a,b"), as written."""
-    parts = [part.strip() for value in params.values() if isinstance(value, str) for part in value.split(",")]
-    return [part for part in dict.fromkeys(parts) if part and os.path.exists(os.path.expanduser(part))]  # no OSError
+def _path_specs() -> dict[str, Spec]:
+    """Every analysis's path parameters, by name (a name means the same in every analysis that declares it)."""
+    return {name: spec for a in ANALYSES.values() for name, (spec, _, _) in a.Params.specs().items() if spec.path}
 
 
 def user_files(params: dict, plan: list[dict]) -> list[str]:
-    """The user's files a run reads, as recorded: those its parameters name (not folders) and the plan's images
+    """The user's files a run reads, as recorded: those its path parameters name (not folders) and the plan's images
     (samples' "image" / "images" entries that are paths)."""
-    files = [path for path in _named_paths(params) if Path(path).expanduser().is_file()]
+    specs = _path_specs()
+    files = [path for name, value in params.items() if name in specs
+             for path in named_paths(specs[name], value) if Path(path).expanduser().is_file()]
     for sample in plan:
         images = sample.get("image", sample.get("images"))
         files += [i for i in (images if isinstance(images, list) else [images]) if isinstance(i, str)]
     return files
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
 def _digest(path: Path) -> str:
+    """A file's `file_digest` (read in blocks), or a folder's: sha256 over its files, by name."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in _files(path) if path.is_dir() else [path]:
         check_regular(file, 1 << 40)  # a FIFO would never end
         h.update(file.name.encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def _check_kept(writer: RunWriter, inputs: dict[str, str]) -> None:
+    """Refuse a run whose kept copy of an input differs from the digest recorded before planning (the file changed
+    in between)."""
+    for recorded, name in writer.meta.get("kept_inputs", {}).items():
+        digest = inputs.get(recorded)
+        if digest is not None and file_digest(Path(recorded).name, (writer.path / name).read_bytes()) != digest:
+            raise InputChangedError(f"{recorded} changed while the run started: start it again")
 
 
 def _check_same_inputs(writer: RunWriter) -> None:
