@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote
 
 import dash
 import flask
@@ -53,7 +53,7 @@ class Dashboard:
             if path == "/":
                 return self.runs_page()
             if path.startswith("/run/"):
-                return self.run_page(path.removeprefix("/run/"))
+                return self.run_page(unquote(path.removeprefix("/run/")))
             if path == "/compare":
                 query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
                 return self.compare_page(query.get("a"), query.get("b"), query.get("sa"), query.get("sb"),
@@ -63,11 +63,14 @@ class Dashboard:
             return _error(str(e))
 
     def runs_rows(self) -> list[dict]:
+        """The runs table's rows. Every cell is plain text but "open", a markdown link whose text is fixed and whose
+        address is the run id percent-encoded: a run's words (a directory name, a model name) never become markdown."""
         rows = []
         for info in self.catalog.listing():
             m = info.meta or {}
             done, total = info.progress
-            rows.append({"id": f"[{info.id}](/run/{info.id})", "status": info.status, "analysis": m.get("analysis", ""),
+            rows.append({"open": f"[open](/run/{quote(info.id, safe='')})", "id": info.id, "status": info.status,
+                         "analysis": m.get("analysis", ""),
                          "model": (m.get("model") or {}).get("name", ""), "samples": f"{done}/{total}",
                          "started": info.started[:19].replace("T", " "),
                          "parameters": _short_json({**(m.get("options") or {}), **(m.get("params") or {})}),
@@ -76,8 +79,9 @@ class Dashboard:
 
     def runs_page(self):
         rows = self.runs_rows()
-        columns = [{"name": c, "id": c, **({"presentation": "markdown"} if c == "id" else {})}
-                   for c in ("id", "status", "analysis", "model", "samples", "started", "parameters", "error")]
+        columns = [{"name": "", "id": "open", "presentation": "markdown"},
+                   *({"name": c, "id": c} for c in ("id", "status", "analysis", "model", "samples", "started",
+                                                    "parameters", "error"))]
         table = dash_table.DataTable(
             id="runs-table", data=rows, columns=columns, filter_action="native", sort_action="native",
             page_size=25, markdown_options={"link_target": "_self"},
@@ -86,8 +90,8 @@ class Dashboard:
                 {"if": {"filter_query": '{status} = "corrupt"'}, "backgroundColor": "#fdecea"},
                 {"if": {"filter_query": '{status} = "incomplete"'}, "backgroundColor": "#fff6db"},
                 {"if": {"filter_query": '{status} = "running"'}, "backgroundColor": "#e8f1fb"}])
-        intro = html.P(f"{len(rows)} runs in {self.catalog.store.root}. Filter and sort in the header; open a run by "
-                       "its id; compare two runs on the Compare page.")
+        intro = html.P(f"{len(rows)} runs in {self.catalog.store.root}. Filter and sort in the header; open a run from "
+                       "its row; compare two runs on the Compare page.")
         return html.Div([html.H2("Runs"), intro, table, dcc.Interval(id="runs-refresh", interval=REFRESH_MS)])
 
     def run_page(self, run_id: str):

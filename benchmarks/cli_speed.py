@@ -1,6 +1,7 @@
 """How long the everyday commands take, start to finish, as a user runs them: `interp --help`, `runs`, `show`,
-`export` (csv), `models` and `score --help` (which imports every analysis, hence torch and transformers), each the median of 5 runs in a fresh process, against a store holding one small complete run
-(scored first, not timed). Compare with `python -c pass` (the interpreter's own start) printed alongside.
+`export` (csv), `models` and `score --help` (which imports every analysis, hence torch and transformers), each the
+median of 5 runs in a fresh process, against a store holding one small complete run (scored first, not timed).
+Compare with `python -c pass` (the interpreter's own start) printed alongside.
 
     python benchmarks/cli_speed.py
 """

@@ -9,13 +9,14 @@ interrupted); 141 (128 + SIGPIPE, as for other Unix tools) quietly, when standar
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import select
 import signal
 import sys
 import threading
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from typing import TYPE_CHECKING
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
@@ -34,6 +35,17 @@ DEFAULT_TOP = 10
 
 class UsageError(ValueError):
     """A malformed command line: exit code 2."""
+
+
+# C0 controls, DEL and C1 controls (escape sequences: a clipboard write, a screen clear, a hyperlink), as \xNN
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL_IN_LINES = {c: shown for c, shown in _CONTROL.items() if chr(c) not in "\n\t"}
+
+
+def printable(text, lines: bool = False) -> str:
+    """`text` (a run's words: a model name, a run id, an error) safe to print on a terminal: its control characters
+    shown as \\xNN rather than obeyed. lines: newlines and tabs are kept (a message, not a table's field)."""
+    return str(text).translate(_CONTROL_IN_LINES if lines else _CONTROL)
 
 
 MAX_INDEX = 99_999  # no model has more layers or heads: ranges are checked before they are expanded
@@ -163,21 +175,23 @@ def print_tables(result: ScoreResult, top: int) -> None:
     """The ranked table of the top heads for each score."""
     m = result.meta
     model = m["model"]
-    size = {key: model.get(key, "?") for key in ("family", "n_layers", "n_heads", "n_kv_heads")}  # hand-made runs
-    print(f"{result.analysis} · {model['name']} ({size['family']}, {size['n_layers']} layers × {size['n_heads']} "
-          f"heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · {result.status}")
+    size = {key: printable(model.get(key, "?")) for key in ("family", "n_layers", "n_heads", "n_kv_heads")}
+    print(f"{printable(result.analysis)} · {printable(model['name'])} ({size['family']}, {size['n_layers']} layers × "
+          f"{size['n_heads']} heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · "
+          f"{printable(result.status)}")
     for score, meaning in m["scores"].items():
+        shown, meaning = printable(score), printable(meaning)
         if score not in result.heads.columns:  # an incomplete run: no finished sample gives this score yet
-            print(f"\n{score}: {meaning}\n  no finished sample gives it yet ({result.status} run)")
+            print(f"\n{shown}: {meaning}\n  no finished sample gives it yet ({printable(result.status)} run)")
             continue
         rows = _ranked(result, score, top)
-        width = max(10, len(score))
-        print(f"\ntop {len(rows)} heads by {score}: {meaning}")
-        print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {score:>{width}}")
+        width = max(10, len(shown))
+        print(f"\ntop {len(rows)} heads by {shown}: {meaning}")
+        print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {shown:>{width}}")
         for r in rows:
             print(f"  {r['rank']:>4}  {r['layer']:>5}  {r['head']:>4}  {r['kv_head']:>7}  {r['value']:>{width}.4f}")
     for line in _report(result):
-        print(line)
+        print(printable(line))
 
 
 def _score(args) -> int:
@@ -224,7 +238,7 @@ def _score(args) -> int:
             results.append(result)
             if not args.json:
                 print_tables(result, args.top)
-                print(f"\nrun {result.id}\n    {result.path}\n")
+                print(f"\nrun {printable(result.id)}\n    {printable(result.path)}\n")
     if args.json:
         print(json.dumps({"runs": [run_json(r, args.top) for r in results]}, indent=2))
     return 0
@@ -280,7 +294,7 @@ def _sweep(args) -> int:
     if args.json:
         print(json.dumps({"store": str(Store(args.out).root), "runs": rows}, indent=2))
     else:
-        print("\n".join(summary_lines(rows)))
+        print("\n".join(printable(line) for line in summary_lines(rows)))
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -290,16 +304,17 @@ def _runs(args) -> int:
         print(json.dumps({"store": str(Store(args.store).root), "runs": [r.to_json() for r in runs]}, indent=2))
         return 0
     if not runs:
-        print(f"no runs in {Store(args.store).root}")
+        print(f"no runs in {printable(Store(args.store).root)}")
         return 0
     print(f"{'id':<44} {'status':<10} {'analysis':<10} {'model':<20} {'samples':>9}  started")
     for r in runs:
         if r.status == "corrupt":
-            print(f"{r.id:<44} {'corrupt':<10} {r.error}")
+            print(f"{printable(r.id):<44} {'corrupt':<10} {printable(r.error)}")
             continue
         done, total = r.progress
-        print(f"{r.id:<44} {r.status:<10} {r.meta['analysis']:<10} {r.meta['model']['name']:<20} "
-              f"{f'{done}/{total}':>9}  {r.started[:19].replace('T', ' ')}")
+        print(f"{printable(r.id):<44} {r.status:<10} {printable(r.meta['analysis']):<10} "
+              f"{printable(r.meta['model']['name']):<20} {f'{done}/{total}':>9}  "
+              f"{printable(r.started[:19].replace('T', ' '))}")
     return 0
 
 
@@ -311,10 +326,11 @@ def _show(args) -> int:
         print(json.dumps(run_json(result, args.top), indent=2))
         return 0
     print_tables(result, args.top)
+    run = printable(result.id)
     if result.status != "complete":
-        print(f"\nrun {result.id} is incomplete: finish it with `interp score {result.meta['model']['name']} "
-              f"--analysis {result.analysis} --resume {result.id} --out {Store(args.store).root}`")
-    print(f"\nrun {result.id}\n    {result.path}")
+        print(f"\nrun {run} is incomplete: finish it with `interp score {printable(result.meta['model']['name'])} "
+              f"--analysis {printable(result.analysis)} --resume {run} --out {printable(Store(args.store).root)}`")
+    print(f"\nrun {run}\n    {printable(result.path)}")
     return 0
 
 
@@ -325,9 +341,15 @@ def _export(args) -> int:
     output = args.output
     if output is None and args.format == "parquet":
         output = f"{result.id}-{args.table}.parquet"
-    result.export(output, args.format, args.table)
+    if output in (None, "-") and args.format != "parquet" and sys.stdout.isatty():  # text a person reads: made safe
+        text = io.StringIO()
+        with redirect_stdout(text):
+            result.export(None, args.format, args.table)
+        sys.stdout.write(printable(text.getvalue(), lines=True))
+    else:
+        result.export(output, args.format, args.table)
     if output not in (None, "-"):
-        print(f"wrote {args.table} table of run {result.id} to {output}", file=sys.stderr)
+        print(f"wrote {args.table} table of run {printable(result.id)} to {printable(output)}", file=sys.stderr)
     return 0
 
 
@@ -552,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError as e:
         if not _reader_gone():  # another pipe broke (a socket of the work): a failure like any other
-            print(f"interp: error: {e}", file=sys.stderr)
+            print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)
             return 1
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own flush at exit finds no pipe to complain of
@@ -560,17 +582,17 @@ def main(argv: list[str] | None = None) -> int:
         return SIGPIPE_EXIT
     except UsageError as e:
         parser.print_usage(sys.stderr)
-        print(f"interp: error: {e}", file=sys.stderr)
+        print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interp: interrupted; a run already started stays incomplete: run the same command with --resume "
               "to finish it", file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"interp: error: {e}", file=sys.stderr)
+        print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)
         return 1
     except Exception as e:  # anything else (a device torch lacks, a library's own error): a message, not a traceback
-        print(f"interp: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"interp: error: {type(e).__name__}: {printable(e, lines=True)}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:

@@ -165,7 +165,7 @@ def board(app_store):
 
 
 def test_runs_page_lists_every_run_with_its_status(board, app_store):
-    rows = {r["id"].split("]")[0][1:]: r for r in board.runs_rows()}
+    rows = {r["id"]: r for r in board.runs_rows()}
     _, ids, _ = app_store
     assert {rows[ids[k]]["status"] for k in ("summary", "retrieval", "sinks")} == {"complete"}
     assert rows[ids["incomplete"]]["status"] == "incomplete" and rows[ids["corrupt"]]["status"] == "corrupt"
@@ -178,6 +178,28 @@ def test_broken_runs_become_messages(board, app_store):
     assert "corrupt" in str(board.page(f"/run/{ids['corrupt']}"))
     assert "no finished sample" in str(board.page(f"/run/{ids['incomplete']}"))
     assert "no page" in str(board.page("/nowhere"))
+
+
+def test_run_names_are_plain_text_in_the_runs_table(app_store, tmp_path):
+    """Run directories named like markdown links to another site are listed as text: every row's one link, "open",
+    leads to its own run page, which the link's (percent-encoded) address opens."""
+    import re
+    import shutil
+    from urllib.parse import quote
+
+    from markdown_it import MarkdownIt
+
+    root, ids, _ = app_store
+    names = ["click me](https:\\example.com\\x)[b", "[see](https:example.com) 100%"]
+    for name in names:
+        shutil.copytree(root / ids["summary"], tmp_path / name)
+    board = Dashboard(tmp_path)
+    [table] = [c for c in board.runs_page().children if getattr(c, "id", None) == "runs-table"]
+    markdown = [c["id"] for c in table.columns if c.get("presentation") == "markdown"]
+    for row in table.data:
+        links = [re.findall(r'<a href="([^"]*)">(.*?)</a>', MarkdownIt("commonmark").render(row[c])) for c in markdown]
+        assert row["id"] in names and links == [[(f"/run/{quote(row['id'], safe='')}", "open")]]
+    assert "summary on stories260k" in str(board.page(f"/run/{quote(names[1], safe='')}"))
 
 
 @pytest.mark.parametrize("run_id", ["../x", "/etc", "..", ".hidden", "a\\b", ""])

@@ -99,7 +99,7 @@ def test_runs_page_lists_runs_with_their_status(server, page, app_store, shots):
         assert run_id in text
     assert "corrupt" in text and "incomplete" in text
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
-    page.locator("#runs-table th.dash-filter.column-2").click()  # the analysis column's filter
+    page.locator("#runs-table th.dash-filter.column-3").click()  # the analysis column's filter
     page.keyboard.type("sinks")
     page.keyboard.press("Enter")
     page.wait_for_timeout(300)

@@ -347,3 +347,34 @@ def test_help_is_fast():
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "score" in out.stdout and "runs" in out.stdout, out.stderr[-500:]
+
+
+ESCAPES = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m"  # a clipboard write, a screen clear, an 8-bit CSI
+
+
+def test_a_runs_words_reach_the_terminal_without_their_control_characters(capsys, store, tmp_path, monkeypatch):
+    """A planted run whose model name, score, report and directory name hold escape sequences: `runs`, `show`,
+    `export` to a terminal and the errors show them as \\xNN, never obey them; --json escapes them as JSON does."""
+    import shutil
+
+    source = next(i for i in interp.list_runs(store) if i.status == "complete")
+    run_dir = tmp_path / f"{source.id[:-6]}{ESCAPES}"
+    shutil.copytree(source.path, run_dir)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta.update(id=run_dir.name, report=[f"report {ESCAPES}"])
+    meta["model"]["name"] += ESCAPES
+    meta["scores"] = {name: f"{meaning} {ESCAPES}" for name, meaning in meta["scores"].items()}
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    broken = tmp_path / f"20990101-{ESCAPES}"
+    broken.mkdir()
+    (broken / "meta.json").write_text("[")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    shown = [run(capsys, "runs", "--store", str(tmp_path)), run(capsys, "show", run_dir.name, "--store", str(tmp_path)),
+             run(capsys, "export", run_dir.name, "--store", str(tmp_path)),
+             run(capsys, "show", broken.name, "--store", str(tmp_path))]
+    assert [code for code, _, _ in shown] == [0, 0, 0, 1]
+    for _, out, err in shown:
+        assert not any(c in out + err for c in "\x1b\x07\x9b"), (out, err)
+    assert "\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J" in shown[1][1] and "\\x1b" in shown[3][2]
+    code, out, _ = run(capsys, "show", run_dir.name, "--store", str(tmp_path), "--json")
+    assert code == 0 and "\x1b" not in out and json.loads(out)["model"]["name"].endswith(ESCAPES)
