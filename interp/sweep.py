@@ -169,13 +169,14 @@ def _check_options(options, where: str) -> dict:
             out[key] = parse(OPTIONS[key], value)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: [options] {key} = {value!r}: {e}") from None
-    bad = {"samples": not 1 <= out.get("samples", 1) <= MAX_SAMPLES, "max_tokens": out.get("max_tokens", 1) < 1,
-           "backend": out.get("backend", "hf") not in BACKENDS, "layers": out.get("layers") == [],
-           "heads": out.get("heads") == []}
     accepted = {"samples": f"1..{MAX_SAMPLES:,}", "max_tokens": "at least 1", "backend": ", ".join(BACKENDS),
                 "layers": "some layer indices", "heads": "some head indices"}
-    for key in (k for k, wrong in bad.items() if wrong):
-        raise ValueError(f"{where}: [options] {key} = {options[key]!r}: give {accepted[key]}")
+    wrong = [key for key, bad in (("samples", not 1 <= out.get("samples", 1) <= MAX_SAMPLES),
+                                  ("max_tokens", out.get("max_tokens", 1) < 1),
+                                  ("backend", out.get("backend", "hf") not in BACKENDS),
+                                  ("layers", out.get("layers") == []), ("heads", out.get("heads") == [])) if bad]
+    if wrong:
+        raise ValueError(f"{where}: [options] {wrong[0]} = {options[wrong[0]]!r}: give {accepted[wrong[0]]}")
     return out
 
 
@@ -226,9 +227,9 @@ def run_sweep(sweep: Sweep, store: Store | str | os.PathLike | None = None, *, c
 
 def _score_one(row: dict, model, options: dict, store: Store, workers: Workers | None, progress: Progress,
                wait: bool) -> bool:
-    """Score the row's combination into `store`, holding its claim, unless a complete run of it is there already
-    (then the row is "skipped" with that run); the row updated with what happened. False, with nothing done, when
-    another process holds the claim (with `wait`: waits for it, then looks again)."""
+    """Score the row's combination into `store` while holding its claim, unless a complete run of it is there
+    already (then the row is "skipped", with that run); the row says what happened. False, with nothing done, when
+    another process holds the claim; with `wait`, that process is waited for first."""
     analysis, params = row["analysis"], row["params"]
     start = time.perf_counter()
     try:
