@@ -16,8 +16,9 @@ from interp.sweep import MAX_COMBINATIONS, check_sweep, read_sweep, run_sweep
 def test_a_huge_grid_is_counted_and_refused_before_anything_is_built():
     """8 parameters × 30 values: 6.6e11 combinations, refused at once with the count (not built: a MemoryError)."""
     names = ["epsilon", "any_min_queries", "top_activations", "massive_min", "massive_ratio", "norm_threshold",
-             "prompt", "preset"]
-    spec = {"models": ["m"], "analyses": ["sinks"], "params": {"sinks": {n: list(range(1, 31)) for n in names}}}
+             "sink_dims"]
+    grid = {**{n: list(range(1, 31)) for n in names}, "prompt": [f"prompt {i}" for i in range(30)]}
+    spec = {"models": ["m"], "analyses": ["sinks"], "params": {"sinks": grid}}
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"656,100,000,000 combinations .* at most {MAX_COMBINATIONS:,}"):
         check_sweep(spec)
