@@ -9,14 +9,20 @@ query's attention over an image's patch grid. Only small matrices leave this mod
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
 from interp.analyses import Options, get_analysis
+from interp.catalog import ALIASES
 from interp.hooks import trace
 from interp.kernels import AttentionGeometry, attention_tile, pooled_attention
 from interp.layout import TokenLayout, token_layout
@@ -72,22 +78,37 @@ class AttentionView:
 
 
 class AttentionSource:
-    """Loads runs' models on first use (or takes them given, by the name the run records) and serves attention
-    views of their samples. Thread-safe; keeps the last `LOADED_MODELS` loaded models and `CACHED_LAYERS`
-    captured layers."""
+    """Takes models given (by the name runs record) or loads them on first use, and serves attention views of runs'
+    samples. It loads only the built-in aliases and the models `allow` names: a hub id or folder as written, or a
+    folder below an allowed one (symlinks followed) — never a path merely because a run records it. Thread-safe;
+    keeps the last `LOADED_MODELS` loaded models and `CACHED_LAYERS` captured layers."""
 
-    def __init__(self, models: dict[str, Model] | None = None, device: str | None = None):
+    def __init__(self, models: dict[str, Model] | None = None, device: str | None = None,
+                 allow: Iterable[str | os.PathLike] = ()):
         self.given: dict[str, Model] = dict(models or {})
         self.device = device
+        self.allowed = {str(name) for name in allow}
+        self._folders = [Path(os.path.realpath(os.path.expanduser(name))) for name in self.allowed]
         self._loaded: OrderedDict[str, Model] = OrderedDict()
         self._layers: OrderedDict[tuple, LayerCapture] = OrderedDict()
         self._lock = threading.Lock()
 
+    def may_load(self, name: str) -> bool:
+        """Whether the model a run names is one this source loads (decided without looking whether it exists)."""
+        if name in ALIASES or name in self.allowed:
+            return True
+        path = os.path.expanduser(name)
+        return os.path.isabs(path) and any(Path(os.path.realpath(path)).is_relative_to(f) for f in self._folders)
+
     def model(self, meta: dict) -> Model:
-        """The run's model: given, or loaded by the name it records; its config must be the run's."""
+        """The run's model: given, or loaded by the name it records if `may_load`; its config must be the run's."""
         name = meta["model"]["name"]
         model = self.given.get(name) or self._loaded.get(name)
         if model is None:
+            if not self.may_load(name):  # one message whether or not such a folder exists: nothing is looked at
+                raise ValueError(f"the run's model {name!r} is not one this dashboard loads: it loads the built-in "
+                                 "aliases and the models it is started with (`interp app --models DIR`: a folder of "
+                                 "models, or a model's folder or hub id)")
             try:
                 model = load_model(name, device=self.device)
             except Exception as e:  # noqa: BLE001  (any loading failure becomes one clear message)
@@ -103,8 +124,9 @@ class AttentionSource:
         return model
 
     def layer(self, meta: dict, sample: int, layer: int) -> LayerCapture:
-        """One layer's capture on one planned sample of a run (computed once, then cached)."""
-        key = (meta.get("id"), meta["model"]["name"], sample, layer)
+        """One layer's capture on one planned sample of a run (computed once, then cached by what it is computed from:
+        `replay_key`, never by the id a run's meta.json claims)."""
+        key = (replay_key(meta, sample), layer)
         with self._lock:
             if key in self._layers:
                 self._layers.move_to_end(key)
@@ -116,15 +138,12 @@ class AttentionSource:
             return capture
 
     def _capture(self, meta: dict, sample: int, layer: int) -> LayerCapture:
-        plan = meta["plan"]
-        if not 0 <= sample < len(plan):
-            raise ValueError(f"sample {sample} is outside the run's {len(plan)} samples")
         model = self.model(meta)
         if not 0 <= layer < model.n_layers():
             raise ValueError(f"layer {layer} is outside {model.name}'s {model.n_layers()} layers")
         analysis = get_analysis(meta["analysis"])
-        inputs = analysis.sample_inputs(model, plan[sample], Options.from_json(meta["options"]),
-                                          analysis.stored_params(meta))
+        inputs = analysis.sample_inputs(model, meta["plan"][sample], Options.from_json(meta["options"]),
+                                        analysis.stored_params(meta))
         calls = []
         trace(model, inputs, calls.append, layers=[layer], keep=("q", "k"))
         call = calls[0]
@@ -152,6 +171,18 @@ class AttentionSource:
         row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), geometry=geometry)[0, 0, 0]
         positions = cap.layout.grids[grid].positions.to(row.device)
         return row[positions].cpu().numpy(), cap.image
+
+
+def replay_key(meta: dict, sample: int) -> str:
+    """A digest of what a planned sample's capture is computed from: the run's model (name and config hash),
+    analysis, options, parameters and the planned sample, and `replay` where the dashboard sets it (the run's
+    resolved directory and the digests of the input copies the sample reads)."""
+    plan = meta["plan"]
+    if not 0 <= sample < len(plan):
+        raise ValueError(f"sample {sample} is outside the run's {len(plan)} samples")
+    source = [meta["model"]["name"], meta["model"].get("config_hash"), meta["analysis"], meta["options"],
+              meta["params"], plan[sample], meta.get("replay")]
+    return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def attention_view(cap: LayerCapture, head: int, q_range: tuple[int, int] | None = None,

@@ -190,7 +190,7 @@ class Dashboard:
                        region: dict | None = None):
         """(attention map, grid view, grid style, status, region) for the chosen head and sample over a token
         region ({"q": [q0, q1], "k": [k0, k1]}; None: the whole input)."""
-        meta = self.catalog.replay_meta(run_id)
+        meta = self.catalog.replay_meta(run_id, sample)
         q_range, k_range = (region["q"], region["k"]) if region else (None, None)
         view = self.attention.pattern(meta, sample, layer, head, q_range, k_range)
         fig = figures.attention_map(view.matrix, view.q_range, view.k_range, block=view.block, q_tokens=view.q_tokens,

@@ -389,7 +389,7 @@ def _app(args) -> int:
         print(f"interp: warning: listening on {args.host}: anyone who can reach it can read this store's runs",
               file=sys.stderr)
     hosts = (*LOCAL_HOSTS, args.host, *(args.allow_host or ()))
-    app = make_app(store, AttentionSource(device=args.device), hosts=hosts)
+    app = make_app(store, AttentionSource(device=args.device, allow=args.models or ()), hosts=hosts)
     print(f"interp: dashboard of {store.root} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     app.run(host=args.host, port=args.port, debug=False)
     return 0
@@ -521,6 +521,10 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
                    help="another name the browser may use for this server (its Host header; repeatable; '*' for any). "
                         "Default: --host, localhost, 127.0.0.1 and ::1 only (no DNS rebinding)")
     p.add_argument("--device", help="device for the models that attention views load (default cpu)")
+    p.add_argument("--models", action="append", metavar="DIR",
+                   help="models the attention views may load besides the built-in aliases: a folder of models (every "
+                        "model folder below it), or a model's folder or hub id as runs name it (repeatable). A path a "
+                        "run records is never loaded for being recorded")
     p.set_defaults(func=_app)
 
     p = sub.add_parser("generate", help="greedy generation (up to the first newline), for vision-language models "

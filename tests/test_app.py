@@ -1,7 +1,9 @@
 """The dashboard without a browser: figure builders, the attention views against eager attention, the callbacks,
 and its safety (store confinement, broken runs, no pickle)."""
 
+import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from interp.app.attention import AttentionSource
 from interp.app.dashboard import Dashboard, _zoom, make_app
 from interp.cli import build_parser, main
 from interp.compare import rank_correlation, top_overlap
-from interp.store import RunNotFoundError
+from interp.files import UnreadableFileError, confined
+from interp.store import CorruptRunError, RunNotFoundError
 from tiny_models import make, vit_processor
 
 
@@ -184,7 +187,6 @@ def test_run_names_are_plain_text_in_the_runs_table(app_store, tmp_path):
     """Run directories named like markdown links to another site are listed as text: every row's one link, "open",
     leads to its own run page, which the link's (percent-encoded) address opens."""
     import re
-    import shutil
     from urllib.parse import quote
 
     from markdown_it import MarkdownIt
@@ -307,7 +309,8 @@ def test_app_layout_and_cli(app_store, capsys):
     app = make_app(app_store[0])
     assert app.layout is not None and len(app.callback_map) >= 8
     args = build_parser().parse_args(["app"])
-    assert (args.host, args.port) == ("127.0.0.1", 8050)
+    assert (args.host, args.port, args.models) == ("127.0.0.1", 8050, None)
+    assert build_parser().parse_args(["app", "--models", "a", "--models", "b/c"]).models == ["a", "b/c"]
     assert main(["app", "--store", str(app_store[0] / "nope")]) == 1
     assert "no store at" in capsys.readouterr().err
     assert main(["app", "--store", str(app_store[0]), "--port", "70000"]) == 2
@@ -379,10 +382,9 @@ def test_requests_for_other_hosts_are_refused(app_store):
 def test_a_planted_run_cannot_make_the_app_read_files_outside_the_store(app_store, tmp_path, monkeypatch):
     """A run whose plan names an image outside the store (or through a symlink leaving it): serving its page opens
     nothing outside the store; the same image copied into the store is drawn."""
-    import json
-    import shutil
+    import os
 
-    import PIL.Image
+    import interp.files
     from interp.analyses.images import synthetic_image
 
     store = tmp_path / "store"
@@ -390,9 +392,14 @@ def test_a_planted_run_cannot_make_the_app_read_files_outside_the_store(app_stor
     synthetic_image(0).save(secret)
     source = interp.list_runs(app_store[0])
     vit_run = next(i for i in source if i.meta and i.meta["analysis"] == "sinks" and i.meta["model"]["family"] == "vit")
-    opened = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    opened, real_open = [], interp.files.open_regular
+
+    def recording(path, limit):  # every file read through interp.files, as the file it opened
+        f = real_open(path, limit)
+        opened.append((os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino))
+        return f
+
+    monkeypatch.setattr(interp.files, "open_regular", recording)
     inside = store / "inside.png"
     for name, image in [("outside", secret), ("link", store / "link.png"), ("inside", inside)]:
         run = store / f"{vit_run.id[:-6]}{name}"
@@ -410,15 +417,13 @@ def test_a_planted_run_cannot_make_the_app_read_files_outside_the_store(app_stor
                 "inputs": [{"id": "url", "property": "pathname", "value": f"/run/{run}"},
                            {"id": "url", "property": "search", "value": ""}], "changedPropIds": ["url.pathname"]}
         assert client.post("/_dash-update-component", json=body, headers={"Host": "127.0.0.1"}).status_code == 200
-    assert all(Path(p).resolve() != secret.resolve() for p in opened), opened
-    assert str(inside) in opened  # the store's own copy is drawn
+    identity = lambda path: (path.stat().st_dev, path.stat().st_ino)  # noqa: E731
+    assert identity(secret) not in opened and identity(inside) in opened  # the store's own copy is drawn
 
 
 def test_a_run_keeps_its_inputs_and_the_app_replays_them_without_the_originals(app_store, tmp_path):
     """User images and a prompts file are copied into the run; with the originals deleted, the app still draws the
     image under the grid view (as drawn from the original) and recomputes the attention of a prompt-file sample."""
-    import shutil
-
     from interp.analyses.images import synthetic_image
 
     originals = tmp_path / "mine"
@@ -444,8 +449,77 @@ def test_a_run_keeps_its_inputs_and_the_app_replays_them_without_the_originals(a
     assert style.get("display") != "none" and "exact per token" in status
     np.testing.assert_array_equal(np.asarray(grid_fig.data[0].z), expected)
     _, _, _, status, _ = board.show_attention(text_run.id, 1, 0, 1)
-    tokens = board.attention.layer(board.catalog.replay_meta(text_run.id), 1, 1).tokens
+    tokens = board.attention.layer(board.catalog.replay_meta(text_run.id, 1), 1, 1).tokens
     assert "exact per token" in status and "played" in "".join(tokens)
+
+
+def test_a_copied_run_claiming_the_same_id_never_shows_in_the_genuine_one(app_store, tmp_path):
+    """A copy of a run keeping its meta.json's id but planting another input, viewed first: the genuine run's view
+    is its own (the captures are cached by what they replay, not by the id a run claims)."""
+    root, ids, _ = app_store
+    genuine, planted = tmp_path / ids["summary"], tmp_path / f"{ids['summary'][:-6]}planted"
+    shutil.copytree(root / ids["summary"], genuine)
+    shutil.copytree(genuine, planted)
+    meta = json.loads((planted / "meta.json").read_text())
+    meta["plan"][0]["text"] = "The zebra ate the planted secret. " * 4
+    (planted / "meta.json").write_text(json.dumps(meta))
+    board = Dashboard(tmp_path)
+    assert board.catalog.result(planted.name).id == board.catalog.result(genuine.name).id
+    board.show_attention(planted.name, 1, 0, 0)
+    assert "zebra" in "".join(board.attention.layer(board.catalog.replay_meta(planted.name, 0), 0, 1).tokens)
+    board.show_attention(genuine.name, 1, 0, 0)
+    shown = board.attention.layer(board.catalog.replay_meta(genuine.name, 0), 0, 1).tokens
+    assert shown == AttentionSource().layer(Dashboard(tmp_path).catalog.replay_meta(genuine.name, 0), 0, 1).tokens
+    assert "zebra" not in "".join(shown)
+
+
+def test_an_input_copy_changed_or_hard_linked_out_of_the_store_is_not_replayed(tmp_path):
+    """A run's kept prompts file edited after the run (its sha256 is no longer the recorded one), or replaced by a hard
+    link to a file outside the store: the attention view refuses it instead of showing its words."""
+    prompts, secret = tmp_path / "prompts.txt", tmp_path / "secret.txt"
+    prompts.write_text("Once upon a time there was a cat.\nThe dog ran to the park and played.\n")
+    secret.write_text("The zebra password is hunter two.\n")
+    store = tmp_path / "store"
+    run = interp.score("stories260k", "summary", prompts=str(prompts), samples=2, store=store)
+    copy = run.path / run.meta["kept_inputs"][str(prompts.resolve())]
+    board = Dashboard(store)
+    copy.write_text("The zebra ate the cat.\nThe zebra ran to the park.\n")
+    with pytest.raises(CorruptRunError, match="differs from the sha256 the run recorded"):
+        board.show_attention(run.id, 1, 0, 0)
+    copy.unlink()
+    copy.hardlink_to(secret)
+    with confined(store), pytest.raises(UnreadableFileError, match="2 names"):  # as the app confines every request
+        board.show_attention(run.id, 1, 0, 0)
+    shutil.copy(prompts, copy)  # the genuine copy again: replayed
+    assert "exact per token" in board.show_attention(run.id, 1, 0, 0)[3]
+
+
+def test_the_dashboard_loads_only_aliases_and_the_models_it_is_allowed(app_store, tmp_path, monkeypatch):
+    """A run naming a model folder (one that loads, a system folder, a missing one, a hub id) is refused with one
+    message, and nothing is loaded; `allow` (interp app --models DIR) admits the folders below DIR, not a symlink
+    out of it."""
+    import interp.app.attention as attention
+    from interp.models import alias_path
+
+    root, ids, _ = app_store
+    meta = interp.open_run(ids["summary"], store=root).meta
+    models = tmp_path / "models"
+    shutil.copytree(alias_path("stories260k"), models / "ctx")
+    (models / "out").symlink_to(alias_path("stories260k"))
+    loaded, load = [], attention.load_model
+    monkeypatch.setattr(attention, "load_model", lambda name, **kw: (loaded.append(name), load(name, **kw))[1])
+
+    def refusal(source, name):
+        with pytest.raises(ValueError) as e:
+            source.model({**meta, "model": {**meta["model"], "name": name}})
+        return str(e.value).replace(repr(name), "NAME")
+
+    names = [str(models / "ctx"), "/etc", str(tmp_path / "missing"), "someone/model", str(models / "out")]
+    assert len({refusal(AttentionSource(), name) for name in names}) == 1 and loaded == []
+    allowed = AttentionSource(allow=[models])
+    assert refusal(allowed, str(models / "out")) == refusal(allowed, "/etc") and loaded == []
+    assert allowed.model({**meta, "model": {**meta["model"], "name": str(models / "ctx")}}).n_layers() == 5
+    assert AttentionSource(allow=["someone/model"]).may_load("someone/model") and loaded == [str(models / "ctx")]
 
 
 def test_views_read_well(board, app_store):
