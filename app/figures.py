@@ -23,6 +23,12 @@ ATTENTION_SCALE = "Blues"
 TEMPLATE = "plotly_white"
 
 
+def plain(text: str) -> str:
+    """`text` (a run's words: a model name, an error) shown as written: plotly reads <a href=…>, <b>… in titles and
+    annotations as markup, which would let a run draw a link to another site."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def score_columns(heads: pd.DataFrame) -> list[str]:
     """The score columns of a heads table (everything but the head's coordinates)."""
     return [c for c in heads.columns if c not in ("layer", "head", "kv_head")]
@@ -46,14 +52,14 @@ def head_map(heads: pd.DataFrame, score: str, *, title: str | None = None,
     kv[layer, head] = heads["kv_head"].to_numpy(int)
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=kv, **color_scale(score, z),
-        colorbar={"title": score},
-        hovertemplate="layer %{y}, head %{x}<br>KV head %{customdata}<br>" + score + " %{z:.4g}<extra></extra>",
+        colorbar={"title": plain(score)},
+        hovertemplate="layer %{y}, head %{x}<br>KV head %{customdata}<br>" + plain(score) + " %{z:.4g}<extra></extra>",
     ))
     if selected is not None:
         sl, sh = selected
         fig.add_shape(type="rect", x0=sh - 0.5, x1=sh + 0.5, y0=sl - 0.5, y1=sl + 0.5,
                       line={"color": "#e4572e", "width": 3})
-    fig.update_layout(title=title or score, xaxis_title="head", yaxis_title="layer",
+    fig.update_layout(title=plain(title or score), xaxis_title="head", yaxis_title="layer",
                       yaxis={"autorange": "reversed", "dtick": 1}, xaxis={"dtick": 1}, template=TEMPLATE)
     return fig
 
@@ -182,7 +188,7 @@ def index_axis(values) -> dict:
 def placeholder_figure(message: str, *, error: bool = False) -> go.Figure:
     """A figure with no axes that says what will appear there (a view before it has data), or what went wrong."""
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+    fig.add_annotation(text=plain(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
                        font={"color": "#a61b1b" if error else "#666"})
     fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, template=TEMPLATE)
     return fig

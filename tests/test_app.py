@@ -47,6 +47,15 @@ def test_head_map_places_every_score_and_outlines_the_chosen_head():
     assert signed.zmid == 0 and signed.colorscale != fig.data[0].colorscale
 
 
+def test_a_runs_words_in_titles_and_messages_are_text_not_markup():
+    """Plotly reads <a href> in titles and annotations: a model name or an error quoting one draws no link."""
+    link = '<a href="https://example.com">fix it here</a> & more'
+    title = figures.head_map(_heads(np.arange(12.0)), "s", title=f"s — {link}").layout.title.text
+    message = figures.placeholder_figure(f"cannot load {link}", error=True).layout.annotations[0].text
+    for text in (title, message):
+        assert "<a" not in text and "&lt;a href=" in text and "&amp; more" in text
+
+
 def test_attention_map_cells_cover_their_tokens():
     pooled = figures.attention_map(np.ones((3, 2)), (10, 37), (0, 20), block=(10, 10))  # the last row: 7 queries
     assert list(pooled.data[0].y) == [9.5, 19.5, 29.5, 36.5] and list(pooled.data[0].x) == [-0.5, 9.5, 19.5]
