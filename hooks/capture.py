@@ -183,7 +183,9 @@ def _lse_applies(query, key, value) -> bool:
     n_q, n_k, d = query.shape[2], key.shape[2], query.shape[-1]
     if (n_q != n_k and n_q != 1) or value.shape[-1] != d or query.shape[1] % key.shape[1]:
         return False
-    return not query.is_cuda or query.dtype == torch.float32 or (d <= 256 and d % 8 == 0)
+    if query.device.type == "cpu":
+        return True
+    return query.is_cuda and (query.dtype == torch.float32 or (d <= 256 and d % 8 == 0))
 
 
 def _sdpa_call(module, query, kwargs) -> tuple[bool, float]:
@@ -201,18 +203,19 @@ def _sdpa_with_lse(module, query, key, value, kwargs):
     is_causal, scale = _sdpa_call(module, query, kwargs)
 
     def call():
+        if query.is_cuda and query.dtype != torch.float32:  # the kernel SDPA itself runs, grouped KV heads as they are
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal, False,
+                                                                      scale=scale)[:2]
         group = query.shape[1] // key.shape[1]
         k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
-        if not query.is_cuda:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal,
-                                                                             scale=scale)[:2]
-        if query.dtype == torch.float32:
+        if query.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, is_causal,
                                                                               scale=scale)[:2]
             return out, lse[..., :query.shape[2]]  # padded to a multiple of 32
-        return torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal, scale=scale)[:2]
 
-    shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal)
+    shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal,
+             query.shape[2] == 1)
     out, weights, lse = _stand_in(module, query, key, value, kwargs, shape, call)
     return out, weights, None if lse is None else lse.float()
 
@@ -239,7 +242,11 @@ def _stand_in(module, query, key, value, kwargs, shape: tuple, call):
     `call_stats`)."""
     if _rides_bit_identical.get(shape) is False:
         return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
-    out, riding = call()
+    try:
+        out, riding = call()
+    except RuntimeError:  # a kernel this device or shape lacks (an older GPU's flash, a head dim): the model's call
+        _rides_bit_identical[shape] = False
+        return *sdpa_attention_forward(module, query, key, value, None, **kwargs), None
     out = out.transpose(1, 2).contiguous()
     if shape not in _rides_bit_identical:
         own, weights = sdpa_attention_forward(module, query, key, value, None, **kwargs)

@@ -70,7 +70,7 @@ def stats_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, segments: Tenso
     q5 = _grouped(q, n_kv)
     shape5 = (b, n_kv, g)
     given = lse is not None
-    lse = lse.reshape(*shape5, n_q) if given else torch.empty(*shape5, n_q, device=dev)
+    lse = lse.reshape(*shape5, n_q).clone() if given else torch.empty(*shape5, n_q, device=dev)
     first = not given or bool(want & {"argmax", "max_prob", "topk"})
     best = torch.full((*shape5, n_q), float("-inf"), device=dev)
     best_idx = torch.full((*shape5, n_q), -1, dtype=torch.long, device=dev)

@@ -8,7 +8,7 @@ scores formed by `_scores` and masked by `_visible` (the geometry of `geometry.A
 * without a known lse, two passes: pass 1, the running max (argmax, no exponentials needed), the online
   log-sum-exp and the top-k merge (`_merge_topk`); pass 2, only when a linear statistic is asked for, with the final
   lse: p = exp2(s − lse) and Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment
-  mass, `_segment_dot`) and atomic column sums of p (key mass);
+  mass, `_segment_dots`) and atomic column sums of p (key mass);
 * with the lse known (the model's own SDPA call returns it: `interp.hooks.AttentionCall.lse`), one pass does all:
   one QKᵀ and one exponential per score.
 
@@ -142,25 +142,27 @@ def _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M: tl.constexpr, TOPK: 
 
 
 @triton.jit
-def _segment_dot(p, onehot, UPCAST: tl.constexpr):
-    """p @ onehot (BLOCK_M, S_PAD) in fp32 on bf16 tensor cores: p split exactly into three bf16 parts (hi + mid +
-    lo = p to 24 bits; the one-hot is exact in bf16), each part dotted into a fresh fp32 accumulator, the three
-    summed in fp32. (One running accumulator threaded through the three dots gave ±4.6e27 on an H200.) Under the
-    interpreter (UPCAST), whose bf16 dot is wrong, the same split with the products in fp32."""
+def _segment_dots(seg_hi, seg_mid, seg_lo, p, onehot, UPCAST: tl.constexpr):
+    """p @ onehot (BLOCK_M, S_PAD) added in fp32 on bf16 tensor cores: p split exactly into three bf16 parts (hi +
+    mid + lo = p to 24 bits; the one-hot is exact in bf16), each part's product added to an accumulator of its own,
+    carried over the key blocks as flash attention carries its output (one dot per accumulator per block; summed
+    after the sweep). Three dots chained through one accumulator gave ±4.6e27 on an H200, and Triton fuses
+    `a + b + dot` back into such a chain, so the parts never meet inside a block. Under the interpreter (UPCAST),
+    whose bf16 dot is wrong, the same split with the products in fp32."""
     p_hi = p.to(tl.bfloat16)
     r1 = p - p_hi.to(tl.float32)
     p_mid = r1.to(tl.bfloat16)
     p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
     if UPCAST:
-        hi = tl.dot(p_hi.to(tl.float32), onehot, input_precision="ieee")
-        mid = tl.dot(p_mid.to(tl.float32), onehot, input_precision="ieee")
-        lo = tl.dot(p_lo.to(tl.float32), onehot, input_precision="ieee")
+        seg_hi = tl.dot(p_hi.to(tl.float32), onehot, seg_hi, input_precision="ieee")
+        seg_mid = tl.dot(p_mid.to(tl.float32), onehot, seg_mid, input_precision="ieee")
+        seg_lo = tl.dot(p_lo.to(tl.float32), onehot, seg_lo, input_precision="ieee")
     else:
         onehot16 = onehot.to(tl.bfloat16)
-        hi = tl.dot(p_hi, onehot16)
-        mid = tl.dot(p_mid, onehot16)
-        lo = tl.dot(p_lo, onehot16)
-    return hi + (mid + lo)
+        seg_hi = tl.dot(p_hi, onehot16, seg_hi)
+        seg_mid = tl.dot(p_mid, onehot16, seg_mid)
+        seg_lo = tl.dot(p_lo, onehot16, seg_lo)
+    return seg_hi, seg_mid, seg_lo
 
 
 @triton.jit
@@ -177,12 +179,15 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
     MAX: the max m (base 2), first argmax (−1: none) and top-k values and indices (no exponentials); SUM: Σ exp2(s −
     m), online (pass 1 of two, for the lse); W_ENT / W_DIST / W_SEG / W_KM, with the row's final base-2 lse lse2:
     p = exp2(s − lse2) (one exponential per score) and Σ p·(lse − s) (entropy, base 2), Σ p·|i − j| (mean
-    distance), p @ one-hot(segment − seg_base) and each head's column sums of p (rows r·HEADS + g: head g), added
+    distance), p @ one-hot(segment − seg_base) (`_segment_dots`) and each head's column sums of p (rows r·HEADS + g: head g), added
     atomically to its row of key mass (km_heads_ptr: (HEADS,) pointers; head_ok: which heads exist).
     MASKED: the geometry masks the scores; else every row sees every key of these blocks (`_key_span`), and the rows
     past Nq carry lse2 = 1e30, so that their p is 0."""
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
     seg_cols = tl.arange(0, S_PAD)
+    seg_hi = tl.zeros([BLOCK_M, S_PAD], tl.float32)
+    seg_mid = tl.zeros([BLOCK_M, S_PAD], tl.float32)
+    seg_lo = tl.zeros([BLOCK_M, S_PAD], tl.float32)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s2 = _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out, SOFTCAP, PREC, UPCAST)
@@ -216,11 +221,13 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
             if W_SEG:
                 sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
                 onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
-                seg_acc += _segment_dot(p, onehot, UPCAST)
+                seg_hi, seg_mid, seg_lo = _segment_dots(seg_hi, seg_mid, seg_lo, p, onehot, UPCAST)
             if W_KM:
                 col = tl.sum(tl.reshape(p, [BLOCK_M // HEADS, HEADS, BLOCK_N]), axis=0)  # (HEADS, BLOCK_N)
                 tl.atomic_add(km_heads_ptr[:, None] + offs_n[None, :], col,
                               mask=head_ok[:, None] & (offs_n < Nk)[None, :])
+    if W_SEG:
+        seg_acc += seg_hi + (seg_mid + seg_lo)
     return m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc
 
 
@@ -357,7 +364,7 @@ _CANDIDATES = {
 }
 # what selects a tuned configuration: the length (rounded up to a power of two), the head dim, the geometry and the
 # statistics (each a different compiled kernel); the tensors' dtypes are added by Triton
-_TUNING_KEY = ["len_bucket", "D", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "SOFTCAP", "LOAD_LSE", "LINEAR", "MAX_IN_PASS2",
+_TUNING_KEY = ["len_bucket", "D", "HEADS", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "SOFTCAP", "LOAD_LSE", "LINEAR", "MAX_IN_PASS2",
                "TOPK", "W_SEG", "W_KM", "S_PAD"]
 _tuners: dict[tuple, object] = {}
 
