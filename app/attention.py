@@ -94,7 +94,7 @@ class AttentionSource:
         self._lock = threading.Lock()
 
     def may_load(self, name: str) -> bool:
-        """Whether the model a run names is one this source loads (decided without looking whether it exists)."""
+        """Whether the model a run names is one this source loads (the answer never depends on whether it exists)."""
         if name in ALIASES or name in self.allowed:
             return True
         path = os.path.expanduser(name)
@@ -105,7 +105,7 @@ class AttentionSource:
         name = meta["model"]["name"]
         model = self.given.get(name) or self._loaded.get(name)
         if model is None:
-            if not self.may_load(name):  # one message whether or not such a folder exists: nothing is looked at
+            if not self.may_load(name):  # one message whether or not such a folder exists
                 raise ValueError(f"the run's model {name!r} is not one this dashboard loads: it loads the built-in "
                                  "aliases and the models it is started with (`interp app --models DIR`: a folder of "
                                  "models, or a model's folder or hub id)")

@@ -3,11 +3,11 @@ browser), cached until their files change. Nothing is unpickled: meta.json and P
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 
+from interp.analyses.inputs import file_digest
 from interp.files import read_bytes
 from interp.results import ScoreResult, as_store, open_run
 from interp.store import KEPT_INPUT_LIMIT, CorruptRunError, RunInfo, RunNotFoundError, Store, with_kept_inputs
@@ -36,23 +36,22 @@ class RunCatalog:
 
     def replay_meta(self, run_id: str, sample: int) -> dict:
         """The run's meta as the attention views replay `sample`: its inputs read from the run's own copies, under the
-        run's resolved directory, each copy the sample reads first checked against the sha256 the run recorded for its
+        run's resolved directory, each copy the sample reads first checked against the digest the run recorded for its
         original where it recorded one (CorruptRunError when they differ); and "replay": {"run": that directory,
-        "inputs": {copy: sha256}}, which keys the views' cache (`replay_key`)."""
+        "inputs": {copy: digest}}, which keys the views' cache (`replay_key`)."""
         result = self.result(run_id)
         run = result.path.resolve()
         meta = with_kept_inputs(result.meta, run)
-        originals = {str(run / name): recorded for recorded, name in result.meta.get("kept_inputs", {}).items()}
+        originals = {str(run / name): recorded for recorded, name in result.meta.get("kept_inputs", {}).items()
+                     if isinstance(name, str) and (run / name).parent == run / "inputs"}
         recorded_digests = result.meta.get("inputs") if isinstance(result.meta.get("inputs"), dict) else {}
         digests = {}
         for copy in sorted(set(_strings([meta["plan"][sample], meta["params"]])) & set(originals)):
-            data = read_bytes(copy, KEPT_INPUT_LIMIT)
             original = originals[copy]
-            expected = recorded_digests.get(original)  # as interp.scoring digests a file: its name, NUL, its bytes
-            if expected is not None and _sha256(Path(original).expanduser().name.encode() + b"\0" + data) != expected:
+            digests[copy] = file_digest(Path(original).name, read_bytes(copy, KEPT_INPUT_LIMIT))
+            if recorded_digests.get(original, digests[copy]) != digests[copy]:
                 raise CorruptRunError(f"run {run_id}: its copy {Path(copy).name} of {original} differs from the sha256 "
                                       "the run recorded: changed since, it is not replayed")
-            digests[copy] = _sha256(data)
         return {**meta, "replay": {"run": str(run), "inputs": digests}}
 
     def result(self, run_id: str) -> ScoreResult:
@@ -82,10 +81,6 @@ def _strings(value) -> list[str]:
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
     return [value, *value.split(",")] if isinstance(value, str) else []
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _stamp(info: RunInfo) -> tuple:
