@@ -319,7 +319,8 @@ def input_digests(params: dict) -> dict[str, str]:
     """{path: digest} of every file or folder a path parameter (`Spec.path`) names, and of each file in such a
     folder (by its resolved path): what a run records at its start, checks every read against, and what a resumed
     run or a cluster's worker must find unchanged. Other parameters are never taken for paths, whatever their text.
-    ValueError naming the parameter for a path that is missing, or neither a regular file nor a folder."""
+    ValueError naming the parameter ("cannot read prompts from ...") for a path that is missing, or neither a regular
+    file nor a folder."""
     specs = _path_specs()
     digests = {}
     for name, value in params.items():
@@ -330,10 +331,10 @@ def input_digests(params: dict) -> dict[str, str]:
                 if here.is_dir():
                     digests.update({str(f.resolve()): _digest(f.resolve()) for f in _files(here)})
             except FileNotFoundError:
-                builtin = f" (or one of: {', '.join(specs[name].builtin)})" if specs[name].builtin else ""
-                raise ValueError(f"parameter {name}: no file or folder at {path}{builtin}") from None
+                builtin = f" (nor one of: {', '.join(specs[name].builtin)})" if specs[name].builtin else ""
+                raise ValueError(f"cannot read {name} from {path}: no such file or folder{builtin}") from None
             except OSError as e:  # not a regular file, unreadable
-                raise ValueError(f"parameter {name}: {e if e.strerror is None else f'{path}: {e.strerror}'}") from None
+                raise ValueError(f"cannot read {name} from {path}: {e.strerror or e}") from None
     return digests
 
 

@@ -266,7 +266,7 @@ def test_task_errors(tmp_path, smollm2):
     stories = interp.load_model("stories260k")
     with pytest.raises(ValueError, match="needs at least 5 names"):
         ioi_prompts(stories, 4)
-    with pytest.raises(ValueError, match="cannot read the task file greater-than"):  # not built in: a file
+    with pytest.raises(ValueError, match="cannot read the task file from greater-than"):  # not built in: a file
         task_prompts(smollm2, "greater-than", 4)
     with pytest.raises(ValueError, match="unknown IOI corruption"):
         ioi_prompts(smollm2, 4, corruption="bca")
