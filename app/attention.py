@@ -23,6 +23,7 @@ from torch import Tensor
 
 from interp.analyses import Options, get_analysis
 from interp.catalog import ALIASES
+from interp.files import unconfined
 from interp.hooks import trace
 from interp.kernels import AttentionGeometry, attention_tile, pooled_attention
 from interp.layout import TokenLayout, token_layout
@@ -110,7 +111,8 @@ class AttentionSource:
                                  "aliases and the models it is started with (`interp app --models DIR`: a folder of "
                                  "models, or a model's folder or hub id)")
             try:
-                model = load_model(name, device=self.device)
+                with unconfined():  # an allowed model's files lie outside the store the request is confined to
+                    model = load_model(name, device=self.device)
             except Exception as e:  # noqa: BLE001  (any loading failure becomes one clear message)
                 raise ValueError(f"cannot load {name!r} to compute attention views: {e}") from e
             self._loaded[name] = model

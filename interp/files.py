@@ -39,6 +39,17 @@ def confined(root: str | os.PathLike) -> Iterator[None]:
         _confined_to.reset(token)
 
 
+@contextmanager
+def unconfined() -> Iterator[None]:
+    """Within the block (inside `confined`), files are read anywhere again: for what the dashboard reads of its own
+    accord (a model the user allowed it to load), never for a path a run records."""
+    token = _confined_to.set(None)
+    try:
+        yield
+    finally:
+        _confined_to.reset(token)
+
+
 def open_regular(path: str | os.PathLike, limit: int) -> BinaryIO:
     """`path` opened for reading (binary), after refusing anything but a regular file (a FIFO or a device would
     hang or never end), anything larger than `limit` bytes, and, inside `confined(root)`, anything outside root:
