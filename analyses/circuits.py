@@ -67,7 +67,7 @@ def methods_of(params: dict) -> list[str]:
     methods = _list(params["methods"], "methods")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"circuits parameter methods: unknown circuit method {', '.join(unknown)}; choose from "
+        raise ValueError(f"circuits parameter methods: unknown circuit method {', '.join(unknown)!r:.80}; choose from "
                          f"{', '.join(METHODS)}")
     return [m for m in METHODS if m in methods]
 
@@ -82,7 +82,8 @@ def circuit_column(params: dict, task: str) -> str:
     methods = methods_of(params)
     by = params.get("circuit_by") or ("patching" if "patching" in methods else methods[0])
     if by not in methods:
-        raise ValueError(f"circuits parameter circuit_by: {by!r} is not among the computed methods {', '.join(methods)}")
+        raise ValueError(f"circuits parameter circuit_by: {by!r} is not among the computed methods "
+                         f"{', '.join(methods)}")
     return column(task, by)
 
 
@@ -385,7 +386,8 @@ def _percents(params: dict) -> list[float]:
     try:
         values = [float(x) for x in (given.split(",") if isinstance(given, str) else given) if str(x).strip()]
     except ValueError:
-        raise ValueError(f"circuits parameter faithfulness_percents: give comma-separated percents, not {given!r}") from None
+        raise ValueError(f"circuits parameter faithfulness_percents: give comma-separated percents, not "
+                         f"{given!r}") from None
     if any(not 0 < v <= 100 for v in values):
         raise ValueError(f"circuits parameter faithfulness_percents must lie in (0, 100], got {given!r}")
     return sorted(set(values))

@@ -1,5 +1,6 @@
-"""The inputs analyses share: user files (prompts; each read checked against what the run recorded), the built-in data (texts, needles, task word lists, under
-`interp/data/inputs/`), prompt templates, special tokens, and greedy decoding.
+"""The inputs analyses share: user files (prompts; within a run, each read checked against what the run recorded), the
+built-in data (texts, needles, task word lists, under `interp/data/inputs/`), prompt templates, special tokens, and
+greedy decoding.
 
 Data lives in files beside the code, not in it: `texts.json` (sixteen natural texts, written for interp, public
 domain), `needles.jsonl` (the retrieval needles, in the format `--needles` reads), `filler.json` (the haystack's

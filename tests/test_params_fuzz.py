@@ -1,8 +1,8 @@
 """Every declared parameter of every analysis (found from their Params dataclasses, so a new one is covered), given
-bad values — the wrong type, NaN, ±inf, empty, huge, unicode — from Python (`interp.score`) and from the command line
-(`interp score ... --flag=TEXT`): a value wrong for its type is refused with one line naming the parameter, before the
-plan (no forward pass); a value that some parameter may legitimately take (free text) is refused so or accepted, never
-anything else (issue 28)."""
+bad values (the wrong type, NaN, ±inf, empty, huge, unicode) from Python (`interp.score`) and from the command line
+(`interp score ... --flag=TEXT`): a value wrong for its type is refused with one line naming the parameter, before
+the plan (no forward pass); a value some parameter may legitimately take (free text) is refused so or accepted,
+never anything else (issue 28)."""
 
 import math
 import subprocess
