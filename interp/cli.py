@@ -177,8 +177,8 @@ def print_tables(result: ScoreResult, top: int) -> None:
     model = m["model"]
     size = {key: printable(model.get(key, "?")) for key in ("family", "n_layers", "n_heads", "n_kv_heads")}
     print(f"{printable(result.analysis)} · {printable(model['name'])} ({size['family']}, {size['n_layers']} layers × "
-          f"{size['n_heads']} heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} samples · "
-          f"{printable(result.status)}")
+          f"{size['n_heads']} heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} "
+          f"samples · {printable(result.status)}")
     for score, meaning in m["scores"].items():
         shown, meaning = printable(score), printable(meaning)
         if score not in result.heads.columns:  # an incomplete run: no finished sample gives this score yet

@@ -343,7 +343,8 @@ def test_a_reader_closing_the_pipe_early_stops_the_command_quietly(store):
 def test_help_is_fast():
     """`interp --help` lists the commands without importing the analyses (torch, transformers: seconds)."""
     code = ("import sys\nfrom interp.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0\nheavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'})\n"
+            "    assert e.code == 0\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'})\n"
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "score" in out.stdout and "runs" in out.stdout, out.stderr[-500:]

@@ -13,7 +13,8 @@ from interp.files import MB, UnreadableFileError, check_regular, confined, read_
 
 @pytest.fixture
 def tree(tmp_path):
-    """(root, outside): root/run/inputs/p.txt holds "inside"; outside/inputs/p.txt and outside/secret.txt hold secrets."""
+    """(root, outside): root/run/inputs/p.txt holds "inside"; outside/inputs/p.txt and outside/secret.txt hold
+    secrets."""
     root, outside = tmp_path / "store", tmp_path / "outside"
     (root / "run" / "inputs").mkdir(parents=True)
     (outside / "inputs").mkdir(parents=True)
