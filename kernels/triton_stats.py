@@ -8,7 +8,7 @@ scores formed by `_scores` and masked by `_visible` (the geometry of `geometry.A
 * without a known lse, two passes: pass 1, the running max (argmax, no exponentials needed), the online
   log-sum-exp and the top-k merge (`_merge_topk`); pass 2, only when a linear statistic is asked for, with the final
   lse: p = exp2(s − lse) and Σ p·(lse − s) (entropy), Σ p·|i − j| (mean distance), p @ one-hot(segment) (segment
-  mass, `_segment_dots`) and atomic column sums of p (key mass);
+  mass, `_segment_dot`, an fp32 dot) and atomic column sums of p (key mass);
 * with the lse known (the model's own SDPA call returns it: `interp.hooks.AttentionCall.lse`), one pass does all:
   one QKᵀ and one exponential per score.
 
@@ -89,16 +89,16 @@ def _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out,
 
 
 @triton.jit
-def _visible(offs_n, qpos, row_ok, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
+def _visible(offs_n, qpos_col, row_ok_col, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
     """(BLOCK_M, BLOCK_N) whether each query of the block sees key offs_n (the geometry of
     `geometry.AttentionGeometry`)."""
     col_ok = offs_n < Nk
-    vis = row_ok[:, None] & col_ok[None, :]
+    vis = row_ok_col & col_ok[None, :]
     if CAUSAL:
-        vis = vis & (offs_n[None, :] <= qpos[:, None])
+        vis = vis & (offs_n[None, :] <= qpos_col)
     if HAS_WINDOW:
-        vis = vis & ((qpos[:, None] - offs_n[None, :]) < window)
+        vis = vis & ((qpos_col - offs_n[None, :]) < window)
     if HAS_KMASK:
         km = tl.load(kmask_ptr + b64 * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=col_ok, other=0)
         vis = vis & (km != 0)[None, :]
@@ -142,32 +142,16 @@ def _merge_topk(run_v, run_i, kth, s2, bm, offs_n, BLOCK_M: tl.constexpr, TOPK: 
 
 
 @triton.jit
-def _segment_dots(seg_hi, seg_mid, seg_lo, p, onehot, UPCAST: tl.constexpr):
-    """p @ onehot (BLOCK_M, S_PAD) added in fp32 on bf16 tensor cores: p split exactly into three bf16 parts (hi +
-    mid + lo = p to 24 bits; the one-hot is exact in bf16), each part's product added to an accumulator of its own,
-    carried over the key blocks as flash attention carries its output (one dot per accumulator per block; summed
-    after the sweep). Three dots chained through one accumulator gave ±4.6e27 on an H200, and Triton fuses
-    `a + b + dot` back into such a chain, so the parts never meet inside a block. Under the interpreter (UPCAST),
-    whose bf16 dot is wrong, the same split with the products in fp32."""
-    p_hi = p.to(tl.bfloat16)
-    r1 = p - p_hi.to(tl.float32)
-    p_mid = r1.to(tl.bfloat16)
-    p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
-    if UPCAST:
-        seg_hi = tl.dot(p_hi.to(tl.float32), onehot, seg_hi, input_precision="ieee")
-        seg_mid = tl.dot(p_mid.to(tl.float32), onehot, seg_mid, input_precision="ieee")
-        seg_lo = tl.dot(p_lo.to(tl.float32), onehot, seg_lo, input_precision="ieee")
-    else:
-        onehot16 = onehot.to(tl.bfloat16)
-        seg_hi = tl.dot(p_hi, onehot16, seg_hi)
-        seg_mid = tl.dot(p_mid, onehot16, seg_mid)
-        seg_lo = tl.dot(p_lo, onehot16, seg_lo)
-    return seg_hi, seg_mid, seg_lo
+def _segment_dot(seg_acc, p, onehot):
+    """seg_acc + p @ onehot (BLOCK_M, S_PAD), exact in fp32 (`input_precision="ieee"`: no tensor cores). Splitting p
+    into bf16 parts for the tensor cores gave garbage segment masses on an H200 (±4.6e27 through one accumulator,
+    errors of 0.3 to 1e19 with one accumulator per part); the fp32 dot was exact there."""
+    return tl.dot(p, onehot, seg_acc, input_precision="ieee")
 
 
 @triton.jit
 def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-           q, k_base, skn, d_ok, start, stop, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64,
+           q, k_base, skn, d_ok, start, stop, qpos_col, row_ok_col, Nk, window, kmask_ptr, smb, smn, b64,
            qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_heads_ptr, head_ok,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr,
            HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
@@ -179,20 +163,18 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
     MAX: the max m (base 2), first argmax (−1: none) and top-k values and indices (no exponentials); SUM: Σ exp2(s −
     m), online (pass 1 of two, for the lse); W_ENT / W_DIST / W_SEG / W_KM, with the row's final base-2 lse lse2:
     p = exp2(s − lse2) (one exponential per score) and Σ p·(lse − s) (entropy, base 2), Σ p·|i − j| (mean
-    distance), p @ one-hot(segment − seg_base) (`_segment_dots`) and each head's column sums of p (rows r·HEADS + g: head g), added
+    distance), p @ one-hot(segment − seg_base) (`_segment_dot`) and each head's column sums of p (rows r·HEADS + g: head g), added
     atomically to its row of key mass (km_heads_ptr: (HEADS,) pointers; head_ok: which heads exist).
     MASKED: the geometry masks the scores; else every row sees every key of these blocks (`_key_span`), and the rows
     past Nq carry lse2 = 1e30, so that their p is 0."""
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
     seg_cols = tl.arange(0, S_PAD)
-    seg_hi = tl.zeros([BLOCK_M, S_PAD], tl.float32)
-    seg_mid = tl.zeros([BLOCK_M, S_PAD], tl.float32)
-    seg_lo = tl.zeros([BLOCK_M, S_PAD], tl.float32)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s2 = _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out, SOFTCAP, PREC, UPCAST)
         if MASKED:
-            vis = _visible(offs_n, qpos, row_ok, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL, HAS_WINDOW, HAS_KMASK)
+            vis = _visible(offs_n, qpos_col, row_ok_col, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL, HAS_WINDOW,
+                           HAS_KMASK)
             s2 = tl.where(vis, s2, float("-inf"))
         if MAX:
             if W_ARGMAX:  # the block's max and its first index in one reduction; strict: an earlier block wins ties
@@ -217,17 +199,15 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
                 if W_ENT:
                     ent += tl.sum(p * (lse2[:, None] - s2), axis=1)
             if W_DIST:
-                dist += tl.sum(p * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32), axis=1)
+                dist += tl.sum(p * tl.abs(qpos_col - offs_n[None, :]).to(tl.float32), axis=1)
             if W_SEG:
                 sid = tl.load(seg_ptr + b64 * ssb + offs_n.to(tl.int64) * ssn, mask=offs_n < Nk, other=-1)
                 onehot = ((sid.to(tl.int32) - seg_base)[:, None] == seg_cols[None, :]).to(tl.float32)
-                seg_hi, seg_mid, seg_lo = _segment_dots(seg_hi, seg_mid, seg_lo, p, onehot, UPCAST)
+                seg_acc = _segment_dot(seg_acc, p, onehot)
             if W_KM:
                 col = tl.sum(tl.reshape(p, [BLOCK_M // HEADS, HEADS, BLOCK_N]), axis=0)  # (HEADS, BLOCK_N)
                 tl.atomic_add(km_heads_ptr[:, None] + offs_n[None, :], col,
                               mask=head_ok[:, None] & (offs_n < Nk)[None, :])
-    if W_SEG:
-        seg_acc += seg_hi + (seg_mid + seg_lo)
     return m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc
 
 
@@ -276,6 +256,8 @@ def _stats_kernel(
         q = q.to(tl.float32)
     k_base = k_ptr + b64 * skb + kv.to(tl.int64) * skh + offs_d[:, None] * skd
     lo, mid, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK)
+    qpos_col = qpos[:, None]  # formed once, outside the sweeps' loops (inside them MLIR failed to compile on Hopper)
+    row_ok_col = row_ok[:, None]
     out_rows = (b64 * H + h) * Nq + offs_m
     sink2 = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SINKS:  # each row's head's sink logit, base 2: one more term of the row's denominator
@@ -299,7 +281,7 @@ def _stats_kernel(
         for stage in tl.static_range(2):  # the blocks every row sees, unmasked; then the masked band
             m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, Nk, window,
                 kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, m_i, seg_ptr, ssb, ssn, seg_base, km_heads_ptr,
                 head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
                 stage == 1, True, NEED_EXP, W_ARGMAX, TOPK, K_PAD, False, False, False, S_PAD, False)
@@ -317,7 +299,7 @@ def _stats_kernel(
             lse_row = tl.where(row_ok, lse2, 1.0e30) if stage == 0 else lse2
             m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos, row_ok, Nk, window,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, Nk, window,
                 kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, lse_row, seg_ptr, ssb, ssn, seg_base,
                 km_heads_ptr, head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
                 stage == 1, MAX_IN_PASS2, False, W_ARGMAX, TOPK, K_PAD, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
