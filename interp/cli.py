@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
 from .params import base_type, cli_flag, help_text, parse
-from .store import EXPORT_FORMATS, TABLES, Store
+from .store import EXPORT_FORMATS, TABLES, Store, stopped_runs
 
 if TYPE_CHECKING:
     from .progress import Progress
@@ -250,7 +250,8 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="score on Ray workers: ray (a local cluster started for the run), auto (the cluster `ray start` "
                         "began on this machine), HOST:PORT or ray://HOST:PORT (an existing cluster's head)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="--cluster: workers, each holding the model (default: as many as the cluster's CPUs or GPUs hold)")
+                   help="--cluster: workers, each holding the model (default: one per --gpus-per-worker GPUs, else per "
+                        "--cpus-per-worker CPUs, never more than the cluster's cores)")
     p.add_argument("--cpus-per-worker", type=float, metavar="N", help="--cluster: CPUs (torch threads) per worker (1)")
     p.add_argument("--gpus-per-worker", type=float, metavar="N",
                    help="--cluster: GPUs per worker (default 0; with GPUs a worker loads the model on cuda)")
@@ -268,8 +269,9 @@ def _cluster_of(args):
     from interp.cluster import Cluster
 
     try:
-        return Cluster(args.cluster, workers=args.workers, cpus_per_worker=args.cpus_per_worker or 1,
-                       gpus_per_worker=args.gpus_per_worker or 0, model=getattr(args, "model", None), dtype=args.dtype,
+        return Cluster(args.cluster, workers=args.workers,
+                       cpus_per_worker=1 if args.cpus_per_worker is None else args.cpus_per_worker,
+                       gpus_per_worker=0 if args.gpus_per_worker is None else args.gpus_per_worker, model=getattr(args, "model", None), dtype=args.dtype,
                        device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -589,8 +591,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interp: interrupted; a run already started stays incomplete: run the same command with --resume "
-              "to finish it", file=sys.stderr)
+        stopped = stopped_runs()
+        if not stopped:
+            print("interp: interrupted; no run was left incomplete", file=sys.stderr)
+        else:
+            again = "the same sweep again" if getattr(args, "func", None) is _sweep else "the same command with --resume"
+            print(f"interp: interrupted; run {', '.join(stopped)} stays incomplete (its finished samples are kept): "
+                  f"run {again} to finish it", file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError) as e:
         print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)

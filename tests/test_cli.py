@@ -178,7 +178,9 @@ def test_resume_matches_a_run_scored_on_chosen_layers_and_heads(capsys, tmp_path
     original = Summary.score_sample
     monkeypatch.setattr(Summary, "score_sample", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     argv = ["score", *SMALL, "--layers", "1-2", "--heads", "0,3", "--out", str(tmp_path)]
-    assert run(capsys, *argv)[0] == 1
+    code, _, err = run(capsys, *argv)
+    [info] = interp.list_runs(tmp_path)
+    assert code == 1 and f"interrupted; run {info.id} stays incomplete" in err and "--resume" in err
     monkeypatch.setattr(Summary, "score_sample", original)
     [info] = interp.list_runs(tmp_path)
     code, out, _ = run(capsys, *argv, "--resume")
@@ -379,3 +381,20 @@ def test_a_runs_words_reach_the_terminal_without_their_control_characters(capsys
     assert "\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J" in shown[1][1] and "\\x1b" in shown[3][2]
     code, out, _ = run(capsys, "show", run_dir.name, "--store", str(tmp_path), "--json")
     assert code == 0 and "\x1b" not in out and json.loads(out)["model"]["name"].endswith(ESCAPES)
+
+
+def test_an_interrupt_before_any_run_says_none_was_left(capsys, tmp_path, monkeypatch):
+    """Interrupted while the model loads: no run exists, and the message says so (it used to say one stays
+    incomplete)."""
+    import interp.models
+
+    monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = run(capsys, "score", *SMALL, "--out", str(tmp_path))
+    assert code == 1 and "interrupted; no run was left incomplete" in err and not interp.list_runs(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_cpus_per_worker_must_be_positive(capsys, value):
+    """--cpus-per-worker 0 is refused (it was read as 1), before any Ray cluster starts."""
+    code, _, err = run(capsys, "score", *SMALL, "--cluster", "ray", "--cpus-per-worker", value)
+    assert code == 2 and "cpus_per_worker" in err and "> 0" in err
