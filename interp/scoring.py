@@ -24,12 +24,12 @@ from interp.hooks.capture import check_heads, check_layers
 
 from .cluster import Cluster, Workers, as_cluster
 from .fanout import LOCAL, Executor, spread_over
-from .files import check_regular
+from .files import open_regular, read_bytes
 from .params import Spec, named_paths
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store
-from .store import RunInfo, RunWriter, Store, StoreError
+from .store import KEPT_INPUT_LIMIT, RunInfo, RunWriter, Store, StoreError
 
 
 MAX_SAMPLES = 1_000_000  # far beyond any protocol; a plan is built in memory before any sample runs
@@ -363,9 +363,8 @@ def _digest(path: Path) -> str:
     """A file's `file_digest` (read in blocks), or a folder's: sha256 over its files, by name."""
     h = hashlib.sha256()
     for file in _files(path) if path.is_dir() else [path]:
-        check_regular(file, 1 << 40)  # a FIFO would never end
         h.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
+        with open_regular(file, 1 << 40) as f:  # a FIFO would never end
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
@@ -376,7 +375,8 @@ def _check_kept(writer: RunWriter, inputs: dict[str, str]) -> None:
     in between)."""
     for recorded, name in writer.meta.get("kept_inputs", {}).items():
         digest = inputs.get(recorded)
-        if digest is not None and file_digest(Path(recorded).name, (writer.path / name).read_bytes()) != digest:
+        kept = read_bytes(writer.path / name, KEPT_INPUT_LIMIT) if digest is not None else None
+        if kept is not None and file_digest(Path(recorded).name, kept) != digest:
             raise InputChangedError(f"{recorded} changed while the run started: start it again")
 
 

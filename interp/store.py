@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 from platformdirs import user_data_dir
 
-from .files import MB, check_regular, read_bytes, read_text
+from .files import MB, open_regular, read_bytes, read_text
 
 FORMAT = 1
 TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
@@ -98,8 +98,8 @@ def read_parquet(path: Path) -> pd.DataFrame:
     """Parquet through pyarrow: plain columns, nothing unpickled; a regular file of at most TABLE_LIMIT bytes."""
     import pyarrow.parquet as pq  # lazily: listing runs reads JSON only, and must start fast
 
-    check_regular(path, TABLE_LIMIT)
-    return pq.read_table(path).to_pandas()
+    with open_regular(path, TABLE_LIMIT) as f:  # the file checked is the file read
+        return pq.read_table(f).to_pandas()
 
 
 META_LIMIT = 64 * MB
