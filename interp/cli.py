@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # `kill` stops a run like Ctrl-C
+    stopped_before = set(stopped_runs())  # what an interrupt of this command leaves is what it adds
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, so that a reader gone early is met below, not at exit
@@ -591,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interp: error: {printable(e, lines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        stopped = stopped_runs()
+        stopped = [run for run in stopped_runs() if run not in stopped_before]
         if not stopped:
             print("interp: interrupted; no run was left incomplete", file=sys.stderr)
         else:
