@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,10 +286,11 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if weights:
-        hf = cls.from_pretrained(source, **kwargs)
-    else:
-        hf = _without_weights(cls, config, torch_dtype, bool(trust_remote_code))
+    with _BUILDING:
+        if weights:
+            hf = cls.from_pretrained(source, **kwargs)
+        else:
+            hf = _without_weights(cls, config, torch_dtype, bool(trust_remote_code))
     fam = family_for(hf)
     if device is not None and device_map is None:
         hf = hf.to(device)
@@ -297,6 +299,9 @@ def load_model(
     return Model(hf.eval(), fam, name, tokenizer or getattr(processor, "tokenizer", None), processor)
 
 
+# transformers builds a model under process-wide switches (weight initialisation turned off, then back on): two
+# threads building at once can leave it off, and the next model's weights missing from its checkpoint uninitialised
+_BUILDING = threading.Lock()
 CONFIG_LIMIT = 16 * MB  # a config.json larger than this is not a model's
 _SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
           "head_dim", "vocab_size")

@@ -2,6 +2,7 @@
 every grid and every option checked before the first run, YAML duplicate keys refused, two identical sweeps into one
 store scoring each combination once, and the default number of a cluster's workers."""
 
+import gc
 import threading
 import time
 
@@ -78,7 +79,14 @@ def test_yaml_duplicate_keys_are_refused_as_in_toml(tmp_path):
 
 def test_two_identical_sweeps_at_once_score_each_combination_once(tmp_path, monkeypatch):
     """Each sweep claims the combination it scores: the other scores another meanwhile, then finds the first one's
-    finished run as a match (skipped), as a re-run of a finished combination does."""
+    finished run as a match (skipped), as a re-run of a finished combination does. The two threads built their
+    models at once: transformers builds under process-wide switches (weight initialisation off, then on), which
+    this left in a state in which a later model gave other (garbage) losses, until building was serialised."""
+    def losses():  # taxonomy's next-token losses on repeated random tokens, of a freshly loaded model
+        run = interp.score(interp.load_model("stories260k"), "taxonomy", samples=1, half=32, ablate_draws=0)
+        return run.tables["ablation"][["loss_first", "loss_repeated"]].to_numpy()
+
+    reference = losses()
     scoring = interp.sweep.score
 
     def slow_score(*args, **kwargs):  # both sweeps look for a finished run before either has one
@@ -107,6 +115,9 @@ def test_two_identical_sweeps_at_once_score_each_combination_once(tmp_path, monk
         a, b = rows["a"][i], rows["b"][i]
         assert sorted([a["status"], b["status"]]) == ["done", "skipped"], (a, b)
         assert a["run"] == b["run"]
+    rows.clear()
+    gc.collect()  # what the threads built is released here, as it is before the next test
+    assert (losses() == reference).all()
 
 
 def test_the_default_number_of_workers_never_exceeds_the_cores():
