@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from interp.families import Tower
 from interp.kernels import AttentionGeometry, AttentionStats
 from interp.kernels.api import resolve_backend
-from interp.kernels.fused_stats import in_call_applies, stats_in_call
+from interp.kernels.fused_stats import attention_with_lse, in_call_applies, stats_in_call
 from interp.models import Model
 
 from .interventions import Intervention, Invocation, intervene
@@ -199,25 +199,12 @@ def _sdpa_call(module, query, kwargs) -> tuple[bool, float]:
 def _sdpa_with_lse(module, query, key, value, kwargs):
     """(output, None, row lse (B, H, Nq) fp32 or None) in place of `sdpa_attention_forward`: one of SDPA's own
     kernels that returns the lse with the output (CUDA: flash for fp16 / bf16, memory-efficient for fp32; CPU:
-    flash), checked as `_stand_in` says."""
+    flash: `fused_stats.attention_with_lse`), checked as `_stand_in` says."""
     is_causal, scale = _sdpa_call(module, query, kwargs)
-
-    def call():
-        if query.is_cuda and query.dtype != torch.float32:  # the kernel SDPA itself runs, grouped KV heads as they are
-            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal, False,
-                                                                      scale=scale)[:2]
-        group = query.shape[1] // key.shape[1]
-        k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
-        if query.is_cuda:
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, k, v, None, True, 0.0, is_causal,
-                                                                              scale=scale)[:2]
-            return out, lse[..., :query.shape[2]]  # padded to a multiple of 32
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, is_causal, scale=scale)[:2]
-
     shape = ("lse", query.device.type, query.dtype, query.shape[-1], query.shape[1] // key.shape[1], is_causal,
              query.shape[2] == 1)
-    out, weights, lse = _stand_in(module, query, key, value, kwargs, shape, call)
-    return out, weights, None if lse is None else lse.float()
+    return _stand_in(module, query, key, value, kwargs, shape,
+                     lambda: attention_with_lse(query, key, value, scale=scale, causal=is_causal))
 
 
 def _sdpa_with_stats(module, query, key, value, kwargs, request: dict):

@@ -73,6 +73,19 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, bias:
     return out[..., :c], lse.float()
 
 
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                       causal: bool) -> tuple[Tensor, Tensor]:
+    """(output (B, H, Nq, dv), lse (B, H, Nq) fp32) of one unmasked attention call through SDPA's own kernels that
+    return the lse: on CUDA the flash kernel for fp16 / bf16, with grouped KV heads as they are (k, v: (B, H_kv, Nk,
+    d)), else `_fused` (KV heads repeated to the query heads)."""
+    if q.is_cuda and q.dtype != torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.float()
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+    return _fused(q, k, v, scale=scale, causal=causal, bias=None)
+
+
 def _bias(vis: Tensor) -> Tensor:
     """The additive mask (B or 1, 1, rows, keys) of a visibility (B or 1, rows, keys): 0 or −inf."""
     return torch.zeros(vis.shape, device=vis.device).masked_fill_(~vis, float("-inf"))[:, None]
