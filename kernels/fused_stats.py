@@ -15,13 +15,11 @@ of one call with a crafted value matrix (REFERENCES.md §6, "V-trick"):
 Where it applies: every option but `softcap` (a soft-capped score is not a dot product: the twin,
 `torch_stats`, serves it). Scores are formed in fp32 from q and k widened to fp32, like the twin's.
 Masking: a plain causal square (query i at position i of as many keys) or nothing masked runs as one call with
-no mask; decode offsets, padding and windows build an additive mask per block of query rows (at most
-CHUNK_ELEMENTS cells, with the keys cut to those the rows can see). Nothing N×N is built.
+no mask; decode offsets, padding, windows, blocks and documents build an additive mask per block of query rows (at
+most CHUNK_ELEMENTS cells, with the keys cut to those the rows can see). Nothing N×N is built.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -242,13 +240,13 @@ def _finish(q: Tensor, k: Tensor, qf: Tensor, kf: Tensor, out: Tensor, key_lse: 
 def _mean_distance(q: Tensor, k: Tensor, mean_key: Tensor, key_lse: Tensor, keys_share: Tensor,
                    geo: AttentionGeometry, seen: Tensor) -> Tensor:
     """Σ_j p_j |pos_i − j| (B, H, Nq) from the probability-weighted key position E[j] (over the keys alone).
-    Causal rows see only j ≤ pos_i: pos_i − E[j]. Otherwise |i − j| splits at the query: E[j] − pos_i +
+    Rows that see only j ≤ pos_i: pos_i − E[j]. Otherwise |i − j| splits at the query: E[j] − pos_i +
     2 Σ_{j ≤ pos_i} p_j (pos_i − j), that sum from a second call over those keys, rescaled by its share of the row."""
     pos, n_k = geo.query_positions.float(), k.shape[2]
-    if geo.causal:
+    if not geo.reaches_ahead():
         dist = pos - mean_key
     else:
-        before = replace(geo, causal=True)
+        before = geo.past()
         j = torch.arange(n_k, device=q.device, dtype=torch.float32)
         part, part_lse = _attend(q, k, torch.stack([torch.ones_like(j), j], -1).expand(*k.shape[:2], -1, -1), before)
         some = (before.row_counts(q.shape[0], n_k)[:, None] > 0) & seen

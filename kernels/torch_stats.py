@@ -176,12 +176,13 @@ def row_max_torch(q: Tensor, k: Tensor, geo: AttentionGeometry, *, topk: int,
         if hi <= lo:
             continue
         s = torch.einsum("bhgqd,bhkd->bhgqk", q5[:, :, :, q0:q1], kf[:, :, lo:hi])
-        # only keys some row cannot see need masking: with no key mask, those past the first row's causal edge
-        # (and before the last row's window)
-        m0 = lo if geo.key_mask is not None else (
-            max(lo, min(hi, int(rows.query_positions.min()) + 1)) if geo.causal else hi) if geo.window is None else lo
-        if m0 < hi:
-            s[..., m0 - lo:].masked_fill_(~rows.visible(m0, hi)[:, None, None], float("-inf"))
+        # only keys some row cannot see need masking: with no key mask, those outside the run every row sees
+        a, e = rows.unmasked(n_k) if geo.key_mask is None else (hi, hi)
+        a = min(max(a, lo), hi)
+        e = min(max(e, a), hi)
+        for m0, m1 in ((lo, a), (e, hi)):
+            if m0 < m1:
+                s[..., m0 - lo:m1 - lo].masked_fill_(~rows.visible(m0, m1)[:, None, None], float("-inf"))
         if k_top or index:
             _track_max(best[..., q0:q1], best_idx[..., q0:q1], top_val[..., q0:q1, :], top_idx[..., q0:q1, :], s, lo,
                        hi, k_top)
@@ -277,12 +278,13 @@ def diagonal_torch(q: Tensor, k: Tensor, lse: Tensor, offsets: list[int], geo: A
     row = torch.where(torch.isfinite(lse), lse, 0.0)
     out = torch.zeros(b, h, n_q, len(offsets), device=q.device)
     pos = geo.query_positions
+    lo, hi = geo.span(n_k)                                                  # (B or 1, Nq)
     for c, off in enumerate(offsets):
         j = pos - off                                                       # (Nq,)
-        ok = (j >= 0) & (j < n_k) & geo.allowed(pos, j)
+        ok = (j >= lo) & (j <= hi)
         jj = j.clamp(0, n_k - 1)
         s = geo.logits((q.float() * k[:, kv[:, None], jj[None, :]].float()).sum(-1))  # (B, H, Nq)
-        vis = ok[None, None] & (geo.key_mask[:, None, jj] if geo.key_mask is not None else True) & torch.isfinite(lse)
+        vis = ok[:, None] & (geo.key_mask[:, None, jj] if geo.key_mask is not None else True) & torch.isfinite(lse)
         out[..., c] = torch.where(vis, torch.exp(s - row), 0.0)
     return out
 

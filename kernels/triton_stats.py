@@ -53,21 +53,24 @@ def _tanh(x):
 
 
 @triton.jit
-def _key_span(qpos, row_ok, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_KMASK: tl.constexpr):
+def _key_span(qpos, row_ok, row_lo, row_hi, Nk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BOUNDS: tl.constexpr):
     """(lo, mid, hi): [lo, hi) the keys that some query of the block can see (lo aligned down to a key block; the
-    blocks wholly hidden by causality or the window lie outside), and [lo, mid) whole key blocks that every query of
-    the block sees, which need no masking (with a window or a key mask: none, mid = lo). Causal: only the diagonal
-    band [mid, hi) is masked, as in Triton's fused-attention tutorial."""
+    blocks wholly hidden by causality, the window or the rows' bounds lie outside), and [lo, mid) whole key blocks
+    that every query of the block sees, which need no masking (with a window, bounds or a key mask: none, mid = lo).
+    Causal: only the diagonal band [mid, hi) is masked, as in Triton's fused-attention tutorial."""
     lo = 0
     hi = Nk
+    if HAS_BOUNDS:  # each row's own run [row_lo, row_hi] (blocks, documents, symmetric windows)
+        lo = (tl.min(tl.where(row_ok, row_lo, 2147483647), axis=0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.max(tl.where(row_ok, row_hi, -1), axis=0) + 1, Nk)
     if CAUSAL:
         hi = tl.minimum(tl.max(tl.where(row_ok, qpos, -1), axis=0) + 1, Nk)
     if HAS_WINDOW:
         lo = tl.maximum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     mid = lo
-    if not HAS_WINDOW and not HAS_KMASK:
+    if not HAS_WINDOW and not HAS_KMASK and not HAS_BOUNDS:
         seen_by_all = Nk
         if CAUSAL:
             seen_by_all = tl.minimum(tl.min(tl.where(row_ok, qpos, 2147483647), axis=0) + 1, Nk)
@@ -89,8 +92,8 @@ def _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out,
 
 
 @triton.jit
-def _visible(offs_n, qpos_col, row_ok_col, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
+def _visible(offs_n, qpos_col, row_ok_col, lo_col, hi_col, Nk, window, kmask_ptr, stride_mb, stride_mn, b64,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BOUNDS: tl.constexpr):
     """(BLOCK_M, BLOCK_N) whether each query of the block sees key offs_n (the geometry of
     `geometry.AttentionGeometry`)."""
     col_ok = offs_n < Nk
@@ -99,6 +102,8 @@ def _visible(offs_n, qpos_col, row_ok_col, Nk, window, kmask_ptr, stride_mb, str
         vis = vis & (offs_n[None, :] <= qpos_col)
     if HAS_WINDOW:
         vis = vis & ((qpos_col - offs_n[None, :]) < window)
+    if HAS_BOUNDS:
+        vis = vis & (offs_n[None, :] >= lo_col) & (offs_n[None, :] <= hi_col)
     if HAS_KMASK:
         km = tl.load(kmask_ptr + b64 * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=col_ok, other=0)
         vis = vis & (km != 0)[None, :]
@@ -151,10 +156,11 @@ def _segment_dot(seg_acc, p, onehot):
 
 @triton.jit
 def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-           q, k_base, skn, d_ok, start, stop, qpos_col, row_ok_col, Nk, window, kmask_ptr, smb, smn, b64,
-           qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_heads_ptr, head_ok,
+           q, k_base, skn, d_ok, start, stop, qpos_col, row_ok_col, lo_col, hi_col, Nk, window, kmask_ptr, smb, smn,
+           b64, qk_scale, cap_in, cap_out, lse2, seg_ptr, ssb, ssn, seg_base, km_heads_ptr, head_ok,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr,
-           HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+           HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, SOFTCAP: tl.constexpr,
+           PREC: tl.constexpr,
            UPCAST: tl.constexpr, MASKED: tl.constexpr, MAX: tl.constexpr, SUM: tl.constexpr, W_ARGMAX: tl.constexpr, TOPK: tl.constexpr,
            K_PAD: tl.constexpr, W_ENT: tl.constexpr, W_DIST: tl.constexpr, W_SEG: tl.constexpr, S_PAD: tl.constexpr,
            W_KM: tl.constexpr):
@@ -173,8 +179,8 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s2 = _scores(q, k_base, skn, d_ok, offs_n, Nk, qk_scale, cap_in, cap_out, SOFTCAP, PREC, UPCAST)
         if MASKED:
-            vis = _visible(offs_n, qpos_col, row_ok_col, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL, HAS_WINDOW,
-                           HAS_KMASK)
+            vis = _visible(offs_n, qpos_col, row_ok_col, lo_col, hi_col, Nk, window, kmask_ptr, smb, smn, b64, CAUSAL,
+                           HAS_WINDOW, HAS_KMASK, HAS_BOUNDS)
             s2 = tl.where(vis, s2, float("-inf"))
         if MAX:
             if W_ARGMAX:  # the block's max and its first index in one reduction; strict: an earlier block wins ties
@@ -213,17 +219,18 @@ def _sweep(m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
 
 @triton.jit
 def _stats_kernel(
-    q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr, sink_ptr,
+    q_ptr, k_ptr, qpos_ptr, kmask_ptr, seg_ptr, sink_ptr, bounds_ptr,
     lse_ptr, lse2_ptr, argmax_ptr, maxp_ptr, topi_ptr, topp_ptr, ent_ptr, dist_ptr, segm_ptr, km_ptr,
     H, GROUP, HEAD_CHUNKS, Nq, Nk, D,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     smb, smn,
     ssb, ssn,
+    sbs, sbb,
     window, qk_scale, cap_in, cap_out, seg_base, n_segments, len_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_BOUNDS: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     LOAD_LSE: tl.constexpr, NEED_EXP: tl.constexpr, MAX_IN_PASS2: tl.constexpr, LINEAR: tl.constexpr,
     W_LSE: tl.constexpr, W_LSE2: tl.constexpr, W_ARGMAX: tl.constexpr, W_MAXP: tl.constexpr,
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
@@ -255,9 +262,17 @@ def _stats_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b64 * skb + kv.to(tl.int64) * skh + offs_d[:, None] * skd
-    lo, mid, hi = _key_span(qpos, row_ok, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK)
+    row_lo = qpos
+    row_hi = qpos
+    if HAS_BOUNDS:  # bounds: (2, B or 1, Nq) int32, strides sbs (first → last) and sbb (batch; 0: shared)
+        row_lo = tl.load(bounds_ptr + b64 * sbb + offs_m, mask=row_ok, other=0)
+        row_hi = tl.load(bounds_ptr + sbs + b64 * sbb + offs_m, mask=row_ok, other=-1)
+    lo, mid, hi = _key_span(qpos, row_ok, row_lo, row_hi, Nk, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KMASK,
+                            HAS_BOUNDS)
     qpos_col = qpos[:, None]  # formed once, outside the sweeps' loops (inside them MLIR failed to compile on Hopper)
     row_ok_col = row_ok[:, None]
+    lo_col = row_lo[:, None]
+    hi_col = row_hi[:, None]
     out_rows = (b64 * H + h) * Nq + offs_m
     sink2 = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SINKS:  # each row's head's sink logit, base 2: one more term of the row's denominator
@@ -281,9 +296,10 @@ def _stats_kernel(
         for stage in tl.static_range(2):  # the blocks every row sees, unmasked; then the masked band
             m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, Nk, window,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, lo_col, hi_col, Nk,
+                window,
                 kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, m_i, seg_ptr, ssb, ssn, seg_base, km_heads_ptr,
-                head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, HAS_BOUNDS, SOFTCAP, PREC, UPCAST,
                 stage == 1, True, NEED_EXP, W_ARGMAX, TOPK, K_PAD, False, False, False, S_PAD, False)
         lse2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)))
         if HAS_SINKS:
@@ -299,9 +315,10 @@ def _stats_kernel(
             lse_row = tl.where(row_ok, lse2, 1.0e30) if stage == 0 else lse2
             m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc = _sweep(
                 m_i, l_i, arg, run_v, run_i, kth, ent, dist, seg_acc,
-                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, Nk, window,
+                q, k_base, skn, d_ok, lo if stage == 0 else mid, mid if stage == 0 else hi, qpos_col, row_ok_col, lo_col, hi_col, Nk,
+                window,
                 kmask_ptr, smb, smn, b64, qk_scale, cap_in, cap_out, lse_row, seg_ptr, ssb, ssn, seg_base,
-                km_heads_ptr, head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, SOFTCAP, PREC, UPCAST,
+                km_heads_ptr, head_ok, BLOCK_M, BLOCK_N, HEADS, CAUSAL, HAS_WINDOW, HAS_KMASK, HAS_BOUNDS, SOFTCAP, PREC, UPCAST,
                 stage == 1, MAX_IN_PASS2, False, W_ARGMAX, TOPK, K_PAD, W_ENT, W_DIST, W_SEG, S_PAD, W_KM)
 
     lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
@@ -346,7 +363,7 @@ _CANDIDATES = {
 }
 # what selects a tuned configuration: the length (rounded up to a power of two), the head dim, the geometry and the
 # statistics (each a different compiled kernel); the tensors' dtypes are added by Triton
-_TUNING_KEY = ["len_bucket", "D", "HEADS", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "SOFTCAP", "LOAD_LSE", "LINEAR", "MAX_IN_PASS2",
+_TUNING_KEY = ["len_bucket", "D", "HEADS", "CAUSAL", "HAS_WINDOW", "HAS_KMASK", "HAS_BOUNDS", "SOFTCAP", "LOAD_LSE", "LINEAR", "MAX_IN_PASS2",
                "TOPK", "W_SEG", "W_KM", "S_PAD"]
 _tuners: dict[tuple, object] = {}
 
@@ -449,6 +466,12 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
         ssb, ssn = seg.stride()
     else:
         seg, ssb, ssn = qpos, 0, 0
+    by_rule = geo.bounds is None  # else each row's run of keys: bounds (2, B or 1, Nq) int32
+    if by_rule:
+        bounds, sbs, sbb = qpos, 0, 0
+    else:
+        bounds = torch.stack(geo.span(n_k)).to(torch.int32).contiguous()
+        sbs, sbb = bounds.stride(0), bounds.stride(1) if bounds.shape[1] > 1 else 0
     given = lse is not None
     store_lse2 = not given and n_chunks > 1  # pass 1 keeps its base-2 lse for the further segment chunks
     lse2_buf = (lse.float() * _LOG2E).contiguous() if given else torch.empty((b, n_h, n_q), **f32) if store_lse2 else None
@@ -469,7 +492,8 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
     )
     flags = dict(
         BLOCK_D=block_d, HEADS=heads,
-        CAUSAL=geo.causal, HAS_WINDOW=window is not None, HAS_KMASK=geo.key_mask is not None,
+        CAUSAL=geo.causal and by_rule, HAS_WINDOW=window is not None and by_rule,
+        HAS_KMASK=geo.key_mask is not None, HAS_BOUNDS=not by_rule,
         SOFTCAP=softcap is not None, HAS_SINKS=geo.sinks is not None, PREC=prec, UPCAST=interpret,
         K_PAD=k_pad, S_PAD=s_pad,
     )
@@ -483,8 +507,8 @@ def stats_triton(q: torch.Tensor, k: torch.Tensor, geo: AttentionGeometry, *, se
     def grid(meta):
         return triton.cdiv(n_q, meta["BLOCK_M"] // heads), b * n_kv * head_chunks
 
-    common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous())
-    shapes = (n_h, group, head_chunks, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn)
+    common = (q, k, qpos, kmask, seg, dummy if geo.sinks is None else geo.sinks.contiguous(), bounds)
+    shapes = (n_h, group, head_chunks, n_q, n_k, d, *q.stride(), *k.stride(), smb, smn, ssb, ssn, sbs, sbb)
     kernel[grid](
         *common,
         buf("lse"), dummy if lse2_buf is None else lse2_buf, buf("argmax"), buf("max_prob"), buf("topk_index"),

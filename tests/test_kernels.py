@@ -42,6 +42,12 @@ def close(name: str, got, want, atol: float, rtol: float = 1e-5) -> None:
                                msg=lambda m: f"{name}: {m}")
 
 
+def run_ids(g: torch.Generator, b: int, n: int, blank: bool) -> torch.Tensor:
+    """(B, N) ids in contiguous runs (a run starts with probability 0.2); `blank`: every other run −1 (no block)."""
+    ids = (torch.rand(b, n, generator=g) < 0.2).long().cumsum(-1)
+    return torch.where(ids % 2 == 1, ids, -1) if blank else ids
+
+
 @st.composite
 def problems(draw):
     b = draw(st.integers(1, 2))
@@ -65,8 +71,45 @@ def problems(draw):
     key_mask = torch.rand(b, n_k, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.9]))
     n_seg = draw(st.integers(1, 4))
     segments = torch.randint(0, n_seg, (b, n_k), generator=g)
+    form = draw(st.sampled_from(["rule", "blocks", "documents", "both"]))  # bidirectional blocks, block-diagonal
+    blocks = run_ids(g, b, n_k, blank=True) if form in ("blocks", "both") else None
+    documents = run_ids(g, b, n_k, blank=False) if form in ("documents", "both") else None
     return dict(q=q, k=k, geometry=AttentionGeometry(causal=causal, window=window, softcap=softcap,
-                                                     query_positions=positions, key_mask=key_mask)), segments, n_seg
+                                                     query_positions=positions, key_mask=key_mask, blocks=blocks,
+                                                     documents=documents)), segments, n_seg
+
+
+def brute_visibility(geo: AttentionGeometry, b: int, n_k: int) -> torch.Tensor:
+    """(B, Nq, Nk) which keys each query sees, by the definition, one pair at a time: the causal / window rule,
+    widened to the query's bidirectional block, cut to its document, and the key mask."""
+    pos = geo.query_positions.tolist()
+    blocks = None if geo.blocks is None else geo.blocks.expand(b, -1)
+    docs = None if geo.documents is None else torch.as_tensor(geo.documents).expand(b, -1)
+    out = torch.zeros(b, len(pos), n_k, dtype=torch.bool)
+    for r in range(b):
+        for a, i in enumerate(pos):
+            for j in range(n_k):
+                ok = (not geo.causal or j <= i) and (geo.window is None or (i - j < geo.window and (
+                    geo.causal or j - i < geo.window)))
+                if blocks is not None and blocks[r, i] >= 0 and blocks[r, i] == blocks[r, j]:
+                    ok = True
+                if docs is not None and docs[r, i] != docs[r, j]:
+                    ok = False
+                out[r, a, j] = ok and (geo.key_mask is None or bool(geo.key_mask[r, j]))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=problems())
+def test_the_oracles_visibility_is_the_definition(case):
+    """The dense oracle (and every backend through it) masks exactly the keys the definition hides."""
+    kw, _, _ = case
+    q, k = kw["q"], kw["k"]
+    geo = kw["geometry"].resolve(q, k)
+    want = brute_visibility(geo, q.shape[0], k.shape[2])
+    assert torch.equal(torch.isfinite(dense_scores(q, k, geometry=geo)[:, 0]), want)
+    assert torch.equal(geo.row_counts(q.shape[0], k.shape[2]), want.sum(-1).float())
+    assert torch.equal(geo.key_counts(q.shape[0], k.shape[2]), want.sum(-2).float())
 
 
 def _check(out, s, segments, n_seg, positions, tol, exact_argmax):
@@ -128,7 +171,7 @@ def _statistics_equal_dense_softmax(backend, case):
     close("probability at topk_index", torch.where(hit, picked, 0.0), out.topk_prob, atol=tol)
 
 
-CHUNKED = ["causal", "bidirectional", "offset", "padded", "window", "sinks"]
+CHUNKED = ["causal", "bidirectional", "offset", "padded", "window", "sinks", "blocks", "documents", "symmetric-window"]
 
 
 @pytest.mark.parametrize("known_lse", [False, True], ids=["", "known-lse"])
@@ -158,9 +201,14 @@ def test_every_chunked_path_runs_several_chunks(backend, geometry, known_lse, mo
     n_q = 30 if geometry == "offset" else n
     q, k = torch.randn(b, 4, n_q, 16, generator=g) * 2, torch.randn(b, 2, n, 16, generator=g)
     key_mask = torch.arange(n)[None] >= torch.tensor([[0], [37]]) if geometry == "padded" else None
-    geo = AttentionGeometry(causal=geometry != "bidirectional", window=24 if geometry == "window" else None,
+    images = torch.full((b, n), -1)  # causal text with bidirectional images: [5, 45) in one row, [60, 98) in the other
+    images[0, 5:45], images[1, 60:98] = 0, 3
+    geo = AttentionGeometry(causal=geometry not in ("bidirectional", "documents", "symmetric-window"),
+                            window={"window": 24, "symmetric-window": 20}.get(geometry),
                             key_mask=key_mask, sinks=torch.tensor([-1.0, 0.5, 2.0, 0.0]) if geometry == "sinks" else None,
-                            query_positions=torch.arange(n - 32, n - 2) if geometry == "offset" else None)
+                            query_positions=torch.arange(n - 32, n - 2) if geometry == "offset" else None,
+                            blocks=images if geometry == "blocks" else None,
+                            documents=AttentionGeometry.chunks(n, 36) if geometry == "documents" else None)  # 3 images
     segments = torch.randint(0, n_seg, (b, n), generator=g)
     s = dense_scores(q, k, geometry=dataclasses.replace(geo, sinks=None))
     full = s if geometry != "sinks" else torch.cat([s, geo.sinks[None, :, None, None].expand(b, 4, n_q, 1)], -1)
@@ -179,7 +227,7 @@ def test_every_chunked_path_runs_several_chunks(backend, geometry, known_lse, mo
         _check(out, s, segments, n_seg, geo.resolve(q, k).query_positions, tol=1e-5,
                exact_argmax=name in ("torch", "fused") and device == "cpu")
     several = {"torch": ["_block_scores"], "fused": ["_track_max"] + (["_fused"] * (geometry in ("offset", "padded",
-               "window"))), "triton": []}[name]
+               "window", "blocks", "documents", "symmetric-window"))), "triton": []}[name]
     for what in several:
         assert blocks.count(what) >= 3, (what, blocks.count(what))
 
@@ -328,6 +376,10 @@ def test_grid_distance_equals_dense(renormalize):
     (dict(stats=["segment_mass"]), "needs segments"),
     (dict(stats=["attention"]), "unknown statistics"),
     (dict(geometry=AttentionGeometry(query_positions=torch.arange(3))), "query_positions must be"),
+    (dict(geometry=AttentionGeometry(blocks=torch.tensor([0, 0, 1, 0, -1]))), "one contiguous run"),
+    (dict(geometry=AttentionGeometry(documents=torch.tensor([0, 0, -1, 1, 1]))), "document ids must be ≥ 0"),
+    (dict(geometry=AttentionGeometry(documents=torch.zeros(6))), "documents must be \\(5,\\)"),
+    (dict(geometry=AttentionGeometry(blocks=torch.zeros(5), query_positions=torch.arange(2, 7))), "among the keys"),
     (dict(backend="cuda"), "unknown backend"),
     (dict(lse=torch.zeros(1, 4, 4)), "lse must be a \\(1, 4, 5\\) tensor"),
     (dict(lse=torch.full((1, 4, 5), float("nan"))), "lse contains NaN"),

@@ -34,8 +34,8 @@ def reference(q, k, *, scale, causal, query_positions, key_mask, window, softcap
     vis = torch.ones(n_q, n_k, dtype=torch.bool)
     if causal:
         vis &= j <= i
-    if window is not None:
-        vis &= (i - j) < window
+    if window is not None:  # a non-causal window is symmetric
+        vis &= ((i - j) < window) & (causal | ((j - i) < window))
     vis = vis[None, None].expand(b, 1, n_q, n_k)
     if key_mask is not None:
         vis = vis & key_mask.cpu()[:, None, None, :]
