@@ -15,7 +15,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Float, Int
@@ -44,6 +44,8 @@ class AttentionCall:
     geometry: the call's attention geometry (`interp.kernels.AttentionGeometry`: scale, causal, query_positions
     (Nq,), key_mask (B, Nk) (None: every key valid), window, softcap, and the captured heads' sinks (H,), which
     GPT-OSS and kin pass as `s_aux`), also read as the call's own attributes; decode: query_positions = Nk − 1.
+    Where the layer's own mask is not the causal / window / padding rule (bidirectional image blocks, a prefix,
+    block-diagonal images, chunks, packed documents), its bounds hold each query's run of keys read from that mask.
     step: index of the model forward within the capture (0 = prefill, then one per decode step).
     stats, stats_request: the statistics of the captured heads computed inside the model's own SDPA call, for the
     `call_stats` arguments `stats_request` (see `capture(stats=)`); None where the call could not carry them.
@@ -313,13 +315,14 @@ class _Session:
             call.stats_request = self.stats_request
         if lse is not None:
             call.lse = lse[:, heads.to(dev)] if select else lse
-        _check_mask(self.model, site, call, n_k, attention_mask, self.mask2d)
+        _check_chunk_mask(self.model, site, n_k, attention_mask)
+        call.geometry = _mask_geometry(self.model, site, call.geometry, n_q, n_k, attention_mask, self.mask2d)
         self.probe(call)
 
 
 def _check_no_bias(model: Model, site: Site, kwargs) -> None:
     """Refuse a bias passed beside the logits (a `*bias*` tensor argument: learned relative positions): the
-    statistics are recomputed from q·k alone and could not reproduce it (a bias inside the mask: `_check_mask`)."""
+    statistics are recomputed from q·k alone and could not reproduce it (a bias inside the mask: `_mask_geometry`)."""
     passed = [name for name, value in kwargs.items() if "bias" in name and isinstance(value, Tensor)]
     if passed:
         raise ValueError(f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer} adds "
@@ -327,26 +330,44 @@ def _check_no_bias(model: Model, site: Site, kwargs) -> None:
                          "reproduce; this family is not supported")
 
 
-_checked_masks: dict[tuple, bool] = {}
+_mask_geometries: dict[tuple, tuple[Tensor, Tensor] | None] = {}  # per mask tensor: (bounds, key mask) or None
 
 
-def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, mask2d: Tensor | None) -> None:
-    """Refuse a layer whose own mask adds a bias to the logits (ALiBi, relative positions: float values other than
-    0 and the dtype's lowest) or lets its queries see other keys than the call's geometry (causal, window,
-    padding) says on the rows of real tokens (DeepSeek-V4's compressed keys, Gemma 3's bidirectional images,
-    block or document masks): the statistics would describe another attention. Checked once per mask tensor
-    (B | 1, H | 1, Nq, Nk), in blocks of query rows so that it adds little memory to the model's own mask."""
-    n_q = call.q.shape[2]
+def _mask_geometry(model: Model, site: Site, geometry: AttentionGeometry, n_q: int, n_k: int, mask,
+                   mask2d: Tensor | None) -> AttentionGeometry:
+    """The call's geometry as the layer's own 4-D mask (B | 1, H | 1, Nq, Nk) says. Where the mask lets its real
+    queries (not padding) see what the causal / window / padding rule says, the rule stands. Where it differs but
+    shows each real query one run of keys, less keys no query sees (padding) — bidirectional image blocks
+    (Gemma 3), a prefix-LM's prefix (PaliGemma), block-diagonal images (Pixtral), chunks (Llama 4), packed
+    documents, symmetric windows (ModernBERT) — each query's first and last key are read from the mask into the
+    geometry's bounds. Refused: a mask that adds a bias to the logits (ALiBi, relative positions: float values
+    other than 0 and the dtype's lowest), differs between heads, or shows a query several runs of keys (extra or
+    compressed keys, global tokens beside a window). Read once per mask tensor, in blocks of query rows so that it
+    adds little memory to the model's own mask."""
     if not isinstance(mask, Tensor) or mask.ndim != 4:
-        return
-    key = (id(mask), mask.data_ptr(), tuple(mask.shape), mask.dtype, call.window, call.causal,
-           None if call.key_mask is None else call.key_mask.data_ptr())
-    if key in _checked_masks:
-        return
+        return geometry
+    key = (id(mask), mask.data_ptr(), tuple(mask.shape), mask.dtype, geometry.window, geometry.causal,
+           None if geometry.key_mask is None else geometry.key_mask.data_ptr())
+    if key not in _mask_geometries:
+        if len(_mask_geometries) > 64:
+            _mask_geometries.clear()
+        _mask_geometries[key] = _read_mask(model, site, geometry, n_q, n_k, mask, mask2d)
+    read = _mask_geometries[key]
+    if read is None:
+        return geometry
+    bounds, key_mask = read
+    return replace(geometry, bounds=bounds, key_mask=key_mask)
+
+
+def _read_mask(model: Model, site: Site, geometry: AttentionGeometry, n_q: int, n_k: int, mask: Tensor,
+               mask2d: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """`_mask_geometry`'s reading of one mask: None where the rule stands, else (bounds (2, B | 1, Nq), the keys
+    some real query sees (B | 1, Nk) or None: all)."""
+    where = f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer}"
     compare = mask.shape[-2:] == (n_q, n_k)
     real = mask2d[:, -n_q:].bool().to(mask.device) if mask2d is not None and mask2d.shape[1] >= n_q else None
-    geometry = call.geometry
     biased = differs = False
+    first, last, count, seen = [], [], [], []  # per row block; seen: the keys some real query sees
     for q0 in range(0, mask.shape[-2], MASK_CHECK_ROWS):
         rows = mask[:, :, q0:q0 + MASK_CHECK_ROWS]
         allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
@@ -354,23 +375,46 @@ def _check_mask(model: Model, site: Site, call: AttentionCall, n_k: int, mask, m
             biased = biased or bool((allowed & (rows != 0)).any())
         if not compare:
             continue
-        rows = geometry.rows(q0, q0 + MASK_CHECK_ROWS)
-        ours = rows.visible(0, n_k).to(mask.device)[:, None]  # (B or 1, 1, rows, Nk)
-        wrong = allowed != ours
-        if real is not None:  # padding queries: models unmask them freely
-            wrong = wrong & real[:, None, q0:q0 + MASK_CHECK_ROWS, None]
-        differs = differs or bool(wrong.any())
-    if len(_checked_masks) > 64:
-        _checked_masks.clear()
-    _checked_masks[key] = True
-    where = f"{model.name} ({model.config.model_type}): {site.tower.name} layer {site.layer}"
+        # (B | 1, rows, 1) the real queries (models unmask padding queries freely)
+        is_real = real[:, q0:q0 + MASK_CHECK_ROWS, None] if real is not None else torch.ones(1, 1, 1, dtype=torch.bool,
+                                                                                            device=mask.device)
+        ours = geometry.rows(q0, q0 + MASK_CHECK_ROWS).visible(0, n_k).to(mask.device)
+        differs = differs or bool(((allowed != ours[:, None]) & is_real[:, None]).any())
+        if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+            raise ValueError(f"{where}: its mask differs between heads, which interp does not model; this family "
+                             "is not supported")
+        allowed = allowed[:, 0].to(torch.uint8)                                    # (B | 1, rows, Nk)
+        first.append(allowed.argmax(-1))
+        last.append(n_k - 1 - allowed.flip(-1).argmax(-1))
+        count.append(allowed.sum(-1))
+        seen.append((allowed.bool() & is_real).any(1))
     if biased:
         raise ValueError(f"{where} adds a bias to its attention logits through the mask (ALiBi or relative "
                          "positions), which the captured queries and keys cannot reproduce; this family is not supported")
-    if differs:
-        raise ValueError(f"{where}: its mask lets queries see other keys than causal order, the sliding window and "
-                         "padding allow (compressed or extra keys, bidirectional images, block or document masks), "
-                         "which interp does not model; this family is not supported")
+    if not differs:
+        return None
+    first, last, count = torch.cat(first, -1), torch.cat(last, -1), torch.cat(count, -1)   # (B | 1, Nq)
+    seen = torch.stack(seen).any(0)                                                         # (B | 1, Nk)
+    b = max(count.shape[0], seen.shape[0])
+    some = count > 0
+    lo = torch.where(some, first, n_k).expand(b, -1)
+    hi = torch.where(some, last, -1).expand(b, -1)
+    cum = torch.nn.functional.pad(seen.long().cumsum(-1), (1, 0)).expand(b, -1)
+    in_run = torch.where(some, cum.gather(1, hi + 1) - cum.gather(1, lo), 0)  # keys in each query's run
+    several = (in_run != count) & (real if real is not None else True)
+    if bool(several.any()):
+        sample, i = (int(x) for x in several.nonzero()[0])
+        raise ValueError(f"{where}: its mask shows query {i} (sample {sample}) several separate runs of keys (extra or "
+                         "compressed keys, global tokens beside a window), which interp does not model; the forms it "
+                         "reads are one run of keys per query (causal, windows, bidirectional or prefix blocks, "
+                         "block-diagonal images, chunks, packed documents) less padded keys; this family is not "
+                         "supported")
+    if real is not None:  # padding queries keep the rule's run
+        rule_lo, rule_hi = geometry.span(n_k)
+        lo = torch.where(real, lo, rule_lo.to(lo.device))
+        hi = torch.where(real, hi, rule_hi.to(hi.device))
+    device = geometry.query_positions.device
+    return torch.stack([lo, hi]).to(device), None if bool(seen.all()) else seen.to(device)
 
 
 MASK_CHECK_ROWS = 1024
@@ -416,18 +460,18 @@ def check_layers(model: Model, tower: Tower, layers: Iterable[int] | None) -> li
     return chosen
 
 
-def _check_not_chunked(model: Model, tower: Tower, layers: list[int]) -> None:
-    """Refuse layers with chunked attention (Llama 4: a query sees only the keys of its own chunk), which the
-    kernels' geometry (causal, window, padding) does not describe."""
-    cfg = model._tower_config(tower.name)
+def _check_chunk_mask(model: Model, site: Site, n_k: int, mask) -> None:
+    """Refuse a call of a chunked-attention layer (Llama 4: a query sees only the keys of its own chunk) over more
+    keys than a chunk without a 4-D mask to read the chunks from (an attention implementation that applies them
+    itself)."""
+    cfg = model._tower_config(site.tower.name)
     chunk = getattr(cfg, "attention_chunk_size", None)
     types = getattr(cfg, "layer_types", None) or ()
-    chunked = [i for i, t in enumerate(types) if t == "chunked_attention"] if chunk else []
-    if set(chunked) & set(layers):
-        others = [i for i in model.layers(tower.name) if i not in chunked]
-        raise ValueError(f"{model.name}: {tower.name} layers {sorted(set(chunked) & set(layers))} use chunked attention "
-                         f"(attention_chunk_size={chunk}), which interp does not model; capture the other layers "
-                         f"(layers={others})")
+    if (chunk and site.layer < len(types) and types[site.layer] == "chunked_attention" and n_k > chunk
+            and not (isinstance(mask, Tensor) and mask.ndim == 4)):
+        raise ValueError(f"{model.name}: {site.tower.name} layer {site.layer} uses chunked attention "
+                         f"(attention_chunk_size={chunk}) without a mask to read its chunks from; load the model with "
+                         "attn_implementation='sdpa' or 'eager'")
 
 
 def check_heads(model: Model, tower: Tower, heads: Sequence[int] | None) -> Int[Tensor, "heads"] | None:
@@ -496,7 +540,6 @@ def capture(
     """
     with session(model, probe, tower=tower, layers=layers, heads=heads, keep=keep, stats=stats) as s:
         modules = model.attention_modules(s.tower.name)
-        _check_not_chunked(model, s.tower, s.layers)
         with intervene(modules, {i: Site(s, s.tower, i) for i in s.layers}, where=f"{model.name}: {s.tower.name}"):
             yield s
 

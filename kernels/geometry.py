@@ -112,8 +112,11 @@ class AttentionGeometry:
             blocks=blocks,
             documents=documents,
         )
-        if self.bounds is not None:  # already resolved
-            return replace(geo, bounds=self.bounds.to(q.device))
+        if self.bounds is not None:  # already resolved, or read from a model's mask
+            bounds = torch.as_tensor(self.bounds, device=q.device).long()
+            if bounds.ndim != 3 or bounds.shape[0] != 2 or bounds.shape[1] not in (1, b) or bounds.shape[2] != n_q:
+                raise ValueError(f"bounds must be (2, 1 or {b}, {n_q}), got {tuple(bounds.shape)}")
+            return replace(geo, bounds=bounds)
         if blocks is None and documents is None and (window is None or self.causal):
             return geo
         if (blocks is not None or documents is not None) and int(positions.max()) >= n_k:
