@@ -42,7 +42,7 @@ from interp.hooks import trace
 from interp.hooks.capture import capture_residual
 from interp.hooks.var import FIRST_SINK_LAYER, RULES, image_centric, massive_entries, phi
 from interp.kernels import call_stats
-from interp.layout import TokenLayout, token_layout
+from interp.layout import TokenLayout, fixed_masking, token_layout, vision_prefix
 from interp.models import Model
 from interp.params import IMAGES, PROMPT, PROMPTS, Params, param
 from interp.progress import Progress
@@ -134,8 +134,7 @@ class Sinks(Analysis):
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         kind, kinds = model.family.kind, self.input_kinds(model, params)
         segments = {"llm": ["delimiter"], "encoder": ["cls", "sep", "delimiter"], "lvlm": ["image", "visual_sink"],
-                    "vit": ["cls"] * ("cls" in model.family.prefix) + ["register"] * bool(_registers(model)) +
-                    ["high_norm"]}[kind]
+                    "vit": [s for s in ("cls", "register") if s in vision_prefix(model)] + ["high_norm"]}[kind]
         cols = ["first_token_mass", "sink_rate", "any_sink_rate"]
         cols += [f"sink_rate_{k}" for k in kinds if k != "natural"] + [f"{s}_mass" for s in segments]
         if kind == "lvlm":
@@ -324,8 +323,7 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
     if "image" in sample:
         image = load_image(sample["image"])
         if model.family.kind == "vit":
-            inputs = model.prepare(images=image)
-            return inputs, []
+            return fixed_masking(model, model.prepare(images=image)), []
         inputs = model.prepare(lvlm_prompt(model, params["prompt"]), images=[image])
     else:
         n = sample["tokens"]
@@ -414,9 +412,15 @@ class _Recorder:
 
 
 class _ViTRecorder(_Recorder):
-    """A ViT: also the high-norm tokens (Darcet et al.) and every layer's token norms."""
+    """A ViT: also the high-norm tokens (Darcet et al.) and every layer's token norms, with each token's cell on the
+    image's grid (row, col; -1 off the grid) and the grid's shape (grid_rows, grid_cols)."""
 
     def prepare(self, inputs: dict) -> None:
+        grid = self.layout.grids[0]
+        positions, cells = grid.kept()
+        self.cells = np.full((self.layout.segments.shape[1], 2), -1)   # (N, 2) (row, col) of each token
+        self.cells[positions.cpu().numpy()] = cells.long().numpy()
+        self.grid_shape = grid.shape
         fit = self.sample["high_norm"]
         patches = self.layout.mask("image")[0]
         if fit["threshold"] is not None:
@@ -428,7 +432,9 @@ class _ViTRecorder(_Recorder):
         super().residual(layer, hidden)
         self.norms.append(pd.DataFrame({"layer": layer, "position": np.arange(self.n),
                                         "segment": [self.layout.names[i] for i in self.layout.segments[0].tolist()],
-                                        "norm": hidden[0].float().norm(dim=-1).cpu().numpy()}))
+                                        "norm": hidden[0].float().norm(dim=-1).cpu().numpy(),
+                                        "row": self.cells[:, 0], "col": self.cells[:, 1],
+                                        "grid_rows": self.grid_shape[0], "grid_cols": self.grid_shape[1]}))
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {**super().tables(), "norms": pd.concat(self.norms, ignore_index=True)}
@@ -515,11 +521,6 @@ def _after_image(layout: TokenLayout) -> slice:
     return slice(int(image.nonzero().max()) + 1, None)
 
 
-def _registers(model: Model) -> int:
-    fam = model.family
-    return int(getattr(model.config, fam.registers, 0) or 0) if fam.registers else 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Residual stream
 
@@ -573,7 +574,7 @@ def _final_patch_norms(model: Model, images: list) -> np.ndarray:
 
 def patch_norms(model: Model, source) -> np.ndarray:
     """The final-layer norm of every patch token of one image."""
-    inputs = model.prepare(images=load_image(source))
+    inputs = fixed_masking(model, model.prepare(images=load_image(source)))
     patches = token_layout(model, inputs).mask("image")[0].cpu()
     return _final_norms(model, inputs)[patches].numpy()
 
@@ -731,7 +732,9 @@ def visual_sinks_by_layer(table: pd.DataFrame) -> go.Figure:
 
 
 def _token_grids(result, tau: float) -> list[go.Figure]:
-    """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image."""
+    """ViT high-norm tokens and LVLM visual sink tokens of the first sample, over its image. ViT tokens sit at their
+    recorded grid cells (cells without a token, ViT-MAE's masked patches, blank); LVLM image tokens (and ViT runs
+    stored without cells) are drawn only when they form a square."""
     out = []
     for table, value, label in (("norms", "norm", "‖x‖ (last layer)"), ("phi", "phi", "φ")):
         if table not in result.tables:
@@ -740,16 +743,23 @@ def _token_grids(result, tau: float) -> list[go.Figure]:
         layer = d["layer"].max() if table == "norms" else _busiest_layer(d, tau)
         rows = d[(d["sample"] == d["sample"].min()) & (d["layer"] == layer) &
                  d["segment"].isin(["image", "high_norm", "visual_sink"])].sort_values("position")
-        side = int(round(len(rows) ** 0.5))
-        if side * side != len(rows) or not side:
-            continue  # not a square grid: drawn only as the per-layer counts
+        if rows.empty:
+            continue
+        if "row" in rows:
+            values = np.full((int(rows["grid_rows"].iloc[0]), int(rows["grid_cols"].iloc[0])), np.nan)
+            values[rows["row"].to_numpy(), rows["col"].to_numpy()] = rows[value].to_numpy(float)
+        else:
+            side = int(round(len(rows) ** 0.5))
+            if side * side != len(rows):
+                continue  # not a square grid: drawn only as the per-layer counts
+            values = rows[value].to_numpy(float).reshape(side, side)
         sample = int(d["sample"].min())
         try:
             image = np.asarray(load_image(result.kept_plan[sample]["image"]).convert("RGB"))
         except (ValueError, KeyError):
             image = None
         what = "high-norm tokens" if table == "norms" else f"visual sink tokens (φ > τ) at layer {layer}"
-        out.append(grid_overlay(rows[value].to_numpy(float).reshape(side, side), image,
+        out.append(grid_overlay(values, image,
                                 title=f"sample {sample}: {what}", label=label, colorscale="Magma"))
     return out
 

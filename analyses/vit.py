@@ -28,7 +28,7 @@ from interp.app.figures import TEMPLATE, index_axis
 from interp.fanout import fan_out
 from interp.hooks import mask_heads, trace
 from interp.kernels import attention_tile
-from interp.layout import token_layout
+from interp.layout import ImageGrid, fixed_masking, token_layout
 from interp.models import Model
 from interp.organisms.vit import dataset
 from interp.params import BATCH, CLS_RULE, IMAGES, Params, param
@@ -80,40 +80,40 @@ class VitHeads(Analysis):
         return [{"images": b} for b in batches[:n]]
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
-        return model.prepare(images=_images(sample)[0])
+        return fixed_masking(model, model.prepare(images=_images(sample)[0]))
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
         images, labels = _images(sample)
-        inputs = model.prepare(images=images)
+        inputs = fixed_masking(model, model.prepare(images=images))
         layout = token_layout(model, inputs)
-        grid = layout.grids[0]
-        patches = grid.positions.reshape(-1).to(model.device)
-        cells = grid.cells().to(model.device)
-        dist = torch.cdist(cells, cells)                                        # (P, P) in patches
-        bins = dist.round().long()                                             # (P, P) distance bin of each pair
-        n_bins = int(bins.max()) + 1
-        counts = torch.zeros(len(patches), n_bins, device=model.device).scatter_add_(
-            1, bins, torch.ones_like(dist))                                    # (P, bins) keys per bin, per query
+        grids = [_patch_pairs(grid, model.device) for grid in layout.grids]  # one per image, in batch order
+        n_bins = max(int(bins.max()) + 1 for _, _, bins in grids)
         rows, strength, means = [], [], {}
-        patch = grid.patch or float("nan")
+        patch = layout.grids[0].patch or float("nan")
 
         def probe(call) -> None:
-            keys, n_tok = call.head_keys(), call.q.shape[2]
-            d = torch.zeros(call.q.shape[1], device=call.q.device)
-            mass = torch.zeros(call.q.shape[1], len(patches), n_bins, device=call.q.device)
-            for b in range(call.q.shape[0]):  # one image at a time: (H, N, N) at most
+            keys, n_tok, n_heads = call.head_keys(), call.q.shape[2], call.q.shape[1]
+            d = torch.zeros(n_heads, device=call.q.device)
+            mass = torch.zeros(n_heads, n_bins, device=call.q.device)     # per head and bin, summed over images
+            per_key = torch.zeros(n_heads, n_bins, device=call.q.device)  # idem, of the mean attention per key
+            with_keys = torch.zeros(n_bins, device=call.q.device)         # images with key pairs in each bin
+            for b, (patches, dist, bins) in enumerate(grids):  # one image at a time: (H, N, N) at most
                 p = attention_tile(call.q[b:b + 1], keys[b:b + 1], (0, n_tok), (0, n_tok),
                                    geometry=call.geometry.select(batch=slice(b, b + 1)))[0]
                 pp = p[:, patches][:, :, patches].float()                         # patch queries × patch keys
                 if params["cls_rule"] == "renormalize":
                     pp = pp / pp.sum(-1, keepdim=True).clamp_min(1e-30)
                 d += (pp * dist).sum(-1).mean(-1)
-                mass += torch.zeros_like(mass).scatter_add_(-1, bins.expand_as(pp), pp)   # (H, P, bins)
-            d, mass = d / call.q.shape[0], mass / call.q.shape[0]
-            has = counts > 0
-            per_key = ((mass / counts.clamp_min(1)) * has).sum(1) / has.sum(0)  # (H, bins)
-            mass = mass.mean(1)
+                m = torch.zeros(n_heads, len(patches), n_bins, device=pp.device).scatter_add_(
+                    -1, bins.expand_as(pp), pp)                                      # (H, P, bins)
+                counts = torch.zeros(len(patches), n_bins, device=pp.device).scatter_add_(
+                    1, bins, torch.ones_like(dist))                                  # (P, bins) keys per bin, per query
+                has = counts > 0
+                mass += m.mean(1)
+                per_key += ((m / counts.clamp_min(1)) * has).sum(1) / has.sum(0).clamp_min(1)
+                with_keys += has.any(0)
+            d, mass, per_key = d / len(grids), mass / len(grids), per_key / with_keys  # NaN: no pair at that distance
             for i, h in enumerate(call.heads.tolist()):
                 strength.append(pd.DataFrame({"layer": call.layer, "head": h, "n_images": len(images),
                                               "distance": np.arange(n_bins),
@@ -209,6 +209,14 @@ class VitHeads(Analysis):
 def _classifier(model: Model) -> bool:
     """An image classifier with labels (its logits are class scores)."""
     return "ForImageClassification" in type(model.hf).__name__ and getattr(model.config, "num_labels", 0) > 0
+
+
+def _patch_pairs(grid: ImageGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's patch tokens: (P,) their positions, (P, P) the grid distance between their cells in patches, and
+    (P, P) its bin (rounded). Cells without a token (ViT-MAE's masked patches) are left out."""
+    positions, cells = grid.kept()
+    dist = torch.cdist(cells, cells).to(device)
+    return positions.to(device), dist, dist.round().long()
 
 
 def _images(sample: dict) -> tuple[list, torch.Tensor | None]:

@@ -7,6 +7,7 @@ a kernel can sum attention per segment and a figure can paint attention over an 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
                                                                 image_size_to_num_patches, unpad_image)
 from transformers.vision_utils import get_vision_window_index
 
-from .families import image_token, table_for
+from .families import blocks, image_token
 from .models import Model
 
 
 @dataclass
 class ImageGrid:
-    """One image's tokens on their grid. positions: (rows, cols) token index of each cell; batch: the sample.
+    """One image's tokens on their grid. positions: (rows, cols) token index of each cell, -1 for a cell whose
+    patch has no token (ViT-MAE drops masked patches); batch: the sample.
 
     name: "image" (or "image_base" / "image_tiles" for the two grids of a LLaVA-NeXT image);
     image: index of the image within its sample; patch: pixels per cell side (None when not known).
@@ -43,6 +45,12 @@ class ImageGrid:
         """(rows · cols, 2) float (row, col) of each cell, in the order of `positions.reshape(-1)`."""
         rows, cols = self.shape
         return torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2).float()
+
+    def kept(self) -> tuple[Tensor, Tensor]:
+        """The cells that hold a token: (K,) their token positions and (K, 2) float (row, col), row-major."""
+        flat = self.positions.reshape(-1)
+        on = flat >= 0
+        return flat[on], self.cells()[on.cpu()]
 
 
 @dataclass
@@ -255,10 +263,17 @@ def _tokens_per_image(model: Model, inputs: dict, n_tokens: int) -> list[tuple[i
     return out
 
 
-def _tower_prefix(model: Model) -> list[str]:
-    """Names of the tokens an LLaVA vision tower puts before its patches (CLIP: CLS; SigLIP: none)."""
-    table = table_for(model.config.vision_config)
-    return list(table.prefix) if table is not None else []
+_PREFIX_PARAMETERS = {"cls_token": "cls", "class_embedding": "cls", "distillation_token": "distillation"}
+
+
+def vision_prefix(model: Model) -> list[str]:
+    """Names of the tokens a vision tower's embeddings put before its patches, in order: CLS (a `cls_token` or
+    `class_embedding` parameter), DeiT's distillation token (`distillation_token`), then the vision config's
+    `num_register_tokens` registers. The layout's length check (`_vision_tower_layout`) catches what this misses."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.hf.named_parameters()}
+    prefix = [seg for param, seg in _PREFIX_PARAMETERS.items() if param in leaves]
+    vc = getattr(model.config, "vision_config", model.config)
+    return prefix + ["register"] * int(getattr(vc, "num_register_tokens", 0) or 0)
 
 
 def _kept_prefix(model: Model) -> int:
@@ -266,7 +281,7 @@ def _kept_prefix(model: Model) -> int:
 
     "default" drops the first token, "full" keeps them all; "default" on a tower without CLS drops a patch.
     """
-    n = len(_tower_prefix(model))
+    n = len(vision_prefix(model))
     if getattr(model.config, "vision_feature_select_strategy", "default") == "full":
         return n
     if n == 0:
@@ -276,7 +291,11 @@ def _kept_prefix(model: Model) -> int:
 
 
 def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
-    """Layout of the sequence a vision encoder sees: prefix tokens (CLS, ...), registers, then patches."""
+    """Layout of the sequence a vision encoder sees: prefix tokens (CLS, distillation, registers), then patches.
+
+    Checked against the model: a layout whose length is not the length of the sequence the tower's first block
+    receives is an error naming both, never a silent misplacement.
+    """
     pixels = inputs.get("pixel_values")
     if pixels is None:
         raise ValueError(f"{model.name}: the vision tower needs pixel_values (an image); none was given")
@@ -287,21 +306,115 @@ def _vision_tower_layout(model: Model, inputs: dict) -> TokenLayout:
     if model.family.image_layout in ("tokens", "pooled", "tiles"):
         raise ValueError(f"{model.name} ({cfg.model_type}): the layout of its vision tower is not known to interp; "
                          "its text tower's layout marks the image tokens")
-    prefix = list(model.family.prefix)
+    if "spatial_shapes" in inputs:
+        layout = _naflex_layout(model, inputs, vc)
+    else:
+        layout = _patch_layout(model, inputs, vc)
+    n = _tower_length(model, inputs)
+    if layout.segments.shape[1] != n:
+        counts = {name: int((layout.segments[0] == i).sum()) for i, name in enumerate(layout.names)}
+        raise ValueError(f"{model.name} ({cfg.model_type}): interp's layout of the vision tower has "
+                         f"{layout.segments.shape[1]} positions ({counts}), but the tower's blocks see {n}: this "
+                         "tower puts tokens interp does not know of before, among or after its patches")
+    return layout
+
+
+def _patch_layout(model: Model, inputs: dict, vc) -> TokenLayout:
+    """Pixels (..., C, H, W) cut into (H/p) × (W/p) patches in row-major order, after the prefix tokens; where the
+    model drops masked patches (ViT-MAE), only the kept ones, in the model's order (`_kept_patches`)."""
+    pixels = inputs["pixel_values"]
+    prefix = vision_prefix(model)
     batch = pixels.reshape(-1, *pixels.shape[-3:]).shape[0]
-    if model.family.kind == "lvlm":  # LLaVA's CLIP / SigLIP tower
-        prefix = _tower_prefix(model)
-        if pixels.dim() == 5:  # LLaVA-NeXT: (images, max crops, C, H, W), zero-padded; the tower sees the real crops
-            batch = _llava_next_crops(model, inputs)
-    n_reg = int(getattr(vc, model.family.registers, 0) or 0) if model.family.registers else 0
-    patch = vc.patch_size
+    if model.family.kind == "lvlm" and pixels.dim() == 5:  # LLaVA-NeXT: (images, max crops, C, H, W), zero-padded
+        batch = _llava_next_crops(model, inputs)          # the tower sees the real crops only
+    patch = _side(vc.patch_size)
     rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
-    names = ["image"] + list(dict.fromkeys(prefix)) + (["register"] if n_reg else [])
-    seq = [names.index(p) for p in prefix] + ([names.index("register")] * n_reg if n_reg else [])
-    n_pre = len(seq)
-    seg = torch.tensor(seq + [0] * rows * cols).expand(batch, -1).clone()
-    grid = n_pre + torch.arange(rows * cols).view(rows, cols)
-    return TokenLayout(names, seg, [ImageGrid(grid, b, 0, "image", patch) for b in range(batch)])
+    kept = _kept_patches(model, inputs, rows * cols, batch)   # (B, K)
+    names = ["image"] + list(dict.fromkeys(prefix))
+    seg = torch.tensor([names.index(p) for p in prefix] + [0] * kept.shape[1]).expand(batch, -1).clone()
+    grids = []
+    for b in range(batch):
+        positions = torch.full((rows * cols,), -1, dtype=torch.long)
+        positions[kept[b]] = len(prefix) + torch.arange(kept.shape[1])
+        grids.append(ImageGrid(positions.view(rows, cols), b, 0, "image", patch))
+    return TokenLayout(names, seg, grids)
+
+
+def _masks_patches(model: Model) -> bool:
+    """Whether the model drops a random share (`mask_ratio`) of the patches on each forward unless given `noise`."""
+    return hasattr(model.config, "mask_ratio") and "noise" in inspect.signature(model.hf.forward).parameters
+
+
+def _kept_patches(model: Model, inputs: dict, n_patches: int, batch: int) -> Tensor:
+    """(B, K) the patch index (row-major) behind each patch token, in token order: all patches, or, for ViT-MAE,
+    the (1 - mask_ratio) share of lowest `noise` (B, P), in increasing noise as its `random_masking` keeps them."""
+    if not _masks_patches(model):
+        return torch.arange(n_patches).expand(batch, -1)
+    noise = inputs.get("noise")
+    if noise is None:
+        raise ValueError(f"{model.name} ({model.config.model_type}) drops a random {model.config.mask_ratio:.0%} of "
+                         "the patches on each forward: give inputs a `noise` (B, patches) tensor (it keeps the "
+                         "patches of lowest noise), e.g. from interp.layout.fixed_masking, so that the layout and "
+                         "the forward keep the same patches")
+    keep = int(n_patches * (1 - model.config.mask_ratio))
+    return torch.argsort(noise.cpu(), dim=1)[:, :keep]
+
+
+def fixed_masking(model: Model, inputs: dict) -> dict:
+    """`inputs`, with a fixed `noise` (B, patches) added where the model drops random patches on each forward
+    (ViT-MAE) and none is given: the same patches of every image (seed 0) in every forward and in the layout."""
+    if not _masks_patches(model) or "noise" in inputs:
+        return inputs
+    pixels = inputs["pixel_values"]
+    patch = _side(model.config.patch_size)
+    n = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+    noise = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    return {**inputs, "noise": noise.expand(pixels.shape[0], -1).to(pixels.device)}
+
+
+def _naflex_layout(model: Model, inputs: dict, vc) -> TokenLayout:
+    """SigLIP2's NaFlex input: patchified pixel_values (B, P, C·p²); image b is the spatial_shapes[b] = (rows, cols)
+    grid of its first rows·cols patch tokens, row-major; the rest are padding (pixel_attention_mask 0), on no grid."""
+    shapes, (batch, n) = inputs["spatial_shapes"].tolist(), inputs["pixel_values"].shape[:2]
+    real = inputs.get("pixel_attention_mask")
+    names, seg, grids = ["image"], torch.zeros(batch, n, dtype=torch.long), []
+    for b, (rows, cols) in enumerate(shapes):
+        if real is not None and not torch.equal(real[b].bool().cpu(), torch.arange(n) < rows * cols):
+            raise ValueError(f"{model.name}: pixel_attention_mask of image {b} does not mark its first {rows}·{cols} "
+                             f"patches (spatial_shapes) as the real ones; it marks {int(real[b].bool().sum())}")
+        if rows * cols < n:
+            if "pad" not in names:
+                names.append("pad")
+            seg[b, rows * cols:] = names.index("pad")
+        grids.append(ImageGrid(torch.arange(rows * cols).view(rows, cols), b, 0, "image", _side(vc.patch_size)))
+    return TokenLayout(names, seg, grids)
+
+
+class _Reached(Exception):
+    """Raised by `_tower_length`'s hook to stop the forward at the tower's first block."""
+
+
+def _tower_length(model: Model, inputs: dict) -> int:
+    """N: the length of the sequence (B, N, D) the vision tower's first block receives for `inputs` (the model runs
+    up to that block and stops)."""
+    _, layers = blocks(model.hf, model.family.tower("vision"))
+    seen = {}
+
+    def reached(module, args, kwargs):
+        seen["n"] = (args[0] if args else kwargs["hidden_states"]).shape[-2]
+        raise _Reached
+
+    handle = layers[0].register_forward_pre_hook(reached, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.hf(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "n" not in seen:
+        raise ValueError(f"{model.name}: the forward on these inputs never reached the vision tower's first block")
+    return seen["n"]
 
 
 def _llava_next_crops(model: Model, inputs: dict) -> int:
