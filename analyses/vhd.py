@@ -4,9 +4,15 @@ For each sample (an image and the prompt), the model first answers greedily with
 and that answer are run twice, teacher-forced: with the image, and without it. At every position that produces
 an answer token (the prompt's last position, then each answer token but the last), each head's output before
 the output projection is compared: VHD[l, h] = ‖A_lh(with image) − A_lh(without)‖₂ (squared with `squared`).
-The image-free input is built one of two ways, recorded in the run:
+The teacher-forced answer tokens get the per-token inputs that generation gives generated tokens (the model's own
+update between generation steps): PaliGemma's prefix-LM marks them as its causal suffix (token_type_ids 1), so
+the prompt's positions never see the answer, as when the model generates. The image-free input is built one of
+three ways, recorded in the run:
 - "drop" (default): the image tokens are left out, so the text moves up and takes other positions (and RoPE
-  phases) — the paper's unstated construction as most read it;
+  phases) — the paper's unstated construction as most read it. The prompt is rendered without the image by the
+  processor; a processor that requires an image (PaliGemma's) renders it with the image, and the image's tokens
+  are then taken out of its inputs (PaliGemma: its `<bos>`, the prompt and the newline that closes it, all of it
+  the bidirectional prefix, token_type_ids 0);
 - "blank": a black image of the same size in its place, so every text token keeps its position;
 - "mean": the same with an image of the processor's mean colour (it normalises to 0: the dataset mean).
 Per head: `vhd` (mean over steps and samples) and `vhd_prompt` (the prompt's last position only). The `steps`
@@ -25,6 +31,7 @@ import torch
 from PIL import Image
 
 from interp.app.figures import TEMPLATE, score_by_layer
+from interp.families import image_token
 from interp.hooks import mask_heads, trace
 from interp.models import Model
 from interp.params import IMAGES, MAX_NEW_TOKENS, PROMPT, Params, param
@@ -122,9 +129,14 @@ class VHD(Analysis):
 
 def image_free_inputs(model: Model, prompt: str, image, how: str) -> dict:
     """The prompt without the image: its tokens dropped ("drop"), or a neutral image of the same size in its place —
-    black ("blank") or the processor's mean colour ("mean")."""
+    black ("blank") or the processor's mean colour ("mean"). For "drop", a processor that refuses a text-only
+    prompt (PaliGemma's requires an image) renders the prompt with the image, whose tokens `without_image_tokens`
+    then takes out."""
     if how == "drop":
-        return model.prepare(lvlm_prompt(model, prompt, image=False), images=[])
+        try:
+            return model.prepare(lvlm_prompt(model, prompt, image=False), images=[])
+        except ValueError:  # the processor requires an image
+            return without_image_tokens(model, model.prepare(lvlm_prompt(model, prompt), images=[image]))
     if how not in NO_IMAGE:
         raise ValueError(f"no_image {how!r}: choose from {', '.join(NO_IMAGE)}")
     proc = getattr(model.processor, "image_processor", model.processor)
@@ -133,16 +145,38 @@ def image_free_inputs(model: Model, prompt: str, image, how: str) -> dict:
     return model.prepare(lvlm_prompt(model, prompt), images=[Image.new("RGB", image.size, colour)])
 
 
+def without_image_tokens(model: Model, inputs: dict) -> dict:
+    """The inputs of one sample (1, N) without the image: each per-token input (1, N) — ids, attention mask, token
+    types — keeps the positions that are not the image token; the image's own inputs (pixels, sizes) and the
+    processor's training `labels` are left out."""
+    ids = inputs["input_ids"]
+    keep = ids[0] != image_token(model.config)
+    return {k: v[:, keep] for k, v in inputs.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "labels"}
+
+
+def teacher_forced(model: Model, inputs: dict, answer: torch.Tensor) -> dict:
+    """The inputs of one sample (1, N) followed by the answer (T,) but its last token: (1, N + T − 1), each
+    per-token input extended one token at a time by the model's own update between generation steps, so the answer
+    is marked as generated tokens are (attention mask 1; PaliGemma's token_type_ids 1, its causal suffix;
+    mm_token_type_ids 0, text). The processor's training `labels` are left out."""
+    n = inputs["input_ids"].shape[-1]
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels")}
+    kwargs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    for _ in range(len(answer) - 1):
+        kwargs = model.hf._update_model_kwargs_for_generation({}, kwargs, is_encoder_decoder=False)
+    stale = [k for k, v in kwargs.items() if torch.is_tensor(v) and v.shape == (1, n)]
+    if stale and len(answer) > 1:
+        raise ValueError(f"{model.name}: generation does not extend the per-token inputs {stale}, so the answer "
+                         "cannot be teacher-forced as it is generated")
+    return dict(kwargs, input_ids=torch.cat([inputs["input_ids"], answer[None, :-1].to(inputs["input_ids"])], -1))
+
+
 def head_outputs(model: Model, inputs: dict, answer: torch.Tensor, options: Options) -> torch.Tensor:
     """Each head's output before the output projection at the positions that produce the answer's tokens, with
-    the answer teacher-forced after the prompt: (L, H, T, d) for the captured layers and heads."""
+    the answer teacher-forced after the prompt (`teacher_forced`): (L, H, T, d) for the captured layers and
+    heads."""
     n = inputs["input_ids"].shape[-1]
-    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer[None, :-1]], -1))
-    for key, value in inputs.items():  # per-token inputs grow with the answer: attention 1, token types 0 (text)
-        if key != "input_ids" and torch.is_tensor(value) and value.ndim == 2 and value.shape == (1, n):
-            fill = torch.ones if key == "attention_mask" else torch.zeros
-            full[key] = torch.cat([value, fill(1, len(answer) - 1, dtype=value.dtype, device=value.device)], -1)
-    full.setdefault("attention_mask", torch.ones_like(full["input_ids"]))
+    full = teacher_forced(model, inputs, answer)
     model.check_length(full["input_ids"].shape[-1])
     at = torch.arange(n - 1, n - 1 + len(answer), device=model.device)
     outs = {}
