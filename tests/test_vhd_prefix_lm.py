@@ -163,7 +163,8 @@ def test_vhd_on_paligemma_equals_generation(paligemma, construction):
             without = {"input_ids": torch.tensor([DROPPED]), "attention_mask": torch.ones(1, n, dtype=torch.long),
                        "token_type_ids": torch.zeros(1, n, dtype=torch.long)}
         else:
-            without = paligemma.prepare(lvlm_prompt(paligemma, PROMPT), images=[Image.new("RGB", image.size, (0, 0, 0))])
+            black = Image.new("RGB", image.size, (0, 0, 0))
+            without = paligemma.prepare(lvlm_prompt(paligemma, PROMPT), images=[black])
         a, b = _generated(paligemma, with_image, answer)[1], _generated(paligemma, without, answer)[1]
         want = (a - b).unflatten(-1, (-1, d)).pow(2).sum(-1).sqrt()                      # (L, T, H)
         got = steps[steps["sample"] == i]
