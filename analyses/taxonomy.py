@@ -36,7 +36,7 @@ from interp.app.figures import TEMPLATE, score_by_layer
 from interp.fanout import fan_out
 from interp.hooks import mask_heads, trace
 from interp.kernels import AttentionGeometry, attention_tile, call_stats, diagonal_attention, grid_distance
-from interp.layout import token_layout
+from interp.layout import fixed_masking, token_layout
 from interp.models import Model
 from interp.params import CLS_RULE, IMAGES, Params, param
 from interp.progress import Progress
@@ -126,7 +126,7 @@ class Taxonomy(Analysis):
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
         if "image" in sample:
-            return model.prepare(images=load_image(sample["image"]))
+            return fixed_masking(model, model.prepare(images=load_image(sample["image"])))
         return text_inputs(model, sample)
 
     # ---- one sample
@@ -172,10 +172,11 @@ class Taxonomy(Analysis):
         layout = token_layout(model, inputs)
         grid = layout.grids[0]
         n = layout.segments.shape[1]
+        positions, cells = grid.kept()  # the cells that hold a token (ViT-MAE drops some)
         coords = torch.zeros(n, 2)
-        coords[grid.positions.reshape(-1).cpu()] = grid.cells()
+        coords[positions.cpu()] = cells
         special = torch.ones(n, dtype=torch.bool)
-        special[grid.positions.reshape(-1).cpu()] = False
+        special[positions.cpu()] = False
         patch = grid.patch or float("nan")
 
         def probe(call) -> None:

@@ -171,8 +171,8 @@ class AttentionSource:
             raise ValueError(f"image grid {grid} is outside the sample's {len(cap.layout.grids)} grids")
         q, k, geometry = cap.head(head)
         row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), geometry=geometry)[0, 0, 0]
-        positions = cap.layout.grids[grid].positions.to(row.device)
-        return row[positions].cpu().numpy(), cap.image
+        positions = cap.layout.grids[grid].positions.cpu().numpy()  # −1: a cell without a token (ViT-MAE)
+        return np.where(positions >= 0, row.cpu().numpy()[positions.clip(0)], np.nan), cap.image
 
 
 def replay_key(meta: dict, sample: int) -> str:
@@ -220,7 +220,8 @@ def _token_texts(model: Model, inputs: dict, layout: TokenLayout) -> list[str]:
     for grid in layout.grids:
         if grid.batch == 0:
             for (r, c), pos in np.ndenumerate(grid.positions.cpu().numpy()):
-                texts[pos] = f"patch {r},{c}"
+                if pos >= 0:
+                    texts[pos] = f"patch {r},{c}"
     return texts
 
 

@@ -62,9 +62,9 @@ class Family:
 
     kind: "llm" | "encoder" | "vit" | "lvlm". towers: the attention stacks, primary first; () to take them (and the
     kind and context) from `discover`. context: config attribute (on the text config) giving the
-    longest input in tokens, or None when unbounded by the family. prefix: names of the special tokens that
-    precede the patches of a ViT image (CLS, distillation); registers: config attribute giving how many
-    register tokens follow them. image_layout: how an LVLM lays image tokens out ("llava": square grids, and
+    longest input in tokens, or None when unbounded by the family (a ViT's special tokens before its patches come
+    from the model: `interp.layout.vision_prefix`). image_layout: how an LVLM lays image tokens out ("llava": square
+    grids, and
     LLaVA-NeXT's base + unpadded tile grids; "merged": Qwen-VL's m×m merged patches; "pooled": Gemma 3's square
     of average-pooled patches (`mm_tokens_per_image` per image); "tiles": a pixel-shuffled square per image tile
     (InternVL, Idefics3); "tokens": a discovered LVLM, whose image tokens (the config's image token id) are marked
@@ -76,8 +76,6 @@ class Family:
     kind: str
     towers: tuple[Tower, ...]
     context: str | None = "max_position_embeddings"
-    prefix: tuple[str, ...] = ()
-    registers: str | None = None
     image_layout: str | None = None
     notes: str = field(default="", compare=False)
 
@@ -122,20 +120,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("bert", ("bert",), "encoder", (Tower("text", ("bert.encoder.layer", "encoder.layer"), ("attention.self",), False),)),
     Family("vit", ("vit",), "vit",
            (Tower("vision", ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
-           context=None, prefix=("cls",)),
+           context=None),
     Family("deit", ("deit",), "vit",
            (Tower("vision", ("deit.layers", "layers", "deit.encoder.layer", "encoder.layer"), _VIT_ATTENTION, False),),
-           context=None, prefix=("cls", "distillation")),
+           context=None),
     Family("clip", ("clip", "clip_vision_model"), "vit",
            (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, True)),
-           context=None, prefix=("cls",), notes="vision tower (and the text tower of a full CLIPModel)"),
+           context=None, notes="vision tower (and the text tower of a full CLIPModel)"),
     Family("siglip", ("siglip", "siglip_vision_model"), "vit",
            (Tower("vision", _VISION_ENCODER, _SELF, False), Tower("text", ("text_model.encoder.layers",), _SELF, False)),
            context=None, notes="vision tower (no CLS token)"),
     Family("dinov2", ("dinov2", "dinov2_with_registers"), "vit",
            (Tower("vision", ("dinov2.encoder.layer", "dinov2_with_registers.encoder.layer", "encoder.layer"),
                   _VIT_ATTENTION, False),),
-           context=None, prefix=("cls",), registers="num_register_tokens", notes="with or without register tokens"),
+           context=None, notes="with or without register tokens"),
     Family("llava", ("llava", "llava_next", "llava_onevision"), "lvlm",
            (_LVLM_TEXT, Tower("vision", _CLIP_VISION, _SELF, False)),
            image_layout="llava", notes="LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (anyres grids)"),

@@ -208,3 +208,14 @@ def test_beit_relative_position_bias_is_refused_by_capture(analysis):
                 p.normal_()
     with pytest.raises(ValueError, match=r"beit\): vision layer 0 adds a bias to its attention logits .*not supported"):
         interp.score(model, analysis, samples=1)
+
+
+def test_taxonomy_distance_on_vit_mae_equals_eager_over_the_kept_patches():
+    """taxonomy's ViT distance uses only the grid cells that hold a token (ViT-MAE keeps 4 of 16), with the same
+    fixed masking as its forward: equal to eager attention over those patches."""
+    model, _ = _build("mae", attn="eager")
+    run = interp.score(model, "taxonomy", samples=1)
+    inputs = get_analysis("taxonomy").sample_inputs(model, run.meta["plan"][0], None, run.meta["params"])
+    want = _eager_distance(model, inputs)
+    got = run.heads.sort_values(["layer", "head"])["distance"].to_numpy().reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
