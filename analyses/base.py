@@ -8,7 +8,7 @@ per score).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -52,6 +52,60 @@ class Options:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class Role:
+    """A kind of head an analysis recognises from one score column of its heads table (a head atlas's roles).
+
+    name: the role (e.g. "retrieval"). score: the heads-table column it reads. rule: "threshold" (score > threshold;
+    score < threshold for sign −1; |score| > threshold for sign 0; ≥ / ≤ when `inclusive`) or "top" (the
+    max(1, round(fraction · n)) heads of the n scored ones with the highest score, lowest for sign −1, largest |score|
+    for sign 0; ties kept in table order). param: the analysis parameter that sets the threshold (the run's value
+    wins over `threshold`). description: the rule in words, and where it comes from. A head with no score (NaN)
+    never has the role.
+    """
+
+    name: str
+    score: str
+    rule: str = "threshold"
+    threshold: float | None = None
+    fraction: float | None = None
+    sign: int = 1
+    inclusive: bool = False
+    param: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if self.rule not in ("threshold", "top"):
+            raise ValueError(f"role {self.name!r}: rule must be 'threshold' or 'top', got {self.rule!r}")
+        if self.sign not in (1, -1, 0):
+            raise ValueError(f"role {self.name!r}: sign must be 1, -1 or 0 (|score|), got {self.sign!r}")
+        if self.rule == "top" and not (self.fraction is not None and 0 < self.fraction <= 1):
+            raise ValueError(f"role {self.name!r}: a 'top' rule needs a fraction in (0, 1], got {self.fraction!r}")
+        if self.rule == "threshold" and self.threshold is None and self.param is None:
+            raise ValueError(f"role {self.name!r}: a 'threshold' rule needs a threshold or a param")
+
+    def resolved(self, params: dict) -> Role:
+        """This role with its threshold read from a run's parameters (where `param` names one that is set)."""
+        if self.param is not None and params.get(self.param) is not None:
+            return replace(self, threshold=float(params[self.param]))
+        return self
+
+    def apply(self, values: pd.Series) -> pd.Series:
+        """Which heads have the role: a boolean Series on `values`' index (`values`: one score per head)."""
+        values = pd.to_numeric(values, errors="coerce").astype(float)
+        key = values if self.sign == 1 else -values if self.sign == -1 else values.abs()
+        if self.rule == "threshold":
+            if self.threshold is None:
+                raise ValueError(f"role {self.name!r}: no threshold (its parameter {self.param!r} is unset)")
+            t = self.threshold if self.sign != -1 else -self.threshold
+            hit = key >= t if self.inclusive else key > t
+            return hit.fillna(False).astype(bool)
+        scored = key.dropna()
+        k = max(1, round(self.fraction * len(scored))) if len(scored) else 0
+        chosen = scored.sort_values(ascending=False, kind="stable").index[:k]
+        return pd.Series(values.index.isin(chosen), index=values.index)
+
+
 class Analysis:
     """Base of every analysis. Subclasses set the class attributes and implement plan / score_sample /
     aggregate; `interp.score` does the rest (store, resume, progress)."""
@@ -65,6 +119,7 @@ class Analysis:
     signed: ClassVar[bool] = False           # scores are signed effects, ranked by magnitude
     sample_columns: ClassVar[dict[str, str]] = {}  # score -> the samples-table column behind it, where names differ
     describe: ClassVar[tuple[str, ...]] = ()  # samples-table columns that say what a sample is (dashboard hover)
+    roles: ClassVar[tuple[Role, ...]] = ()   # the kinds of head its scores recognise (interp.atlas)
 
     def check(self, model: Model) -> None:
         """Raise NotApplicableError when the model's family is not one this analysis supports."""
@@ -104,6 +159,11 @@ class Analysis:
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         """The heads table's score columns for this model and parameters (default: all of `scores`)."""
         return dict(self.scores)
+
+    def roles_of(self, params: dict, columns) -> tuple[Role, ...]:
+        """The roles a run with these parameters (JSON values) and heads-table score `columns` has: the declared
+        `roles` whose score it has, thresholds read from its parameters."""
+        return tuple(role.resolved(params) for role in self.roles if role.score in columns)
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         """The samples to score, as JSON-able dicts (deterministic given options.seed)."""

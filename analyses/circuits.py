@@ -17,7 +17,7 @@ shared heads, Jaccard, overlap of the smaller, and Spearman's ρ of the full |ef
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -33,7 +33,7 @@ from interp.models import Model
 from interp.params import BATCH, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .tasks import BUILTIN_TASKS, IOI_CORRUPTIONS, TaskPrompt, encode, task_label, task_prompts
 
 METHODS = ("patching", "eap", "eap-ig", "path")
@@ -155,6 +155,24 @@ class Circuits(Analysis):
         return next((m for m in ("eap_ig", "patching", "eap", "path") if score.endswith("_" + m)), score)
     sample_tables = ("prompts", "positions")
     signed = True
+    # one role per task, named circuit_<task>, on the column that chooses its circuit (see roles_of): this is its form
+    roles = (Role("circuit", "<task>_<circuit_by>", rule="top", fraction=0.02, sign=0,
+                  description="circuit member: the run's circuit rule (`circuit_heads`) — |effect| ≥ circuit_threshold "
+                              "when given, else the top circuit_percent % of heads by |effect| (at least one)"),)
+
+    def roles_of(self, params: dict, columns) -> tuple[Role, ...]:
+        """`circuit_<task>` for every task of the run: its circuit as `circuit_heads` chooses it."""
+        form, out = self.roles[0], []
+        for task in tasks_of(params):
+            col = circuit_column(params, task)
+            if col not in columns:
+                continue
+            if params.get("circuit_threshold") is not None:
+                rule = dict(rule="threshold", threshold=float(params["circuit_threshold"]), inclusive=True)
+            else:
+                rule = dict(rule="top", fraction=float(params["circuit_percent"]) / 100)
+            out.append(replace(form, name=f"circuit_{task_label(task)}", score=col, **rule))
+        return tuple(out)
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         return {column(t, m): f"{t}: {METHOD_TEXT[m.replace('-', '_')]}, normalised (patched − clean)/(corrupt − clean)"

@@ -18,7 +18,7 @@ from interp.models import Model
 from interp.params import Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .inputs import TEXTS
 
 
@@ -36,6 +36,9 @@ class Lookback(Analysis):
     scores = {"lookback_rate": "% of queries whose most-attended key is `offset` tokens back"}
     Params = LookbackParams
     describe = ("n_tokens",)
+    roles = (Role("lookback", "lookback_rate", threshold=50.0,
+                  description="lookback head: the key `offset` tokens back is the most-attended key of more than 50 % "
+                              "of the queries (offset 1, the default: a previous-token head)"),)
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         n = options.samples or 4

@@ -37,7 +37,7 @@ from interp.models import Model
 from interp.params import MAX_NEW_TOKENS, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .inputs import ends_line, eos_ids, greedy
 from .niah import NEEDLES, Needle, build_prompt, file_sentences, filler_sentences, locate_answer, read_needles, rouge1_recall
 
@@ -82,6 +82,8 @@ class Retrieval(Analysis):
     scores = {"retrieval_score": "mean copy-paste score over accepted NIAH samples (retrieval head: > threshold)"}
     Params = RetrievalParams
     sample_columns = {"retrieval_score": "score"}
+    roles = (Role("retrieval", "retrieval_score", threshold=0.1, param="threshold",
+                  description="retrieval head: retrieval_score > threshold (0.1, Wu et al.; the run's value)"),)
     describe = ("length", "depth", "accepted", "rouge1_recall", "n_tokens", "response")
 
     def check(self, model: Model) -> None:

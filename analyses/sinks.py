@@ -47,7 +47,7 @@ from interp.models import Model
 from interp.params import IMAGES, PROMPT, PROMPTS, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
 from .inputs import TEXTS, lvlm_prompt, plain_token_pool, read_prompts, special_tokens
 
@@ -111,6 +111,12 @@ class Sinks(Analysis):
         "image_centric_rate": "% of text queries after the image for which the head is image-centric (Kang et al.)",
     }
     Params = SinksParams
+    roles = (
+        Role("sink", "sink_rate", threshold=50.0,
+             description="sink head: α_first > ε (Gu et al.'s Sink_ε) on more than 50 % of the natural samples"),
+        Role("image_centric", "image_centric_rate", threshold=50.0,
+             description="image-centric head (Kang et al.): image-centric for more than 50 % of the text queries"),
+    )
     sample_columns = {"sink_rate": "first_token_mass", "any_sink_rate": "top_key_mass",
                       "sink_rate_random": "first_token_mass", "sink_rate_repeated": "first_token_mass"}
     describe = ("input", "n_tokens")

@@ -41,7 +41,7 @@ from interp.models import Model
 from interp.params import CLS_RULE, IMAGES, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
 from .inputs import plain_token_pool, special_tokens
 
@@ -92,6 +92,15 @@ class Taxonomy(Analysis):
     }
     Params = TaxonomyParams
     describe = ("input", "n_tokens")
+    roles = (
+        Role("induction", "induction", threshold=0.2,
+             description="induction head: > 0.2 of its attention on the token after the previous occurrence (repeated "
+                         "random tokens; uniform attention puts ~1/n there)"),
+        Role("previous_token", "previous_token", threshold=0.5,
+             description="previous-token head: most (> 0.5) of its attention on the previous position"),
+        Role("duplicate_token", "duplicate_token", threshold=0.2,
+             description="duplicate-token head: > 0.2 of its attention on the previous occurrence of the same token"),
+    )
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         if model.family.kind == "vit":

@@ -37,7 +37,7 @@ from interp.models import Model
 from interp.params import IMAGES, MAX_NEW_TOKENS, PROMPT, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
 from .inputs import greedy, lvlm_prompt
 
@@ -67,6 +67,8 @@ class VHD(Analysis):
     }
     Params = VHDParams
     sample_tables = ("steps",)
+    roles = (Role("vision_aware", "vhd", rule="top", fraction=0.1,
+                  description="vision-aware head: the top 10 % of heads by VHD (the heads the image changes most)"),)
 
     def plan(self, model: Model, options: Options, params: dict) -> list[dict]:
         sources = [str(p) for p in image_files(params["images"])] if params["images"] else list(range(BUILTIN_IMAGES))

@@ -34,7 +34,7 @@ from interp.organisms.vit import dataset
 from interp.params import BATCH, CLS_RULE, IMAGES, Params, param
 from interp.progress import Progress
 
-from .base import Analysis, Options, head_rows
+from .base import Analysis, Options, Role, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
 
 ORGANISM = "organism-vit"
@@ -64,6 +64,14 @@ class VitHeads(Analysis):
     }
     Params = VitParams
     sample_tables = ("strength",)
+    roles = (
+        Role("global", "distance", rule="top", fraction=0.1,
+             description="global head: the 10 % of heads with the longest mean attention distance"),
+        Role("local", "distance", rule="top", fraction=0.1, sign=-1,
+             description="local head: the 10 % of heads with the shortest mean attention distance"),
+        Role("important", "accuracy_drop_mean", rule="top", fraction=0.1,
+             description="important head: the 10 % of heads whose mean-ablation costs the most accuracy"),
+    )
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
         cols = list(self.scores) if _classifier(model) and params["importance"] else ["distance", "distance_px"]

@@ -1,0 +1,183 @@
+"""A head atlas: what each head of one model *is*, from every completed run of it (issue 30).
+
+`Atlas(runs)` joins the heads tables of completed runs of one model (one run per analysis) into one table, applies
+each analysis's declared roles (`Analysis.roles`, e.g. retrieval's "retrieval head: retrieval_score > 0.1"), and
+answers: a head's card (its scores, ranks, percentiles and roles), how roles co-occur beyond chance, how scores
+correlate, and where in depth each role lives. Pure pandas / numpy, deterministic; the shell names no role.
+
+Column names: a score is `<analysis>.<score>` (e.g. `retrieval.retrieval_score`), a role `<analysis>.<role>`
+(e.g. `taxonomy.induction`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from interp.analyses import ANALYSES
+from interp.analyses.base import Role
+
+from .results import ScoreResult, open_run
+
+KEYS = ["layer", "head"]
+
+
+class Atlas:
+    """The heads of one model across completed runs.
+
+    heads: one row per (layer, head) any run scored — `layer`, `head`, `kv_head`, then for every score of every run
+    `<analysis>.<score>`, `<analysis>.<score>:rank` (1 = highest; by |score| for a signed analysis; ties share the
+    best rank) and `<analysis>.<score>:percentile` (100 · share of the scored heads at or below it, in the same
+    order). A head a run did not score has NaN there.
+    roles: one row per head — `layer`, `head`, then one boolean column per role `<analysis>.<role>`.
+    scores: the score columns, run by run in the analysis's order. rules: role column -> its `Role` (thresholds as
+    the run was scored). runs: analysis -> run id. model: the model's name.
+    """
+
+    def __init__(self, runs: Iterable[ScoreResult]):
+        runs = list(runs)
+        if not runs:
+            raise ValueError("an atlas needs at least one completed run")
+        models = {r.meta["model"]["name"] for r in runs}
+        if len(models) > 1:
+            raise ValueError(f"an atlas is of one model; these runs score {', '.join(sorted(models))}")
+        for r in runs:
+            if r.status != "complete":
+                raise ValueError(f"run {r.id} ({r.analysis}) is {r.status}: an atlas reads completed runs only")
+        names = [r.analysis for r in runs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"an atlas takes one run per analysis; several runs of {', '.join(twice)}")
+        self.model: str = models.pop()
+        self.runs: dict[str, str | None] = {r.analysis: r.id for r in runs}
+
+        base = (pd.concat([r.heads[["layer", "head", "kv_head"]] for r in runs])
+                .drop_duplicates(KEYS).sort_values(KEYS, kind="stable").reset_index(drop=True))
+        base[KEYS] = base[KEYS].astype(int)
+        columns, self.scores = {}, []
+        self._scored_by: dict[str, str] = {}  # score column -> analysis
+        for r in runs:
+            signed = r.meta.get("signed", getattr(ANALYSES.get(r.analysis), "signed", False))
+            table = r.heads.assign(layer=r.heads["layer"].astype(int), head=r.heads["head"].astype(int))
+            table = base[KEYS].merge(table, on=KEYS, how="left")
+            for score in r.scores:
+                if score not in table.columns:
+                    continue
+                col = f"{r.analysis}.{score}"
+                values = pd.to_numeric(table[score], errors="coerce").astype(float)
+                key = values.abs() if signed else values
+                columns[col] = values
+                columns[f"{col}:rank"] = key.rank(ascending=False, method="min")
+                columns[f"{col}:percentile"] = 100 * key.rank(pct=True, method="max")
+                self.scores.append(col)
+                self._scored_by[col] = r.analysis
+        self.heads: pd.DataFrame = pd.concat([base, pd.DataFrame(columns, index=base.index)], axis=1)
+
+        self.rules: dict[str, Role] = {}
+        self._role_scores: dict[str, str] = {}  # role column -> the score column it reads
+        roles = {}
+        for r in runs:
+            analysis = ANALYSES.get(r.analysis)
+            if analysis is None:  # a run of an analysis this interp does not know: its scores, no roles
+                continue
+            for role in analysis.roles_of(analysis.stored_params(r.meta), r.scores):
+                name, score = f"{r.analysis}.{role.name}", f"{r.analysis}.{role.score}"
+                if score not in self.heads.columns:
+                    continue
+                roles[name] = role.apply(self.heads[score]).to_numpy(bool)
+                self.rules[name] = role
+                self._role_scores[name] = score
+        self.roles: pd.DataFrame = pd.concat([base[KEYS], pd.DataFrame(roles, index=base.index, dtype=bool)], axis=1)
+
+    @classmethod
+    def open(cls, runs: Iterable[str | os.PathLike], store=None) -> Atlas:
+        """The atlas of stored runs (ids, unique id prefixes or paths) in `store` (default: the default store)."""
+        return cls(open_run(r, store) for r in runs)
+
+    @property
+    def role_names(self) -> list[str]:
+        """The role columns, run by run in each analysis's order."""
+        return list(self.rules)
+
+    def __repr__(self) -> str:
+        return (f"Atlas({self.model!r}, {len(self.heads)} heads, runs={list(self.runs)}, {len(self.scores)} scores, "
+                f"{len(self.rules)} roles)")
+
+    def _scored(self, role: str) -> np.ndarray:
+        """(heads,) bool: the heads that have a score for the column `role` reads."""
+        return self.heads[self._role_scores[role]].notna().to_numpy()
+
+    def card(self, layer: int, head: int) -> dict:
+        """Everything the atlas knows of one head: {"layer", "head", "kv_head", "scores": {column: {"value", "rank",
+        "percentile", "run"}}, "roles": [role columns it has], "runs": {analysis: run id}}. KeyError for a head no run
+        scored."""
+        at = self.heads.index[(self.heads["layer"] == layer) & (self.heads["head"] == head)]
+        if not len(at):
+            raise KeyError(f"head {layer}.{head}: no run in this atlas of {self.model} scored it")
+        row, roles = self.heads.loc[at[0]], self.roles.loc[at[0]]
+        scores = {col: {"value": _num(row[col]), "rank": _num(row[f"{col}:rank"]),
+                        "percentile": _num(row[f"{col}:percentile"]), "run": self.runs[self._scored_by[col]]}
+                  for col in self.scores}
+        return {"layer": int(layer), "head": int(head), "kv_head": int(row["kv_head"]), "scores": scores,
+                "roles": [name for name in self.rules if bool(roles[name])], "runs": dict(self.runs)}
+
+    def overlaps(self, n_permutations: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """Role × role co-occurrence, one row per pair of roles (in `role_names` order, a before b), over the heads
+        both roles' scores cover (N of them): `role_a`, `role_b`, `n`, `n_a`, `n_b`, `both`, `jaccard`
+        (|A ∩ B| / |A ∪ B|), `expected` (its mean when B's heads are any n_b of the N, independent of A: Σ_x
+        P(x) · x / (n_a + n_b − x) with x hypergeometric), `p_value` (permutation test: B's membership shuffled over
+        the N heads `n_permutations` times by `np.random.default_rng(seed)` — a fresh generator per pair, each
+        permutation the argsort of a row of `rng.random((n_permutations, N))`; (1 + #{J_perm ≥ J}) / (1 +
+        n_permutations)), `p_exact` (the same test's exact value, P(x ≥ |A ∩ B|): J grows with x for fixed sizes).
+        Jaccard, expected and p-values are NaN when neither role has a head."""
+        names, rows = self.role_names, []
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                keep = self._scored(a) & self._scored(b)
+                x, y = self.roles[a].to_numpy()[keep], self.roles[b].to_numpy()[keep]
+                rows.append({"role_a": a, "role_b": b, **_overlap(x, y, n_permutations, seed)})
+        return pd.DataFrame(rows, columns=["role_a", "role_b", "n", "n_a", "n_b", "both", "jaccard", "expected",
+                                           "p_value", "p_exact"])
+
+    def correlations(self) -> pd.DataFrame:
+        """Score × score Spearman rank correlations (scores × scores, indexed by score column) over the heads both
+        scores cover (signed scores as they are); NaN where fewer than 2 heads or a constant score."""
+        return self.heads[self.scores].corr(method="spearman", min_periods=2)
+
+    def layer_profiles(self) -> pd.DataFrame:
+        """Per layer, the fraction of its heads in each role (layers × roles, indexed by `layer`), out of the heads
+        the role's score covers (NaN where it covers none)."""
+        frac = pd.DataFrame({name: self.roles[name].where(self._scored(name)).astype(float) for name in self.rules},
+                            index=self.roles.index)
+        return frac.groupby(self.roles["layer"]).mean()
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> dict:
+    """The overlap statistics of two (N,) boolean memberships (see `Atlas.overlaps`)."""
+    n, n_a, n_b, both = len(a), int(a.sum()), int(b.sum()), int((a & b).sum())
+    out = {"n": n, "n_a": n_a, "n_b": n_b, "both": both}
+    if n_a + n_b == 0:
+        return out | {"jaccard": np.nan, "expected": np.nan, "p_value": np.nan, "p_exact": np.nan}
+    jaccard = both / (n_a + n_b - both)
+    total = math.comb(n, n_a)
+    xs = range(max(0, n_a + n_b - n), min(n_a, n_b) + 1)
+    pmf = {x: math.comb(n_b, x) * math.comb(n - n_b, n_a - x) / total for x in xs}
+    expected = sum(p * x / (n_a + n_b - x) for x, p in pmf.items())
+    p_exact = min(1.0, sum(p for x, p in pmf.items() if x >= both))
+    rng, hits, done = np.random.default_rng(seed), 0, 0
+    while done < n_permutations:
+        chunk = min(256, n_permutations - done)
+        shuffled = b[np.argsort(rng.random((chunk, n)), axis=1)]              # (chunk, N)
+        inter = (shuffled & a).sum(1)
+        hits += int((inter >= both).sum())  # J_perm ≥ J exactly when |A ∩ B_perm| ≥ |A ∩ B| (sizes fixed)
+        done += chunk
+    p_value = (1 + hits) / (1 + n_permutations)
+    return out | {"jaccard": jaccard, "expected": expected, "p_value": p_value, "p_exact": p_exact}
+
+
+def _num(v) -> float | None:
+    return None if pd.isna(v) else float(v)

@@ -1,0 +1,243 @@
+"""The head atlas (issue 30): roles declared by the analyses, one table of every score, cards, role overlaps against
+chance, score correlations and layer profiles — checked against the stored runs and hand computations."""
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import interp
+import planted
+from interp.analyses import ANALYSES, get_analysis
+from interp.analyses.base import Role
+from interp.analyses.circuits import circuit_heads
+from interp.atlas import Atlas
+
+# Each declared role, written out by hand: (analysis, score) -> the rule.
+HAND = {
+    "retrieval.retrieval": ("retrieval_score", lambda s: s > 0.1),
+    "taxonomy.induction": ("induction", lambda s: s > 0.2),
+    "taxonomy.previous_token": ("previous_token", lambda s: s > 0.5),
+    "taxonomy.duplicate_token": ("duplicate_token", lambda s: s > 0.2),
+    "lookback.lookback": ("lookback_rate", lambda s: s > 50),
+    "sinks.sink": ("sink_rate", lambda s: s > 50),
+}
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """Stored runs of the planted retrieval model (retrieval, taxonomy, lookback, sinks) and of stories260k (summary,
+    taxonomy, lookback, sinks): (store, {model: [run ids]})."""
+    root = tmp_path_factory.mktemp("atlas")
+    rng = random.Random(0)
+    (root / "hay.txt").write_text(" ".join(" ".join(rng.choice(planted.FILLER) for _ in range(rng.randint(4, 8)))
+                                           + " ." for _ in range(300)))
+    (root / "needles.jsonl").write_text(json.dumps({"needle": "the secret code is alpha bravo charlie delta .",
+                                                    "question": "the secret code is",
+                                                    "answer": "alpha bravo charlie delta"}) + "\n")
+    store = root / "store"
+    model = planted.model()
+    runs = {"planted": [
+        interp.score(model, "retrieval", lengths=[120], depths=[50], mask_k=[0], max_new_tokens=8,
+                     haystack=str(root / "hay.txt"), needles=str(root / "needles.jsonl"),
+                     template="{context} {question}", store=store).id,
+        *(interp.score(model, a, samples=2, store=store).id for a in ("taxonomy", "lookback", "sinks"))]}
+    stories = interp.load_model("stories260k")
+    runs["stories"] = [interp.score(stories, a, samples=2, store=store).id
+                       for a in ("summary", "taxonomy", "lookback", "sinks")]
+    return store, runs
+
+
+@pytest.fixture(scope="module")
+def atlases(stored):
+    store, runs = stored
+    return {name: Atlas.open(ids, store) for name, ids in runs.items()}
+
+
+def _heads(mask: pd.Series, table: pd.DataFrame) -> set:
+    return set(zip(table.loc[mask.to_numpy(), "layer"], table.loc[mask.to_numpy(), "head"]))
+
+
+def test_every_card_holds_the_runs_scores_ranks_and_roles(stored, atlases):
+    store, runs = stored
+    for name, atlas in atlases.items():
+        results = [interp.open_run(r, store) for r in runs[name]]
+        assert atlas.runs == {r.analysis: r.id for r in results}
+        n = len(results[0].heads)
+        assert len(atlas.heads) == n and all(len(r.heads) == n for r in results)
+        for r in results:
+            for score in r.scores:
+                col = f"{r.analysis}.{score}"
+                assert col in atlas.scores
+                values = r.heads.set_index(["layer", "head"])[score].astype(float)
+                for (layer, head), value in values.items():
+                    card = atlas.card(layer, head)
+                    entry = card["scores"][col]
+                    assert entry["run"] == r.id and card["runs"] == atlas.runs
+                    assert entry["value"] == pytest.approx(value, nan_ok=True)
+                    # rank: 1 + heads strictly higher; percentile: share of heads at or below
+                    assert entry["rank"] == 1 + int((values > value).sum())
+                    assert entry["percentile"] == pytest.approx(100 * (values <= value).mean())
+        for layer, head in zip(atlas.heads["layer"], atlas.heads["head"]):
+            card = atlas.card(layer, head)
+            hand = [role for role, (score, rule) in HAND.items() if role.split(".")[0] in atlas.runs
+                    and rule(atlas.heads.set_index(["layer", "head"]).loc[(layer, head), f"{role.split('.')[0]}.{score}"])]
+            assert sorted(card["roles"]) == sorted(hand)
+    with pytest.raises(KeyError, match="no run"):
+        atlases["planted"].card(7, 0)
+
+
+def test_roles_are_each_rule_applied_by_hand(stored, atlases):
+    store, runs = stored
+    for name, atlas in atlases.items():
+        analyses = {interp.open_run(r, store).analysis: interp.open_run(r, store) for r in runs[name]}
+        expected = {role for role in HAND if role.split(".")[0] in analyses}
+        assert set(atlas.role_names) == expected  # summary declares none; sinks' image role needs an image
+        for role in expected:
+            analysis, _ = role.split(".")
+            score, rule = HAND[role]
+            heads = analyses[analysis].heads
+            assert _heads(atlas.roles[role], atlas.roles) == _heads(rule(heads[score]), heads), role
+    assert atlases["planted"].rules["retrieval.retrieval"].threshold == 0.1  # read from the run's parameters
+
+
+def test_the_planted_heads_get_their_roles_and_no_other_head_does(atlases):
+    atlas = atlases["planted"]
+    roles = atlas.roles
+    assert _heads(roles["retrieval.retrieval"], roles) == set(planted.COPY_HEADS)
+    assert _heads(roles["taxonomy.induction"], roles) == set(planted.COPY_HEADS)
+    assert _heads(roles["taxonomy.previous_token"], roles) == {(0, 0)}
+    assert _heads(roles["lookback.lookback"], roles) == {(0, 0)}
+    assert not roles["sinks.sink"].any()
+    assert atlas.card(1, 1)["roles"] == ["retrieval.retrieval", "taxonomy.induction"]
+    profiles = atlas.layer_profiles()
+    assert profiles.loc[1, "retrieval.retrieval"] == 0.5 and profiles.loc[0, "retrieval.retrieval"] == 0
+    assert profiles.loc[0, "lookback.lookback"] == 0.25
+    ov = atlas.overlaps().set_index(["role_a", "role_b"])
+    row = ov.loc[("retrieval.retrieval", "taxonomy.induction")]
+    assert row["jaccard"] == 1 and row["p_exact"] == pytest.approx(1 / 28)  # 2 of 8 heads: one pair in C(8, 2)
+
+
+def _hand_overlap(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> tuple:
+    """Jaccard, its mean under independence, the permutation p-value and the exact tail, computed another way: the
+    null distribution of |A ∩ B| by counting subsets (all of them for small N, a generating function otherwise); the
+    permutations drawn one at a time."""
+    n, n_a, n_b = len(a), int(a.sum()), int(b.sum())
+    both = int((a & b).sum())
+    jac = lambda x: x / (n_a + n_b - x) if n_a + n_b - x else float("nan")  # noqa: E731
+    if n <= 12:
+        counts = {}
+        for subset in itertools.combinations(range(n), n_b):
+            x = int(a[list(subset)].sum())
+            counts[x] = counts.get(x, 0) + 1
+    else:  # coefficient of u^n_b t^x in (1 + t u)^n_a (1 + u)^(n − n_a), by dynamic programming
+        table = np.zeros((n_b + 1, n_a + 1), dtype=object)
+        table[0, 0] = 1
+        for inside in [True] * n_a + [False] * (n - n_a):
+            new = table.copy()
+            new[1:, 1 if inside else 0:] += table[:-1, :n_a if inside else n_a + 1]
+            table = new
+        counts = {x: int(table[n_b, x]) for x in range(n_a + 1) if table[n_b, x]}
+    total = sum(counts.values())
+    expected = sum(c * jac(x) for x, c in counts.items()) / total
+    exact = sum(c for x, c in counts.items() if x >= both) / total
+    rng, hits = np.random.default_rng(seed), 0
+    for _ in range(n_permutations):
+        perm = b[np.argsort(rng.random(n))]
+        hits += jac(int((a & perm).sum())) >= jac(both) - 1e-12
+    return jac(both), expected, (1 + hits) / (1 + n_permutations), exact
+
+
+def test_overlaps_equal_a_hand_computation(atlases):
+    for atlas in atlases.values():
+        ov = atlas.overlaps(n_permutations=300, seed=3)
+        names = atlas.role_names
+        assert list(zip(ov["role_a"], ov["role_b"])) == list(itertools.combinations(names, 2))
+        for row in ov.itertuples():
+            a, b = atlas.roles[row.role_a].to_numpy(), atlas.roles[row.role_b].to_numpy()
+            assert (row.n, row.n_a, row.n_b, row.both) == (len(a), a.sum(), b.sum(), (a & b).sum())
+            if not (a.any() or b.any()):
+                assert np.isnan([row.jaccard, row.expected, row.p_value, row.p_exact]).all()
+                continue
+            jaccard, expected, p_value, exact = _hand_overlap(a, b, 300, 3)
+            assert row.jaccard == pytest.approx(jaccard)
+            assert row.expected == pytest.approx(expected)
+            assert row.p_value == pytest.approx(p_value)
+            assert row.p_exact == pytest.approx(exact)
+            assert abs(row.p_value - exact) < 0.1  # the permutation test estimates the exact tail
+    pd.testing.assert_frame_equal(atlas.overlaps(seed=1), atlas.overlaps(seed=1))  # deterministic
+
+
+def test_correlations_and_layer_profiles_equal_a_hand_computation(atlases):
+    atlas = atlases["stories"]
+    corr = atlas.correlations()
+    assert list(corr.index) == list(corr.columns) == atlas.scores
+    for x, y in itertools.combinations(atlas.scores, 2):
+        both = atlas.heads[[x, y]].dropna()
+        rx, ry = both[x].rank().to_numpy(), both[y].rank().to_numpy()
+        hand = np.corrcoef(rx, ry)[0, 1] if rx.std() and ry.std() else np.nan
+        assert corr.loc[x, y] == pytest.approx(hand, nan_ok=True), (x, y)
+    profiles = atlas.layer_profiles()
+    for role in atlas.role_names:
+        for layer in sorted(set(atlas.roles["layer"])):
+            mine = atlas.roles[atlas.roles["layer"] == layer][role]
+            assert profiles.loc[layer, role] == pytest.approx(mine.sum() / len(mine))
+
+
+def test_role_rules_top_sign_and_threshold():
+    s = pd.Series([0.5, -3.0, 2.0, 2.0, np.nan, 1.0])
+    top = lambda **kw: Role("r", "s", rule="top", **kw).apply(s).tolist()  # noqa: E731
+    assert top(fraction=0.4) == [False, False, True, True, False, False]    # round(0.4 · 5 scored) = 2, ties in order
+    assert top(fraction=0.2) == [False, False, True, False, False, False]
+    assert top(fraction=0.2, sign=-1) == [False, True, False, False, False, False]
+    assert top(fraction=0.01, sign=0) == [False, True, False, False, False, False]  # at least one head
+    thr = lambda **kw: Role("r", "s", **kw).apply(s).tolist()  # noqa: E731
+    assert thr(threshold=1.0) == [False, False, True, True, False, False]
+    assert thr(threshold=1.0, inclusive=True) == [False, False, True, True, False, True]
+    assert thr(threshold=0.0, sign=-1) == [False, True, False, False, False, False]
+    assert thr(threshold=2.0, sign=0) == [False, True, False, False, False, False]
+    assert Role("r", "s", threshold=0.1, param="t").resolved({"t": 0.7}).threshold == 0.7
+    with pytest.raises(ValueError, match="fraction"):
+        Role("r", "s", rule="top")
+    with pytest.raises(ValueError, match="rule"):
+        Role("r", "s", rule="median")
+
+
+def test_every_declared_role_reads_a_score_of_its_analysis():
+    for name, analysis in ANALYSES.items():
+        for role in analysis.roles:
+            if name != "circuits":  # its role reads each task's column (roles_of)
+                assert role.score in analysis.scores, (name, role)
+            assert role.description
+
+
+@pytest.mark.parametrize("rule", [{"circuit_percent": 25}, {"circuit_threshold": 0.3}])
+def test_circuit_roles_are_the_runs_circuits(rule):
+    circuits = get_analysis("circuits")
+    params = circuits.resolve({"tasks": "ioi,colored_objects", **rule})
+    rng = np.random.default_rng(0)
+    heads = pd.DataFrame({"layer": np.repeat(np.arange(4), 4), "head": np.tile(np.arange(4), 4)})
+    for col in ("ioi_patching", "ioi_eap", "colored_objects_patching", "colored_objects_eap"):
+        heads[col] = rng.normal(0, 0.4, len(heads))
+    roles = circuits.roles_of(params, list(heads.columns[2:]))
+    assert [r.name for r in roles] == ["circuit_ioi", "circuit_colored_objects"]
+    for role, task in zip(roles, ("ioi", "colored_objects")):
+        assert _heads(role.apply(heads[role.score]), heads) == set(circuit_heads(heads, f"{task}_patching", params))
+
+
+def test_an_atlas_refuses_runs_it_cannot_join(stored):
+    store, runs = stored
+    planted_runs = [interp.open_run(r, store) for r in runs["planted"]]
+    story = interp.open_run(runs["stories"][0], store)
+    with pytest.raises(ValueError, match="one model"):
+        Atlas([planted_runs[0], story])
+    with pytest.raises(ValueError, match="one run per analysis"):
+        Atlas([planted_runs[0], planted_runs[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        Atlas([])
+    half = interp.ScoreResult(dict(story.meta, status="incomplete"), story.heads, story.samples)
+    with pytest.raises(ValueError, match="incomplete"):
+        Atlas([half])
