@@ -21,9 +21,30 @@ import pandas as pd
 from interp.analyses import ANALYSES
 from interp.analyses.base import Role
 
-from .results import ScoreResult, open_run
+from .models import Model, load_model
+from .progress import QUIET, Progress
+from .results import ScoreResult, as_store, open_run
+from .sweep import _score_one
 
 KEYS = ["layer", "head"]
+
+# What `build_atlas` scores with, per preset: analysis -> the options (samples, max_tokens) and parameters of its run.
+# "quick" is sized for a small model on a laptop's CPU (SmolLM2-135M in minutes): few samples, short inputs, one
+# needle at one length and depth with no masking ablation, EAP alone for circuits; "full" is every analysis's defaults.
+PRESETS: dict[str, dict[str, dict]] = {
+    "quick": {
+        "summary": {"samples": 4, "max_tokens": 64},
+        "sinks": {"samples": 4, "max_tokens": 64},
+        "taxonomy": {"samples": 4, "max_tokens": 64},
+        "lookback": {"samples": 4, "max_tokens": 64},
+        "retrieval": {"lengths": [256], "depths": [50], "n_needles": 1, "mask_k": [0], "max_new_tokens": 8},
+        "circuits": {"samples": 2, "methods": "eap", "batch": 8},
+        "vit": {"samples": 4, "batch": 8},
+        "vhd": {"samples": 2, "max_new_tokens": 8},
+    },
+    "full": {},
+}
+OPTION_KEYS = ("layers", "heads", "samples", "max_tokens", "backend", "seed")  # a setting that is not a parameter
 
 
 class Atlas:
@@ -54,6 +75,7 @@ class Atlas:
             raise ValueError(f"an atlas takes one run per analysis; several runs of {', '.join(twice)}")
         self.model: str = models.pop()
         self.runs: dict[str, str | None] = {r.analysis: r.id for r in runs}
+        self.skipped: dict[str, str] = {}  # analysis -> why it has no run here (set by build_atlas)
 
         base = (pd.concat([r.heads[["layer", "head", "kv_head"]] for r in runs])
                 .drop_duplicates(KEYS).sort_values(KEYS, kind="stable").reset_index(drop=True))
@@ -154,6 +176,57 @@ class Atlas:
         frac = pd.DataFrame({name: self.roles[name].where(self._scored(name)).astype(float) for name in self.rules},
                             index=self.roles.index)
         return frac.groupby(self.roles["layer"]).mean()
+
+
+def build_atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
+                analyses: Iterable[str] | None = None) -> Atlas:
+    """Score `model` (an `interp.Model` or anything `load_model` takes) with every analysis that applies to its family
+    (each analysis's `kinds` / `check`), one ordinary run per analysis in `store` (a directory or Store; None: the
+    default store) with the preset's settings, reusing a complete run with the same settings (`completed_run`: no
+    rescoring), and return the `Atlas` of those runs.
+
+    preset: "quick" or "full" (see `PRESETS`), or a dict {analysis: {option or parameter: value}} (an analysis it
+    does not name runs with its defaults). analyses: only these (default: all of `interp.analyses.ANALYSES`).
+    progress: as `score`'s. The atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
+    family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). ValueError when no
+    analysis gives a run.
+    """
+    settings = PRESETS.get(preset) if isinstance(preset, str) else preset
+    if settings is None:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)} (or give a dict)")
+    names = list(ANALYSES) if analyses is None else list(analyses)
+    unknown = [n for n in names if n not in ANALYSES]
+    if unknown:
+        raise ValueError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
+    bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
+    runs = as_store(store)
+    runs.check_writable()
+    if not isinstance(model, Model):
+        with bars.status(f"loading {model}"):
+            model = load_model(model)
+    ids, skipped = {}, {}
+    for name in names:
+        an = ANALYSES[name]
+        try:
+            an.check(model)  # its family kinds, and whatever else the analysis needs of the model
+        except ValueError as e:  # NotApplicableError included
+            skipped[name] = str(e)
+            continue
+        chosen = dict(settings.get(name, {}))
+        options = {k: chosen.pop(k) for k in OPTION_KEYS if k in chosen}
+        row = {"model": model.name, "analysis": name, "params": chosen, "status": "done", "run": None,
+               "samples": None, "seconds": 0.0, "error": None}
+        _score_one(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
+        if row["status"] == "failed":
+            skipped[name] = row["error"]
+        else:
+            ids[name] = row["run"]
+    if not ids:
+        reasons = "; ".join(f"{n}: {why}" for n, why in skipped.items())
+        raise ValueError(f"no analysis gave a run of {model.name} for an atlas ({reasons or 'none chosen'})")
+    atlas = Atlas(open_run(run, runs) for run in ids.values())
+    atlas.skipped = skipped
+    return atlas
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> dict:

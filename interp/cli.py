@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import select
 import signal
@@ -18,6 +19,8 @@ import sys
 import threading
 from contextlib import nullcontext, redirect_stdout
 from typing import TYPE_CHECKING
+
+import interp
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
 from .params import base_type, cli_flag, help_text, parse
@@ -300,6 +303,53 @@ def _sweep(args) -> int:
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
+def head_label(layer, head) -> str:
+    """A head in L-H notation: `12-3`."""
+    return f"{int(layer)}-{int(head)}"
+
+
+def atlas_json(atlas, store: Store, preset: str) -> dict:
+    """The JSON of `interp atlas --json`: roles (role -> heads in L-H notation), every role overlap row, the runs
+    (analysis -> run id) and the analyses skipped with why."""
+    roles = {name: [head_label(r.layer, r.head) for r in atlas.roles[atlas.roles[name]].itertuples()]
+             for name in atlas.role_names}
+    overlaps = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                for row in atlas.overlaps().to_dict("records")]
+    return {"model": atlas.model, "store": str(store.root), "preset": preset, "roles": roles, "overlaps": overlaps,
+            "runs": dict(atlas.runs), "skipped": dict(atlas.skipped)}
+
+
+def _atlas(args) -> int:
+    from interp.models import load_model
+
+    progress = _progress(args)
+    store = Store(args.out)
+    store.check_writable()  # before the model loads
+    model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    atlas = interp.build_atlas(model, args.preset, store, progress=progress)  # imports interp.atlas (pandas) now
+    doc = atlas_json(atlas, store, args.preset)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(printable(f"Atlas of {atlas.model} ({args.preset} preset, store {store.root})"))
+    print("\nRoles:")
+    for name, heads in doc["roles"].items():
+        print(f"  {printable(name)} ({len(heads)}): {', '.join(heads) or '-'}")
+    print("\nOverlaps beyond chance (p < 0.05):")
+    shown = [o for o in doc["overlaps"] if o["p_value"] is not None and o["p_value"] < 0.05]
+    for o in shown:
+        print(f"  {printable(o['role_a'])} & {printable(o['role_b'])}: {o['both']} heads, Jaccard {o['jaccard']:.2f} "
+              f"(chance {o['expected']:.2f}), p = {o['p_value']:.4f}")
+    if not shown:
+        print("  none")
+    print("\nRuns:")
+    for analysis, run in doc["runs"].items():
+        print(f"  {printable(analysis):<10} {printable(run)}")
+    for analysis, why in doc["skipped"].items():
+        print(f"  {printable(analysis):<10} skipped: {printable(why)}")
+    return 0
+
+
 def _runs(args) -> int:
     runs = Store(args.store).runs()
     if args.json:
@@ -492,6 +542,20 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="one run per model × analysis × parameter combination of a sweep file, "
                                      "skipping those complete in the store; optionally on a Ray cluster")
     _sweep_arguments(p)
+
+    p = sub.add_parser("atlas", help="score a model with every analysis that applies to it (reusing complete runs) "
+                                     "and list its heads by role, with the roles that overlap beyond chance")
+    p.add_argument("model", help="built-in alias, local folder or hub id")
+    p.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="quick: few samples and short inputs (a small model in minutes on a CPU); full: each "
+                        "analysis's defaults (default quick)")
+    p.add_argument("--out", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: checkpoint's)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped with the checkpoint (off by default; never asked on stdin)")
+    p.add_argument("--json", action="store_true", help="print roles, overlaps and runs as one JSON object")
+    p.set_defaults(func=_atlas)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")

@@ -241,3 +241,79 @@ def test_an_atlas_refuses_runs_it_cannot_join(stored):
     half = interp.ScoreResult(dict(story.meta, status="incomplete"), story.heads, story.samples)
     with pytest.raises(ValueError, match="incomplete"):
         Atlas([half])
+
+
+# build_atlas and `interp atlas`: every analysis that applies, one run each in the store, reused when complete.
+TINY = {"summary": {"samples": 2, "max_tokens": 32}, "sinks": {"samples": 2, "max_tokens": 32},
+        "taxonomy": {"samples": 2, "max_tokens": 32}, "lookback": {"samples": 2, "max_tokens": 32},
+        "retrieval": {"lengths": [200], "depths": [50], "n_needles": 1, "mask_k": [0], "max_new_tokens": 4},
+        "circuits": {"samples": 1, "methods": "eap", "batch": 4}}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The atlas of stories260k built twice in one store with a tiny "quick" preset: (store, first, second)."""
+    import interp.atlas
+
+    store = tmp_path_factory.mktemp("built") / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(interp.atlas.PRESETS, "quick", TINY)
+        first = interp.build_atlas("stories260k", store=store)
+        second = interp.build_atlas(interp.load_model("stories260k"), "quick", store)
+    return store, first, second
+
+
+def test_build_atlas_scores_what_applies(built):
+    store, atlas, _ = built
+    assert isinstance(atlas, Atlas) and atlas.model == "stories260k"
+    assert set(atlas.runs) == {"summary", "sinks", "taxonomy", "lookback", "retrieval"}
+    assert set(atlas.skipped) == {"vit", "vhd", "circuits"}  # not decoders' analyses; circuits' names: no tokenizer
+    assert "does not apply" in atlas.skipped["vit"] and "one token" in atlas.skipped["circuits"]
+    stored = {r.id: r for r in interp.list_runs(store)}
+    assert set(stored) == set(atlas.runs.values())  # one run per analysis, nothing else
+    assert interp.open_run(atlas.runs["retrieval"], store).meta["params"]["mask_k"] == [0]
+    assert interp.open_run(atlas.runs["summary"], store).meta["options"]["samples"] == 2
+    assert {"taxonomy.induction", "lookback.lookback", "sinks.sink", "retrieval.retrieval"} <= set(atlas.role_names)
+
+
+def test_build_atlas_reuses_complete_runs(built):
+    store, first, second = built
+    assert second.runs == first.runs  # the same runs: nothing rescored
+    assert len(interp.list_runs(store)) == len(first.runs)
+    pd.testing.assert_frame_equal(second.roles, first.roles)
+
+
+def test_build_atlas_subset_and_errors(built, tmp_path):
+    store, first, _ = built
+    part = interp.build_atlas("stories260k", TINY, store, analyses=["lookback", "vit"])
+    assert part.runs == {"lookback": first.runs["lookback"]} and set(part.skipped) == {"vit"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        interp.build_atlas("stories260k", "slow", store)
+    with pytest.raises(ValueError, match="unknown analysis"):
+        interp.build_atlas("stories260k", TINY, store, analyses=["nope"])
+    with pytest.raises(ValueError, match="no analysis gave a run"):
+        interp.build_atlas("stories260k", TINY, tmp_path / "empty", analyses=["vit", "vhd"])
+
+
+def test_cli_atlas_json_and_text(built, capsys, monkeypatch):
+    import interp.atlas
+    from interp.cli import main
+
+    store, atlas, _ = built
+    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    capsys.readouterr()
+    assert main(["atlas", "stories260k", "--out", str(store), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["runs"] == atlas.runs and set(doc["skipped"]) == set(atlas.skipped)
+    assert doc["roles"] == {name: [f"{r.layer}-{r.head}" for r in atlas.roles[atlas.roles[name]].itertuples()]
+                            for name in atlas.role_names}
+    expected = atlas.overlaps()
+    assert len(doc["overlaps"]) == len(expected)
+    assert [(o["role_a"], o["role_b"], o["both"]) for o in doc["overlaps"]] == \
+        list(zip(expected["role_a"], expected["role_b"], expected["both"]))
+    assert len(interp.list_runs(store)) == len(atlas.runs)  # the CLI reused them too
+    assert main(["atlas", "stories260k", "--out", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "Roles:" in out and "(p < 0.05)" in out and all(run in out for run in atlas.runs.values())
+    for name, heads in doc["roles"].items():
+        assert f"{name} ({len(heads)}): {', '.join(heads) or '-'}" in out
