@@ -24,7 +24,7 @@ from interp.analyses.base import Role
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store, open_run
-from .sweep import _score_one
+from .sweep import score_combination
 
 KEYS = ["layer", "head"]
 
@@ -216,7 +216,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
         options = {k: chosen.pop(k) for k in OPTION_KEYS if k in chosen}
         row = {"model": model.name, "analysis": name, "params": chosen, "status": "done", "run": None,
                "samples": None, "seconds": 0.0, "error": None}
-        _score_one(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
+        score_combination(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
         if row["status"] == "failed":
             skipped[name] = row["error"]
         else:

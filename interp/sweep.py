@@ -215,18 +215,18 @@ def run_sweep(sweep: Sweep, store: Store | str | os.PathLike | None = None, *, c
                 row = {"model": name, "analysis": analysis, "params": params, "status": "done", "run": None,
                        "samples": None, "seconds": 0.0, "error": None}
                 rows.append(row)
-                if not _score_one(row, model, sweep.options, store, workers, progress, wait=False):
+                if not score_combination(row, model, sweep.options, store, workers, progress, wait=False):
                     held.append(row)
             for row in held:
-                _score_one(row, model, sweep.options, store, workers, progress, wait=True)
+                score_combination(row, model, sweep.options, store, workers, progress, wait=True)
         finally:
             if workers is not None:
                 workers.close()
     return rows
 
 
-def _score_one(row: dict, model, options: dict, store: Store, workers: Workers | None, progress: Progress,
-               wait: bool) -> bool:
+def score_combination(row: dict, model, options: dict, store: Store, workers: Workers | None, progress: Progress,
+                      wait: bool) -> bool:
     """Score the row's combination into `store` while holding its claim, unless a complete run of it is there
     already (then the row is "skipped", with that run); the row says what happened. False, with nothing done, when
     another process holds the claim; with `wait`, that process is waited for first."""
