@@ -210,3 +210,71 @@ class Note:
 
     text: str
     link: tuple[str, str] | None = None
+
+
+def _role_hover(roles: pd.DataFrame, names: list[str]) -> list[str]:
+    """Per row of a roles table: `head L-H` and every role it has (plain text), for hovers."""
+    member = roles[names].to_numpy(bool) if names else np.zeros((len(roles), 0), bool)
+    return [f"head {int(l)}-{int(h)}<br>" + ("<br>".join(plain(n) for n, m in zip(names, row) if m) or "no role")
+            for l, h, row in zip(roles["layer"], roles["head"], member)]
+
+
+def role_grid(atlas, *, title: str | None = None) -> go.Figure:
+    """An atlas's layer × head grid coloured by role: one trace per role (the legend toggles it), grey squares for
+    heads with no role, and a head with several roles drawn as a star labelled with its number of roles. Every
+    hover names the head (`L-H`) and lists all its roles."""
+    roles, names = atlas.roles, atlas.role_names
+    if roles.empty:
+        raise ValueError("the atlas has no heads: nothing to plot")
+    hover = np.array(_role_hover(roles, names), dtype=object)
+    member = roles[names].to_numpy(bool) if names else np.zeros((len(roles), 0), bool)
+    count = member.sum(1)
+    n_layers, n_heads = int(roles["layer"].max()) + 1, int(roles["head"].max()) + 1
+    size = max(6, min(22, 560 // max(n_layers, n_heads)))
+    x, y = roles["head"].to_numpy(int), roles["layer"].to_numpy(int)
+    fig = go.Figure()
+    none = count == 0
+    fig.add_trace(go.Scatter(x=x[none], y=y[none], mode="markers", name="no role", text=hover[none],
+                             hovertemplate="%{text}<extra></extra>",
+                             marker={"symbol": "square", "size": size, "color": "#e6e6e6"}))
+    for name, col in zip(names, member.T):
+        fig.add_trace(go.Scatter(x=x[col], y=y[col], mode="markers", name=plain(name), text=hover[col],
+                                 hovertemplate="%{text}<extra></extra>", marker={"symbol": "square", "size": size,
+                                                                                "opacity": 0.75}))
+    multi = count > 1
+    if multi.any():
+        fig.add_trace(go.Scatter(x=x[multi], y=y[multi], mode="markers+text", name="several roles",
+                                 text=[str(c) for c in count[multi]], customdata=hover[multi],
+                                 hovertemplate="%{customdata}<extra></extra>", textfont={"size": max(6, size // 2)},
+                                 marker={"symbol": "star", "size": size, "color": "black", "opacity": 0.35}))
+    fig.update_layout(title=plain(title or f"roles of {atlas.model}'s heads"), xaxis_title="head",
+                      yaxis_title="layer", template=TEMPLATE, xaxis=index_axis(range(n_heads)),
+                      yaxis={**index_axis(range(n_layers)), "autorange": "reversed"})
+    return fig
+
+
+def overlap_matrix(atlas, overlaps: pd.DataFrame | None = None, *, title: str | None = None) -> go.Figure:
+    """Role × role Jaccard heatmap of an atlas (`atlas.overlaps()` unless `overlaps` is given); hover shows the
+    Jaccard, its chance value, the p-value and the heads both roles share. The diagonal is left blank."""
+    names = atlas.role_names
+    if len(names) < 2:
+        return placeholder_figure("fewer than two roles: no overlap to show")
+    overlaps = atlas.overlaps() if overlaps is None else overlaps
+    at = {n: i for i, n in enumerate(names)}
+    k = len(names)
+    z = np.full((k, k), np.nan)
+    info = np.full((k, k, 3), np.nan)
+    for row in overlaps.itertuples():
+        i, j = at[row.role_a], at[row.role_b]
+        for a, b in ((i, j), (j, i)):
+            z[a, b] = row.jaccard
+            info[a, b] = (row.expected, row.p_value, row.both)
+    labels = [plain(n) for n in names]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=labels, y=labels, customdata=info, colorscale="Viridis", zmin=0, zmax=1,
+        colorbar={"title": "Jaccard"},
+        hovertemplate="%{y} & %{x}<br>Jaccard %{z:.3f}<br>chance %{customdata[0]:.3f}<br>"
+                      "p = %{customdata[1]:.4f}<br>%{customdata[2]} heads in both<extra></extra>"))
+    fig.update_layout(title=plain(title or f"role overlaps of {atlas.model} (Jaccard)"), template=TEMPLATE,
+                      yaxis={"autorange": "reversed"})
+    return fig

@@ -11,19 +11,24 @@ Column names: a score is `<analysis>.<score>` (e.g. `retrieval.retrieval_score`)
 
 from __future__ import annotations
 
+import html
 import math
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.io as pio
 
 from interp.analyses import ANALYSES
 from interp.analyses.base import Role
+from interp.app.figures import overlap_matrix, role_grid
 
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store, open_run
+from .store import write_text
 from .sweep import score_combination
 
 KEYS = ["layer", "head"]
@@ -177,6 +182,60 @@ class Atlas:
                             index=self.roles.index)
         return frac.groupby(self.roles["layer"]).mean()
 
+    def to_html(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write one self-contained HTML page of the atlas to `path` (replaced atomically) and return it: the role
+        grid and the role overlap matrix (plotly, its JavaScript inlined: it opens offline from disk) and every
+        head's card (scores with rank and percentile, roles, run ids) with a search box. A path that exists and is
+        not a regular file (a folder, a symlink, a device) is refused."""
+        path = Path(path).expanduser()
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(f"{path} is {kind}: the atlas page is written to a regular file")
+        esc = html.escape
+        title = title or f"Head atlas of {self.model}"
+        grid = pio.to_html(role_grid(self), full_html=False, include_plotlyjs=True, div_id="role-grid")
+        matrix = pio.to_html(overlap_matrix(self), full_html=False, include_plotlyjs=False, div_id="overlaps")
+        runs = "".join(f"<li>{esc(a)}: <code>{esc(str(r))}</code></li>" for a, r in self.runs.items())
+        runs += "".join(f"<li>{esc(a)}: skipped ({esc(why)})</li>" for a, why in self.skipped.items())
+        cards = []
+        for layer, head in zip(self.heads["layer"], self.heads["head"]):
+            card = self.card(int(layer), int(head))
+            label = f"{card['layer']}-{card['head']}"
+            rows = "".join(
+                f"<tr><td>{esc(col)}</td><td>{_fmt(e['value'], '.4g')}</td><td>{_fmt(e['rank'], '.0f')}</td>"
+                f"<td>{_fmt(e['percentile'], '.1f')}</td><td><code>{esc(str(e['run']))}</code></td></tr>"
+                for col, e in card["scores"].items())
+            roles = ", ".join(esc(r) for r in card["roles"]) or "no role"
+            cards.append(f'<section class="card" id="head-{label}"><h3>head {label} '
+                         f'<small>(KV head {card["kv_head"]})</small></h3><p class="roles">roles: {roles}</p>'
+                         "<table><tr><th>score</th><th>value</th><th>rank</th><th>percentile</th><th>run</th></tr>"
+                         f"{rows}</table></section>")
+        page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;}} .card{{border:1px solid #ccc;border-radius:4px;padding:.4em .8em;
+margin:.6em 0;}} .card h3{{margin:.2em 0;}} table{{border-collapse:collapse;font-size:90%;}}
+td,th{{padding:1px 8px;text-align:left;border-bottom:1px solid #eee;}} #search{{font-size:110%;width:24em;}}</style>
+</head><body><h1>{esc(title)}</h1>
+<p>{len(self.heads)} heads, {len(self.scores)} scores, {len(self.rules)} roles: {esc(", ".join(self.role_names))}.
+A head is written layer-head: <code>12-3</code> is layer 12, head 3.</p>
+<h2>Runs</h2><ul>{runs}</ul>
+<h2>Roles by head</h2>{grid}
+<h2>Role overlaps</h2>{matrix}
+<h2>Heads</h2>
+<p><input id="search" type="search" placeholder="filter: a head (12-3), a role, a score"></p>
+<div id="cards">{"".join(cards)}</div>
+<script>document.getElementById("search").addEventListener("input", function (e) {{
+  var q = e.target.value.trim().toLowerCase();
+  document.querySelectorAll("#cards .card").forEach(function (c) {{
+    var exact = /^\\d+-\\d+$/.test(q);
+    c.style.display = !q || (exact ? c.id === "head-" + q : c.textContent.toLowerCase().indexOf(q) >= 0) ? "" : "none";
+  }});
+}});</script>
+</body></html>
+"""
+        write_text(path, page)
+        return path
+
 
 def build_atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
                 analyses: Iterable[str] | None = None) -> Atlas:
@@ -250,6 +309,10 @@ def _overlap(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> di
         done += chunk
     p_value = (1 + hits) / (1 + n_permutations)
     return out | {"jaccard": jaccard, "expected": expected, "p_value": p_value, "p_exact": p_exact}
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
 
 
 def _num(v) -> float | None:

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import interp
@@ -319,15 +320,33 @@ def atlas_json(atlas, store: Store, preset: str) -> dict:
             "runs": dict(atlas.runs), "skipped": dict(atlas.skipped)}
 
 
+def _atlas_html_target(path: str, store: Store):
+    """`interp atlas --html FILE`'s FILE, after refusing a folder, a symlink or anything not a regular file, and a
+    path inside the store (checked before the model loads)."""
+    target = Path(path).expanduser()
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        kind = "a symlink" if target.is_symlink() else "a folder" if target.is_dir() else "not a regular file"
+        raise ValueError(f"--html {path} is {kind}: give a file to write the atlas page to")
+    root = store.root.resolve()
+    if target.resolve().is_relative_to(root):
+        raise ValueError(f"--html {path} lies inside the store {root}: write it elsewhere, a store's files are "
+                         "written by interp only")
+    return target
+
+
 def _atlas(args) -> int:
     from interp.models import load_model
 
     progress = _progress(args)
     store = Store(args.out)
     store.check_writable()  # before the model loads
+    html = _atlas_html_target(args.html, store) if args.html else None
     model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     atlas = interp.build_atlas(model, args.preset, store, progress=progress)  # imports interp.atlas (pandas) now
     doc = atlas_json(atlas, store, args.preset)
+    if html is not None:
+        atlas.to_html(html)
+        print(f"wrote the atlas page of {printable(atlas.model)} to {printable(html)}", file=sys.stderr)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -555,6 +574,8 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code shipped with the checkpoint (off by default; never asked on stdin)")
     p.add_argument("--json", action="store_true", help="print roles, overlaps and runs as one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (role grid, role "
+                                                  "overlaps, every head's card) that opens offline")
     p.set_defaults(func=_atlas)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")

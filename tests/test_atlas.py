@@ -317,3 +317,111 @@ def test_cli_atlas_json_and_text(built, capsys, monkeypatch):
     assert "Roles:" in out and "(p < 0.05)" in out and all(run in out for run in atlas.runs.values())
     for name, heads in doc["roles"].items():
         assert f"{name} ({len(heads)}): {', '.join(heads) or '-'}" in out
+
+
+def test_to_html_is_one_self_contained_page(atlases, tmp_path):
+    import html
+
+    atlas = atlases["planted"]
+    path = atlas.to_html(tmp_path / "atlas.html")
+    page = path.read_text()
+    assert '<script src="http' not in page
+    assert 'src="http' not in page
+    assert "Plotly" in page and len(page) > 1_000_000  # plotly.js inlined
+    assert 'id="role-grid"' in page and 'id="overlaps"' in page
+    for name in atlas.role_names:
+        assert html.escape(name) in page
+    for run in atlas.runs.values():
+        assert run in page
+    for layer, head in zip(atlas.heads["layer"], atlas.heads["head"]):
+        assert f'id="head-{layer}-{head}"' in page and f"head {layer}-{head} " in page
+    card = atlas.card(0, 0)
+    col, entry = next((c, e) for c, e in card["scores"].items() if e["value"] is not None)
+    assert f"<td>{html.escape(col)}</td><td>{entry['value']:.4g}</td>" in page
+    with pytest.raises(ValueError, match="folder"):
+        atlas.to_html(tmp_path)
+
+
+def test_role_grid_and_overlap_matrix(atlases):
+    from interp.app.figures import overlap_matrix, role_grid
+
+    atlas = atlases["planted"]
+    fig = role_grid(atlas)
+    names = [t.name for t in fig.data]
+    assert names[0] == "no role" and names[1:1 + len(atlas.role_names)] == atlas.role_names
+    member = atlas.roles[atlas.role_names].to_numpy(bool)
+    for trace, col in zip(fig.data[1:], member.T):
+        assert len(trace.x) == col.sum()
+    several = member.sum(1) > 1
+    assert ("several roles" in names) == several.any()
+    assert all(t.startswith("head ") and "-" in t for t in fig.data[0].text)
+    m = overlap_matrix(atlas)
+    z = np.array(m.data[0].z, dtype=float)
+    rows = atlas.overlaps()
+    at = {n: i for i, n in enumerate(atlas.role_names)}
+    for r in rows.itertuples():
+        assert z[at[r.role_a], at[r.role_b]] == pytest.approx(r.jaccard, nan_ok=True)
+        assert z[at[r.role_b], at[r.role_a]] == pytest.approx(r.jaccard, nan_ok=True)
+    assert "chance" in m.data[0].hovertemplate and "p = " in m.data[0].hovertemplate
+
+
+def test_cli_atlas_html_and_refused_paths(built, capsys, monkeypatch, tmp_path):
+    import interp.atlas
+    from interp.cli import main
+
+    store, atlas, _ = built
+    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    capsys.readouterr()
+    out = tmp_path / "page.html"
+    assert main(["atlas", "stories260k", "--out", str(store), "--json", "--html", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)  # the JSON is unchanged
+    assert doc["runs"] == atlas.runs
+    page = out.read_text()
+    assert 'src="http' not in page and all(run in page for run in atlas.runs.values())
+    assert main(["atlas", "stories260k", "--out", str(store), "--html", str(tmp_path)]) == 1
+    assert "folder" in capsys.readouterr().err
+    assert main(["atlas", "stories260k", "--out", str(store), "--html", str(store / "x.html")]) == 1
+    assert "inside the store" in capsys.readouterr().err
+    assert not (store / "x.html").exists()
+
+
+@pytest.mark.slow
+def test_atlas_page_renders_offline_in_chromium(atlases, tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    chromium = os.environ.get("INTERP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail(f"no Chromium at {chromium}: install it (Debian: apt-get install chromium) or set INTERP_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    atlas = atlases["planted"]
+    path = atlas.to_html(tmp_path / "atlas.html")
+    requested, errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                          "--disable-background-networking", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            def block(route):
+                requested.append(route.request.url)
+                route.abort()
+
+            page.route("http://**/*", block)
+            page.route("https://**/*", block)
+            page.goto(path.as_uri())
+            page.wait_for_selector("#role-grid svg.main-svg", timeout=15000)
+            page.wait_for_selector("#overlaps svg.main-svg", timeout=15000)
+            assert page.locator("#role-grid .plot-container").count() == 1
+            assert page.locator("#head-0-0").is_visible()
+            assert "head 0-0" in page.locator("#head-0-0").inner_text()
+            page.fill("#search", "0-1")
+            assert not page.locator("#head-0-0").is_visible() and page.locator("#head-0-1").is_visible()
+        finally:
+            browser.close()
+    assert not requested, f"the page asked the network for {requested}"
+    assert not errors, f"JavaScript errors in the page: {errors}"
