@@ -17,18 +17,18 @@ from tiny_models import BUILDERS, make
 TOL = 1e-5
 
 
-def _eager_weights(model: interp.Model, inputs: dict, tower: str) -> dict:
+def eager_weights(model: interp.Model, inputs: dict, tower: str) -> dict:
     """The probabilities the model's own eager attention function returns, per call: {layer: [(B, H, Nq, Nk)]}."""
     modules = model.attention_modules(tower)
-    layer_of = {id(m): i for i, m in enumerate(modules)}
-    modeling = sys.modules[type(modules[0]).__module__]
+    layer_of = {id(m): i for i, m in enumerate(modules) if m is not None}
+    modeling = sys.modules[type(next(m for m in modules if m is not None)).__module__]
     original = modeling.eager_attention_forward
     found: dict[int, list] = {}
 
     def recording(module, *args, **kwargs):
         out, weights = original(module, *args, **kwargs)
         if id(module) in layer_of:
-            found.setdefault(layer_of[id(module)], []).append(weights)
+            found.setdefault(layer_of[id(module)], []).append(weights.detach().clone())
         return out, weights
 
     assert model.config._attn_implementation == "eager"
@@ -63,7 +63,7 @@ def test_capture_matches_eager_attention(name):
         key = "logits" if "logits" in out else "last_hidden_state"
         assert torch.equal(plain[key], out[key]), "capture changed the model's outputs"
         assert fast.config._attn_implementation == impl
-        weights = _eager_weights(eager, inputs, tower.name)
+        weights = eager_weights(eager, inputs, tower.name)
         n_layers = fast.n_layers(tower.name)
         assert {c.layer for c in rec.calls} == set(range(n_layers))
         for layer in range(n_layers):
@@ -99,7 +99,7 @@ def test_decode_steps_match_eager(name):
     n_prompt = inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(gen.shape[0], n_new - 1, dtype=torch.long)], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-    weights = _eager_weights(eager, {"input_ids": gen[:, :-1], "attention_mask": mask, "position_ids": positions}, "text")
+    weights = eager_weights(eager, {"input_ids": gen[:, :-1], "attention_mask": mask, "position_ids": positions}, "text")
     for step in range(1, n_new):
         for call in (c for c in rec.calls if c.step == step):
             assert call.q.shape[2] == 1
@@ -115,7 +115,7 @@ def test_gemma2_soft_capping_matches_eager():
     model_hf, inputs = make("gemma2", "eager", softcap=5.0)
     model = interp.load_model(model_hf)
     rec, _ = captured(model, inputs)
-    weights = _eager_weights(model, inputs, "text")
+    weights = eager_weights(model, inputs, "text")
     for call in rec.calls:
         assert call.softcap == 5.0
         diff = (call_attention(call) - weights[call.layer][0]).abs()

@@ -12,7 +12,6 @@ language model's inputs_embeds that change when the images change, not from the 
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -22,37 +21,13 @@ import interp
 from auto_tiny import word_tokenizer
 from interp.hooks import Recorder, capture
 from interp.kernels import call_attention, call_stats
+from test_families import eager_weights
 from tiny_masks import CONTROLS, FORMS, LVLMS, FixedProcessor, make, packed_positions
 
 TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- helpers
-def _eager_weights(model: interp.Model, inputs: dict, tower: str) -> dict[int, list[torch.Tensor]]:
-    """{layer: [(B, H, Nq, Nk) probabilities, one per call]} that the model's own eager attention function returns
-    for the layers of one tower."""
-    modules = model.attention_modules(tower)
-    layer_of = {id(m): i for i, m in enumerate(modules) if m is not None}
-    modeling = sys.modules[type(next(m for m in modules if m is not None)).__module__]
-    original = modeling.eager_attention_forward
-    found: dict[int, list] = {}
-
-    def recording(module, *args, **kwargs):
-        out, weights = original(module, *args, **kwargs)
-        if id(module) in layer_of:
-            found.setdefault(layer_of[id(module)], []).append(weights.detach().clone())
-        return out, weights
-
-    assert model.config._attn_implementation == "eager"
-    modeling.eager_attention_forward = recording
-    try:
-        with torch.no_grad():
-            model.hf(**inputs)
-    finally:
-        modeling.eager_attention_forward = original
-    return found
-
-
 def _real_rows(inputs: dict, tower: str, batch: int, n_q: int) -> torch.Tensor | None:
     """(B, Nq) bool: the queries of real tokens (padding rows are free to differ), None: all."""
     mask = inputs.get("attention_mask") if tower == "text" else inputs.get("pixel_attention_mask")
@@ -80,7 +55,7 @@ def _check_against_eager(form: str) -> dict[str, list[int]]:
         with torch.no_grad(), capture(fast, rec, tower=tower, keep=("q", "k", "v", "z")):
             out = _output(fast.hf(**inputs))
         assert torch.equal(plain, out), f"{form}: capture changed the model's outputs ({tower} tower)"
-        weights = _eager_weights(eager, inputs, tower)
+        weights = eager_weights(eager, inputs, tower)
         layers = fast.layers(tower)
         assert layers and {c.layer for c in rec.calls} == set(layers), f"{form} {tower}: layers captured"
         for layer in layers:
@@ -116,31 +91,31 @@ def test_the_forms_are_what_they_claim():
     hf, inputs = make("gemma3_images", "eager")
     ids = inputs["input_ids"]
     eager = interp.load_model(hf)
-    full = _eager_weights(eager, inputs, "text")[1][0]  # layer 1: full attention
+    full = eager_weights(eager, inputs, "text")[1][0]  # layer 1: full attention
     img = (ids[0] == 127).nonzero()[:, 0]
     assert float(full[0, :, img[0], img[3]].min()) > 0 and float(full[0, :, img[3], img[4]].max()) == 0
     # PaliGemma: the prefix sees the whole prefix, the answer is causal
     hf, inputs = make("paligemma", "eager")
-    w = _eager_weights(interp.load_model(hf), inputs, "text")[0][0]
+    w = eager_weights(interp.load_model(hf), inputs, "text")[0][0]
     last_prefix = int((inputs["token_type_ids"][0] == 0).nonzero()[-1])
     assert float(w[0, :, 0, last_prefix].min()) > 0 and float(w[0, :, last_prefix, last_prefix + 1].max()) == 0
     # Pixtral: the vision tower's keys of one image are invisible to the other's queries
     hf, inputs = make("mistral3", "eager")
-    w = _eager_weights(interp.load_model(hf), inputs, "vision")[0][0]
+    w = eager_weights(interp.load_model(hf), inputs, "vision")[0][0]
     assert w.shape[-1] == 16 + 24 and float(w[0, :, :16, 16:].abs().max()) == 0 and float(w[0, :, 16:, :16].abs().max()) == 0
     # ModernBERT: the local layers see |i − j| ≤ 2
     hf, inputs = make("modernbert", "eager")
-    w = _eager_weights(interp.load_model(hf), inputs, "text")[1][0][0, 0]
+    w = eager_weights(interp.load_model(hf), inputs, "text")[1][0][0, 0]
     assert float(w[5, 3]) > 0 and float(w[5, 7]) > 0 and float(w[5, 2]) == 0 and float(w[5, 8]) == 0
     # Llama 4: chunks of 5 from the first real token
     hf, inputs = make("llama4_chunked", "eager")
-    w = _eager_weights(interp.load_model(hf), inputs, "text")[0][0]
+    w = eager_weights(interp.load_model(hf), inputs, "text")[0][0]
     assert float(w[0, :, 5, 4].max()) == 0 and float(w[0, :, 4, 0].min()) > 0
     assert float(w[1, :, 8, 7].max()) == 0 and float(w[1, :, 7, 3].min()) > 0  # row 1: 3 padding tokens
     # packing: transformers finds the documents from the restarting positions
     hf, inputs = make("llama_packed", "eager")
     assert masking_utils.find_packed_sequence_indices(packed_positions()) is not None
-    w = _eager_weights(interp.load_model(hf), inputs, "text")[0][0]
+    w = eager_weights(interp.load_model(hf), inputs, "text")[0][0]
     assert float(w[0, :, 4, :4].abs().max()) == 0 and float(w[0, :, 3, 0].min()) > 0
 
 
@@ -219,7 +194,7 @@ def test_statistics_match_eager_where_no_analysis_reaches(form, tower):
     rec = Recorder()
     with torch.no_grad(), capture(fast, rec, tower=tower, keep=("q", "k")):
         fast.hf(**inputs)
-    weights = _eager_weights(eager, inputs, tower)
+    weights = eager_weights(eager, inputs, tower)
     assert {c.layer for c in rec.calls} == set(fast.layers(tower))
     for call in rec.calls:
         ref = weights[call.layer][0].float()
