@@ -1,7 +1,7 @@
 """Analyses: one module per method, each an `Analysis` that `interp.score` drives.
 
 Every `Analysis` subclass with a `name` defined in a module of this package is registered, by name: adding an
-analysis is adding its module (README, "Adding an analysis").
+analysis is adding its module (docs/adding-an-analysis.md).
 """
 
 import importlib

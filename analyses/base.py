@@ -59,9 +59,10 @@ class Role:
     name: the role (e.g. "retrieval"). score: the heads-table column it reads. rule: "threshold" (score > threshold;
     score < threshold for sign −1; |score| > threshold for sign 0; ≥ / ≤ when `inclusive`) or "top" (the
     max(1, round(fraction · n)) heads of the n scored ones with the highest score, lowest for sign −1, largest |score|
-    for sign 0; ties kept in table order). param: the analysis parameter that sets the threshold (the run's value
-    wins over `threshold`). description: the rule in words, and where it comes from. A head with no score (NaN)
-    never has the role.
+    for sign 0; ties kept in table order) or "class" (the heads whose label column `score`, e.g. taxonomy's
+    `pattern`, equals `value`). param: the analysis parameter that sets the threshold (the run's value wins over
+    `threshold`). description: the rule in words, and where it comes from. A head with no score (NaN) never has the
+    role.
     """
 
     name: str
@@ -73,10 +74,13 @@ class Role:
     inclusive: bool = False
     param: str | None = None
     description: str = ""
+    value: str | None = None
 
     def __post_init__(self):
-        if self.rule not in ("threshold", "top"):
-            raise ValueError(f"role {self.name!r}: rule must be 'threshold' or 'top', got {self.rule!r}")
+        if self.rule not in ("threshold", "top", "class"):
+            raise ValueError(f"role {self.name!r}: rule must be 'threshold', 'top' or 'class', got {self.rule!r}")
+        if self.rule == "class" and self.value is None:
+            raise ValueError(f"role {self.name!r}: a 'class' rule needs the label value it matches")
         if self.sign not in (1, -1, 0):
             raise ValueError(f"role {self.name!r}: sign must be 1, -1 or 0 (|score|), got {self.sign!r}")
         if self.rule == "top" and not (self.fraction is not None and 0 < self.fraction <= 1):
@@ -91,7 +95,10 @@ class Role:
         return self
 
     def apply(self, values: pd.Series) -> pd.Series:
-        """Which heads have the role: a boolean Series on `values`' index (`values`: one score per head)."""
+        """Which heads have the role: a boolean Series on `values`' index (`values`: one score, or for a "class"
+        rule one label, per head)."""
+        if self.rule == "class":
+            return (values == self.value).fillna(False).astype(bool)
         values = pd.to_numeric(values, errors="coerce").astype(float)
         key = values if self.sign == 1 else -values if self.sign == -1 else values.abs()
         if self.rule == "threshold":

@@ -25,8 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from interp.app.figures import DIVERGING, TEMPLATE, Note
-from interp.compare import overlap_of, rank_correlation
+from interp.app.figures import DIVERGING, TEMPLATE, Note, text_table
+from interp.compare import head_label, overlap_of, rank_correlation
 from interp.fanout import fan_out
 from interp.hooks.patching import activation_patch, cache_run, edge_attribution, last_logits, patch_heads, path_patch
 from interp.models import Model
@@ -145,7 +145,7 @@ class Circuits(Analysis):
     name = "circuits"
     description = ("task circuits (IOI, Colored Objects, a JSONL task): per-head activation patching, path patching "
                    "and edge attribution patching of the logit difference; circuits, faithfulness and overlap")
-    kinds = ("llm",)
+    kinds = ("llm", "lvlm")
     scores: ClassVar[dict[str, str]] = {}
     Params = CircuitsParams
     describe = ("task", "n", "clean_ld", "corrupt_ld")
@@ -291,13 +291,16 @@ class Circuits(Analysis):
                                columns=["task_a", "task_b", "heads_a", "heads_b", "shared", "jaccard", "of_smaller",
                                         "rank_correlation", "shared_heads", "only_a", "only_b"])
         return {"circuit": circuit_table, "faithfulness": faith, "overlap": overlap,
-                "agreement": agreement(heads, params, circuits)}
+                "agreement": agreement(heads, params, circuits),
+                "warnings": task_warnings(extras.get("prompts"), faith)}
 
     def report(self, result) -> list[str]:
         lines = []
         prompts = result.tables.get("prompts")
         faith = result.tables.get("faithfulness")
+        warnings = task_warnings(prompts, faith)
         for task in map(task_label, tasks_of(self.stored_params(result.meta))):
+            lines += [f"warning: {w}" for w in warnings[warnings["task"] == task]["warning"]]
             if prompts is not None:
                 p = prompts[prompts["task"] == task]
                 lines.append(f"{task}: {len(p)} prompts, logit difference clean {p['clean_ld'].mean():.2f}, corrupt "
@@ -306,7 +309,7 @@ class Circuits(Analysis):
             circuit = result.tables["circuit"]
             heads = circuit[circuit["task"] == task]
             lines.append(f"  circuit ({len(heads)} heads, by {circuit_column(self.stored_params(result.meta), task)}): "
-                         + ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()))
+                         + ", ".join(head_label(r.layer, r.head) for r in heads.itertuples()))
             if faith is not None:
                 f = faith[(faith["task"] == task) & faith["circuit"]]
                 for r in f.itertuples():
@@ -327,10 +330,17 @@ class Circuits(Analysis):
         t, params = result.tables, self.stored_params(result.meta)
         tasks = [task_label(task) for task in tasks_of(params)]
         out: list = []
+        warnings = task_warnings(t.get("prompts"), t.get("faithfulness"))
         for task in tasks:
+            out += [Note(f"⚠ warning: {w}") for w in warnings[warnings["task"] == task]["warning"]]
             heads = t["circuit"][t["circuit"]["task"] == task]
-            text = ", ".join(f"{r.layer}.{r.head}" for r in heads.itertuples()) or "none"
+            text = ", ".join(head_label(r.layer, r.head) for r in heads.itertuples()) or "none"
             out.append(Note(f"{task}: circuit of {len(heads)} heads by {circuit_column(params, task)}: {text}"))
+            if "prompts" in t:
+                p = t["prompts"][t["prompts"]["task"] == task]
+                shown = p[["clean", "correct", "foil", "clean_ld", "clean_top1"]].rename(columns={
+                    "clean": "prompt", "correct": "expected", "clean_ld": "logit diff", "clean_top1": "top-1"})
+                out.append(text_table(shown, f"{task}: {len(p)} prompts"))
         for r in t.get("overlap", pd.DataFrame()).itertuples():
             link = (f"/compare?a={result.id}&b={result.id}&sa={circuit_column(params, r.task_a)}"
                     f"&sb={circuit_column(params, r.task_b)}&k={max(r.heads_a, r.heads_b)}&abs=1")
@@ -352,6 +362,34 @@ class Circuits(Analysis):
 
 
 
+CLEAN_LD_FLOOR = 1.0  # a task the model does: its clean logit difference (correct − foil) is at least this
+FAITHFUL_RANGE = (0.0, 1.5)  # a circuit's faithfulness (share of the clean logit difference kept) that means something
+
+
+def task_warnings(prompts: pd.DataFrame | None, faith: pd.DataFrame | None) -> pd.DataFrame:
+    """Tasks whose circuit means little (`task`, `warning`): the model does not do the task (mean clean logit
+    difference below CLEAN_LD_FLOOR), or the circuit's faithfulness lies outside FAITHFUL_RANGE (a ratio of a logit
+    difference near 0, or a circuit that flips the answer)."""
+    rows = []
+    if prompts is not None:
+        for task, p in prompts.groupby("task", sort=False):
+            ld = p["clean_ld"].mean()
+            if ld < CLEAN_LD_FLOOR:
+                rows.append({"task": task, "warning": (
+                    f"the model does not do {task}: clean logit difference {ld:.2f} (below {CLEAN_LD_FLOOR:g}), "
+                    f"correct > foil on {100 * (p['clean_ld'] > 0).mean():.0f} % of {len(p)} prompts; its circuit and "
+                    "faithfulness mean little")})
+    if faith is not None:
+        lo, hi = FAITHFUL_RANGE
+        for r in faith[faith["circuit"].astype(bool)].itertuples():
+            if not lo <= r.recovered <= hi:
+                rows.append({"task": r.task, "warning": (
+                    f"{r.task}: faithfulness {100 * r.recovered:.0f} % lies outside {100 * lo:.0f}–{100 * hi:.0f} % "
+                    f"(circuit logit difference {r.ld:.2f} against {r.clean_ld:.2f} clean): the circuit does not "
+                    "account for the task")})
+    return pd.DataFrame(rows, columns=["task", "warning"])
+
+
 def _importance(heads: pd.DataFrame, col: str) -> pd.DataFrame:
     return heads[["layer", "head"]].assign(importance=heads[col].abs())
 
@@ -371,7 +409,7 @@ def overlap_row(heads: pd.DataFrame, params: dict, a: str, b: str, circuits: dic
     ov = overlap_of(circuits[a], circuits[b])
     rho = rank_correlation(_importance(heads, circuit_column(params, a)), "importance",
                            _importance(heads, circuit_column(params, b)), "importance")
-    fmt = lambda hs: " ".join(f"{layer}.{head}" for layer, head in hs)  # noqa: E731
+    fmt = lambda hs: " ".join(head_label(layer, head) for layer, head in hs)  # noqa: E731
     return {"task_a": a, "task_b": b, "heads_a": len(ov.top_a), "heads_b": len(ov.top_b), "shared": len(ov.shared),
             "jaccard": ov.jaccard, "of_smaller": ov.of_smaller, "rank_correlation": rho,
             "shared_heads": fmt(ov.shared), "only_a": fmt(ov.only_a), "only_b": fmt(ov.only_b)}
@@ -519,7 +557,7 @@ def position_effects(positions: pd.DataFrame, sample: int, heads: list[tuple[int
     tokens = part.drop_duplicates("position").sort_values("position")["token"].tolist()
     z = np.array([part[(part["layer"] == layer) & (part["head"] == head)].sort_values("position")[value].to_numpy(float)
                   for layer, head in heads])
-    labels = [f"{layer}.{head}" for layer, head in heads]
+    labels = [head_label(layer, head) for layer, head in heads]
     bound = float(np.nanmax(np.abs(z))) if z.size else 1.0
     fig = go.Figure(go.Heatmap(z=z, x=[f"{i}: {t}" for i, t in enumerate(tokens)], y=labels, colorscale=DIVERGING,
                                zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": value},

@@ -2,7 +2,7 @@
 
 For every head: the percentage of queries whose argmax key is the token `offset` positions before them, over
 natural texts (queries with fewer than `offset` tokens before them are left out). The argmax comes from the
-kernels (nothing N×N). This module is the worked example of the README's "Adding an analysis".
+kernels (nothing N×N). This module is the worked example of docs/adding-an-analysis.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from interp.hooks import trace
+from interp.hooks import Pass, alone
 from interp.kernels import call_stats
 from interp.models import Model
 from interp.params import Params, param
@@ -20,6 +20,8 @@ from interp.progress import Progress
 
 from .base import Analysis, Options, Role, head_rows
 from .inputs import TEXTS
+
+ARGMAX = dict(stats=("argmax",))  # what every layer's probe asks of the kernels
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class LookbackParams(Params):
 class Lookback(Analysis):
     name = "lookback"
     description = "heads whose most-attended key lies `offset` tokens back (previous-token heads by default)"
-    kinds = ("llm", "encoder")
+    kinds = ("llm", "encoder", "lvlm")
     scores = {"lookback_rate": "% of queries whose most-attended key is `offset` tokens back"}
     Params = LookbackParams
     describe = ("n_tokens",)
@@ -57,18 +59,21 @@ class Lookback(Analysis):
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame:
+        return alone(model, self.sample_pass(model, sample, options, params), options, progress)
+
+    def sample_pass(self, model: Model, sample: dict, options: Options, params: dict) -> Pass:
+        """One sample's part of a forward pass (`interp.hooks.Pass`); it finishes as `score_sample`'s rows."""
         inputs = self.sample_inputs(model, sample, options, params)
         n, offset = inputs["input_ids"].shape[-1], params["offset"]
         rows = []
 
         def probe(call):
-            argmax = call_stats(call, stats=("argmax",)).argmax[0, :, offset:]  # (H, n - offset) key of each query
+            argmax = call_stats(call, **ARGMAX).argmax[0, :, offset:]  # (H, n - offset) key of each query
             hits = argmax == torch.arange(n - offset, device=argmax.device)  # the key `offset` tokens back
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_tokens=n, n_queries=n - offset,
                                   lookback_rate=100 * hits.float().mean(-1).cpu().numpy()))
 
-        trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads)
-        return pd.concat(rows, ignore_index=True)
+        return Pass(inputs, probe, lambda: pd.concat(rows, ignore_index=True), stats=ARGMAX)
 
     def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
         """Each head's rate over all queries of all samples (a sample weighs by its queries)."""

@@ -9,9 +9,10 @@ reference code's rule; `score_rule="paper"` counts distinct span positions inste
 0.5; a head's score is its mean over counted samples; retrieval heads score above `threshold` (0.1).
 
 The causal test knocks out the top-k retrieval heads (uniform attention, or zero-ablation) and, as a control,
-k random heads outside the top min(100, 25 %), and measures NIAH accuracy again on the same samples. As in the
-reference code (`needle_in_haystack_with_mask.py`), the prompt minus its last token runs unmasked, and every step
-from the prompt's last token on is masked, so the first answer token already comes from a masked step.
+k random heads outside the top min(100, 25 %) in each of `mask_draws` draws (the report gives their spread), and
+measures NIAH accuracy again on the same samples. As in the reference code (`needle_in_haystack_with_mask.py`), the
+prompt minus its last token runs unmasked, and every step from the prompt's last token on is masked, so the first
+answer token already comes from a masked step.
 
 `paper_scores` follows the reference code literally (eager attention, `output_attentions` at every decode
 step, a Python loop over heads); tests check that the fast path gives identical scores.
@@ -29,7 +30,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from interp.app.figures import TEMPLATE
+from interp.app.figures import TEMPLATE, text_table
+from interp.compare import head_label
 from interp.fanout import fan_out
 from interp.hooks import mask_heads
 from interp.kernels import call_stats
@@ -66,6 +68,8 @@ class RetrievalParams(Params):
                             "positions copied)", metavar="RULE", choices=SCORE_RULES)
     mask_k: list[int] | None = param(None, "head counts for the masking test (default 5 % of the scored heads; 0 "
                                      "skips it)", metavar="K,K", low=0)
+    mask_draws: int = param(3, "random draws of k heads for the masking test's control (the report gives their "
+                            "spread)", metavar="N", low=1, before=1)
     mask_mode: str = param("uniform", "uniform (the paper's masking) or zero (zero-ablation)", metavar="MODE",
                            choices=("uniform", "zero"))
     mask_prefill: bool = param(False, "mask the heads in the prompt's forward too (default: from the prompt's last "
@@ -78,7 +82,7 @@ class RetrievalParams(Params):
 class Retrieval(Analysis):
     name = "retrieval"
     description = "retrieval heads (Wu et al. 2024) on needle-in-a-haystack samples, with the masking test"
-    kinds = ("llm",)
+    kinds = ("llm", "lvlm")
     scores = {"retrieval_score": "mean copy-paste score over accepted NIAH samples (retrieval head: > threshold)"}
     Params = RetrievalParams
     sample_columns = {"retrieval_score": "score"}
@@ -167,22 +171,23 @@ class Retrieval(Analysis):
         prefill = params["mask_prefill"]
         mode = params["mask_mode"] + (" (prefill too)" if prefill else " (answer steps only)"
                                       if not params["mask_last_token"] else "")
-        rows = [{"condition": "none", "k": 0, "mode": mode, "niah_score": 100 * base["rouge1_recall"].mean(),
+        rows = [{"condition": "none", "k": 0, "draw": 0, "mode": mode, "niah_score": 100 * base["rouge1_recall"].mean(),
                  "accuracy": base["accepted"].mean(), "heads": ""}]
         rng = random.Random(options.seed)
         tests = []
         for k in ks:
             if k > n - excluded:
                 raise ValueError(f"mask_k {k}: only {n - excluded} heads lie outside the top {excluded} for the random control")
-            tests += [("top", k, pairs[:k]), ("random", k, rng.sample(pairs[excluded:], k))]
+            tests += [("top", k, 0, pairs[:k])]
+            tests += [("random", k, d, rng.sample(pairs[excluded:], k)) for d in range(int(params["mask_draws"]))]
         entries = [plan[i] for i in base["sample"]]
-        jobs = [(entry, chosen, params, options.seed, prefill) for _, _, chosen in tests for entry in entries]
+        jobs = [(entry, chosen, params, options.seed, prefill) for *_, chosen in tests for entry in entries]
         recall = fan_out(masked_recall, model, jobs, progress, "masking")  # independent: spread over a cluster's workers
-        for t, (condition, k, chosen) in enumerate(tests):
+        for t, (condition, k, draw, chosen) in enumerate(tests):
             recalls = np.array(recall[t * len(entries):(t + 1) * len(entries)])
-            rows.append({"condition": condition, "k": k, "mode": mode, "niah_score": 100 * recalls.mean(),
+            rows.append({"condition": condition, "k": k, "draw": draw, "mode": mode, "niah_score": 100 * recalls.mean(),
                          "accuracy": float((recalls > ACCEPT_RECALL).mean()),
-                         "heads": ",".join(f"{layer}-{head}" for layer, head in chosen)})
+                         "heads": ",".join(head_label(layer, head) for layer, head in chosen)})
         return {"masking": pd.DataFrame(rows)}
 
     def report(self, result) -> list[str]:
@@ -207,14 +212,24 @@ class Retrieval(Analysis):
             lines.append(f"  {length} tokens: {n_ok}/{group['sample'].nunique()} accepted{share}")
         masking = result.tables.get("masking")
         if masking is not None:
-            lines.append("masking test (" + str(masking["mode"].iloc[0]) + "): " + " · ".join(
-                f"{r.condition}{'' if r.condition == 'none' else f'-{r.k}'} {r.niah_score:.1f}"
-                for r in masking.itertuples()))
+            lines.append("masking test (" + str(masking["mode"].iloc[0]) + ", NIAH score): " + " · ".join(
+                f"{r.condition}{'' if r.condition == 'none' else f'-{r.k}'} {r.mean:.1f}"
+                + (f" ± {r.std:.1f} over {r.draws} draws ({r.min:.1f}–{r.max:.1f})" if r.draws > 1 else "")
+                for r in masking_spread(masking).itertuples()))
         return lines
 
     def view(self, result) -> list:
-        """NIAH accuracy and ROUGE-1 recall by depth × length, and the masking test."""
+        """NIAH accuracy and ROUGE-1 recall by depth × length, each sample's question, expected answer and response,
+        and the masking test."""
         out = [retrieval_grid(result.samples), retrieval_grid(result.samples, "rouge1_recall")]
+        per = result.samples.drop_duplicates("sample")
+        plan = result.meta["plan"]
+        out.append(text_table(pd.DataFrame({
+            "sample": per["sample"], "length": per["length"], "depth": per["depth"],
+            "question": [plan[int(i)]["question"] for i in per["sample"]],
+            "expected": [plan[int(i)]["answer"] for i in per["sample"]], "response": per["response"],
+            "recall": per["rouge1_recall"], "accepted": per["accepted"]}), "the samples: question, expected answer, "
+                                                                             "response"))
         if "masking" in result.tables:
             out.append(masking_bars(result.tables["masking"]))
         return out
@@ -340,11 +355,25 @@ def retrieval_grid(samples: pd.DataFrame, value: str = "accepted") -> go.Figure:
     return fig
 
 
+def masking_spread(masking: pd.DataFrame) -> pd.DataFrame:
+    """The masking table per condition and k: the NIAH score's mean, standard deviation (0 for one draw), min and
+    max over the random draws (one row per draw in the table; runs written before draws: one)."""
+    draws = masking.assign(draw=masking["draw"] if "draw" in masking else 0)
+    spread = draws.groupby(["condition", "k"], sort=False)["niah_score"].agg(["mean", "std", "min", "max", "count"])
+    return spread.rename(columns={"count": "draws"}).fillna({"std": 0.0}).reset_index()
+
+
 def masking_bars(masking: pd.DataFrame) -> go.Figure:
-    """The masking test: NIAH score with the top-k retrieval heads knocked out against k random heads."""
+    """The masking test: NIAH score with the top-k retrieval heads knocked out against k random heads (the random
+    control's mean over its draws, with its min–max as an error bar)."""
     fig = go.Figure()
-    for condition, part in masking.groupby("condition", sort=False):
-        fig.add_trace(go.Bar(x=[str(k) for k in part["k"]], y=part["niah_score"], name=str(condition)))
+    for condition, part in masking_spread(masking).groupby("condition", sort=False):
+        error = {"type": "data", "symmetric": False, "array": part["max"] - part["mean"],
+                 "arrayminus": part["mean"] - part["min"], "visible": bool((part["draws"] > 1).any())}
+        fig.add_trace(go.Bar(x=[str(k) for k in part["k"]], y=part["mean"], name=str(condition), error_y=error,
+                             customdata=part[["draws", "min", "max"]].to_numpy(),
+                             hovertemplate="k %{x}: %{y:.1f} (%{customdata[0]} draws, %{customdata[1]:.1f}–"
+                                           "%{customdata[2]:.1f})<extra></extra>"))
     mode = masking["mode"].iloc[0] if "mode" in masking else ""
     fig.update_layout(title=f"masking test ({mode})", xaxis_title="heads masked (k)", yaxis_title="NIAH score",
                       barmode="group", template=TEMPLATE)

@@ -36,9 +36,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from interp.app.figures import TEMPLATE, grid_overlay, index_axis, score_by_layer
+from interp.app.figures import TEMPLATE, Note, grid_overlay, index_axis, score_by_layer
 from interp.fanout import fan_out
-from interp.hooks import trace
+from interp.hooks import Pass, alone
 from interp.hooks.capture import capture_residual
 from interp.hooks.var import FIRST_SINK_LAYER, RULES, image_centric, massive_entries, phi
 from interp.kernels import call_stats
@@ -197,24 +197,17 @@ class Sinks(Analysis):
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> dict[str, pd.DataFrame]:
+        return alone(model, self.sample_pass(model, sample, options, params), options, progress)
+
+    def sample_pass(self, model: Model, sample: dict, options: Options, params: dict) -> Pass:
+        """One sample's part of a forward pass (`interp.hooks.Pass`); it finishes as `score_sample`'s tables."""
         inputs, tokens = _inputs(model, sample, params)
         columns = [c.removesuffix("_mass") for c in self.score_columns(model, params) if c.endswith("_mass")
                    and c != "first_token_mass"]
         recorder = RECORDERS[model.family.kind](model, sample, params, inputs, tokens, columns)
-        bar = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers",
-                           leave=False)
-
-        def probe(call) -> None:
-            recorder.probe(call)
-            bar.update()
-
-        try:
-            with capture_residual(model, recorder.residual):
-                trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
-                      stats=recorder.stats_request)
-        finally:
-            bar.close()
-        return {"samples": pd.concat(recorder.rows, ignore_index=True), **recorder.tables()}
+        return Pass(inputs, recorder.probe, lambda: {"samples": pd.concat(recorder.rows, ignore_index=True),
+                                                     **recorder.tables()},
+                    stats=recorder.stats_request, residual=recorder.residual)
 
     # ---- the run
 
@@ -282,7 +275,7 @@ class Sinks(Analysis):
     def view(self, result) -> list:
         """Sink rates and first-token mass per layer, massive activations, ViT token norms, visual sinks per layer,
         and the high-norm / visual sink tokens of the first sample over its image."""
-        t, out = result.tables, []
+        t, out, tau = result.tables, [], self.stored_params(result.meta)["tau"]
         if "sink_rates" in t:
             out.append(sink_rates_by_layer(t["sink_rates"]))
         out.append(score_by_layer(result.heads, "first_token_mass"))
@@ -292,8 +285,16 @@ class Sinks(Analysis):
             fit = t.get("high_norm_fit")
             out.append(norm_histogram_figure(t["norm_histogram"], None if fit is None else fit["threshold"].iloc[0]))
         if "visual_sinks" in t:
-            out.append(visual_sinks_by_layer(t["visual_sinks"]))
-        return out + _token_grids(result, self.stored_params(result.meta)["tau"])
+            vs = t["visual_sinks"]
+            if vs.empty or not vs["dims"].iloc[0]:
+                out.append(Note("no sink dimensions found (the first token has no massive activation at these "
+                                "thresholds): no image token can be a visual sink"))
+            elif not vs["visual_sinks"].any():
+                out.append(Note(f"no visual sink tokens found: no image token has φ > τ = {tau:g} on the sink "
+                                f"dimensions {vs['dims'].iloc[0]}"))
+            else:
+                out.append(visual_sinks_by_layer(vs))
+        return out + _token_grids(result, tau)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from interp.hooks import trace
+from interp.hooks import Pass, alone
 from interp.kernels import call_stats
 from interp.models import Model
 from interp.params import PROMPTS, Params, param
@@ -35,7 +35,7 @@ class SummaryParams(Params):
 class Summary(Analysis):
     name = "summary"
     description = "per-head mean entropy, max-probability, attention distance and first-token mass over texts"
-    kinds = ("llm", "encoder")
+    kinds = ("llm", "encoder", "lvlm")
     scores = {
         "entropy": "mean attention entropy (nats): high = spread out, low = focused",
         "max_prob": "mean probability of the most-attended key",
@@ -62,13 +62,14 @@ class Summary(Analysis):
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame:
+        return alone(model, self.sample_pass(model, sample, options, params), options, progress)
+
+    def sample_pass(self, model: Model, sample: dict, options: Options, params: dict) -> Pass:
+        """One sample's part of a forward pass (`interp.hooks.Pass`); it finishes as `score_sample`'s rows."""
         inputs = self.sample_inputs(model, sample, options, params)
         n = inputs["input_ids"].shape[-1]
         segments = (torch.arange(n, device=model.device) > 0).long()[None]  # 0: first token, 1: the rest
         rows = []
-        layers = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers",
-                              leave=False)
-
         request = dict(segments=segments, n_segments=2, stats=("entropy", "max_prob", "mean_distance", "segment_mass"))
 
         def probe(call):
@@ -78,14 +79,8 @@ class Summary(Analysis):
             rows.append(head_rows(call.layer, call.heads, call.kv_heads, n_tokens=n, n_queries=n - first,
                                   entropy=take(st.entropy), max_prob=take(st.max_prob),
                                   distance=take(st.mean_distance), first_token_mass=take(st.segment_mass[..., 0])))
-            layers.update()
 
-        try:
-            trace(model, inputs, probe, backend=options.backend, layers=options.layers, heads=options.heads,
-                  stats=request)
-        finally:
-            layers.close()
-        return pd.concat(rows, ignore_index=True)
+        return Pass(inputs, probe, lambda: pd.concat(rows, ignore_index=True), stats=request)
 
     def aggregate(self, samples: pd.DataFrame, params: dict) -> pd.DataFrame:
         scored = samples[samples["n_queries"] > 0]

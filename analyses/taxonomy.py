@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from interp.app.figures import TEMPLATE, score_by_layer
 from interp.fanout import fan_out
-from interp.hooks import mask_heads, trace
+from interp.hooks import Pass, alone, mask_heads
 from interp.kernels import AttentionGeometry, attention_tile, call_stats, diagonal_attention, grid_distance
 from interp.layout import fixed_masking, token_layout
 from interp.models import Model
@@ -79,7 +79,7 @@ class TaxonomyParams(Params):
 class Taxonomy(Analysis):
     name = "taxonomy"
     description = "induction / previous-token / duplicate-token heads, attention distance and sparse-pattern class"
-    kinds = ("llm", "encoder", "vit")
+    kinds = ("llm", "encoder", "vit", "lvlm")
     scores = {
         "induction": "mean attention to the token after the previous occurrence (repeated random tokens)",
         "previous_token": "mean attention to the previous position",
@@ -100,6 +100,11 @@ class Taxonomy(Analysis):
              description="previous-token head: most (> 0.5) of its attention on the previous position"),
         Role("duplicate_token", "duplicate_token", threshold=0.2,
              description="duplicate-token head: > 0.2 of its attention on the previous occurrence of the same token"),
+        *(Role(f"pattern_{p}", "pattern", rule="class", value=p,
+               description=f"sparse-pattern class {p}: the simplest pattern keeping ≥ dense_below of its mass "
+                           "(MInference's offline search, causal models)") for p in PATTERNS),
+        Role("pattern_dense", "pattern", rule="class", value="dense",
+             description="sparse-pattern class dense: no pattern keeps dense_below of its mass"),
     )
 
     def score_columns(self, model: Model, params: dict) -> dict[str, str]:
@@ -142,21 +147,16 @@ class Taxonomy(Analysis):
 
     def score_sample(self, model: Model, sample: dict, options: Options, params: dict,
                      progress: Progress) -> pd.DataFrame:
+        return alone(model, self.sample_pass(model, sample, options, params), options, progress)
+
+    def sample_pass(self, model: Model, sample: dict, options: Options, params: dict) -> Pass:
+        """One sample's part of a forward pass (`interp.hooks.Pass`); it finishes as `score_sample`'s rows."""
         inputs = self.sample_inputs(model, sample, options, params)
         rows = []
-        bar = progress.bar(total=len(options.layers) if options.layers else len(model.layers()), desc="layers", leave=False)
-        probe = (self._vit_probe(model, inputs, params, rows) if "image" in sample
-                 else self._text_probe(model, sample, params, rows))
-
-        def each(call):
-            probe(call)
-            bar.update()
-        try:
-            trace(model, inputs, each, backend=options.backend, layers=options.layers, heads=options.heads,
-                  stats=None if "image" in sample else TEXT_STATS)
-        finally:
-            bar.close()
-        return pd.concat(rows, ignore_index=True)
+        finish = lambda: pd.concat(rows, ignore_index=True)  # noqa: E731
+        if "image" in sample:
+            return Pass(inputs, self._vit_probe(model, inputs, params, rows), finish)
+        return Pass(inputs, self._text_probe(model, sample, params, rows), finish, stats=TEXT_STATS)
 
     def _text_probe(self, model: Model, sample: dict, params: dict, rows: list):
         half = sample["half"]

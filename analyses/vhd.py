@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from interp.app.figures import TEMPLATE, score_by_layer
+from interp.app.figures import TEMPLATE, Note, plain, score_by_layer
 from interp.families import image_token
 from interp.hooks import mask_heads, trace
 from interp.models import Model
@@ -120,11 +120,15 @@ class VHD(Analysis):
                 "highest VHD: " + ", ".join(f"{r.layer}-{r.head} ({r.vhd:.3g})" for r in top.itertuples())]
 
     def view(self, result) -> list:
-        """VHD per layer, and T-VHD along the generated text of the first samples."""
+        """VHD per layer; for the first samples, the prompt and the model's answer, the image, and T-VHD along the
+        answer."""
         out = [score_by_layer(result.heads, "vhd")]
         if "tvhd" in result.tables:
-            tvhd = result.tables["tvhd"]
-            out += [tvhd_along_text(tvhd, int(s)) for s in sorted(tvhd["sample"].unique())[:4]]
+            tvhd, prompt = result.tables["tvhd"], self.stored_params(result.meta)["prompt"]
+            for s in sorted(int(s) for s in tvhd["sample"].unique())[:4]:
+                answer = "".join(tvhd[tvhd["sample"] == s].sort_values("step")["token"]).strip()
+                out += [Note(f"sample {s}: prompt “{prompt}” → answer “{answer}”"),
+                        sample_image(result.kept_plan[s]["image"], f"sample {s}: the image"), tvhd_along_text(tvhd, s)]
         return out
 
 
@@ -259,6 +263,17 @@ def vhr_generate(model: Model, prompt: str, image, *, alpha: float = 2.0, layers
 
 
 # ---- figures of this analysis's view (also for notebooks)
+
+
+def sample_image(source, title: str):
+    """A sample's image as a figure (a `Note` saying why where it cannot be read)."""
+    try:
+        image = np.asarray(load_image(source).convert("RGB"))
+    except (OSError, ValueError) as e:
+        return Note(f"{title}: cannot be shown ({e})")
+    fig = go.Figure(go.Image(z=image))
+    fig.update_layout(title=plain(title), template=TEMPLATE, xaxis={"visible": False}, yaxis={"visible": False})
+    return fig
 
 
 def tvhd_along_text(tvhd: pd.DataFrame, sample: int) -> go.Figure:

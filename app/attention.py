@@ -1,10 +1,11 @@
 """Attention views of a stored run's samples, recomputed on demand by the kernels: the only place where the
 dashboard touches a model, and only when the user asks for a view.
 
-A view re-runs one planned sample through the run's model (rebuilt by the analysis's `sample_inputs`), captures
-one layer's queries and keys while the model keeps its own attention, and answers every request on that layer
-from them: a block-pooled map of any region (finer as the region shrinks, exact per token at the end), or one
-query's attention over an image's patch grid. Only small matrices leave this module; nothing N×N is built.
+A view re-runs one planned sample (rebuilt by the analysis's `sample_inputs`), or a prompt the user typed (`Prompt`),
+through the run's model, captures one layer's queries and keys while the model keeps its own attention, and answers
+every request on that layer from them: a block-pooled map of any region (finer as the region shrinks, exact per
+token at the end), one query's row or one key's column, one query's attention over an image's patch grid, every
+head's thumbnail, a head's statistics. Only small matrices leave this module; nothing N×N is built.
 """
 
 from __future__ import annotations
@@ -16,23 +17,32 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch import Tensor
 
 from interp.analyses import Options, get_analysis
+from interp.analyses.inputs import lvlm_prompt
 from interp.catalog import ALIASES
 from interp.files import unconfined
 from interp.hooks import trace
-from interp.kernels import AttentionGeometry, attention_tile, pooled_attention
-from interp.layout import TokenLayout, token_layout
+from interp.kernels import AttentionGeometry, attention_stats, attention_tile, pooled_attention
+from interp.layout import TokenLayout, fixed_masking, token_layout
 from interp.models import Model, load_model
 from interp.scoring import model_identity
 
 MAX_CELLS = 128      # a map is at most this many rows and columns; a region that fits is drawn per token
 CACHED_LAYERS = 4    # captured layers kept in memory (q and k of one layer, every head)
 LOADED_MODELS = 2    # models loaded for views kept in memory
+THUMB_CELLS = 32     # a head's thumbnail in the multi-head grid is at most this many rows and columns
+SINK_SHARE = 0.3     # a key receiving at least this mean attention from the queries that see it is a sink …
+SINK_QUERIES = 16    # … when at least this many queries see it (or all of a shorter input): the sinks analysis's
+                     # ε and any_min_queries defaults
+LIVE_MAX_TOKENS = 2048  # a typed prompt is cut to this many tokens
+PLAIN_SEGMENTS = ("text", "pad")  # segments that draw no span on a map
 
 
 @dataclass
@@ -76,6 +86,17 @@ class AttentionView:
     @property
     def exact(self) -> bool:
         return self.block == (1, 1)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A live input typed in the dashboard: text, and an image's encoded bytes (PNG, JPEG, …) or None."""
+
+    text: str
+    image: bytes | None = None
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode() + b"\0" + (self.image or b"")).hexdigest()
 
 
 class AttentionSource:
@@ -125,27 +146,32 @@ class AttentionSource:
                              "not the same model")
         return model
 
-    def layer(self, meta: dict, sample: int, layer: int) -> LayerCapture:
-        """One layer's capture on one planned sample of a run (computed once, then cached by what it is computed from:
-        `replay_key`, never by the id a run's meta.json claims)."""
-        key = (replay_key(meta, sample), layer)
+    def layer(self, meta: dict, sample: int, layer: int, prompt: Prompt | None = None) -> LayerCapture:
+        """One layer's capture on one planned sample of a run, or on a live `prompt` through the run's model
+        (computed once, then cached by what it is computed from: `replay_key` or the prompt's digest, never by
+        the id a run's meta.json claims)."""
+        key = (replay_key(meta, sample) if prompt is None else
+               (meta["model"]["name"], meta["model"].get("config_hash"), prompt.digest()), layer)
         with self._lock:
             if key in self._layers:
                 self._layers.move_to_end(key)
                 return self._layers[key]
-            capture = self._capture(meta, sample, layer)
+            capture = self._capture(meta, sample, layer, prompt)
             self._layers[key] = capture
             while len(self._layers) > CACHED_LAYERS:
                 self._layers.popitem(last=False)
             return capture
 
-    def _capture(self, meta: dict, sample: int, layer: int) -> LayerCapture:
+    def _capture(self, meta: dict, sample: int, layer: int, prompt: Prompt | None) -> LayerCapture:
         model = self.model(meta)
         if not 0 <= layer < model.n_layers():
             raise ValueError(f"layer {layer} is outside {model.name}'s {model.n_layers()} layers")
-        analysis = get_analysis(meta["analysis"])
-        inputs = analysis.sample_inputs(model, meta["plan"][sample], Options.from_json(meta["options"]),
-                                        analysis.stored_params(meta))
+        if prompt is None:
+            analysis = get_analysis(meta["analysis"])
+            inputs = analysis.sample_inputs(model, meta["plan"][sample], Options.from_json(meta["options"]),
+                                            analysis.stored_params(meta))
+        else:
+            inputs = live_inputs(model, prompt)
         calls = []
         trace(model, inputs, calls.append, layers=[layer], keep=("q", "k"))
         call = calls[0]
@@ -154,25 +180,17 @@ class AttentionSource:
         return LayerCapture(q, k, call.geometry, _token_texts(model, inputs, layout), layout, _image(model, inputs))
 
     def pattern(self, meta: dict, sample: int, layer: int, head: int, q_range: tuple[int, int] | None = None,
-                k_range: tuple[int, int] | None = None, max_cells: int = MAX_CELLS) -> AttentionView:
-        """One head's attention over a region of one sample (see `attention_view`)."""
-        return attention_view(self.layer(meta, sample, layer), head, q_range, k_range, max_cells)
+                k_range: tuple[int, int] | None = None, max_cells: int = MAX_CELLS,
+                prompt: Prompt | None = None) -> AttentionView:
+        """One head's attention over a region of one sample or live prompt (see `attention_view`)."""
+        return attention_view(self.layer(meta, sample, layer, prompt), head, q_range, k_range, max_cells)
 
     def query_on_grid(self, meta: dict, sample: int, layer: int, head: int, query: int,
-                      grid: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                      grid: int = 0, prompt: Prompt | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The attention of one query token on one image's patch grid: ((rows, cols) probabilities, the image
         (H, W, 3) uint8 or None)."""
-        cap = self.layer(meta, sample, layer)
-        if not cap.layout.grids:
-            raise ValueError("this sample has no image: the grid view is for ViTs and vision-language models")
-        if not 0 <= query < cap.n_tokens:
-            raise ValueError(f"query {query} is outside the input's {cap.n_tokens} tokens")
-        if not 0 <= grid < len(cap.layout.grids):
-            raise ValueError(f"image grid {grid} is outside the sample's {len(cap.layout.grids)} grids")
-        q, k, geometry = cap.head(head)
-        row = attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), geometry=geometry)[0, 0, 0]
-        positions = cap.layout.grids[grid].positions.cpu().numpy()  # −1: a cell without a token (ViT-MAE)
-        return np.where(positions >= 0, row.cpu().numpy()[positions.clip(0)], np.nan), cap.image
+        cap = self.layer(meta, sample, layer, prompt)
+        return grid_values(cap, head, query, grid), cap.image
 
 
 def replay_key(meta: dict, sample: int) -> str:
@@ -202,6 +220,90 @@ def attention_view(cap: LayerCapture, head: int, q_range: tuple[int, int] | None
     return AttentionView(m[0, 0].cpu().numpy(), (q0, q1), (k0, k1), (bq, bk), None, None)
 
 
+def query_row(cap: LayerCapture, head: int, query: int) -> np.ndarray:
+    """(N,) the attention of one query over every key."""
+    _check_position(query, cap.n_tokens, "query")
+    q, k, geometry = cap.head(head)
+    return attention_tile(q, k, (query, query + 1), (0, cap.n_tokens), geometry=geometry)[0, 0, 0].cpu().numpy()
+
+
+def key_column(cap: LayerCapture, head: int, key: int) -> np.ndarray:
+    """(N,) the attention every query pays to one key (0 where the key is hidden from it)."""
+    _check_position(key, cap.n_tokens, "key")
+    q, k, geometry = cap.head(head)
+    return attention_tile(q, k, (0, cap.n_tokens), (key, key + 1), geometry=geometry)[0, 0, :, 0].cpu().numpy()
+
+
+def grid_values(cap: LayerCapture, head: int, query: int, grid: int = 0) -> np.ndarray:
+    """(rows, cols) one query's attention on one image's patch grid (NaN: a cell without a token)."""
+    if not cap.layout.grids:
+        raise ValueError("this sample has no image: the grid view is for ViTs and vision-language models")
+    if not 0 <= grid < len(cap.layout.grids):
+        raise ValueError(f"image grid {grid} is outside the sample's {len(cap.layout.grids)} grids")
+    row = query_row(cap, head, query)
+    positions = cap.layout.grids[grid].positions.cpu().numpy()  # −1: a cell without a token (ViT-MAE)
+    return np.where(positions >= 0, row[positions.clip(0)], np.nan)
+
+
+def default_query(cap: LayerCapture) -> int:
+    """The query a view starts from: the first token (CLS) of a vision tower's input, else the last token."""
+    return 0 if cap.layout.grids and "text" not in cap.layout.names else cap.n_tokens - 1
+
+
+def head_statistics(cap: LayerCapture, head: int) -> dict:
+    """One head's statistics on the input: mean entropy (nats), max probability and attention distance over the
+    queries, the first token's mean received attention, and `sinks`: the keys receiving ≥ SINK_SHARE on average
+    from the queries that see them, where at least SINK_QUERIES do (the last keys of a causal input, seen by a few
+    queries, are left out)."""
+    q, k, geometry = cap.head(head)
+    st = attention_stats(q, k, geometry=geometry,
+                         stats=("entropy", "max_prob", "mean_distance", "key_mass", "key_count"))
+    received, seen = st.key_mean[0, 0].cpu().numpy(), st.key_count[0].cpu().numpy()
+    sinks = (received >= SINK_SHARE) & (seen >= min(SINK_QUERIES, cap.n_tokens))
+    return {"entropy": float(st.entropy.mean()), "max_prob": float(st.max_prob.mean()),
+            "mean_distance": float(st.mean_distance.mean()), "first_token_mass": float(received[0]),
+            "sinks": [int(i) for i in np.flatnonzero(sinks)]}
+
+
+def head_thumbnails(cap: LayerCapture, max_cells: int = THUMB_CELLS) -> tuple[np.ndarray, int]:
+    """Every head's block-pooled map of the whole input: ((H, rows, cols) mean probabilities, block side)."""
+    block = -(-cap.n_tokens // max_cells)
+    m = pooled_attention(cap.q, cap.k, block_q=block, block_k=block, geometry=cap.geometry)
+    return m[0].cpu().numpy(), block
+
+
+def token_spans(cap: LayerCapture, extra: dict[str, tuple[int, int]] | None = None,
+                sinks: Iterable[int] = ()) -> list[tuple[str, int, int]]:
+    """The named spans a map draws, (name, start, end) with end exclusive: the layout's segments but text and
+    padding (bos, cls, registers, image blocks, …), `extra` spans (e.g. a retrieval sample's needle), and one
+    `sink` span per sink token."""
+    spans = [(name, a, b) for name in cap.layout.names if name not in PLAIN_SEGMENTS
+             for a, b in cap.layout.spans(name)]
+    spans += [(name, int(a), int(b)) for name, (a, b) in (extra or {}).items() if 0 <= a < b <= cap.n_tokens]
+    return spans + [("sink", i, i + 1) for i in sinks]
+
+
+def live_inputs(model: Model, prompt: Prompt) -> dict:
+    """Model inputs for a typed prompt: its text through the tokenizer (at most LIVE_MAX_TOKENS tokens), its image
+    through the processor (ViTs read the image alone; vision-language models the text with the image)."""
+    image = Image.open(BytesIO(prompt.image)).convert("RGB") if prompt.image else None
+    kind = model.family.kind
+    if kind == "vit":
+        if image is None:
+            raise ValueError(f"{model.name} is a vision transformer: upload an image")
+        return fixed_masking(model, model.prepare(images=[image]))
+    if not prompt.text.strip():
+        raise ValueError("type a prompt first")
+    if kind == "lvlm":
+        return model.prepare(lvlm_prompt(model, prompt.text, image is not None), images=[image] if image else [])
+    return model.prepare(prompt.text, truncation=True, max_length=LIVE_MAX_TOKENS)
+
+
+def _check_position(i: int, n: int, what: str) -> None:
+    if not 0 <= i < n:
+        raise ValueError(f"{what} {i} is outside the input's {n} tokens")
+
+
 def _clip(region: tuple[int, int] | None, n: int) -> tuple[int, int]:
     if region is None:
         return 0, n
@@ -211,11 +313,21 @@ def _clip(region: tuple[int, int] | None, n: int) -> tuple[int, int]:
     return a, b
 
 
+def token_text(tokenizer, token: int) -> str:
+    """One token as the text it stands for: a special token by its name (`<s>`, `[CLS]`), a word-initial marker
+    (`Ġ`, `▁`) as the space it encodes, bytes (`<0x0A>`) as their character."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if token in tokenizer.all_special_ids:
+        return piece
+    text = tokenizer.decode([token])
+    return " " + text if piece.startswith(("▁", "Ġ")) and not text.startswith(" ") else text
+
+
 def _token_texts(model: Model, inputs: dict, layout: TokenLayout) -> list[str]:
-    """Each position's text: its token for text, `patch r,c` for image patches, the segment name otherwise."""
+    """Each position's text (`token_text`) for text, `patch r,c` for image patches, the segment name otherwise."""
     n = layout.segments.shape[1]
     ids = inputs.get("input_ids") if model.family.kind != "vit" else None
-    texts = [model.tokenizer.decode([i]) for i in ids[0].tolist()] if ids is not None and ids.shape[1] == n \
+    texts = [token_text(model.tokenizer, i) for i in ids[0].tolist()] if ids is not None and ids.shape[1] == n \
         else [layout.names[s] for s in layout.segments[0].tolist()]
     for grid in layout.grids:
         if grid.batch == 0:

@@ -1,5 +1,7 @@
 """The Dash dashboard: `interp app`. Pages: the runs of a store (/), one run (/run/<id>: head map, ranked heads,
-head detail, the analysis's own view), and two runs compared (/compare?a=<id>&b=<id>).
+head detail, the analysis's own view; <id> or a unique prefix of it), two runs compared (/compare?a=<id>&b=<id>), and
+a head atlas (/atlas/<id>: `atlas_page`). A run's tables download as CSV (/table/<id>/<name>.csv), every figure as PNG
+or SVG from its mode bar (assets/download.js).
 
 It reads the store only; a model is loaded only when the user asks for an attention view (AttentionSource).
 Callbacks are plain functions of their inputs (tested without a browser); every failure becomes a message on
@@ -9,7 +11,6 @@ the page, never a dead app.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from urllib.parse import parse_qs, quote, unquote
@@ -22,19 +23,20 @@ from dash import Input, Output, State, ctx, dash_table, dcc, html
 from interp.compare import rank_correlation, top_overlap
 from interp.files import confined
 from interp.results import ScoreResult
-from interp.store import Store
+from interp.store import Store, is_atlas
 
 from . import figures
-from .attention import AttentionSource
+from . import views
+from .atlas_page import atlas_layout, register_atlas_callbacks
+from .attention import AttentionSource, Prompt, default_query, head_statistics, token_spans
 from .data import RunCatalog
+from .parts import ERROR, ROW, error_box, sample_label, zoom_region
 
 TOP_K = 20
 REFRESH_MS = 10_000  # the runs page re-reads the store this often (runs in progress move on)
 PAGE = {"fontFamily": "system-ui, sans-serif", "margin": "0 auto", "maxWidth": "1400px", "padding": "0 16px"}
-ROW = {"display": "flex", "gap": "16px", "flexWrap": "wrap", "alignItems": "flex-start"}
-ATTENTION_PLACEHOLDER = "this head's attention on the sample appears here: press the button above"
+ATTENTION_PLACEHOLDER = views.ATTENTION_PLACEHOLDER
 GRID = {"display": "grid", "gridTemplateColumns": "repeat(auto-fill, minmax(560px, 1fr))", "gap": "12px"}
-ERROR = {"color": "#a61b1b", "background": "#fdecea", "padding": "8px 12px", "borderRadius": "4px"}
 
 
 class Dashboard:
@@ -49,18 +51,20 @@ class Dashboard:
     def page(self, pathname: str | None, search: str | None = None):
         """The page for a URL path."""
         path = (pathname or "/").rstrip("/") or "/"
+        query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
         try:
             if path == "/":
                 return self.runs_page()
             if path.startswith("/run/"):
                 return self.run_page(unquote(path.removeprefix("/run/")))
             if path == "/compare":
-                query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
                 return self.compare_page(query.get("a"), query.get("b"), query.get("sa"), query.get("sb"),
                                          int(query["k"]) if query.get("k", "").isdigit() else 10, query.get("abs") == "1")
-            return _error(f"no page {path!r}: see the runs at /")
+            if path.startswith("/atlas/"):
+                return atlas_layout(self, unquote(path.removeprefix("/atlas/")), query.get("compare"))
+            return error_box(f"no page {path!r}: see the runs at /")
         except Exception as e:  # noqa: BLE001  (a broken run shows as a message)
-            return _error(str(e))
+            return error_box(str(e))
 
     def runs_rows(self) -> list[dict]:
         """The runs table's rows. Every cell is plain text but "open", a markdown link whose text is fixed and whose
@@ -69,7 +73,8 @@ class Dashboard:
         for info in self.catalog.listing():
             m = info.meta or {}
             done, total = info.progress
-            rows.append({"open": f"[open](/run/{quote(info.id, safe='')})", "id": info.id, "status": info.status,
+            page = "atlas" if is_atlas(m) else "run"  # an atlas entry opens its own page
+            rows.append({"open": f"[open](/{page}/{quote(info.id, safe='')})", "id": info.id, "status": info.status,
                          "analysis": m.get("analysis", ""),
                          "model": (m.get("model") or {}).get("name", ""), "samples": f"{done}/{total}",
                          "started": info.started[:19].replace("T", " "),
@@ -84,7 +89,7 @@ class Dashboard:
                                                     "parameters", "error"))]
         table = dash_table.DataTable(
             id="runs-table", data=rows, columns=columns, filter_action="native", sort_action="native",
-            page_size=25, markdown_options={"link_target": "_self"},
+            page_size=25, export_format="csv", markdown_options={"link_target": "_self"},
             style_cell={"textAlign": "left", "maxWidth": "420px", "whiteSpace": "normal", "fontSize": "13px"},
             style_data_conditional=[
                 {"if": {"filter_query": '{status} = "corrupt"'}, "backgroundColor": "#fdecea"},
@@ -95,18 +100,20 @@ class Dashboard:
         return html.Div([html.H2("Runs"), intro, table, dcc.Interval(id="runs-refresh", interval=REFRESH_MS)])
 
     def run_page(self, run_id: str):
+        run_id = self.catalog.info(run_id).id  # a unique prefix of it, as the CLI takes it
         result = self.catalog.result(run_id)
         m = result.meta
-        done, total = result.samples_done, len(m.get("plan", []))
+        done, total, unit = result.counted()
         status = m.get("status", "complete")
         header = html.Div([
             html.H2(f"{m['analysis']} on {m['model']['name']}"),
-            html.P([html.B(status), f" · {done}/{total} samples · started {m.get('started', '')[:19]} · run {run_id}",
+            html.P([html.B(status), f" · {done}/{total} {unit} · started {m.get('started', '')[:19]} · run {run_id}",
                     *([html.Span(f" · {m['error']}", style={"color": "#a61b1b"})] if m.get("error") else [])]),
+            html.P(["tables as CSV: ", *_table_links(result)], id="table-links"),
             html.Details([html.Summary("options and parameters"),
                           html.Pre(json.dumps({"options": m["options"], "params": m["params"]}, indent=1))])])
         if result.heads.empty:
-            return html.Div([header, _error("this run has no finished sample yet: nothing to show")])
+            return html.Div([header, error_box("this run has no finished sample yet: nothing to show")])
         scores = result.scores
         best = result.top(scores[0], k=1)
         layer, head = (int(best["layer"].iloc[0]), int(best["head"].iloc[0])) if len(best) else (0, 0)
@@ -118,7 +125,8 @@ class Dashboard:
             html.Div([
                 dcc.Graph(id="head-map", style={"width": "640px", "height": "560px"}),
                 html.Div([html.H4("ranked heads (click a row)"),
-                          dash_table.DataTable(id="ranked", page_size=TOP_K, style_cell={"fontSize": "13px"})],
+                          dash_table.DataTable(id="ranked", page_size=TOP_K, style_cell={"fontSize": "13px"},
+                                               export_format="csv")],
                          style={"width": "420px"})], style=ROW),
             html.H3(id="detail-title"),
             html.Div([
@@ -126,23 +134,13 @@ class Dashboard:
                                                    value=layer, clearable=False, style={"width": "90px"}),
                 html.Label("head "), dcc.Dropdown(id="head", options=list(range(m["model"]["n_heads"])), value=head,
                                                   clearable=False, style={"width": "90px"}),
-                html.Label("sample "), dcc.Dropdown(id="sample", options=[{"label": _sample_label(i, plan[i]),
+                html.Label("sample "), dcc.Dropdown(id="sample", options=[{"label": sample_label(i, plan[i]),
                                                                            "value": i} for i in samples],
                                                     value=samples[0], clearable=False, style={"width": "420px"})],
                 style=ROW),
             html.Div([
                 dcc.Graph(id="sample-scores", style={"width": "560px", "height": "420px"}),
-                html.Div([
-                    html.Button(f"Compute attention (loads {m['model']['name']})", id="compute", n_clicks=0),
-                    html.Span(" query token (image inputs; −1: the last) "),
-                    dcc.Input(id="query", type="number", value=-1, debounce=True, style={"width": "80px"}),
-                    html.Div(id="attention-status", style={"margin": "6px 0"}),
-                    dcc.Loading(html.Div([dcc.Graph(id="attention", style={"width": "640px", "height": "600px"},
-                                                    figure=figures.placeholder_figure(ATTENTION_PLACEHOLDER)),
-                                          dcc.Graph(id="grid-view", style={"width": "520px", "height": "480px",
-                                                                           "display": "none"})])),
-                ])], style=ROW),
-            dcc.Store(id="live", data=False), dcc.Store(id="region", data=None)])
+                views.attention_panel(m["model"]["name"])], style=ROW)])
         tabs = dcc.Tabs([dcc.Tab(heads_tab, label="Heads", value="heads"),
                          dcc.Tab(html.Div(self.analysis_view(result), id="analysis-view", style=GRID),
                                  label=f"{m['analysis']} view", value="analysis")], value="heads")
@@ -187,23 +185,31 @@ class Dashboard:
         return int(click["points"][0]["x"]) if click else sample
 
     def show_attention(self, run_id: str, layer: int, head: int, sample: int, query: int | None = None,
-                       region: dict | None = None):
-        """(attention map, grid view, grid style, status, region) for the chosen head and sample over a token
-        region ({"q": [q0, q1], "k": [k0, k1]}; None: the whole input)."""
+                       region: dict | None = None, *, key: int | None = None, scale: str = "linear",
+                       prompt: Prompt | None = None):
+        """(attention map, grid view, grid style, status, region) for the chosen head on the sample, or on a live
+        `prompt` through the run's model, over a token region ({"q": [q0, q1], "k": [k0, k1]}; None: the whole
+        input). query (None or < 0: `default_query`) and key: the selection outlined on the map; the query's row is
+        also laid over the image. scale: the colour axis (`figures.scaled`). The status gives the head's statistics
+        on the input (`head_statistics`)."""
         meta = self.catalog.replay_meta(run_id, sample)
         q_range, k_range = (region["q"], region["k"]) if region else (None, None)
-        view = self.attention.pattern(meta, sample, layer, head, q_range, k_range)
+        view = self.attention.pattern(meta, sample, layer, head, q_range, k_range, prompt=prompt)
+        cap = self.attention.layer(meta, sample, layer, prompt)
+        q = default_query(cap) if query is None or query < 0 else int(query)
+        stats = head_statistics(cap, head)
+        spans = token_spans(cap, None if prompt else views.sample_spans(self.catalog.result(run_id), sample),
+                            stats["sinks"])
         fig = figures.attention_map(view.matrix, view.q_range, view.k_range, block=view.block, q_tokens=view.q_tokens,
-                                    k_tokens=view.k_tokens, title=f"head {layer}-{head}, sample {sample}")
-        cap = self.attention.layer(meta, sample, layer)
+                                    k_tokens=view.k_tokens, spans=spans, scale=scale, selected=(q, key),
+                                    title=f"head {layer}-{head}, {'your prompt' if prompt else f'sample {sample}'}")
         status = (f"{cap.n_tokens} tokens · " + ("exact per token" if view.exact else
                   f"{view.matrix.shape[0]}×{view.matrix.shape[1]} pooled blocks: drag a box to zoom in, "
-                  "double-click to zoom out"))
+                  "double-click to zoom out") + " · " + views.describe_statistics(stats))
         grid_fig, grid_style = go.Figure(), {"display": "none"}
         if cap.layout.grids:
-            q = cap.n_tokens - 1 if query is None or query < 0 else int(query)
             try:  # a bad query token leaves the map in place
-                values, image = self.attention.query_on_grid(meta, sample, layer, head, q)
+                values, image = self.attention.query_on_grid(meta, sample, layer, head, q, prompt=prompt)
                 grid_fig = figures.grid_overlay(values, image, title=f"query {q} ({cap.tokens[q]!r}) on the image",
                                                 label="attention")
                 grid_style = {"width": "520px", "height": "480px"}
@@ -305,6 +311,18 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
         flask.g.confinement.__enter__()
         return None
 
+    @app.server.route("/table/<run_id>/<name>.csv")
+    def _table_csv(run_id: str, name: str):
+        """A run's table (`ScoreResult.table_names`) as CSV, the run found as the pages find it."""
+        try:
+            result = board.catalog.result(run_id)
+            table = result.table(name)
+        except ValueError as e:  # no such run or table, or a corrupt run
+            return flask.Response(str(e), status=404, mimetype="text/plain")
+        filename = quote(f"{result.path.name}-{name}.csv", safe="")
+        return flask.Response(table.to_csv(index=False), mimetype="text/csv",
+                              headers={"Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
+
     @app.server.teardown_request
     def _release(_error):
         if "confinement" in flask.g:
@@ -316,6 +334,7 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
                  style={"display": "flex", "gap": "20px", "padding": "10px 0", "borderBottom": "1px solid #ddd"}),
         html.Div(id="page")], style=PAGE)
     app.board = board
+    register_atlas_callbacks(app, board)
 
     app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))(board.page)
 
@@ -354,6 +373,8 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
     def _sample(click, sample):
         return board.choose_sample(click, sample)
 
+    views.register(app, board)
+
     @app.callback(Output("live", "data"), Input("compute", "n_clicks"), prevent_initial_call=True)
     def _live(n):
         return bool(n)
@@ -361,18 +382,20 @@ def make_app(store: Store | str | os.PathLike | None = None, attention: Attentio
     @app.callback(Output("attention", "figure"), Output("grid-view", "figure"), Output("grid-view", "style"),
                   Output("attention-status", "children"), Output("region", "data"),
                   Input("live", "data"), Input("layer", "value"), Input("head", "value"), Input("sample", "value"),
-                  Input("query", "value"), Input("attention", "relayoutData"), State("region", "data"),
-                  State("run-id", "data"), prevent_initial_call=True)
-    def _attention(live, layer, head, sample, query, relayout, region, run_id):
+                  Input("query", "value"), Input("attention", "relayoutData"), Input("key", "data"),
+                  Input("scale", "value"), Input("prompt", "data"), State("region", "data"), State("run-id", "data"),
+                  prevent_initial_call=True, running=views.LOADING)
+    def _attention(live, layer, head, sample, query, relayout, key, scale, prompt, region, run_id):
         if not live:
             raise dash.exceptions.PreventUpdate
-        new = region if ctx.triggered_id == "query" else None  # another head or sample: the whole input
+        new = region if ctx.triggered_id in ("query", "key", "scale") else None  # else the whole (new) input
         if ctx.triggered_id == "attention":
-            new = _zoom(relayout, region)
+            new = zoom_region(relayout, region)
             if new == region:
                 raise dash.exceptions.PreventUpdate  # a relayout that is no zoom (autosize, a drag of the colour bar)
         try:
-            return board.show_attention(run_id, layer, head, sample, query, new)
+            return board.show_attention(run_id, layer, head, sample, query, new, key=key, scale=scale,
+                                        prompt=views.prompt_of(prompt))
         except Exception as e:  # noqa: BLE001
             return (figures.placeholder_figure(str(e), error=True), figures.placeholder_figure(""), {"display": "none"},
                     html.Span(str(e), style=ERROR), region)
@@ -416,8 +439,11 @@ def _full_width(component):
     return component
 
 
-def _error(message: str):
-    return html.Div(message, className="error", style=ERROR)
+def _table_links(result: ScoreResult) -> list:
+    """A link per table of a run to its CSV (`/table/<run>/<name>.csv`), separated by " · "."""
+    links = [html.A(name, href=f"/table/{quote(result.path.name, safe='')}/{quote(name, safe='')}.csv", download="")
+             for name in result.table_names]
+    return [part for i, link in enumerate(links) for part in ([" · "] if i else []) + [link]]
 
 
 def _short_json(d: dict, limit: int = 160) -> str:
@@ -425,28 +451,3 @@ def _short_json(d: dict, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _sample_label(i: int, entry: dict) -> str:
-    """A planned sample in a few words: its short scalar fields."""
-    parts = [f"{k} {v}" for k, v in entry.items()
-             if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 20)]
-    return f"{i}: " + ", ".join(parts[:5])
-
-
-def _zoom(relayout: dict | None, region: dict | None) -> dict | None:
-    """The token region a zoom box (plotly relayoutData) asks for: {"q": [q0, q1], "k": [k0, k1]}, None for the
-    whole input (double-click), the current region for anything else."""
-    if not relayout:
-        return region
-    if relayout.get("xaxis.autorange") or relayout.get("yaxis.autorange"):
-        return None
-    new = {key: list(value) for key, value in (region or {}).items()}
-    for axis, key in (("xaxis", "k"), ("yaxis", "q")):
-        lo, hi = relayout.get(f"{axis}.range[0]"), relayout.get(f"{axis}.range[1]")
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)):
-            continue  # absent, or not a finite number (a crafted request: NaN, Infinity, text)
-        if lo is not None and hi is not None:  # token i spans [i − 0.5, i + 0.5]
-            lo, hi = sorted((lo, hi))
-            new[key] = [max(0, math.floor(lo + 0.5)), math.ceil(hi + 0.5)]
-    if "q" not in new or "k" not in new:
-        return region
-    return new

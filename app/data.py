@@ -26,13 +26,18 @@ class RunCatalog:
         return self.store.runs() if self.store.root.is_dir() else []
 
     def info(self, run_id: str) -> RunInfo:
-        """The listed run with exactly this id: ids that are paths, or name nothing in the store, are refused."""
+        """The listed run with this id, or the one whose id starts with it (as the CLI finds runs): ids that are
+        paths, that name nothing in the store or that several ids start with, are refused."""
         if not isinstance(run_id, str) or not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
             raise RunNotFoundError(f"no run {run_id!r} in this store")
-        for info in self.listing():
-            if info.id == run_id:
-                return info
-        raise RunNotFoundError(f"no run {run_id!r} in {self.store.root}")
+        listing = self.listing()
+        matches = [i for i in listing if i.id == run_id] or [i for i in listing if i.id.startswith(run_id)]
+        if len(matches) > 1:
+            raise RunNotFoundError(f"run id {run_id!r} is ambiguous in {self.store.root}: "
+                                   f"{', '.join(sorted(i.id for i in matches))}")
+        if not matches:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.store.root}")
+        return matches[0]
 
     def replay_meta(self, run_id: str, sample: int) -> dict:
         """The run's meta as the attention views replay `sample`: its inputs read from the run's own copies, under the
@@ -59,18 +64,18 @@ class RunCatalog:
         CorruptRunError when the run cannot be read."""
         info = self.info(run_id)
         if info.status == "corrupt":
-            raise CorruptRunError(f"run {run_id} is corrupt: {info.error}")
+            raise CorruptRunError(f"run {info.id} is corrupt: {info.error}")
         stamp = _stamp(info)
         with self._lock:
-            hit = self._cache.get(run_id)
+            hit = self._cache.get(info.id)
             if hit is not None and hit[0] == stamp:
                 return hit[1]
         try:
             result = open_run(info.path)
         except (OSError, ValueError, KeyError) as e:
-            raise CorruptRunError(f"run {run_id} cannot be read: {e}") from e
+            raise CorruptRunError(f"run {info.id} cannot be read: {e}") from e
         with self._lock:
-            self._cache[run_id] = (stamp, result)
+            self._cache[info.id] = (stamp, result)
         return result
 
 

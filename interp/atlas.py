@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import math
 import os
+from dataclasses import asdict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from interp.app.figures import overlap_matrix, role_grid
 from .models import Model, load_model
 from .progress import QUIET, Progress
 from .results import ScoreResult, as_store, open_run
-from .store import write_text
+from .scoring import run_slug
+from .store import is_atlas, read_meta, write_text
 from .sweep import score_combination
+from .together import score_together
 
 KEYS = ["layer", "head"]
 
@@ -60,7 +63,8 @@ class Atlas:
     best rank) and `<analysis>.<score>:percentile` (100 · share of the scored heads at or below it, in the same
     order). A head a run did not score has NaN there.
     roles: one row per head — `layer`, `head`, then one boolean column per role `<analysis>.<role>`.
-    scores: the score columns, run by run in the analysis's order. rules: role column -> its `Role` (thresholds as
+    scores: the score columns, run by run in the analysis's order. labels: the text columns a "class" role reads
+    (`taxonomy.pattern`), `<analysis>.<column>` in `heads`, with no rank. rules: role column -> its `Role` (thresholds as
     the run was scored). runs: analysis -> run id. model: the model's name.
     """
 
@@ -79,13 +83,16 @@ class Atlas:
         if twice:
             raise ValueError(f"an atlas takes one run per analysis; several runs of {', '.join(twice)}")
         self.model: str = models.pop()
+        self.identity: dict = runs[0].meta["model"]  # the model as its runs recorded it (name, family, config hash)
         self.runs: dict[str, str | None] = {r.analysis: r.id for r in runs}
         self.skipped: dict[str, str] = {}  # analysis -> why it has no run here (set by build_atlas)
+        self.id: str | None = None  # the atlas's store entry, once saved (`save_atlas`) or opened (`open_atlas`)
+        self.preset: str | dict | None = None  # the preset it was built with (a name or the settings), where known
 
         base = (pd.concat([r.heads[["layer", "head", "kv_head"]] for r in runs])
                 .drop_duplicates(KEYS).sort_values(KEYS, kind="stable").reset_index(drop=True))
         base[KEYS] = base[KEYS].astype(int)
-        columns, self.scores = {}, []
+        columns, self.scores, self.labels = {}, [], []
         self._scored_by: dict[str, str] = {}  # score column -> analysis
         for r in runs:
             signed = r.meta.get("signed", getattr(ANALYSES.get(r.analysis), "signed", False))
@@ -102,6 +109,12 @@ class Atlas:
                 columns[f"{col}:percentile"] = 100 * key.rank(pct=True, method="max")
                 self.scores.append(col)
                 self._scored_by[col] = r.analysis
+            known = ANALYSES.get(r.analysis)
+            for label in dict.fromkeys(role.score for role in getattr(known, "roles", ()) if role.rule == "class"):
+                if label in table.columns:  # a label a role reads (taxonomy's pattern class): kept as text
+                    columns[f"{r.analysis}.{label}"] = table[label].astype(object).where(table[label].notna())
+                    self.labels.append(f"{r.analysis}.{label}")
+                    self._scored_by[f"{r.analysis}.{label}"] = r.analysis
         self.heads: pd.DataFrame = pd.concat([base, pd.DataFrame(columns, index=base.index)], axis=1)
 
         self.rules: dict[str, Role] = {}
@@ -111,7 +124,7 @@ class Atlas:
             analysis = ANALYSES.get(r.analysis)
             if analysis is None:  # a run of an analysis this interp does not know: its scores, no roles
                 continue
-            for role in analysis.roles_of(analysis.stored_params(r.meta), r.scores):
+            for role in analysis.roles_of(analysis.stored_params(r.meta), [*r.scores, *r.heads.columns]):
                 name, score = f"{r.analysis}.{role.name}", f"{r.analysis}.{role.score}"
                 if score not in self.heads.columns:
                     continue
@@ -140,17 +153,18 @@ class Atlas:
 
     def card(self, layer: int, head: int) -> dict:
         """Everything the atlas knows of one head: {"layer", "head", "kv_head", "scores": {column: {"value", "rank",
-        "percentile", "run"}}, "roles": [role columns it has], "runs": {analysis: run id}}. KeyError for a head no run
-        scored."""
+        "percentile", "run"}}, "labels": {label column: its text}, "roles": [role columns it has], "runs": {analysis:
+        run id}}. KeyError for a head no run scored."""
         at = self.heads.index[(self.heads["layer"] == layer) & (self.heads["head"] == head)]
         if not len(at):
-            raise KeyError(f"head {layer}.{head}: no run in this atlas of {self.model} scored it")
+            raise KeyError(f"head {layer}-{head}: no run in this atlas of {self.model} scored it")
         row, roles = self.heads.loc[at[0]], self.roles.loc[at[0]]
         scores = {col: {"value": _num(row[col]), "rank": _num(row[f"{col}:rank"]),
                         "percentile": _num(row[f"{col}:percentile"]), "run": self.runs[self._scored_by[col]]}
                   for col in self.scores}
+        labels = {col: (None if pd.isna(row[col]) else str(row[col])) for col in self.labels}
         return {"layer": int(layer), "head": int(head), "kv_head": int(row["kv_head"]), "scores": scores,
-                "roles": [name for name in self.rules if bool(roles[name])], "runs": dict(self.runs)}
+                "labels": labels, "roles": [name for name in self.rules if bool(roles[name])], "runs": dict(self.runs)}
 
     def overlaps(self, n_permutations: int = 2000, seed: int = 0) -> pd.DataFrame:
         """Role × role co-occurrence, one row per pair of roles (in `role_names` order, a before b), over the heads
@@ -182,6 +196,28 @@ class Atlas:
                             index=self.roles.index)
         return frac.groupby(self.roles["layer"]).mean()
 
+    def summary_lines(self, p_max: float = 0.05) -> list[str]:
+        """The atlas in words (what `interp atlas` and `interp show ATLAS` print): each role with its heads (L-H),
+        the role pairs that overlap beyond chance (permutation p < `p_max`), the runs and the analyses skipped."""
+        lines = ["Roles:"]
+        for name in self.role_names:
+            heads = [f"{r.layer}-{r.head}" for r in self.roles[self.roles[name]].itertuples()]
+            lines.append(f"  {name} ({len(heads)}): {', '.join(heads) or '-'}")
+        lines.append(f"Overlaps beyond chance (p < {p_max:g}):")
+        shown = self.overlaps().query("p_value < @p_max")
+        lines += [f"  {o.role_a} & {o.role_b}: {o.both} heads, Jaccard {o.jaccard:.2f} (chance {o.expected:.2f}), "
+                  f"p = {o.p_value:.4f}" for o in shown.itertuples()] or ["  none"]
+        lines.append("Runs:")
+        lines += [f"  {analysis:<10} {run}" for analysis, run in self.runs.items()]
+        lines += [f"  {analysis:<10} skipped: {why}" for analysis, why in self.skipped.items()]
+        return lines
+
+    def table(self) -> pd.DataFrame:
+        """One table of the atlas (what `interp export ATLAS` writes): `heads`' columns, then each role as a boolean
+        column `role:<analysis>.<role>`."""
+        roles = self.roles.drop(columns=KEYS).add_prefix("role:")
+        return pd.concat([self.heads, roles], axis=1)
+
     def to_html(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """Write one self-contained HTML page of the atlas to `path` (replaced atomically) and return it: the role
         grid and the role overlap matrix (plotly, its JavaScript inlined: it opens offline from disk) and every
@@ -206,6 +242,9 @@ class Atlas:
                 f"<td>{_fmt(e['percentile'], '.1f')}</td><td><code>{esc(str(e['run']))}</code></td></tr>"
                 for col, e in card["scores"].items())
             roles = ", ".join(esc(r) for r in card["roles"]) or "no role"
+            rows += "".join(f"<tr><td>{esc(col)}</td><td>{esc(str(v))}</td><td></td><td></td>"
+                            f"<td><code>{esc(str(self.runs[self._scored_by[col]]))}</code></td></tr>"
+                            for col, v in card["labels"].items())
             cards.append(f'<section class="card" id="head-{label}"><h3>head {label} '
                          f'<small>(KV head {card["kv_head"]})</small></h3><p class="roles">roles: {roles}</p>'
                          "<table><tr><th>score</th><th>value</th><th>rank</th><th>percentile</th><th>run</th></tr>"
@@ -247,8 +286,9 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     preset: "quick" or "full" (see `PRESETS`), or a dict {analysis: {option or parameter: value}} (an analysis it
     does not name runs with its defaults). analyses: only these (default: all of `interp.analyses.ANALYSES`).
     progress: as `score`'s. The atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
-    family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). ValueError when no
-    analysis gives a run.
+    family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). The atlas is saved
+    in the store as one entry naming its runs (`save_atlas`; its id is `atlas.id`). ValueError when no analysis
+    gives a run.
     """
     settings = PRESETS.get(preset) if isinstance(preset, str) else preset
     if settings is None:
@@ -263,7 +303,19 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     if not isinstance(model, Model):
         with bars.status(f"loading {model}"):
             model = load_model(model)
-    ids, skipped = {}, {}
+    ids, skipped, shared = {}, {}, {}
+
+    def alone(name: str, options: dict, params: dict) -> None:
+        """One analysis in its own run (its failure recorded in `skipped`)."""
+        row = {"model": model.name, "analysis": name, "params": params, "status": "done", "run": None,
+               "samples": None, "seconds": 0.0, "error": None}
+        score_combination(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
+        if row["status"] == "failed":
+            skipped[name] = row["error"]
+            ids.pop(name, None)
+        else:
+            ids[name] = row["run"]
+
     for name in names:
         an = ANALYSES[name]
         try:
@@ -273,19 +325,130 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
             continue
         chosen = dict(settings.get(name, {}))
         options = {k: chosen.pop(k) for k in OPTION_KEYS if k in chosen}
-        row = {"model": model.name, "analysis": name, "params": chosen, "status": "done", "run": None,
-               "samples": None, "seconds": 0.0, "error": None}
-        score_combination(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
-        if row["status"] == "failed":
-            skipped[name] = row["error"]
+        if hasattr(an, "sample_pass"):  # scored below with the others that can share a forward pass
+            ids[name], shared[name] = None, (options, chosen)
         else:
-            ids[name] = row["run"]
+            alone(name, options, chosen)
+    if shared:
+        try:  # one run each, one forward pass for the samples whose inputs coincide
+            ids.update(zip(shared, score_together(model, [(n, o, p) for n, (o, p) in shared.items()], runs, bars)))
+        except (ValueError, RuntimeError, OSError):  # one of them cannot run: each on its own, its error recorded
+            for name, (options, chosen) in shared.items():
+                alone(name, options, chosen)
     if not ids:
         reasons = "; ".join(f"{n}: {why}" for n, why in skipped.items())
         raise ValueError(f"no analysis gave a run of {model.name} for an atlas ({reasons or 'none chosen'})")
     atlas = Atlas(open_run(run, runs) for run in ids.values())
-    atlas.skipped = skipped
+    atlas.skipped, atlas.preset = skipped, preset
+    save_atlas(atlas, runs)
     return atlas
+
+
+ATLAS_TABLES = ("overlaps", "correlations", "layer_profiles")  # saved beside the atlas's one table
+
+
+def save_atlas(atlas: Atlas, store=None) -> str:
+    """Record `atlas` in `store` (None: the default store) as one entry naming its runs, and return its id (also set
+    as `atlas.id`). The entry is a store directory like a run's (`interp runs` lists it, analysis "atlas"): meta.json
+    holds the runs, the analyses skipped with why, the preset and every role's rule; heads.parquet is
+    `Atlas.table()`; overlaps / correlations / layer_profiles.parquet the rest. An entry of the same model with the
+    same runs and skips is reused, not written twice."""
+    runs = as_store(store)
+    for info in runs.runs():
+        m = info.meta or {}
+        if (info.status == "complete" and is_atlas(m) and m["model"]["name"] == atlas.model
+                and m.get("runs") == atlas.runs and m.get("skipped") == atlas.skipped):
+            atlas.id = info.id
+            return info.id
+    meta = {"kind": "atlas", "analysis": "atlas", "model": atlas.identity,
+            "options": {"preset": atlas.preset}, "params": {}, "plan": [],
+            "runs": dict(atlas.runs), "skipped": dict(atlas.skipped),
+            "scores": {col: f"{col} from run {atlas.runs[atlas._scored_by[col]]}" for col in atlas.scores},
+            "roles": {name: {k: v for k, v in asdict(role).items() if v is not None}
+                      for name, role in atlas.rules.items()}}
+    writer = runs.create(meta, f"atlas-{run_slug(atlas.model)}")
+    try:
+        tables = {"overlaps": atlas.overlaps(), "correlations": atlas.correlations().rename_axis("score").reset_index(),
+                  "layer_profiles": atlas.layer_profiles().reset_index()}
+        writer.finish(atlas.table(), pd.DataFrame({"sample": pd.Series(dtype=int)}), tables, atlas.summary_lines())
+    except BaseException:
+        writer.discard()
+        raise
+    atlas.id = writer.id
+    return writer.id
+
+
+def open_atlas(atlas: str | os.PathLike, store=None) -> Atlas:
+    """A stored atlas (an id, a unique id prefix or its directory), rebuilt from the runs it names (in the store that
+    holds it). ValueError when the entry is a run, not an atlas; RunNotFoundError when a run it names is gone."""
+    path = as_store(store).find(atlas)
+    meta = read_meta(path)
+    if not is_atlas(meta):
+        raise ValueError(f"{path.name} is a {meta['analysis']} run, not an atlas (see `interp runs`: atlases have "
+                         "analysis 'atlas')")
+    opened = Atlas.open(meta["runs"].values(), path.parent)
+    opened.skipped, opened.id, opened.preset = dict(meta.get("skipped", {})), meta["id"], meta["options"].get("preset")
+    return opened
+
+
+def compare_atlases(a: Atlas, b: Atlas, n_permutations: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The roles of two atlases side by side, one row per role either has (A's roles first, in order).
+
+    Where both atlases score the same heads (the same layers × heads: an LLM and the LVLM built on it), heads are
+    matched by layer and head (`match` "layer-head"): `n_a`, `n_b`, `both` over the heads both roles' scores cover,
+    their Jaccard, its chance `expected` and p-values as `Atlas.overlaps` computes them, and the heads `only_a`
+    (lost in B) and `only_b` (gained in B) in L-H notation. Otherwise (`match` "relative depth") layer l of a model
+    with L layers sits at depth l / (L − 1): `profile_corr` is the Pearson correlation of the role's per-layer
+    fraction in A with B's, interpolated at A's depths. Both: `depth_a`, `depth_b`, the role's heads' mean relative
+    depth. A role only one atlas has: `match` "only in A" / "only in B"."""
+    same = (a.heads[KEYS].sort_values(KEYS).to_numpy().tolist() == b.heads[KEYS].sort_values(KEYS).to_numpy().tolist())
+    rows = []
+    for role in [*a.role_names, *(r for r in b.role_names if r not in a.rules)]:
+        row = {"role": role, "match": "layer-head" if same else "relative depth",
+               "depth_a": _mean_depth(a, role), "depth_b": _mean_depth(b, role)}
+        if role not in b.rules or role not in a.rules:
+            row["match"] = "only in A" if role in a.rules else "only in B"
+        elif same:
+            ta = a.roles.assign(scored=a._scored(role)).set_index(KEYS)
+            tb = b.roles.assign(scored=b._scored(role)).set_index(KEYS).loc[ta.index]
+            keep = (ta["scored"] & tb["scored"]).to_numpy()
+            x, y = ta[role].to_numpy()[keep], tb[role].to_numpy()[keep]
+            heads = ta.index[keep]
+            row |= _overlap(x, y, n_permutations, seed)
+            row["only_a"] = ", ".join(f"{l}-{h}" for (l, h), i, j in zip(heads, x, y) if i and not j)
+            row["only_b"] = ", ".join(f"{l}-{h}" for (l, h), i, j in zip(heads, x, y) if j and not i)
+        else:
+            fa, fb = a.layer_profiles()[role], b.layer_profiles()[role]
+            da, db = _depths(fa.index), _depths(fb.index)
+            ok = fb.notna().to_numpy()
+            at_a = np.interp(da, db[ok], fb.to_numpy()[ok]) if ok.any() else np.full(len(da), np.nan)
+            row["profile_corr"] = _pearson(fa.to_numpy(float), at_a)
+        rows.append(row)
+    columns = ["role", "match", "n", "n_a", "n_b", "both", "jaccard", "expected", "p_value", "p_exact", "only_a",
+               "only_b", "depth_a", "depth_b", "profile_corr"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _depths(layers) -> np.ndarray:
+    """Relative depth of each layer index, l / (L − 1) with L = the largest index + 1 (0 for a single layer)."""
+    layers = np.asarray(layers, float)
+    top = layers.max() if len(layers) else 0.0
+    return layers / top if top > 0 else np.zeros_like(layers)
+
+
+def _mean_depth(atlas: Atlas, role: str) -> float:
+    """The mean relative depth of the heads with `role` (NaN when none or the atlas lacks the role)."""
+    if role not in atlas.rules or not atlas.roles[role].any():
+        return np.nan
+    depth = _depths(atlas.heads["layer"])  # the atlas's layers: 0 .. its deepest scored layer
+    return float(depth[atlas.roles[role].to_numpy()].mean())
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    ok = ~(np.isnan(x) | np.isnan(y))
+    if ok.sum() < 2 or x[ok].std() == 0 or y[ok].std() == 0:
+        return np.nan
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> dict:
@@ -317,3 +480,4 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def _num(v) -> float | None:
     return None if pd.isna(v) else float(v)
+

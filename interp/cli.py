@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import interp
 
 from .catalog import ALIASES, DEFAULT_MODEL, FAMILIES
+from .compare import head_label
 from .params import base_type, cli_flag, help_text, parse
-from .store import EXPORT_FORMATS, TABLES, Store, stopped_runs
+from .store import EXPORT_FORMATS, RunNotFoundError, Store, is_atlas, stopped_runs
 
 if TYPE_CHECKING:
     from .progress import Progress
@@ -180,22 +181,45 @@ def print_tables(result: ScoreResult, top: int) -> None:
     m = result.meta
     model = m["model"]
     size = {key: printable(model.get(key, "?")) for key in ("family", "n_layers", "n_heads", "n_kv_heads")}
+    done, planned, unit = result.counted()
     print(f"{printable(result.analysis)} · {printable(model['name'])} ({size['family']}, {size['n_layers']} layers × "
-          f"{size['n_heads']} heads, {size['n_kv_heads']} KV heads) · {result.samples_done}/{len(m['plan'])} "
-          f"samples · {printable(result.status)}")
+          f"{size['n_heads']} heads, {size['n_kv_heads']} KV heads) · {done}/{planned} {unit} · "
+          f"{printable(result.status)}")
     for score, meaning in m["scores"].items():
         shown, meaning = printable(score), printable(meaning)
         if score not in result.heads.columns:  # an incomplete run: no finished sample gives this score yet
             print(f"\n{shown}: {meaning}\n  no finished sample gives it yet ({printable(result.status)} run)")
             continue
-        rows = _ranked(result, score, top)
+        uninformative = _uninformative(result.heads[score])
+        if uninformative:
+            print(f"\n{shown}: {meaning}\n  {uninformative}: no ranking to show")
+            continue
+        ranked = _ranked(result, score, top)
+        rows = ranked
+        while rows and rows[-1]["value"] == 0:  # the zeros the ranking ends with rank nothing
+            rows = rows[:-1]
         width = max(10, len(shown))
         print(f"\ntop {len(rows)} heads by {shown}: {meaning}")
         print(f"  {'rank':>4}  {'layer':>5}  {'head':>4}  {'kv_head':>7}  {shown:>{width}}")
         for r in rows:
             print(f"  {r['rank']:>4}  {r['layer']:>5}  {r['head']:>4}  {r['kv_head']:>7}  {r['value']:>{width}.4f}")
+        if len(rows) < len(ranked):
+            print(f"  (the other {int((result.heads[score] == 0).sum())} heads score 0)")
     for line in _report(result):
         print(printable(line))
+    if result.tables:
+        print(f"\ntables: {', '.join(printable(name) for name in result.table_names)} "
+              f"(`interp export {printable(result.id)} --table NAME`)")
+
+
+def _uninformative(values) -> str | None:
+    """Why a score column ranks no head (no value, or one value for every head), else None."""
+    finite = values[values.notna()]
+    if finite.empty:
+        return f"no head has a value ({len(values)} heads)"
+    if len(finite) > 1 and (finite == finite.iloc[0]).all():
+        return f"every head scores {float(finite.iloc[0]):.4g} ({len(finite)} heads)"
+    return None
 
 
 def _score(args) -> int:
@@ -304,20 +328,22 @@ def _sweep(args) -> int:
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
-def head_label(layer, head) -> str:
-    """A head in L-H notation: `12-3`."""
-    return f"{int(layer)}-{int(head)}"
-
-
-def atlas_json(atlas, store: Store, preset: str) -> dict:
-    """The JSON of `interp atlas --json`: roles (role -> heads in L-H notation), every role overlap row, the runs
-    (analysis -> run id) and the analyses skipped with why."""
+def atlas_json(atlas, store: Store, comparison=None) -> dict:
+    """The JSON of `interp atlas --json`: the atlas's id, roles (role -> heads in L-H notation), every role overlap
+    row, the runs (analysis -> run id), the analyses skipped with why, and with --compare the comparison's rows."""
     roles = {name: [head_label(r.layer, r.head) for r in atlas.roles[atlas.roles[name]].itertuples()]
              for name in atlas.role_names}
-    overlaps = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                for row in atlas.overlaps().to_dict("records")]
-    return {"model": atlas.model, "store": str(store.root), "preset": preset, "roles": roles, "overlaps": overlaps,
-            "runs": dict(atlas.runs), "skipped": dict(atlas.skipped)}
+    doc = {"id": atlas.id, "model": atlas.model, "store": str(store.root), "preset": atlas.preset, "roles": roles,
+           "overlaps": _records(atlas.overlaps()), "runs": dict(atlas.runs), "skipped": dict(atlas.skipped)}
+    if comparison is not None:
+        doc["compare"] = _records(comparison)
+    return doc
+
+
+def _records(table) -> list[dict]:
+    """A table's rows as JSON-able dicts (NaN as null)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in table.to_dict("records")]
 
 
 def _atlas_html_target(path: str, store: Store):
@@ -335,37 +361,86 @@ def _atlas_html_target(path: str, store: Store):
 
 
 def _atlas(args) -> int:
+    from interp.atlas import compare_atlases
     from interp.models import load_model
 
     progress = _progress(args)
     store = Store(args.out)
     store.check_writable()  # before the model loads
     html = _atlas_html_target(args.html, store) if args.html else None
+    other = _stored_atlas(args.compare, store) if args.compare else None  # a stored atlas: found before any work
     model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     atlas = interp.build_atlas(model, args.preset, store, progress=progress)  # imports interp.atlas (pandas) now
-    doc = atlas_json(atlas, store, args.preset)
+    if args.compare and other is None:  # a model: its atlas with the same preset, in the same store
+        del model
+        other = interp.build_atlas(load_model(args.compare, dtype=args.dtype, device=args.device,
+                                              trust_remote_code=args.trust_remote_code),
+                                   args.preset, store, progress=progress)
+    comparison = compare_atlases(atlas, other) if other is not None else None
     if html is not None:
         atlas.to_html(html)
         print(f"wrote the atlas page of {printable(atlas.model)} to {printable(html)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(atlas_json(atlas, store, comparison), indent=2))
         return 0
-    print(printable(f"Atlas of {atlas.model} ({args.preset} preset, store {store.root})"))
-    print("\nRoles:")
-    for name, heads in doc["roles"].items():
-        print(f"  {printable(name)} ({len(heads)}): {', '.join(heads) or '-'}")
-    print("\nOverlaps beyond chance (p < 0.05):")
-    shown = [o for o in doc["overlaps"] if o["p_value"] is not None and o["p_value"] < 0.05]
-    for o in shown:
-        print(f"  {printable(o['role_a'])} & {printable(o['role_b'])}: {o['both']} heads, Jaccard {o['jaccard']:.2f} "
-              f"(chance {o['expected']:.2f}), p = {o['p_value']:.4f}")
-    if not shown:
-        print("  none")
-    print("\nRuns:")
-    for analysis, run in doc["runs"].items():
-        print(f"  {printable(analysis):<10} {printable(run)}")
-    for analysis, why in doc["skipped"].items():
-        print(f"  {printable(analysis):<10} skipped: {printable(why)}")
+    print(printable(f"Atlas {atlas.id} of {atlas.model} ({args.preset} preset, store {store.root})"))
+    for line in atlas.summary_lines():
+        print(printable(line) if line.startswith(" ") else "\n" + printable(line))
+    if comparison is not None:
+        print(printable(f"\nCompared with atlas {other.id} of {other.model} "
+                        f"(heads matched by {comparison['match'].iloc[0] if len(comparison) else '-'}):"))
+        for line in comparison_lines(comparison):
+            print(printable(line))
+    return 0
+
+
+def comparison_lines(comparison) -> list[str]:
+    """`compare_atlases`' table in words: per role, the heads both atlases give it and those only one does (matched
+    by layer and head), or the role's mean relative depth in each and their profiles' correlation."""
+    lines = []
+    for r in comparison.itertuples():
+        if r.match.startswith("only"):
+            lines.append(f"  {r.role}: {r.match}")
+        elif r.match == "layer-head":
+            lines.append(f"  {r.role}: A {r.n_a}, B {r.n_b}, both {r.both} (Jaccard {_fmt(r.jaccard)}, chance "
+                         f"{_fmt(r.expected)}, p = {_fmt(r.p_exact, '.4f')}); lost in B: {r.only_a or '-'}; "
+                         f"gained in B: {r.only_b or '-'}")
+        else:
+            lines.append(f"  {r.role}: mean relative depth A {_fmt(r.depth_a)}, B {_fmt(r.depth_b)}; per-layer "
+                         f"profile correlation {_fmt(r.profile_corr)}")
+    return lines or ["  no roles"]
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _stored_atlas(ref: str, store: Store):
+    """`--compare B`'s atlas when B names an atlas entry of `store` (id, prefix or directory); None when B is not
+    an entry there (then B is a model)."""
+    from interp.atlas import open_atlas
+
+    try:
+        store.find(ref)
+    except RunNotFoundError:
+        return None
+    return open_atlas(ref, store)
+
+
+def _show_atlas(result, args) -> int:
+    """`interp show ATLAS`: the atlas's roles, overlaps and runs as recorded when it was saved (with --json: its id,
+    model, roles -> heads, runs and skipped analyses), read from the entry alone."""
+    table, m = result.heads, result.meta
+    roles = {c.removeprefix("role:"): [head_label(r["layer"], r["head"]) for r in table[table[c]].to_dict("records")]
+             for c in table.columns if c.startswith("role:")}
+    if args.json:
+        print(json.dumps({"id": result.id, "kind": "atlas", "model": m["model"]["name"], "preset": m["options"].get(
+            "preset"), "roles": roles, "runs": m["runs"], "skipped": m.get("skipped", {})}, indent=2))
+        return 0
+    print(printable(f"Atlas {result.id} of {m['model']['name']}"))
+    for line in m.get("report", []):
+        print(printable(line) if line.startswith(" ") else "\n" + printable(line))
+    print(f"\natlas {printable(result.id)}\n    {printable(result.path)}")
     return 0
 
 
@@ -393,6 +468,8 @@ def _show(args) -> int:
     from .results import open_run
 
     result = open_run(args.run, args.store)
+    if is_atlas(result.meta):
+        return _show_atlas(result, args)
     if args.json:
         print(json.dumps(run_json(result, args.top), indent=2))
         return 0
@@ -420,7 +497,8 @@ def _export(args) -> int:
     else:
         result.export(output, args.format, args.table)
     if output not in (None, "-"):
-        print(f"wrote {args.table} table of run {printable(result.id)} to {printable(output)}", file=sys.stderr)
+        print(f"wrote {printable(args.table)} table of run {printable(result.id)} to {printable(output)}",
+              file=sys.stderr)
     return 0
 
 
@@ -576,6 +654,9 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print roles, overlaps and runs as one JSON object")
     p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (role grid, role "
                                                   "overlaps, every head's card) that opens offline")
+    p.add_argument("--compare", metavar="B", help="compare with B: an atlas in the store (id or prefix) or a model "
+                                                  "(its atlas is built with the same preset); roles matched by layer "
+                                                  "and head where the heads agree, else by relative depth")
     p.set_defaults(func=_atlas)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")
@@ -583,17 +664,20 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_runs)
 
-    p = sub.add_parser("show", help="the ranked tables of a run")
+    p = sub.add_parser("show", help="the ranked tables of a run (or an atlas's roles, overlaps and runs)")
     p.add_argument("run", help="run id (or a unique prefix of it), or a run directory")
     p.add_argument("--store", metavar="DIR", help="store directory (default $INTERP_STORE or the user data dir)")
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"heads per ranked table (default {DEFAULT_TOP})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("export", help="write a run's heads (or samples) table as csv, parquet or json")
+    p = sub.add_parser("export", help="write one table of a run (heads, samples, or its analysis's: masking, "
+                                        "faithfulness, …) as csv, parquet or json")
     p.add_argument("run", help="run id (or a unique prefix of it), or a run directory")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
-    p.add_argument("--table", choices=TABLES, default="heads")
+    p.add_argument("--table", default="heads", metavar="NAME",
+                   help="heads (default), samples, or any table of the run's analysis (masking, faithfulness, "
+                        "overlap, …: `interp show RUN` lists them)")
     p.add_argument("--output", "-o", metavar="FILE",
                    help="output file, replaced atomically; '-' for stdout (default: stdout for csv / json, "
                         "<run>-<table>.parquet for parquet). Refused: devices, FIFOs, symlinks, folders, the store")

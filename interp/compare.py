@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 Head = tuple[int, int]
+
+
+def head_label(layer, head) -> str:
+    """A head in L-H notation, the one notation of heads everywhere: `12-3`."""
+    return f"{int(layer)}-{int(head)}"
 
 
 @dataclass(frozen=True)

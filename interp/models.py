@@ -180,7 +180,8 @@ class Model:
         """Model inputs (tensors on the model's device) from text and/or images, with clear errors.
 
         LLMs / encoders: text through the tokenizer. ViTs: images through the image processor. LVLMs: text and
-        images through the processor; `images=[]` asks explicitly for a text-only input.
+        images through the processor; text with no images (None or []) is a text-only input, which runs the
+        language model alone (how the text analyses score an LVLM's language heads).
         """
         kind = self.family.kind
         if kind in ("vit", "lvlm") and self.processor is None:
@@ -190,8 +191,8 @@ class Model:
                 raise ValueError(f"{self.name} is a vision transformer: give images=")
             out = self.processor(images=images, return_tensors="pt", **kwargs)
         elif kind == "lvlm":
-            if images is None:
-                raise ValueError(f"{self.name} is a vision-language model: give images= (images=[] for text only)")
+            if images is None and text is None:
+                raise ValueError(f"{self.name} is a vision-language model: give text= and/or images=")
             out = self.processor(text=text, images=images or None, return_tensors="pt", **kwargs)
         else:
             if self.tokenizer is None:

@@ -48,6 +48,15 @@ class ScoreResult:
         """How many of the planned samples are in `samples`."""
         return int(self.samples["sample"].nunique()) if len(self.samples) else 0
 
+    def counted(self) -> tuple[int, int, str]:
+        """(done, planned, unit): what the run's progress counts, samples, or prompts where each planned sample is a
+        batch of prompts (circuits)."""
+        plan = self.meta["plan"]
+        if plan and all(isinstance(s, dict) and isinstance(s.get("prompts"), list) for s in plan):
+            done = set(self.samples["sample"].astype(int)) if len(self.samples) else set()
+            return sum(len(plan[i]["prompts"]) for i in done), sum(len(s["prompts"]) for s in plan), "prompts"
+        return self.samples_done, len(plan), "samples"
+
     @property
     def scores(self) -> list[str]:
         """The score columns, in the analysis's order."""
@@ -117,15 +126,26 @@ class ScoreResult:
         model = self.meta["model"]["name"]
         return head_map(self.heads, score, title=f"{self.analysis}: {score} — {model}")
 
+    @property
+    def table_names(self) -> list[str]:
+        """Every table of the run: heads, samples, then the analysis's own (masking, faithfulness, …)."""
+        return [*TABLES, *self.tables]
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The run's table `name` (one of `table_names`)."""
+        if name not in self.table_names:
+            more = ("" if self.status == "complete" else
+                    f" (this run is {self.status}: its analysis tables come at the end)")
+            raise ValueError(f"run {self.id} has no table {name!r}; it has: {', '.join(self.table_names)}{more}")
+        return {"heads": self.heads, "samples": self.samples, **self.tables}[name]
+
     def export(self, path: str | os.PathLike | None, format: str = "csv", table: str = "heads") -> None:
-        """Write the heads (or samples) table as csv, parquet or json (records). path None or "-": standard output
-        (parquet only when it is not a terminal). A file is replaced atomically; a path that exists and is not a
+        """Write one of the run's tables (`table_names`) as csv, parquet or json (records). path None or "-": standard
+        output (parquet only when it is not a terminal). A file is replaced atomically; a path that exists and is not a
         regular file (a device, a FIFO, a symlink, a folder), or that lies inside the run's store, is refused."""
         if format not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
-        df = self.heads if table == "heads" else self.samples
+        df = self.table(table)
         if path is None or str(path) == "-":
             if format == "parquet":
                 if sys.stdout.isatty():

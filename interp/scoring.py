@@ -89,14 +89,16 @@ def score(
     if writer is not None:
         _check_same_inputs(writer)
     with _executor(cluster, model) as executor:
-        return _plan_and_run(an, model, options, params, identity, runs, writer, bars, executor)
+        writer, plan, meta, created = start_run(an, model, options, params, identity, runs, writer, executor)
+        return _run(an, model, options, params, plan, bars, writer=writer, meta=meta, created=created,
+                    executor=executor)
 
 
-def _plan_and_run(an, model: Model, options, params: dict, identity: dict, runs: Store | None,
-                  writer: RunWriter | None, bars: Progress, executor: Executor) -> ScoreResult:
-    """A new run planned (and created in the store, when there is one) or a reopened one, then run. A new run
-    records its input files' digests first, and plans with every read checked against them (a plan may fan out
-    forward passes too)."""
+def start_run(an, model: Model, options, params: dict, identity: dict, runs: Store | None, writer: RunWriter | None,
+              executor: Executor = LOCAL) -> tuple[RunWriter | None, list[dict], dict | None, bool]:
+    """(writer, plan, meta, created): a new run planned (and created in the store, when there is one), or the
+    reopened `writer` with its plan (meta None, created False). A new run records its input files' digests first,
+    and plans with every read checked against them (a plan may fan out forward passes too)."""
     meta, created = None, False
     if writer is None:
         inputs = input_digests(params)
@@ -109,7 +111,7 @@ def _plan_and_run(an, model: Model, options, params: dict, identity: dict, runs:
                 "model": identity, "options": options.to_json(), "params": params, "inputs": inputs,
                 "plan": plan, "versions": versions()}
         if runs is not None:
-            writer, created = runs.create(meta, slug=f"{_slug(identity['name'])}-{an.name}"), True
+            writer, created = runs.create(meta, slug=f"{run_slug(identity['name'])}-{an.name}"), True
             try:
                 writer.keep_inputs(user_files(params, plan))
                 _check_kept(writer, inputs)
@@ -118,7 +120,7 @@ def _plan_and_run(an, model: Model, options, params: dict, identity: dict, runs:
                 raise
     else:
         plan = writer.meta["plan"]
-    return _run(an, model, options, params, plan, bars, writer=writer, meta=meta, created=created, executor=executor)
+    return writer, plan, meta, created
 
 
 @contextmanager
@@ -174,15 +176,22 @@ def _run(an, model: Model, options, params: dict, plan: list[dict], bars: Progre
         writer.finish(heads, samples, tables, report)
         return ScoreResult(writer.meta, heads, samples, writer.path, tables)
     except BaseException as e:
-        if writer is not None and created and not writer.done() and not isinstance(e, KeyboardInterrupt):
-            writer.discard()  # an error before any sample (a device it cannot run on, inputs it refuses)
-        elif writer is not None:
-            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            writer.fail(f"{reason} (after {len(writer.done())} of {len(plan)} samples)")
+        if writer is not None:
+            stop_run(writer, created, len(plan), e)
         raise
     finally:
         if writer is not None:
             writer.unlock()
+
+
+def stop_run(writer: RunWriter, created: bool, n_samples: int, error: BaseException) -> None:
+    """A run stopped by `error`: removed when this process created it and no sample is done (a device it cannot run
+    on, inputs it refuses), else kept incomplete (resumable) with the reason, still locked."""
+    if created and not writer.done() and not isinstance(error, KeyboardInterrupt):
+        writer.discard()
+    else:
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        writer.fail(f"{reason} (after {len(writer.done())} of {n_samples} samples)")
 
 
 def score_one(model: Model, job: tuple) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -191,8 +200,13 @@ def score_one(model: Model, job: tuple) -> tuple[pd.DataFrame, dict[str, pd.Data
     index, Options, params, Progress)."""
     name, sample, i, options, params, progress = job
     torch.manual_seed(options.seed + i)
-    rows = get_analysis(name).score_sample(model, sample, options, params, progress)
-    rows, extras = (rows.pop("samples"), rows) if isinstance(rows, dict) else (rows, {})
+    return sample_tables(get_analysis(name).score_sample(model, sample, options, params, progress), i)
+
+
+def sample_tables(scored: pd.DataFrame | dict[str, pd.DataFrame],
+                  i: int) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """(per-head rows, per-sample tables) of what `score_sample` returned for sample `i`, each tagged with it."""
+    rows, extras = (scored.pop("samples"), scored) if isinstance(scored, dict) else (scored, {})
     for table in (rows, *extras.values()):
         table.insert(0, "sample", i)
     return rows, extras
@@ -417,6 +431,6 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def _slug(name: str) -> str:
+def run_slug(name: str) -> str:
     """A model name fit for a directory name: the last path part, other characters as dashes."""
     return re.sub(r"[^A-Za-z0-9._]+", "-", name.rstrip("/").rsplit("/", 1)[-1]).strip("-.")[:40] or "model"

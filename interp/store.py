@@ -46,7 +46,7 @@ from platformdirs import user_data_dir
 from .files import MB, open_regular, read_bytes, read_text
 
 FORMAT = 1
-TABLES = ("heads", "samples")  # the tables every run has, which `export` writes
+TABLES = ("heads", "samples")  # the tables every run has (`export` writes these and the analysis's own)
 EXPORT_FORMATS = ("csv", "parquet", "json")
 KEPT_INPUT_LIMIT = 256 * MB  # per file: as large as any input file the analyses read
 _REQUIRED = ("format", "id", "status", "analysis", "model", "options", "params", "plan", "started")
@@ -211,6 +211,11 @@ def read_meta(path: Path) -> dict:
     if meta["status"] not in ("complete", "incomplete"):
         raise CorruptRunError(f"run {path.name}: unknown status {meta['status']!r}")
     return meta
+
+
+def is_atlas(meta: dict | None) -> bool:
+    """Whether a store entry's meta.json is a head atlas's (`interp.atlas.save_atlas`) rather than a run's."""
+    return (meta or {}).get("kind") == "atlas"
 
 
 def with_kept_inputs(meta: dict, path: Path) -> dict:

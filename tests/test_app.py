@@ -17,7 +17,8 @@ from interp.analyses.taxonomy import ablation_bars
 from interp.analyses.vit import distance_by_layer, pruning_curves, strength_by_distance
 from interp.app import figures
 from interp.app.attention import AttentionSource
-from interp.app.dashboard import Dashboard, _zoom, make_app
+from interp.app.dashboard import Dashboard, make_app
+from interp.app.parts import zoom_region
 from interp.cli import build_parser, main
 from interp.compare import rank_correlation, top_overlap
 from interp.files import UnreadableFileError, confined
@@ -59,7 +60,7 @@ def test_a_runs_words_in_titles_and_messages_are_text_not_markup():
 def test_attention_map_cells_cover_their_tokens():
     pooled = figures.attention_map(np.ones((3, 2)), (10, 37), (0, 20), block=(10, 10))  # the last row: 7 queries
     assert list(pooled.data[0].y) == [9.5, 19.5, 29.5, 36.5] and list(pooled.data[0].x) == [-0.5, 9.5, 19.5]
-    assert list(pooled.data[0].customdata[2][1]) == [30, 36, 10, 19]  # queries 30–36, keys 10–19
+    assert list(pooled.data[0].customdata[2][1][:4]) == [30, 36, 10, 19]  # queries 30–36, keys 10–19 (then p)
     assert "blocks of 10 queries × 10 keys" in pooled.layout.title.text
     exact = figures.attention_map(np.eye(2), (5, 7), (5, 7), q_tokens=["a", "b"], k_tokens=["a", "b"])
     assert list(exact.data[0].x) == [4.5, 5.5, 6.5] and exact.data[0].text[1][0] == "'b' → 'a'"
@@ -252,14 +253,14 @@ def test_attention_callback_zooms_from_pooled_to_exact(board, app_store):
     fig, grid, style, status, region = board.show_attention(ids["summary"], 1, 0, 0)
     assert "pooled blocks" in status and style == {"display": "none"}
     relayout = {"xaxis.range[0]": 9.6, "xaxis.range[1]": 60.2, "yaxis.range[0]": 120.3, "yaxis.range[1]": 70.5}
-    zoom = _zoom(relayout, region)
+    zoom = zoom_region(relayout, region)
     assert zoom == {"q": [71, 121], "k": [10, 61]}
     fig, _, _, status, region = board.show_attention(ids["summary"], 1, 0, 0, None, zoom)
     assert "exact per token" in status and region == zoom and np.array(fig.data[0].z).shape == (50, 51)
-    assert _zoom({"xaxis.autorange": True, "yaxis.autorange": True}, zoom) is None
-    assert _zoom({"autosize": True}, zoom) == zoom
+    assert zoom_region({"xaxis.autorange": True, "yaxis.autorange": True}, zoom) is None
+    assert zoom_region({"autosize": True}, zoom) == zoom
     for bad in (float("nan"), float("inf"), "1e999", None):  # a crafted relayoutData: the region is kept
-        assert _zoom({"xaxis.range[0]": bad, "xaxis.range[1]": 3, "yaxis.range[0]": 0, "yaxis.range[1]": 3},
+        assert zoom_region({"xaxis.range[0]": bad, "xaxis.range[1]": 3, "yaxis.range[0]": 0, "yaxis.range[1]": 3},
                      zoom) == {"q": [0, 4], "k": zoom["k"]}
 
 
@@ -293,7 +294,7 @@ def test_circuits_view_and_compare_by_magnitude(board, app_store):
     kept = dict(zip(faith.data[0].x, faith.data[0].y))
     assert kept[2] == pytest.approx(100, abs=1e-3)
     positions = [g for g in graphs if "at each position" in g.layout.title.text]
-    assert len(positions) == 2 and sorted(positions[0].data[0].y) == ["0.1", "1.2"]
+    assert len(positions) == 2 and sorted(positions[0].data[0].y) == ["0-1", "1-2"]
     page = board.page("/compare", "?" + link.split("?", 1)[1])
     assert "value='first_patching'" in str(page) and "value=['abs']" in str(page)
     summary, *_ = board.compare(ids["circuits"], "first_patching", ids["circuits"], "again_patching", 2, True)

@@ -1,6 +1,7 @@
 """The head atlas (issue 30): roles declared by the analyses, one table of every score, cards, role overlaps against
 chance, score correlations and layer profiles — checked against the stored runs and hand computations."""
 
+import io
 import itertools
 import json
 import random
@@ -24,6 +25,8 @@ HAND = {
     "taxonomy.duplicate_token": ("duplicate_token", lambda s: s > 0.2),
     "lookback.lookback": ("lookback_rate", lambda s: s > 50),
     "sinks.sink": ("sink_rate", lambda s: s > 50),
+    **{f"taxonomy.pattern_{p}": ("pattern", lambda s, p=p: s == p)
+       for p in ("a_shape", "block_sparse", "vertical_slash", "dense")},
 }
 
 
@@ -112,7 +115,11 @@ def test_the_planted_heads_get_their_roles_and_no_other_head_does(atlases):
     assert _heads(roles["taxonomy.previous_token"], roles) == {(0, 0)}
     assert _heads(roles["lookback.lookback"], roles) == {(0, 0)}
     assert not roles["sinks.sink"].any()
-    assert atlas.card(1, 1)["roles"] == ["retrieval.retrieval", "taxonomy.induction"]
+    card = atlas.card(1, 1)
+    assert [r for r in card["roles"] if ".pattern_" not in r] == ["retrieval.retrieval", "taxonomy.induction"]
+    assert [r for r in card["roles"] if ".pattern_" in r] == [f"taxonomy.pattern_{card['labels']['taxonomy.pattern']}"]
+    classes = [r for r in atlas.role_names if ".pattern_" in r]
+    assert (roles[classes].sum(axis=1) == 1).all()  # every head of a causal model has exactly one pattern class
     profiles = atlas.layer_profiles()
     assert profiles.loc[1, "retrieval.retrieval"] == 0.5 and profiles.loc[0, "retrieval.retrieval"] == 0
     assert profiles.loc[0, "lookback.lookback"] == 0.25
@@ -209,7 +216,9 @@ def test_role_rules_top_sign_and_threshold():
 def test_every_declared_role_reads_a_score_of_its_analysis():
     for name, analysis in ANALYSES.items():
         for role in analysis.roles:
-            if name != "circuits":  # its role reads each task's column (roles_of)
+            if role.rule == "class":  # a label column of its heads table (taxonomy's pattern)
+                assert role.value and role.score not in analysis.scores, (name, role)
+            elif name != "circuits":  # its role reads each task's column (roles_of)
                 assert role.score in analysis.scores, (name, role)
             assert role.description
 
@@ -270,7 +279,8 @@ def test_build_atlas_scores_what_applies(built):
     assert set(atlas.skipped) == {"vit", "vhd", "circuits"}  # not decoders' analyses; circuits' names: no tokenizer
     assert "does not apply" in atlas.skipped["vit"] and "one token" in atlas.skipped["circuits"]
     stored = {r.id: r for r in interp.list_runs(store)}
-    assert set(stored) == set(atlas.runs.values())  # one run per analysis, nothing else
+    assert set(stored) == {*atlas.runs.values(), atlas.id}  # one run per analysis and the atlas's entry
+    assert stored[atlas.id].meta["analysis"] == "atlas" and stored[atlas.id].meta["runs"] == atlas.runs
     assert interp.open_run(atlas.runs["retrieval"], store).meta["params"]["mask_k"] == [0]
     assert interp.open_run(atlas.runs["summary"], store).meta["options"]["samples"] == 2
     assert {"taxonomy.induction", "lookback.lookback", "sinks.sink", "retrieval.retrieval"} <= set(atlas.role_names)
@@ -278,8 +288,8 @@ def test_build_atlas_scores_what_applies(built):
 
 def test_build_atlas_reuses_complete_runs(built):
     store, first, second = built
-    assert second.runs == first.runs  # the same runs: nothing rescored
-    assert len(interp.list_runs(store)) == len(first.runs)
+    assert second.runs == first.runs and second.id == first.id  # the same runs and entry: nothing rescored
+    assert len(interp.list_runs(store)) == len(first.runs) + 1
     pd.testing.assert_frame_equal(second.roles, first.roles)
 
 
@@ -311,12 +321,119 @@ def test_cli_atlas_json_and_text(built, capsys, monkeypatch):
     assert len(doc["overlaps"]) == len(expected)
     assert [(o["role_a"], o["role_b"], o["both"]) for o in doc["overlaps"]] == \
         list(zip(expected["role_a"], expected["role_b"], expected["both"]))
-    assert len(interp.list_runs(store)) == len(atlas.runs)  # the CLI reused them too
+    assert doc["id"] == atlas.id  # the CLI reused the runs and the entry
+    assert {r.id for r in interp.list_runs(store) if r.meta["analysis"] != "atlas"} == set(atlas.runs.values())
     assert main(["atlas", "stories260k", "--out", str(store)]) == 0
     out = capsys.readouterr().out
     assert "Roles:" in out and "(p < 0.05)" in out and all(run in out for run in atlas.runs.values())
     for name, heads in doc["roles"].items():
         assert f"{name} ({len(heads)}): {', '.join(heads) or '-'}" in out
+
+
+def test_the_atlas_is_one_store_entry_listed_shown_and_exported(built, capsys):
+    from interp.cli import main
+
+    store, atlas, _ = built
+    again = interp.open_atlas(atlas.id[:-2], store)  # a unique prefix
+    assert again.id == atlas.id and again.runs == atlas.runs and again.skipped == atlas.skipped
+    pd.testing.assert_frame_equal(again.roles, atlas.roles)
+    pd.testing.assert_frame_equal(again.heads, atlas.heads)
+    with pytest.raises(ValueError, match="is a summary run, not an atlas"):
+        interp.open_atlas(atlas.runs["summary"], store)
+    entry = interp.open_run(atlas.id, store)
+    pd.testing.assert_frame_equal(entry.heads, atlas.table(), check_dtype=False)
+    pd.testing.assert_frame_equal(entry.tables["overlaps"], atlas.overlaps(), check_dtype=False)
+    assert {"role:" + name for name in atlas.role_names} <= set(entry.heads.columns)
+    assert entry.heads.loc[entry.heads["layer"].eq(1) & entry.heads["head"].eq(2), "summary.entropy"].item() == \
+        pytest.approx(atlas.card(1, 2)["scores"]["summary.entropy"]["value"])
+
+    capsys.readouterr()
+    assert main(["runs", "--store", str(store)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(atlas.id))
+    assert " atlas " in line and "stories260k" in line
+    assert main(["show", atlas.id, "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"Atlas {atlas.id} of stories260k" in out and all(run in out for run in atlas.runs.values())
+    for name in atlas.role_names:
+        heads = [f"{r.layer}-{r.head}" for r in atlas.roles[atlas.roles[name]].itertuples()]
+        assert f"{name} ({len(heads)}): {', '.join(heads) or '-'}" in out
+    assert main(["show", atlas.id, "--store", str(store), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "atlas" and doc["runs"] == atlas.runs
+    assert doc["roles"] == {n: [f"{r.layer}-{r.head}" for r in atlas.roles[atlas.roles[n]].itertuples()]
+                            for n in atlas.role_names}
+    assert main(["export", atlas.id, "--store", str(store)]) == 0
+    exported = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(exported.columns) == list(atlas.table().columns) and len(exported) == len(atlas.heads)
+
+
+def _with_scores(result, changes: dict):
+    """A copy of a ScoreResult whose heads table has {(layer, head, score): value} changed."""
+    heads = result.heads.copy()
+    for (layer, head, score), value in changes.items():
+        heads.loc[heads["layer"].eq(layer) & heads["head"].eq(head), score] = value
+    return interp.ScoreResult(result.meta, heads, result.samples, result.path, result.tables)
+
+
+def test_compare_atlases_by_layer_and_head(stored):
+    from interp.atlas import compare_atlases
+
+    store, runs = stored
+    results = [interp.open_run(r, store) for r in runs["stories"]]
+    a = Atlas(results)
+    tax = next(r for r in results if r.analysis == "taxonomy")
+    first = a.roles.index[a.roles["taxonomy.induction"]]
+    lose = (int(a.roles.loc[first[0], "layer"]), int(a.roles.loc[first[0], "head"])) if len(first) else None
+    gain = next((int(r.layer), int(r.head)) for r in a.roles[~a.roles["taxonomy.induction"]].itertuples())
+    changes = {(*gain, "induction"): 0.9} | ({(*lose, "induction"): 0.0} if lose else {})
+    b = Atlas([_with_scores(tax, changes) if r is tax else r for r in results])
+    table = compare_atlases(a, b).set_index("role")
+    assert set(table.index) == set(a.role_names) and (table["match"] == "layer-head").all()
+    row = table.loc["taxonomy.induction"]
+    x, y = a.roles["taxonomy.induction"].to_numpy(), b.roles["taxonomy.induction"].to_numpy()
+    assert (row["n_a"], row["n_b"], row["both"]) == (x.sum(), y.sum(), (x & y).sum())
+    assert row["jaccard"] == pytest.approx((x & y).sum() / (x | y).sum())
+    assert row["only_b"] == f"{gain[0]}-{gain[1]}" and row["only_a"] == (f"{lose[0]}-{lose[1]}" if lose else "")
+    same = table.drop(index="taxonomy.induction")
+    assert (same["only_a"] == "").all() and (same["only_b"] == "").all()
+    assert ((same["jaccard"] == 1) | (same["n_a"] == 0)).all()
+
+
+def test_compare_atlases_by_relative_depth(atlases):
+    from interp.atlas import compare_atlases
+
+    a, b = atlases["stories"], atlases["planted"]
+    assert a.heads["layer"].max() != b.heads["layer"].max()
+    table = compare_atlases(a, b).set_index("role")
+    shared = [r for r in a.role_names if r in b.rules]
+    assert shared and (table.loc[shared, "match"] == "relative depth").all()
+    assert set(table.loc[[r for r in a.role_names if r not in b.rules], "match"]) <= {"only in A"}
+    for role in shared:
+        la, lb = a.heads["layer"].max(), b.heads["layer"].max()
+        fa = a.roles.groupby("layer")[role].mean()
+        fb = b.roles.groupby("layer")[role].mean()
+        at = np.interp(fa.index / la, fb.index / lb, fb.to_numpy())
+        hand = np.corrcoef(fa.to_numpy(float), at)[0, 1] if fa.std() > 0 and at.std() > 0 else np.nan
+        assert table.loc[role, "profile_corr"] == pytest.approx(hand, nan_ok=True)
+        depth = a.heads.loc[a.roles[role].to_numpy(), "layer"] / la
+        assert table.loc[role, "depth_a"] == pytest.approx(depth.mean() if len(depth) else np.nan, nan_ok=True)
+
+
+def test_cli_atlas_compare(built, capsys, monkeypatch):
+    import interp.atlas
+    from interp.cli import main
+
+    store, atlas, _ = built
+    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    capsys.readouterr()
+    assert main(["atlas", "stories260k", "--out", str(store), "--compare", atlas.id, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["compare"]
+    assert [r["role"] for r in rows] == atlas.role_names and {r["match"] for r in rows} == {"layer-head"}
+    assert all(r["only_a"] == r["only_b"] == "" for r in rows)
+    assert main(["atlas", "stories260k", "--out", str(store), "--compare", atlas.id]) == 0
+    out = capsys.readouterr().out
+    assert f"Compared with atlas {atlas.id} of stories260k (heads matched by layer-head)" in out
+    assert "lost in B: -; gained in B: -" in out
 
 
 def test_to_html_is_one_self_contained_page(atlases, tmp_path):

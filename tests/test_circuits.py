@@ -214,7 +214,7 @@ def test_overlap_of_two_tasks(tmp_path):
                           faithfulness_percents="")
     row = result.tables["overlap"].iloc[0]
     assert (row.task_a, row.task_b, row.shared, row.jaccard, row.of_smaller) == ("one", "two", 2, 1.0, 1.0)
-    assert sorted(row.shared_heads.split()) == ["0.1", "1.2"] and row.only_a == "" and row.only_b == ""
+    assert sorted(row.shared_heads.split()) == ["0-1", "1-2"] and row.only_a == "" and row.only_b == ""
 
 
 def test_threshold_circuit(tmp_path):

@@ -248,7 +248,8 @@ def test_show_displays_what_an_incomplete_run_has(capsys, tmp_path, monkeypatch)
     [info] = interp.list_runs(tmp_path)
     code, out, err = run(capsys, "show", info.id, "--store", str(tmp_path))
     assert code == 0, err
-    assert "top 10 heads by sink_rate" in out and "sink_rate_random: " in out and "no finished sample gives it" in out
+    assert "sink_rate: " in out and "sink_rate_random: " in out and "no finished sample gives it" in out
+    assert "top 1 heads by any_sink_rate" in out and "(the other 39 heads score 0)" in out  # zeros rank nothing
     code, out, _ = run(capsys, "show", info.id, "--store", str(tmp_path), "--json")
     shown = json.loads(out)
     assert code == 0 and "sink_rate" in shown["top"] and "sink_rate_random" not in shown["top"]

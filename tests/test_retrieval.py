@@ -65,7 +65,7 @@ def test_bad_haystack_needles_and_lengths(tmp_path):
     stories = interp.load_model("stories260k")
     with pytest.raises(ValueError, match="longer than stories260k's context of 512"):
         RETRIEVAL.plan(stories, Options(), RETRIEVAL.resolve({"lengths": [500]}))
-    with pytest.raises(NotApplicableError, match="llm families"):
+    with pytest.raises(NotApplicableError, match="llm/lvlm families"):
         interp.score(interp.load_model("minilm-l6"), "retrieval")
     with pytest.raises(ValueError, match="score_rule"):
         interp.score(stories, "retrieval", score_rule="best")
@@ -145,7 +145,9 @@ def test_planted_copying_heads_rank_first_and_masking_them_breaks_retrieval(orga
     per_sample = result.samples.drop_duplicates("sample")
     assert per_sample["accepted"].all() and len(per_sample) == 6
     masking = result.tables["masking"].set_index("condition")
-    assert masking.loc["none", "niah_score"] == 100 and masking.loc["random", "niah_score"] == 100
+    assert masking.loc["none", "niah_score"] == 100 and (masking.loc["random", "niah_score"] == 100).all()
+    assert list(masking.loc["random", "draw"]) == [0, 1, 2] and masking.loc["random", "heads"].nunique() == 3
+    assert any("random-2 100.0 ± 0.0 over 3 draws (100.0–100.0)" in line for line in result.meta["report"])
     assert masking.loc["top", "niah_score"] < 30 and masking.loc["top", "heads"] == "1-1,1-3"
     zero = interp.score(model, "retrieval", lengths=[200], depths=[50], mask_k=[2], mask_mode="zero", **params)
     assert zero.tables["masking"].set_index("condition").loc["top", "accuracy"] == 0
@@ -175,7 +177,7 @@ def test_retrieval_from_the_command_line(organism, tmp_path, capsys):
     [run] = json.loads(out)["runs"]
     assert [(r["layer"], r["head"]) for r in run["top"]["retrieval_score"]] == planted.COPY_HEADS
     assert any("retrieval heads (score > 0.1): 2 of 8" in line for line in run["report"])
-    assert [r["condition"] for r in run["tables"]["masking"]] == ["none", "top", "random"]
+    assert [r["condition"] for r in run["tables"]["masking"]] == ["none", "top", "random", "random", "random"]
     stored = interp.open_run(run["id"], store=tmp_path)
     assert set(stored.tables) == {"masking"} and stored.samples["response"].str.startswith("alpha bravo").all()
 

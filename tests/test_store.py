@@ -388,7 +388,7 @@ def test_runs_written_before_parameters_were_typed_still_open(tmp_path, capsys):
     circuit_analysis = get_analysis("circuits")
     assert circuit_analysis.stored_params(result.meta)["circuit_threshold"] == 0.6  # the old name, read as today's
     notes = [item.text for item in result.view() if isinstance(item, Note)]
-    assert "oldtask: circuit of 2 heads by oldtask_patching: 0.1, 1.2" in notes
+    assert "oldtask: circuit of 2 heads by oldtask_patching: 0-1, 1-2" in notes
 
     board = Dashboard(store)
     assert {r["status"] for r in board.runs_rows()} == {"complete"}

@@ -132,7 +132,7 @@ def test_analysis_that_does_not_apply_names_the_families():
     from tiny_models import make
 
     vit, _ = make("vit", "sdpa")
-    with pytest.raises(interp.analyses.NotApplicableError, match="supports the llm/encoder families: gpt2, llama"):
+    with pytest.raises(interp.analyses.NotApplicableError, match="supports the llm/encoder/lvlm families: gpt2, llama"):
         interp.score(interp.load_model(vit), "summary")
 
 

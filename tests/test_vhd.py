@@ -86,11 +86,14 @@ def test_vhd_dashboard_view(llava, tmp_path):
 
     run = interp.score(llava, "vhd", samples=2, prompt=PROMPT, max_new_tokens=3, store=tmp_path)
     board = Dashboard(tmp_path)
-    views = {g.figure.layout.title.text: g.figure for g in board.analysis_view(board.catalog.result(run.id))}
+    items = board.analysis_view(board.catalog.result(run.id))
+    views = {g.figure.layout.title.text: g.figure for g in items if hasattr(g, "figure")}
     fig = views["T-VHD along the generated text, sample 1"]
     tvhd = run.tables["tvhd"]
     assert list(fig.data[0].y) == pytest.approx(list(tvhd[tvhd["sample"] == 1]["tvhd"]))
-    assert "vhd per layer" in views
+    assert "vhd per layer" in views and views["sample 1: the image"].data[0].type == "image"
+    answer = "".join(tvhd[tvhd["sample"] == 1]["token"]).strip()
+    assert f"sample 1: prompt “{PROMPT}” → answer “{answer}”" in str(items)  # the prompt and the answer, as text
 
 
 def test_vhd_refuses_text_models_and_bad_settings(llava):

@@ -1,0 +1,88 @@
+"""The atlas's text analyses (summary, sinks, taxonomy, lookback) at its quick preset: separate runs against one
+`score_together` call (one forward pass for the samples whose inputs coincide, issue 30), in one process, each run
+into a fresh store. Also a case where every sample coincides (summary and lookback on all sixteen texts), to show
+what a shared forward saves when inputs do coincide. Best of --repeats, separate and together interleaved; wall
+and CPU time (all threads), and the model's forward passes counted with a hook.
+
+    python benchmarks/atlas_pass.py                  # SmolLM2-135M on CPU, 2 torch threads
+    python benchmarks/atlas_pass.py --threads 1      # on a shared machine: one thread, read the CPU time
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+import interp
+from interp.atlas import PRESETS
+from interp.together import score_together
+
+TEXT_ANALYSES = ("summary", "sinks", "taxonomy", "lookback")
+ALL_TEXTS = {"summary": {"samples": 16, "max_tokens": 64}, "lookback": {"samples": 16, "max_tokens": 64}}
+
+
+def timed(fn, forwards: list) -> tuple[float, float, int]:
+    """(wall s, CPU s, forward passes) of fn()."""
+    forwards.clear()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, len(forwards)
+
+
+def compare(model, settings: dict, repeats: int, forwards: list) -> dict:
+    """Best-of-`repeats` (wall, CPU, forwards) of each analysis alone and of all of them together."""
+    best: dict[str, tuple] = {}
+    keep = lambda name, t: best.__setitem__(name, min(best.get(name, t), t))  # noqa: E731  (by wall time)
+    for _ in range(repeats):
+        for name, options in settings.items():
+            keep(name, timed(lambda: interp.score(model, name, store=tempfile.mkdtemp(), **options), forwards))
+        jobs = [(name, options, {}) for name, options in settings.items()]
+        keep("together", timed(lambda: score_together(model, jobs, tempfile.mkdtemp()), forwards))
+    return best
+
+
+def report(title: str, best: dict) -> None:
+    singles = {k: v for k, v in best.items() if k != "together"}
+    slowest = max(singles, key=lambda k: singles[k][0])
+    total = [sum(v[i] for v in singles.values()) for i in range(3)]
+    merged = best["together"]
+    print(f"\n{title}")
+    print(f"{'run':<12} {'wall s':>8} {'CPU s':>8} {'forwards':>9}")
+    for name, (wall, cpu, n) in best.items():
+        print(f"{name:<12} {wall:>8.2f} {cpu:>8.2f} {n:>9}")
+    print(f"{'sum alone':<12} {total[0]:>8.2f} {total[1]:>8.2f} {total[2]:>9}")
+    print(f"together / slowest alone ({slowest}): {merged[0] / singles[slowest][0]:.2f}x wall, "
+          f"{merged[1] / singles[slowest][1]:.2f}x CPU")
+    print(f"together / sum alone: {merged[0] / total[0]:.2f}x wall, {merged[1] / total[1]:.2f}x CPU; forwards "
+          f"{merged[2]} / {total[2]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+          "threads", flush=True)
+    model = interp.load_model(args.model)
+    forwards: list = []
+    model.hf.register_forward_pre_hook(lambda *_: forwards.append(1))
+    interp.score(model, "summary", samples=1, max_tokens=16)  # warm-up: first calls, kernels' checks
+    quick = {name: PRESETS["quick"][name] for name in TEXT_ANALYSES}
+    report(f"{args.model}, the atlas's quick preset: " + ", ".join(f"{n} {o}" for n, o in quick.items()),
+           compare(model, quick, args.repeats, forwards))
+    report(f"{args.model}, summary and lookback on all sixteen texts: {ALL_TEXTS['summary']}",
+           compare(model, ALL_TEXTS, args.repeats, forwards))
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
