@@ -26,10 +26,8 @@ from interp.analyses import ANALYSES
 from interp.analyses.base import Role
 from interp.app.figures import overlap_matrix, role_grid
 
-from .models import Model, load_model
-from .progress import QUIET, Progress
 from .results import ScoreResult, as_store, open_run
-from .scoring import run_slug
+from .scoring import open_work, run_slug
 from .store import is_atlas, read_meta, write_text
 from .sweep import score_combination
 from .together import score_together
@@ -297,12 +295,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     unknown = [n for n in names if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
-    bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
-    runs = as_store(store)
-    runs.check_writable()
-    if not isinstance(model, Model):
-        with bars.status(f"loading {model}"):
-            model = load_model(model)
+    model, runs, bars = open_work(model, store, progress)
     ids, skipped, shared = {}, {}, {}
 
     def alone(name: str, options: dict, params: dict) -> None:
@@ -342,9 +335,6 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     atlas.skipped, atlas.preset = skipped, preset
     save_atlas(atlas, runs)
     return atlas
-
-
-ATLAS_TABLES = ("overlaps", "correlations", "layer_profiles")  # saved beside the atlas's one table
 
 
 def save_atlas(atlas: Atlas, store=None) -> str:

@@ -24,3 +24,8 @@ class Progress:
 
 
 QUIET = Progress(False)
+
+
+def as_progress(progress) -> Progress:
+    """A `Progress` from what `score` and its kin take: a Progress, True / None (bars on a terminal), or False."""
+    return progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET

@@ -27,7 +27,7 @@ from .fanout import LOCAL, Executor, spread_over
 from .files import open_regular, read_bytes
 from .params import Spec, named_paths
 from .models import Model, load_model
-from .progress import QUIET, Progress
+from .progress import QUIET, Progress, as_progress
 from .results import ScoreResult, as_store
 from .store import KEPT_INPUT_LIMIT, RunInfo, RunWriter, Store, StoreError
 
@@ -65,7 +65,7 @@ def score(
     `ScoreResult`.
     """
     an = get_analysis(analysis)
-    bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
+    bars = as_progress(progress)
     runs = as_store(store) if store is not None and store is not False else None
     if resume and runs is None:
         raise ValueError("resume needs a store to resume from: give store=")
@@ -429,6 +429,17 @@ def model_identity(model: Model) -> dict:
 def versions() -> dict:
     return {"interp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def open_work(model, store, progress) -> tuple[Model, Store, Progress]:
+    """What scoring several runs into a store needs first: the model (loaded, with a status line, unless already an
+    `interp.Model`), the store (checked writable before any work) and the progress bars."""
+    bars, runs = as_progress(progress), as_store(store)
+    runs.check_writable()
+    if not isinstance(model, Model):
+        with bars.status(f"loading {model}"):
+            model = load_model(model)
+    return model, runs, bars
 
 
 def run_slug(name: str) -> str:

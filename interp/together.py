@@ -20,11 +20,10 @@ from interp.analyses.inputs import recorded_inputs
 from interp.hooks import run_passes
 from interp.hooks.shared import same_inputs
 
-from .models import Model, load_model
-from .progress import QUIET, Progress
-from .results import as_store
+from .models import Model
+from .progress import Progress
 from .scoring import (_check_same_inputs, _matching, _reopen_matching, _run, _settings, input_digests, model_identity,
-                      sample_tables, start_run, stop_run)
+                      open_work, sample_tables, start_run, stop_run)
 from .store import RunWriter, Store
 
 
@@ -57,12 +56,7 @@ def score_together(model: Model | str | os.PathLike, jobs: list[tuple[str, dict,
     each analysis must have `sample_pass`. A complete run with the same settings is reused, an incomplete one resumed
     (each job's combination claimed as a sweep claims it). Returns the run ids, in the jobs' order. An error stops
     every run not finished (kept incomplete, resumable; a run created here with no sample done is removed)."""
-    bars = progress if isinstance(progress, Progress) else Progress(progress) if progress else QUIET
-    runs = as_store(store)
-    runs.check_writable()
-    if not isinstance(model, Model):
-        with bars.status(f"loading {model}"):
-            model = load_model(model)
+    model, runs, bars = open_work(model, store, progress)
     for name, _, _ in jobs:
         if not hasattr(get_analysis(name), "sample_pass"):
             raise ValueError(f"analysis {name!r} has no sample_pass: score it on its own")

@@ -28,16 +28,22 @@ DASH_IDLE = """() => { const s = window.store && window.store.getState(); if (!s
   return Object.values(cb).every(a => a.length === 0) && !document.querySelector('[data-dash-is-loading="true"]'); }"""
 
 
-@pytest.fixture(scope="module")
-def server(app_store):
-    root, _, models = app_store
-    app = make_app(root, AttentionSource(models=models))
+def serving(app):
+    """Serve a Dash app on 127.0.0.1 (a free port) in a thread: yields its address; stopped afterwards."""
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    thread.join(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}"
+    finally:
+        srv.shutdown()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server(app_store):
+    root, _, models = app_store
+    yield from serving(make_app(root, AttentionSource(models=models)))
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,9 @@ Needs the system Chromium and the `playwright` package, as tests/test_app_browse
 $INTERP_SCREENSHOTS (default: the test's temporary directory).
 """
 
-import threading
-
 import pytest
-from test_app_browser import browser, idle, page, shots, wait_text  # noqa: F401  (fixtures and waits shared)
+from test_app_browser import browser, idle, page, serving, shots, wait_text  # noqa: F401  (fixtures, waits shared)
 from test_atlas_page import atlas_store  # noqa: F401  (the store of two atlases)
-from werkzeug.serving import make_server
 
 from interp.app.attention import AttentionSource
 from interp.app.dashboard import make_app
@@ -22,13 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(atlas_store):  # noqa: F811
-    app = make_app(atlas_store[0], AttentionSource())
-    srv = make_server("127.0.0.1", 0, app.server, threaded=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    thread.join(timeout=5)
+    yield from serving(make_app(atlas_store[0], AttentionSource()))
 
 
 @pytest.fixture(scope="module")
