@@ -26,6 +26,7 @@ from interp.analyses import ANALYSES
 from interp.analyses.base import Role
 from interp.app.figures import overlap_matrix, role_grid
 
+from .cluster import Cluster, Workers, as_cluster
 from .results import ScoreResult, as_store, open_run
 from .scoring import open_work, run_slug
 from .store import is_atlas, read_meta, write_text
@@ -275,7 +276,7 @@ A head is written layer-head: <code>12-3</code> is layer 12, head 3.</p>
 
 
 def build_atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
-                analyses: Iterable[str] | None = None) -> Atlas:
+                analyses: Iterable[str] | None = None, cluster: str | Cluster | Workers | None = None) -> Atlas:
     """Score `model` (an `interp.Model` or anything `load_model` takes) with every analysis that applies to its family
     (each analysis's `kinds` / `check`), one ordinary run per analysis in `store` (a directory or Store; None: the
     default store) with the preset's settings, reusing a complete run with the same settings (`completed_run`: no
@@ -283,7 +284,10 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
 
     preset: "quick" or "full" (see `PRESETS`), or a dict {analysis: {option or parameter: value}} (an analysis it
     does not name runs with its defaults). analyses: only these (default: all of `interp.analyses.ANALYSES`).
-    progress: as `score`'s. The atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
+    progress: as `score`'s. cluster: as `score`'s (an address, an `interp.cluster.Cluster` or started `Workers`):
+    every run's samples (and finalize's heavy loops) on Ray workers, one run after another, each analysis on its own
+    (no shared forward pass: the workers spread the samples instead); Workers started here stop on return. The
+    atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
     family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). The atlas is saved
     in the store as one entry naming its runs (`save_atlas`; its id is `atlas.id`). ValueError when no analysis
     gives a run.
@@ -295,6 +299,12 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     unknown = [n for n in names if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(ANALYSES)}")
+    spec = as_cluster(cluster, model)
+    if isinstance(spec, Cluster):  # started here, for every run, and stopped on return
+        if isinstance(model, (str, os.PathLike)):
+            model = spec.driver_model(str(model))  # the workers hold the weights
+        with Workers(spec, model) as workers:
+            return build_atlas(model, preset, store, progress, analyses=analyses, cluster=workers)
     model, runs, bars = open_work(model, store, progress)
     ids, skipped, shared = {}, {}, {}
 
@@ -302,7 +312,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
         """One analysis in its own run (its failure recorded in `skipped`)."""
         row = {"model": model.name, "analysis": name, "params": params, "status": "done", "run": None,
                "samples": None, "seconds": 0.0, "error": None}
-        score_combination(row, model, options, runs, None, bars, wait=True)  # claims, reuses a complete run, or scores
+        score_combination(row, model, options, runs, spec, bars, wait=True)  # claims, reuses a complete run, or scores
         if row["status"] == "failed":
             skipped[name] = row["error"]
             ids.pop(name, None)
@@ -318,7 +328,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
             continue
         chosen = dict(settings.get(name, {}))
         options = {k: chosen.pop(k) for k in OPTION_KEYS if k in chosen}
-        if hasattr(an, "sample_pass"):  # scored below with the others that can share a forward pass
+        if spec is None and hasattr(an, "sample_pass"):  # scored below with the others that can share a forward pass
             ids[name], shared[name] = None, (options, chosen)
         else:
             alone(name, options, chosen)

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from contextlib import nullcontext, redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -273,7 +274,7 @@ def _score(args) -> int:
 
 
 def _cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """`--cluster` and the workers' resources (score, sweep)."""
+    """`--cluster` and the workers' resources (score, sweep, atlas)."""
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="score on Ray workers: ray (a local cluster started for the run), auto (the cluster `ray start` "
                         "began on this machine), HOST:PORT or ray://HOST:PORT (an existing cluster's head)")
@@ -369,13 +370,18 @@ def _atlas(args) -> int:
     store.check_writable()  # before the model loads
     html = _atlas_html_target(args.html, store) if args.html else None
     other = _stored_atlas(args.compare, store) if args.compare else None  # a stored atlas: found before any work
-    model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    atlas = interp.build_atlas(model, args.preset, store, progress=progress)  # imports interp.atlas (pandas) now
+    cluster = _cluster_of(args)
+
+    def atlas_of(name: str):
+        """`name`'s atlas with the preset, in the store: on the cluster's workers (which load `name`) or here."""
+        if cluster is not None:
+            return interp.build_atlas(name, args.preset, store, progress=progress, cluster=replace(cluster, model=name))
+        model = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        return interp.build_atlas(model, args.preset, store, progress=progress)
+
+    atlas = atlas_of(args.model)
     if args.compare and other is None:  # a model: its atlas with the same preset, in the same store
-        del model
-        other = interp.build_atlas(load_model(args.compare, dtype=args.dtype, device=args.device,
-                                              trust_remote_code=args.trust_remote_code),
-                                   args.preset, store, progress=progress)
+        other = atlas_of(args.compare)
     comparison = compare_atlases(atlas, other) if other is not None else None
     if html is not None:
         atlas.to_html(html)
@@ -657,6 +663,7 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="B", help="compare with B: an atlas in the store (id or prefix) or a model "
                                                   "(its atlas is built with the same preset); roles matched by layer "
                                                   "and head where the heads agree, else by relative depth")
+    _cluster_arguments(p)
     p.set_defaults(func=_atlas)
 
     p = sub.add_parser("runs", help="list the runs in the store, newest first, with their status")

@@ -285,6 +285,26 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
     assert result.meta["model"] == one.meta["model"]  # recorded as the workers ran it (cpu), not as the driver's copy
 
 
+def test_an_atlas_on_the_workers_equals_one_built_in_this_process(head, tmp_path, capsys):
+    """`interp atlas --cluster`: every analysis of the quick preset scored on the workers (the driver's copy holds
+    no weights), each an ordinary run; the atlas's table equals one built here, bit for bit, and a second call
+    reuses every run."""
+    store = tmp_path / "store"
+    argv = ["atlas", "stories260k", "--out", str(store), "--cluster", "ray", "--workers", "2", "--json"]
+    assert main(argv) == 0
+    spread = json.loads(capsys.readouterr().out)
+    one = interp.build_atlas(interp.load_model("stories260k"), "quick", tmp_path / "here")
+    assert spread["runs"].keys() == one.runs.keys() == {"summary", "retrieval", "sinks", "taxonomy", "lookback"}
+    atlas = interp.open_atlas(spread["id"], store)
+    pd.testing.assert_frame_equal(atlas.table(), one.table(), check_exact=True)
+    for name, run in spread["runs"].items():
+        meta = interp.open_run(run, store).meta
+        assert meta["model"]["device"] == "cpu" and meta["analysis"] == name  # as the workers ran it
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == spread["runs"]  # complete runs reused, none rescored
+    assert len(Store(store).runs()) == len(spread["runs"]) + 1  # the runs and one atlas entry
+
+
 def test_the_drivers_copy_of_a_model_the_workers_load_holds_no_weights(tmp_path):
     """Built from the config on the meta device (nothing read or downloaded), with the identity a run records."""
     bare = tmp_path / "config-only"  # a checkpoint folder without its weights file still gives the driver's copy
