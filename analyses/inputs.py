@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +36,13 @@ def builtin_data(name: str) -> Any:
 
 
 TEXTS: tuple[str, ...] = tuple(builtin_data("texts.json"))
+
+
+def chosen_prompts(n_prompts: int, n: int, seed: int) -> list[int]:
+    """The prompts (indices, in order) that a run of `n` samples reads out of `n_prompts`: all of them when n is
+    n_prompts, else a random choice seeded by the run's seed. summary, lookback and sinks' natural texts choose alike,
+    so runs with the same seed read the same prompts (and share their forward passes: `interp.score_together`)."""
+    return sorted(random.Random(seed).sample(range(n_prompts), n)) if n < n_prompts else list(range(n))
 
 
 # ---- user files

@@ -1,7 +1,8 @@
 """`lookback`: heads whose most-attended key lies a fixed number of tokens back (offset 1: previous-token heads).
 
 For every head: the percentage of queries whose argmax key is the token `offset` positions before them, over
-natural texts (queries with fewer than `offset` tokens before them are left out). The argmax comes from the
+the built-in natural texts (`--samples N`: a seeded random choice of them, the same as summary's; queries with
+fewer than `offset` tokens before them are left out). The argmax comes from the
 kernels (nothing N×N). This module is the worked example of docs/adding-an-analysis.md.
 """
 
@@ -19,7 +20,7 @@ from interp.params import Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, Role, head_rows
-from .inputs import TEXTS
+from .inputs import TEXTS, chosen_prompts
 
 ARGMAX = dict(stats=("argmax",))  # what every layer's probe asks of the kernels
 
@@ -46,7 +47,7 @@ class Lookback(Analysis):
         n = options.samples or 4
         if not 1 <= n <= len(TEXTS):
             raise ValueError(f"--samples {n}: give 1..{len(TEXTS)}")
-        plan = [{"text": TEXTS[i]} for i in range(n)]
+        plan = [{"prompt": i, "text": TEXTS[i]} for i in chosen_prompts(len(TEXTS), n, options.seed)]
         for sample in plan:  # every sample needs a query with `offset` tokens before it
             tokens = self.sample_inputs(model, sample, options, params)["input_ids"].shape[-1]
             if tokens <= params["offset"]:

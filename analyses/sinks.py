@@ -10,7 +10,10 @@ image tokens, ViT high-norm tokens, visual sink tokens).
 Sink_ε (Gu et al.): the percentage of (sample, layer, head) triples with α_first > ε (ε = 0.3). The default
 preset "gu" is their protocol: T = 64 tokens, 100 sequences of each input kind, natural text (the tokenizer's
 special tokens included), random tokens and one random token repeated (raw ids, no special tokens). Preset
-"long": T = min(8192, context), 4 natural sequences. `--max-tokens` / `--samples` override either.
+"long": T = min(8192, context), 4 natural sequences. `--max-tokens` / `--samples` override either. A natural
+sequence is T tokens of the texts joined by blank lines, from the start of one text: with no more sequences than
+texts, the texts `chosen_prompts` picks (as summary and lookback do: the same seed reads the same texts), so a
+sequence is a text cut to T tokens, as in Gu et al.'s code; with more, evenly spaced windows of the joined texts.
 
 Massive activations (Sun et al.): per layer, the largest |x| of the residual stream leaving each block, their
 positions and dimensions, and the median |x|; massive = |x| > massive_min and ≥ massive_ratio × median.
@@ -49,7 +52,7 @@ from interp.progress import Progress
 
 from .base import Analysis, Options, Role, head_rows
 from .images import BUILTIN_IMAGES, image_files, load_image
-from .inputs import TEXTS, lvlm_prompt, plain_token_pool, read_prompts, special_tokens
+from .inputs import TEXTS, chosen_prompts, lvlm_prompt, plain_token_pool, read_prompts, special_tokens
 
 INPUT_KINDS = ("natural", "random", "repeated")
 PRESETS = {"gu": (64, 100), "long": (8192, 4)}  # (tokens, samples per input kind)
@@ -165,10 +168,8 @@ class Sinks(Analysis):
         plan = []
         for kind in kinds:
             if kind == "natural":
-                stream = _natural_stream(model, params)
-                span = max(len(stream) - body, 0)
-                offsets = [round(i * span / max(n - 1, 1)) for i in range(n)]
-                plan += [{"input": kind, "offset": o, "tokens": n_tokens} for o in offsets]
+                plan += [{"input": kind, "offset": o, "tokens": n_tokens}
+                         for o in _natural_offsets(model, params, n, body, options.seed)]
             else:
                 pool = plain_token_pool(model.tokenizer)
                 plan += [{"input": kind, "seed": rng.randrange(2**31), "token": rng.choice(pool), "tokens": n_tokens}
@@ -313,13 +314,33 @@ def _sizes(model: Model, options: Options, params: dict) -> tuple[int, int]:
     return tokens, n
 
 
-def _natural_stream(model: Model, params: dict) -> list[int]:
+def _natural_prompts(model: Model, params: dict) -> list[list[int]]:
     """The natural texts (built-in or `prompts`, read again each time, so a run checks them against what it
-    recorded) as one token stream, without special tokens."""
-    return _tokens(model.tokenizer, "\n\n".join(read_prompts(params["prompts"]) if params["prompts"] else TEXTS))
+    recorded), each as its token ids without special tokens."""
+    return [_tokens(model.tokenizer, t) for t in (read_prompts(params["prompts"]) if params["prompts"] else TEXTS)]
 
 
-@lru_cache(maxsize=4)
+def _natural_stream(model: Model, params: dict) -> tuple[list[int], list[int]]:
+    """The natural texts as one token stream (each text's own tokens, then a blank line's), and where each begins."""
+    stream, starts, blank = [], [], _tokens(model.tokenizer, "\n\n")
+    for tokens in _natural_prompts(model, params):
+        starts.append(len(stream))
+        stream += tokens + blank
+    return stream, starts
+
+
+def _natural_offsets(model: Model, params: dict, n: int, body: int, seed: int) -> list[int]:
+    """Where in the stream each of `n` natural samples of `body` text tokens begins: at the start of each of the
+    prompts `chosen_prompts` picks (as summary and lookback pick theirs) when there are enough prompts, so that a
+    sample is a prompt cut to T tokens, as Gu et al.'s; else evenly spaced windows of the whole stream."""
+    stream, starts = _natural_stream(model, params)
+    if n <= len(starts):
+        return [starts[i] for i in chosen_prompts(len(starts), n, seed)]
+    span = max(len(stream) - body, 0)
+    return [round(i * span / max(n - 1, 1)) for i in range(n)]
+
+
+@lru_cache(maxsize=256)
 def _tokens(tokenizer, text: str) -> list[int]:
     """The text's token ids, tokenized once per tokenizer and text."""
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -336,7 +357,7 @@ def _inputs(model: Model, sample: dict, params: dict) -> tuple[dict, list[str]]:
         n = sample["tokens"]
         if sample["input"] == "natural":
             prefix, suffix = special_tokens(model.tokenizer)
-            stream, body = _natural_stream(model, params), n - len(prefix) - len(suffix)
+            stream, body = _natural_stream(model, params)[0], n - len(prefix) - len(suffix)
             ids = (stream * (body // max(len(stream), 1) + 2))[sample["offset"]:sample["offset"] + body]
             ids = prefix + ids + suffix
         elif sample["input"] == "random":

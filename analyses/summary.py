@@ -8,7 +8,6 @@ itself, so its statistics say nothing about the head. Everything comes from the 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import pandas as pd
@@ -21,7 +20,7 @@ from interp.params import PROMPTS, Params, param
 from interp.progress import Progress
 
 from .base import Analysis, Options, head_rows
-from .inputs import TEXTS, read_prompts
+from .inputs import TEXTS, chosen_prompts, read_prompts
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -53,8 +52,7 @@ class Summary(Analysis):
         if not 1 <= n <= len(texts):
             raise ValueError(f"--samples {n}: there are {len(texts)} prompts (give 1..{len(texts)}, or more "
                              "prompts with --prompts FILE)")
-        chosen = sorted(random.Random(options.seed).sample(range(len(texts)), n)) if n < len(texts) else range(n)
-        return [{"prompt": i, "text": texts[i]} for i in chosen]
+        return [{"prompt": i, "text": texts[i]} for i in chosen_prompts(len(texts), n, options.seed)]
 
     def sample_inputs(self, model: Model, sample: dict, options: Options, params: dict) -> dict:
         max_tokens = options.max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens or DEFAULT_MAX_TOKENS)

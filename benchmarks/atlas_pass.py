@@ -18,7 +18,7 @@ import time
 import torch
 
 import interp
-from interp.atlas import PRESETS
+from interp.atlas import OPTION_KEYS, PRESETS
 from interp.together import score_together
 
 TEXT_ANALYSES = ("summary", "sinks", "taxonomy", "lookback")
@@ -38,9 +38,10 @@ def compare(model, settings: dict, repeats: int, forwards: list) -> dict:
     best: dict[str, tuple] = {}
     keep = lambda name, t: best.__setitem__(name, min(best.get(name, t), t))  # noqa: E731  (by wall time)
     for _ in range(repeats):
-        for name, options in settings.items():
-            keep(name, timed(lambda: interp.score(model, name, store=tempfile.mkdtemp(), **options), forwards))
-        jobs = [(name, options, {}) for name, options in settings.items()]
+        for name, settled in settings.items():
+            keep(name, timed(lambda: interp.score(model, name, store=tempfile.mkdtemp(), **settled), forwards))
+        jobs = [(name, {k: v for k, v in settled.items() if k in OPTION_KEYS},
+                 {k: v for k, v in settled.items() if k not in OPTION_KEYS}) for name, settled in settings.items()]
         keep("together", timed(lambda: score_together(model, jobs, tempfile.mkdtemp()), forwards))
     return best
 
