@@ -1,7 +1,8 @@
 """The atlas's text analyses (summary, sinks, taxonomy, lookback) at its quick preset: separate runs against one
 `score_together` call (one forward pass for the samples whose inputs coincide, issue 30), in one process, each run
-into a fresh store. Also a case where every sample coincides (summary and lookback on all sixteen texts), to show
-what a shared forward saves when inputs do coincide. Best of --repeats, separate and together interleaved; wall
+into a fresh store. Also the quick preset with sinks' random and repeated token inputs added (Gu et al.'s three
+kinds, as the full preset), and a case where every sample coincides (summary, lookback and sinks' natural sequences on all
+sixteen texts), to show what a shared forward saves when inputs do coincide. Best of --repeats, separate and together interleaved; wall
 and CPU time (all threads), and the model's forward passes counted with a hook.
 
     python benchmarks/atlas_pass.py                  # SmolLM2-135M on CPU, 2 torch threads
@@ -22,7 +23,8 @@ from interp.atlas import OPTION_KEYS, PRESETS
 from interp.together import score_together
 
 TEXT_ANALYSES = ("summary", "sinks", "taxonomy", "lookback")
-ALL_TEXTS = {"summary": {"samples": 16, "max_tokens": 64}, "lookback": {"samples": 16, "max_tokens": 64}}
+ALL_TEXTS = {"summary": {"samples": 16, "max_tokens": 64}, "lookback": {"samples": 16, "max_tokens": 64},
+             "sinks": {"samples": 16, "max_tokens": 64, "inputs": ["natural"]}}
 
 
 def timed(fn, forwards: list) -> tuple[float, float, int]:
@@ -80,7 +82,11 @@ def main() -> None:
     quick = {name: PRESETS["quick"][name] for name in TEXT_ANALYSES}
     report(f"{args.model}, the atlas's quick preset: " + ", ".join(f"{n} {o}" for n, o in quick.items()),
            compare(model, quick, args.repeats, forwards))
-    report(f"{args.model}, summary and lookback on all sixteen texts: {ALL_TEXTS['summary']}",
+    gu = {**quick, "sinks": {k: v for k, v in quick["sinks"].items() if k != "inputs"}}
+    report(f"{args.model}, the quick preset with sinks' random and repeated tokens too (Gu et al.'s three kinds)",
+           compare(model, gu, args.repeats, forwards))
+    report(f"{args.model}, the parts that read the texts, on all sixteen: " + ", ".join(
+               f"{n} {o}" for n, o in ALL_TEXTS.items()),
            compare(model, ALL_TEXTS, args.repeats, forwards))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interp.kernels import AttentionStats
+from interp.kernels import AttentionStats, call_stats
 from interp.models import Model
 from interp.progress import QUIET, Progress
 
@@ -48,7 +48,8 @@ def alone(model: Model, part: Pass, options, progress: Progress = QUIET) -> Any:
 def run_passes(model: Model, parts: list[Pass], *, backend: str = "hf", layers: Iterable[int] | None = None,
                heads: Iterable[int] | None = None, progress: Progress = QUIET) -> list:
     """One forward pass of `model` serving every part (they must have the same inputs): the union of their
-    statistics requests computed once (`merged_request`), every probe and residual probe fed. Returns each part's
+    statistics requests computed once (`merged_request`: inside the model's SDPA call where it can ride there, else
+    from the captured call right after it), every probe and residual probe fed. Returns each part's
     `finish()`, in order. ValueError when the parts' inputs differ."""
     first = parts[0].inputs
     if any(not same_inputs(first, p.inputs) for p in parts[1:]):
@@ -59,6 +60,8 @@ def run_passes(model: Model, parts: list[Pass], *, backend: str = "hf", layers: 
     bar = progress.bar(total=len(layers) if layers else len(model.layers()), desc="layers", leave=False)
 
     def probe(call: AttentionCall) -> None:
+        if call.stats is None and len(parts) > 1 and merged is not None and set(merged) <= MERGEABLE:
+            call = replace(call, stats=call_stats(call, **merged), stats_request=merged)  # the union, once
         for part, asked in zip(parts, requests):
             part.probe(as_asked(call, asked, segmentations))
         bar.update()

@@ -36,12 +36,14 @@ from .together import score_together
 KEYS = ["layer", "head"]
 
 # What `build_atlas` scores with, per preset: analysis -> the options (samples, max_tokens) and parameters of its run.
-# "quick" is sized for a small model on a laptop's CPU (SmolLM2-135M in minutes): few samples, short inputs, one
-# needle at one length and depth with no masking ablation, EAP alone for circuits; "full" is every analysis's defaults.
+# "quick" is sized for a small model on a laptop's CPU (SmolLM2-135M in minutes): few samples, short inputs (summary,
+# lookback and sinks read the same four texts, one shared forward each), sinks on natural text alone (what its sink
+# role reads; Gu et al.'s random and repeated tokens are in "full"), one needle at one length and depth with no
+# masking ablation, EAP alone for circuits; "full" is every analysis's defaults.
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "summary": {"samples": 4, "max_tokens": 64},
-        "sinks": {"samples": 4, "max_tokens": 64},
+        "sinks": {"samples": 4, "max_tokens": 64, "inputs": ["natural"]},
         "taxonomy": {"samples": 4, "max_tokens": 64},
         "lookback": {"samples": 4, "max_tokens": 64},
         "retrieval": {"lengths": [256], "depths": [50], "n_needles": 1, "mask_k": [0], "max_new_tokens": 8},

@@ -8,7 +8,7 @@ import transformers as T
 
 import interp
 import interp.together as together
-from interp.atlas import PRESETS
+from interp.atlas import OPTION_KEYS, PRESETS
 from interp.hooks import Pass, run_passes
 from interp.kernels import attention_stats, call_stats
 from interp.results import open_run
@@ -34,7 +34,9 @@ def tiny(stories):
 
 
 def jobs(settings: dict) -> list[tuple[str, dict, dict]]:
-    return [(name, dict(options), {}) for name, options in settings.items()]
+    """score_together's jobs from {analysis: {option or parameter: value}}."""
+    return [(name, {k: v for k, v in given.items() if k in OPTION_KEYS},
+             {k: v for k, v in given.items() if k not in OPTION_KEYS}) for name, given in settings.items()]
 
 
 def assert_same_run(got, want, atol=1e-6):
