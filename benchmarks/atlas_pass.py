@@ -7,12 +7,17 @@ and CPU time (all threads), and the model's forward passes counted with a hook.
 
     python benchmarks/atlas_pass.py                  # SmolLM2-135M on CPU, 2 torch threads
     python benchmarks/atlas_pass.py --threads 1      # on a shared machine: one thread, read the CPU time
+    python benchmarks/atlas_pass.py --whole          # instead: the whole quick atlas's wall time and memory (README)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -69,12 +74,17 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--whole", action="store_true",
+                        help="instead, time the whole `interp atlas MODEL` (quick preset, every analysis)")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
           "threads", flush=True)
+    if args.whole:
+        whole_atlas(args.model)
+        return
     model = interp.load_model(args.model)
     forwards: list = []
     model.hf.register_forward_pre_hook(lambda *_: forwards.append(1))
@@ -89,6 +99,23 @@ def main() -> None:
                f"{n} {o}" for n, o in ALL_TEXTS.items()),
            compare(model, ALL_TEXTS, args.repeats, forwards))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+def whole_atlas(model: str) -> None:
+    """`interp atlas MODEL` (every analysis at the quick preset) in a child process with torch's default threads, into
+    a fresh store: its wall time and peak RSS (the README's figure)."""
+    with tempfile.TemporaryDirectory() as store:
+        wall = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "interp.cli", "atlas", model, "--out", store, "--json"],
+                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        wall = time.perf_counter() - wall
+    if done.returncode:
+        raise SystemExit(f"interp atlas failed:\n{done.stderr[-2000:]}")
+    runs = json.loads(done.stdout)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # kB -> GB
+    print(f"\n{model}, the whole quick atlas (`interp atlas {model}`, a fresh store, a child process, torch's default "
+          f"threads): {wall:.0f} s wall, {rss:.1f} GB peak RSS; runs: {', '.join(runs['runs'])}; skipped: "
+          f"{', '.join(runs['skipped']) or '-'}", flush=True)
 
 
 if __name__ == "__main__":

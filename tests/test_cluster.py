@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import interp  # noqa: E402
 import planted  # noqa: E402
 import planted_circuit  # noqa: E402
+from interp.atlas import PRESETS, Atlas  # noqa: E402
 from interp.cli import main  # noqa: E402
 from interp.cluster import Cluster, ClusterError, Workers  # noqa: E402
 from interp.scoring import input_digests, model_identity, same_as_driver  # noqa: E402
@@ -287,13 +288,14 @@ def test_a_sweep_of_two_models_and_two_analyses(head, tmp_path, capsys):
 
 def test_an_atlas_on_the_workers_equals_one_built_in_this_process(head, tmp_path, capsys):
     """`interp atlas --cluster`: every analysis of the quick preset scored on the workers (the driver's copy holds
-    no weights), each an ordinary run; the atlas's table equals one built here, bit for bit, and a second call
-    reuses every run."""
+    no weights), each an ordinary run; the atlas's table equals the atlas of the same runs scored here, bit for bit,
+    and a second call reuses every run."""
     store = tmp_path / "store"
     argv = ["atlas", "stories260k", "--out", str(store), "--cluster", "ray", "--workers", "2", "--json"]
     assert main(argv) == 0
     spread = json.loads(capsys.readouterr().out)
-    one = interp.build_atlas(interp.load_model("stories260k"), "quick", tmp_path / "here")
+    model = interp.load_model("stories260k")  # each analysis alone, as the workers score it (no shared forward)
+    one = Atlas(interp.score(model, name, **PRESETS["quick"][name]) for name in spread["runs"])
     assert spread["runs"].keys() == one.runs.keys() == {"summary", "retrieval", "sinks", "taxonomy", "lookback"}
     atlas = interp.open_atlas(spread["id"], store)
     pd.testing.assert_frame_equal(atlas.table(), one.table(), check_exact=True)
