@@ -126,7 +126,7 @@ class Analysis:
     signed: ClassVar[bool] = False           # scores are signed effects, ranked by magnitude
     sample_columns: ClassVar[dict[str, str]] = {}  # score -> the samples-table column behind it, where names differ
     describe: ClassVar[tuple[str, ...]] = ()  # samples-table columns that say what a sample is (dashboard hover)
-    roles: ClassVar[tuple[Role, ...]] = ()   # the kinds of head its scores recognise (interp.atlas)
+    roles: ClassVar[tuple[Role, ...]] = ()   # the kinds of head its scores recognise (interp.atlases)
 
     def check(self, model: Model) -> None:
         """Raise NotApplicableError when the model's family is not one this analysis supports."""

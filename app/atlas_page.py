@@ -2,7 +2,7 @@
 layer × head grid coloured by role, a legend of roles that filters it, a search box for a head (`L12H3`, `12-3`,
 `12.3`), the chosen head's card (scores with rank and percentile, roles, links to each run's page and, on request,
 its attention on a sample of one of the runs, drawn by the run page's own machinery: `Dashboard.show_attention`),
-the role overlap matrix, and the roles of two atlases matched by layer and head (`interp.atlas.compare_atlases`).
+the role overlap matrix, and the roles of two atlases matched by layer and head (`interp.atlases.compare_atlases`).
 
 Functions of a `Dashboard` and their inputs, as the run page's callbacks are: tested without a browser.
 """
@@ -18,7 +18,7 @@ import pandas as pd
 from dash import Input, Output, State, ctx, dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 
-from interp.atlas import Atlas, compare_atlases
+from interp.atlases import Atlas, compare_atlases
 from interp.store import CorruptRunError, is_atlas
 
 from . import figures
@@ -44,7 +44,7 @@ def parse_head(text: str) -> tuple[int, int]:
 
 
 def load_atlas(board, atlas_id: str) -> Atlas:
-    """The stored atlas `atlas_id` (an id or a unique prefix listed in the store), as `interp.atlas.open_atlas`
+    """The stored atlas `atlas_id` (an id or a unique prefix listed in the store), as `interp.atlases.open_atlas`
     rebuilds it but through the dashboard's catalog: every run it names must be a listed id (a recorded path is
     refused like an id from the browser) and is read once, then cached until it changes. ValueError for a run,
     CorruptRunError for an entry that cannot be read."""

@@ -24,7 +24,7 @@ import time
 import torch
 
 import interp
-from interp.atlas import OPTION_KEYS, PRESETS
+from interp.atlases import OPTION_KEYS, PRESETS
 from interp.together import score_together
 
 TEXT_ANALYSES = ("summary", "sinks", "taxonomy", "lookback")

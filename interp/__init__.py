@@ -13,7 +13,7 @@ _WHERE = {
     "UnsupportedFamilyError": "catalog", "discover": "families", "family_for": "families",
     "Model": "models", "ModelLoadError": "models", "load_model": "models",
     "ImageGrid": "layout", "TokenLayout": "layout", "token_layout": "layout",
-    "Atlas": "atlas", "build_atlas": "atlas", "compare_atlases": "atlas", "open_atlas": "atlas",
+    "Atlas": "atlases", "atlas": "atlases", "compare_atlases": "atlases", "open_atlas": "atlases",
     "ScoreResult": "results", "list_runs": "results", "open_run": "results", "score": "scoring",
     "CorruptRunError": "store", "RunNotFoundError": "store", "Store": "store", "StoreError": "store",
 }

@@ -362,7 +362,7 @@ def _atlas_html_target(path: str, store: Store):
 
 
 def _atlas(args) -> int:
-    from interp.atlas import compare_atlases
+    from interp.atlases import compare_atlases
     from interp.models import load_model
 
     progress = _progress(args)
@@ -375,9 +375,9 @@ def _atlas(args) -> int:
     def atlas_of(name: str):
         """`name`'s atlas with the preset, in the store: on the cluster's workers (which load `name`) or here."""
         if cluster is not None:
-            return interp.build_atlas(name, args.preset, store, progress=progress, cluster=replace(cluster, model=name))
+            return interp.atlas(name, args.preset, store, progress=progress, cluster=replace(cluster, model=name))
         model = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-        return interp.build_atlas(model, args.preset, store, progress=progress)
+        return interp.atlas(model, args.preset, store, progress=progress)
 
     atlas = atlas_of(args.model)
     if args.compare and other is None:  # a model: its atlas with the same preset, in the same store
@@ -424,7 +424,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 def _stored_atlas(ref: str, store: Store):
     """`--compare B`'s atlas when B names an atlas entry of `store` (id, prefix or directory); None when B is not
     an entry there (then B is a model)."""
-    from interp.atlas import open_atlas
+    from interp.atlases import open_atlas
 
     try:
         store.find(ref)

@@ -214,7 +214,7 @@ def read_meta(path: Path) -> dict:
 
 
 def is_atlas(meta: dict | None) -> bool:
-    """Whether a store entry's meta.json is a head atlas's (`interp.atlas.save_atlas`) rather than a run's."""
+    """Whether a store entry's meta.json is a head atlas's (`interp.atlases.save_atlas`) rather than a run's."""
     return (meta or {}).get("kind") == "atlas"
 
 

@@ -15,7 +15,7 @@ import planted
 from interp.analyses import ANALYSES, get_analysis
 from interp.analyses.base import Role
 from interp.analyses.circuits import circuit_heads
-from interp.atlas import Atlas
+from interp.atlases import Atlas
 
 # Each declared role, written out by hand: (analysis, score) -> the rule.
 HAND = {
@@ -252,7 +252,7 @@ def test_an_atlas_refuses_runs_it_cannot_join(stored):
         Atlas([half])
 
 
-# build_atlas and `interp atlas`: every analysis that applies, one run each in the store, reused when complete.
+# atlas and `interp atlas`: every analysis that applies, one run each in the store, reused when complete.
 TINY = {"summary": {"samples": 2, "max_tokens": 32}, "sinks": {"samples": 2, "max_tokens": 32},
         "taxonomy": {"samples": 2, "max_tokens": 32}, "lookback": {"samples": 2, "max_tokens": 32},
         "retrieval": {"lengths": [200], "depths": [50], "n_needles": 1, "mask_k": [0], "max_new_tokens": 4},
@@ -262,17 +262,17 @@ TINY = {"summary": {"samples": 2, "max_tokens": 32}, "sinks": {"samples": 2, "ma
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The atlas of stories260k built twice in one store with a tiny "quick" preset: (store, first, second)."""
-    import interp.atlas
+    import interp.atlases
 
     store = tmp_path_factory.mktemp("built") / "store"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(interp.atlas.PRESETS, "quick", TINY)
-        first = interp.build_atlas("stories260k", store=store)
-        second = interp.build_atlas(interp.load_model("stories260k"), "quick", store)
+        mp.setitem(interp.atlases.PRESETS, "quick", TINY)
+        first = interp.atlas("stories260k", store=store)
+        second = interp.atlas(interp.load_model("stories260k"), "quick", store)
     return store, first, second
 
 
-def test_build_atlas_scores_what_applies(built):
+def test_atlas_scores_what_applies(built):
     store, atlas, _ = built
     assert isinstance(atlas, Atlas) and atlas.model == "stories260k"
     assert set(atlas.runs) == {"summary", "sinks", "taxonomy", "lookback", "retrieval"}
@@ -286,31 +286,31 @@ def test_build_atlas_scores_what_applies(built):
     assert {"taxonomy.induction", "lookback.lookback", "sinks.sink", "retrieval.retrieval"} <= set(atlas.role_names)
 
 
-def test_build_atlas_reuses_complete_runs(built):
+def test_atlas_reuses_complete_runs(built):
     store, first, second = built
     assert second.runs == first.runs and second.id == first.id  # the same runs and entry: nothing rescored
     assert len(interp.list_runs(store)) == len(first.runs) + 1
     pd.testing.assert_frame_equal(second.roles, first.roles)
 
 
-def test_build_atlas_subset_and_errors(built, tmp_path):
+def test_atlas_subset_and_errors(built, tmp_path):
     store, first, _ = built
-    part = interp.build_atlas("stories260k", TINY, store, analyses=["lookback", "vit"])
+    part = interp.atlas("stories260k", TINY, store, analyses=["lookback", "vit"])
     assert part.runs == {"lookback": first.runs["lookback"]} and set(part.skipped) == {"vit"}
     with pytest.raises(ValueError, match="unknown preset"):
-        interp.build_atlas("stories260k", "slow", store)
+        interp.atlas("stories260k", "slow", store)
     with pytest.raises(ValueError, match="unknown analysis"):
-        interp.build_atlas("stories260k", TINY, store, analyses=["nope"])
+        interp.atlas("stories260k", TINY, store, analyses=["nope"])
     with pytest.raises(ValueError, match="no analysis gave a run"):
-        interp.build_atlas("stories260k", TINY, tmp_path / "empty", analyses=["vit", "vhd"])
+        interp.atlas("stories260k", TINY, tmp_path / "empty", analyses=["vit", "vhd"])
 
 
 def test_cli_atlas_json_and_text(built, capsys, monkeypatch):
-    import interp.atlas
+    import interp.atlases
     from interp.cli import main
 
     store, atlas, _ = built
-    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    monkeypatch.setitem(interp.atlases.PRESETS, "quick", TINY)
     capsys.readouterr()
     assert main(["atlas", "stories260k", "--out", str(store), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -376,7 +376,7 @@ def _with_scores(result, changes: dict):
 
 
 def test_compare_atlases_by_layer_and_head(stored):
-    from interp.atlas import compare_atlases
+    from interp.atlases import compare_atlases
 
     store, runs = stored
     results = [interp.open_run(r, store) for r in runs["stories"]]
@@ -400,7 +400,7 @@ def test_compare_atlases_by_layer_and_head(stored):
 
 
 def test_compare_atlases_by_relative_depth(atlases):
-    from interp.atlas import compare_atlases
+    from interp.atlases import compare_atlases
 
     a, b = atlases["stories"], atlases["planted"]
     assert a.heads["layer"].max() != b.heads["layer"].max()
@@ -420,11 +420,11 @@ def test_compare_atlases_by_relative_depth(atlases):
 
 
 def test_cli_atlas_compare(built, capsys, monkeypatch):
-    import interp.atlas
+    import interp.atlases
     from interp.cli import main
 
     store, atlas, _ = built
-    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    monkeypatch.setitem(interp.atlases.PRESETS, "quick", TINY)
     capsys.readouterr()
     assert main(["atlas", "stories260k", "--out", str(store), "--compare", atlas.id, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["compare"]
@@ -483,11 +483,11 @@ def test_role_grid_and_overlap_matrix(atlases):
 
 
 def test_cli_atlas_html_and_refused_paths(built, capsys, monkeypatch, tmp_path):
-    import interp.atlas
+    import interp.atlases
     from interp.cli import main
 
     store, atlas, _ = built
-    monkeypatch.setitem(interp.atlas.PRESETS, "quick", TINY)
+    monkeypatch.setitem(interp.atlases.PRESETS, "quick", TINY)
     capsys.readouterr()
     out = tmp_path / "page.html"
     assert main(["atlas", "stories260k", "--out", str(store), "--json", "--html", str(out)]) == 0

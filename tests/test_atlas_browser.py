@@ -12,7 +12,7 @@ from test_atlas_page import atlas_store  # noqa: F401  (the store of two atlases
 
 from interp.app.attention import AttentionSource
 from interp.app.dashboard import make_app
-from interp.atlas import open_atlas
+from interp.atlases import open_atlas
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 
 import interp
 import planted_circuit
-from interp.atlas import compare_atlases
+from interp.atlases import compare_atlases
 
 SMALL = {"summary": {"samples": 2, "max_tokens": 32}, "sinks": {"samples": 2, "max_tokens": 32},
          "taxonomy": {"samples": 2, "max_tokens": 32}, "lookback": {"samples": 2, "max_tokens": 32},
@@ -30,7 +30,7 @@ def _check_cards(atlas, store):
 
 
 def test_a_vit_atlas(tmp_path):
-    atlas = interp.build_atlas("organism-vit", SMALL, tmp_path)
+    atlas = interp.atlas("organism-vit", SMALL, tmp_path)
     assert set(atlas.runs) == {"sinks", "taxonomy", "vit"}
     assert all("does not apply" in why for why in atlas.skipped.values())
     assert {"vit.global", "vit.local", "vit.important", "sinks.sink"} <= set(atlas.role_names)
@@ -40,7 +40,7 @@ def test_a_vit_atlas(tmp_path):
 
 
 def test_an_encoder_atlas(tmp_path):
-    atlas = interp.build_atlas("minilm-l6", SMALL, tmp_path)
+    atlas = interp.atlas("minilm-l6", SMALL, tmp_path)
     assert set(atlas.runs) == {"summary", "sinks", "taxonomy", "lookback"}
     assert set(atlas.skipped) == {"retrieval", "circuits", "vit", "vhd"}
     assert len(atlas.heads) == 72
@@ -64,7 +64,7 @@ def _language_model(lvlm: interp.Model) -> interp.Model:
 @pytest.mark.slow
 def test_an_lvlm_atlas_scores_its_language_heads_as_the_llm_they_came_from(tmp_path):
     lvlm = interp.load_model("organism-llava")
-    atlas = interp.build_atlas(lvlm, SMALL, tmp_path)
+    atlas = interp.atlas(lvlm, SMALL, tmp_path)
     assert {"sinks", "vhd", *TEXT} <= set(atlas.runs)
     assert "vhd.vision_aware" in atlas.role_names and "taxonomy.induction" in atlas.role_names
     assert len(atlas.heads) == 16  # the language model's 4 layers × 4 heads
@@ -74,7 +74,7 @@ def test_an_lvlm_atlas_scores_its_language_heads_as_the_llm_they_came_from(tmp_p
     _check_cards(atlas, tmp_path)
 
     llm = _language_model(lvlm)
-    text = interp.build_atlas(llm, SMALL, tmp_path / "llm", analyses=TEXT)
+    text = interp.atlas(llm, SMALL, tmp_path / "llm", analyses=TEXT)
     for analysis in TEXT:  # the same heads, the same scores: text-only inputs run the language model alone
         a = interp.open_run(atlas.runs[analysis], tmp_path).heads
         b = interp.open_run(text.runs[analysis], tmp_path / "llm").heads
@@ -91,7 +91,7 @@ def test_a_planted_circuit_gets_its_role_and_nothing_else_above_chance(tmp_path)
     planted_circuit.write_task(task)
     preset = {"circuits": {"tasks": [str(task)], "methods": "patching,eap", "circuit_percent": 25},
               "taxonomy": {"samples": 2}, "sinks": {"samples": 2}}
-    atlas = interp.build_atlas(planted_circuit.model(), preset, tmp_path / "store",
+    atlas = interp.atlas(planted_circuit.model(), preset, tmp_path / "store",
                                analyses=["circuits", "taxonomy", "sinks"])
     role = "circuits.circuit_first"
     assert role in atlas.role_names

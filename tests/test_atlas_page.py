@@ -14,7 +14,7 @@ from interp.app import figures
 from interp.app.atlas_page import (choose_head, compare_section, head_card, load_atlas, parse_head,
                                    sample_choices, show_atlas, show_attention)
 from interp.app.dashboard import Dashboard, make_app
-from interp.atlas import Atlas, build_atlas, open_atlas
+from interp.atlases import Atlas, atlas, open_atlas
 from interp.store import RunNotFoundError
 
 ANALYSES = ("summary", "taxonomy", "lookback", "sinks")
@@ -26,8 +26,8 @@ def atlas_store(tmp_path_factory):
     and "b" (taxonomy and lookback on 3 other samples). Returns (store, {"a": id, "b": id})."""
     root = tmp_path_factory.mktemp("atlas-page")
     model = interp.load_model("stories260k")
-    a = build_atlas(model, {name: {"samples": 2} for name in ANALYSES}, root, analyses=ANALYSES)
-    b = build_atlas(model, {name: {"samples": 3, "seed": 1} for name in ANALYSES}, root,
+    a = atlas(model, {name: {"samples": 2} for name in ANALYSES}, root, analyses=ANALYSES)
+    b = atlas(model, {name: {"samples": 3, "seed": 1} for name in ANALYSES}, root,
                     analyses=("taxonomy", "lookback"))
     return root, {"a": a.id, "b": b.id}
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import interp  # noqa: E402
 import planted  # noqa: E402
 import planted_circuit  # noqa: E402
-from interp.atlas import PRESETS, Atlas  # noqa: E402
+from interp.atlases import PRESETS, Atlas  # noqa: E402
 from interp.cli import main  # noqa: E402
 from interp.cluster import Cluster, ClusterError, Workers  # noqa: E402
 from interp.scoring import input_digests, model_identity, same_as_driver  # noqa: E402

@@ -38,7 +38,7 @@ DEFERRED = {
     "interp/cli.py": {"interp.analyses", "interp.analyses.images", "interp.analyses.vhd", "interp.analyses.inputs",
                       "interp.scoring", "interp.models", "interp.hooks", "interp.app.attention",
                       "interp.app.dashboard", "results", "progress", "transformers.utils", "functools", "tqdm",
-                      "interp.cluster", "interp.sweep", "interp.atlas"},
+                      "interp.cluster", "interp.sweep", "interp.atlases"},
     # ray is the optional `cluster` extra: imported when a run asks for a cluster
     "interp/cluster.py": {"ray"},
     # PyYAML (installed with ray) only for YAML sweep files

@@ -8,7 +8,7 @@ import transformers as T
 
 import interp
 import interp.together as together
-from interp.atlas import OPTION_KEYS, PRESETS
+from interp.atlases import OPTION_KEYS, PRESETS
 from interp.hooks import Pass, run_passes
 from interp.kernels import attention_stats, call_stats
 from interp.results import open_run

@@ -35,7 +35,7 @@ from .together import score_together
 
 KEYS = ["layer", "head"]
 
-# What `build_atlas` scores with, per preset: analysis -> the options (samples, max_tokens) and parameters of its run.
+# What `atlas` scores with, per preset: analysis -> the options (samples, max_tokens) and parameters of its run.
 # "quick" is sized for a small model on a laptop's CPU (SmolLM2-135M in minutes): few samples, short inputs (summary,
 # lookback and sinks read the same four texts, one shared forward each), sinks on natural text alone (what its sink
 # role reads; Gu et al.'s random and repeated tokens are in "full"), one needle at one length and depth with no
@@ -86,7 +86,7 @@ class Atlas:
         self.model: str = models.pop()
         self.identity: dict = runs[0].meta["model"]  # the model as its runs recorded it (name, family, config hash)
         self.runs: dict[str, str | None] = {r.analysis: r.id for r in runs}
-        self.skipped: dict[str, str] = {}  # analysis -> why it has no run here (set by build_atlas)
+        self.skipped: dict[str, str] = {}  # analysis -> why it has no run here (set by `atlas`)
         self.id: str | None = None  # the atlas's store entry, once saved (`save_atlas`) or opened (`open_atlas`)
         self.preset: str | dict | None = None  # the preset it was built with (a name or the settings), where known
 
@@ -277,8 +277,8 @@ A head is written layer-head: <code>12-3</code> is layer 12, head 3.</p>
         return path
 
 
-def build_atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
-                analyses: Iterable[str] | None = None, cluster: str | Cluster | Workers | None = None) -> Atlas:
+def atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
+          analyses: Iterable[str] | None = None, cluster: str | Cluster | Workers | None = None) -> Atlas:
     """Score `model` (an `interp.Model` or anything `load_model` takes) with every analysis that applies to its family
     (each analysis's `kinds` / `check`), one ordinary run per analysis in `store` (a directory or Store; None: the
     default store) with the preset's settings, reusing a complete run with the same settings (`completed_run`: no
@@ -291,7 +291,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     (no shared forward pass: the workers spread the samples instead); Workers started here stop on return. The
     atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
     family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). The atlas is saved
-    in the store as one entry naming its runs (`save_atlas`; its id is `atlas.id`). ValueError when no analysis
+    in the store as one entry naming its runs (`save_atlas`; its id is the returned Atlas's `id`). ValueError when no analysis
     gives a run.
     """
     settings = PRESETS.get(preset) if isinstance(preset, str) else preset
@@ -306,7 +306,7 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
         if isinstance(model, (str, os.PathLike)):
             model = spec.driver_model(str(model))  # the workers hold the weights
         with Workers(spec, model) as workers:
-            return build_atlas(model, preset, store, progress, analyses=analyses, cluster=workers)
+            return atlas(model, preset, store, progress, analyses=analyses, cluster=workers)
     model, runs, bars = open_work(model, store, progress)
     ids, skipped, shared = {}, {}, {}
 
@@ -343,10 +343,10 @@ def build_atlas(model, preset: str | dict = "quick", store=None, progress=False,
     if not ids:
         reasons = "; ".join(f"{n}: {why}" for n, why in skipped.items())
         raise ValueError(f"no analysis gave a run of {model.name} for an atlas ({reasons or 'none chosen'})")
-    atlas = Atlas(open_run(run, runs) for run in ids.values())
-    atlas.skipped, atlas.preset = skipped, preset
-    save_atlas(atlas, runs)
-    return atlas
+    result = Atlas(open_run(run, runs) for run in ids.values())
+    result.skipped, result.preset = skipped, preset
+    save_atlas(result, runs)
+    return result
 
 
 def save_atlas(atlas: Atlas, store=None) -> str:
