@@ -289,10 +289,9 @@ def atlas(model, preset: str | dict = "quick", store=None, progress=False, *,
     progress: as `score`'s. cluster: as `score`'s (an address, an `interp.cluster.Cluster` or started `Workers`):
     every run's samples (and finalize's heavy loops) on Ray workers, one run after another, each analysis on its own
     (no shared forward pass: the workers spread the samples instead); Workers started here stop on return. The
-    atlas's `skipped` says, per analysis left out, why: it does not apply to the model's
-    family, or its run failed (e.g. circuits' tasks need names the tokenizer keeps as one token). The atlas is saved
-    in the store as one entry naming its runs (`save_atlas`; its id is the returned Atlas's `id`). ValueError when no analysis
-    gives a run.
+    atlas's `skipped` says, per analysis left out, why: it does not apply to the model's family, or its run failed
+    (e.g. circuits' tasks need names the tokenizer keeps as one token). The atlas is saved in the store as one entry
+    naming its runs (`save_atlas`; its id is the returned Atlas's `id`). ValueError when no analysis gives a run.
     """
     settings = PRESETS.get(preset) if isinstance(preset, str) else preset
     if settings is None:
